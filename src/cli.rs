@@ -1,0 +1,189 @@
+//! Command-line surface: clap commands mapped to library calls. No training logic here.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Assign, ConfigError, PlannedRun};
+use crate::run_dir;
+
+/// Config-driven MiniMind pretraining: experiment files in, run folders out.
+#[derive(Parser, Debug)]
+#[command(name = "minimind", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train every run of the experiment files (every sweep point in turn).
+    Run {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Override a key: `section.key=value` (TOML value syntax); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the runs and folders that would be created, create nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the expanded runs: tag, overrides, parameters, tokens per step.
+    Plan {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the fully resolved config as TOML.
+    Config {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Follow each value with where it came from.
+        #[arg(long)]
+        sources: bool,
+    },
+    /// Check experiment files; exit 0 when all are valid, 2 otherwise.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the JSON schema of experiment files.
+    Schema,
+}
+
+/// Parses the command line, runs the command, prints any error chain; 0 ok, 1 failure, 2 bad
+/// config or usage.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.chain().any(|c| c.is::<ConfigError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            files,
+            set,
+            dry_run,
+        } => {
+            let mut runs = Vec::new();
+            for file in &files {
+                runs.extend(load(file, &set)?);
+            }
+            if dry_run {
+                print_dry_run(&runs);
+                return Ok(ExitCode::SUCCESS);
+            }
+            anyhow::bail!("training is not available yet; use --dry-run")
+        }
+        Command::Plan { file, set } => {
+            print_plan(&load(&file, &set)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { file, set, sources } => {
+            for run in load(&file, &set)? {
+                if let Some(tag) = &run.tag {
+                    println!("# sweep point {tag}");
+                }
+                print!(
+                    "{}",
+                    config::render(&run.config, sources.then_some(&run.layered))
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { files } => {
+            let mut bad = 0;
+            for file in &files {
+                match load(file, &[]) {
+                    Ok(runs) => println!("ok: {} ({} run(s))", file.display(), runs.len()),
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("error: {e:#}");
+                    }
+                }
+            }
+            Ok(if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::Schema => {
+            print!("{}", config::schema_json());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads an experiment with this process's environment and the given `--set` arguments.
+fn load(file: &Path, set: &[String]) -> Result<Vec<PlannedRun>> {
+    let env = config::parse_env(std::env::vars())?;
+    let sets: Vec<Assign> = set
+        .iter()
+        .map(|s| config::parse_set(s))
+        .collect::<Result<_, _>>()?;
+    Ok(config::load(file, &env, &sets)?)
+}
+
+fn print_plan(runs: &[PlannedRun]) {
+    println!(
+        "{:<28} {:>12} {:>14}  overrides",
+        "run", "parameters", "tokens/step"
+    );
+    for run in runs {
+        let point: Vec<String> = run
+            .layered
+            .assigns
+            .iter()
+            .map(|a| format!("{}={}", a.key, a.value))
+            .collect();
+        println!(
+            "{:<28} {:>12} {:>14}  {}",
+            run.tag.as_deref().unwrap_or(&run.config.name),
+            format_count(run.config.derived.parameters),
+            run.config.derived.tokens_per_step,
+            if point.is_empty() {
+                "-".to_string()
+            } else {
+                point.join(" ")
+            }
+        );
+    }
+    println!("{} run(s)", runs.len());
+}
+
+fn print_dry_run(runs: &[PlannedRun]) {
+    let now = chrono::Local::now();
+    for run in runs {
+        let folder = run_dir::folder_name(&now, &run.config.name, run.tag.as_deref());
+        println!(
+            "would create {} (config.toml, meta.json, metrics.csv, checkpoints/): {} parameters, {} tokens/step",
+            run.config.checkpoint.save_dir.join(folder).display(),
+            format_count(run.config.derived.parameters),
+            run.config.derived.tokens_per_step
+        );
+    }
+}
+
+/// 25.83M, 1.2K, ...
+fn format_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}

@@ -1,0 +1,6 @@
+//! minimind: a config-driven experiment runner and training engine for MiniMind-style LLM
+//! pretraining.
+
+pub mod cli;
+pub mod config;
+pub mod run_dir;

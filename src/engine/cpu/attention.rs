@@ -1,0 +1,236 @@
+//! Causal grouped-query attention on the CPU, forward and backward.
+//!
+//! Per (batch, head) the T x T score matrix is computed in row blocks of `BLOCK`: block r
+//! only needs key columns `0..end(r)`, so the causal half is skipped. Query head h reads
+//! key/value head `h / (H/G)` in place (no repeated K/V). Backward runs one task per
+//! (batch, kv head) and walks that group's query heads in order, so the shared dK/dV
+//! accumulate in a fixed order.
+//!
+//! Layouts: q/out `[B*T, H*D]`, k/v `[B*T, G*D]`, probs/scratch `[B, H, T, T]`.
+
+use rayon::prelude::*;
+
+use super::{SendPtr, gemm_strided};
+use crate::engine::kernels::AttnShape;
+
+const BLOCK: usize = 64;
+
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(t)))
+}
+
+pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    let AttnShape { b, t, h, g, d } = s;
+    let (hd, gd) = (h * d, g * d);
+    assert!(
+        q.len() >= b * t * hd && out.len() >= b * t * hd,
+        "attention q/out shape"
+    );
+    assert!(
+        k.len() >= b * t * gd && v.len() >= b * t * gd,
+        "attention k/v shape"
+    );
+    assert!(probs.len() >= b * h * t * t, "attention probs shape");
+    let scale = 1.0 / (d as f32).sqrt();
+    let (outp, probp) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let gi = hi / (h / g);
+        // SAFETY: every pointer below stays inside the slices checked above; each task writes
+        // only its own (batch, head) probability block and its own head's output columns.
+        unsafe {
+            let qb = q.as_ptr().add(bi * t * hd + hi * d);
+            let kb = k.as_ptr().add(bi * t * gd + gi * d);
+            let vb = v.as_ptr().add(bi * t * gd + gi * d);
+            let pb = probp.get().add(bh * t * t);
+            let ob = outp.get().add(bi * t * hd + hi * d);
+            for (r0, r1) in blocks(t) {
+                let rows = r1 - r0;
+                // S[r0..r1, 0..r1] = scale * q k^T
+                gemm_strided(
+                    rows,
+                    r1,
+                    d,
+                    pb.add(r0 * t),
+                    t as isize,
+                    false,
+                    qb.add(r0 * hd),
+                    hd as isize,
+                    1,
+                    kb,
+                    1,
+                    gd as isize,
+                    scale,
+                    false,
+                );
+                for i in r0..r1 {
+                    let row = std::slice::from_raw_parts_mut(pb.add(i * t), r1);
+                    let (live, masked) = row.split_at_mut(i + 1);
+                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for x in live.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    live.iter_mut().for_each(|x| *x *= inv);
+                    masked.fill(0.0);
+                }
+                // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
+                gemm_strided(
+                    rows,
+                    d,
+                    r1,
+                    ob.add(r0 * hd),
+                    hd as isize,
+                    false,
+                    pb.add(r0 * t),
+                    t as isize,
+                    1,
+                    vb,
+                    gd as isize,
+                    1,
+                    1.0,
+                    false,
+                );
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    scratch: &mut [f32],
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+) {
+    let AttnShape { b, t, h, g, d } = s;
+    let (hd, gd) = (h * d, g * d);
+    assert!(dq.len() >= b * t * hd && dout.len() >= b * t * hd && q.len() >= b * t * hd);
+    assert!(dk.len() >= b * t * gd && dv.len() >= b * t * gd);
+    assert!(k.len() >= b * t * gd && v.len() >= b * t * gd);
+    assert!(probs.len() >= b * h * t * t && scratch.len() >= b * h * t * t);
+    let scale = 1.0 / (d as f32).sqrt();
+    let per_group = h / g;
+    let ptrs = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    let sp = SendPtr(scratch.as_mut_ptr());
+    (0..b * g).into_par_iter().for_each(|bg| {
+        let (bi, gi) = (bg / g, bg % g);
+        // SAFETY: bounds checked above; this task writes dk/dv columns of its own kv head,
+        // dq columns and scratch blocks of its own query heads.
+        unsafe {
+            let kb = k.as_ptr().add(bi * t * gd + gi * d);
+            let vb = v.as_ptr().add(bi * t * gd + gi * d);
+            let dkb = ptrs.1.get().add(bi * t * gd + gi * d);
+            let dvb = ptrs.2.get().add(bi * t * gd + gi * d);
+            for (n, hi) in (gi * per_group..(gi + 1) * per_group).enumerate() {
+                let first = n == 0;
+                let bh = bi * h + hi;
+                let qb = q.as_ptr().add(bi * t * hd + hi * d);
+                let dob = dout.as_ptr().add(bi * t * hd + hi * d);
+                let dqb = ptrs.0.get().add(bi * t * hd + hi * d);
+                let pb = probs.as_ptr().add(bh * t * t);
+                let db = sp.get().add(bh * t * t);
+                for (r0, r1) in blocks(t) {
+                    let rows = r1 - r0;
+                    // dP[r0..r1, 0..r1] = dO v^T
+                    gemm_strided(
+                        rows,
+                        r1,
+                        d,
+                        db.add(r0 * t),
+                        t as isize,
+                        false,
+                        dob.add(r0 * hd),
+                        hd as isize,
+                        1,
+                        vb,
+                        1,
+                        gd as isize,
+                        1.0,
+                        false,
+                    );
+                    // dS = P * (dP - rowsum(P * dP)), zero above the diagonal.
+                    for i in r0..r1 {
+                        let p = std::slice::from_raw_parts(pb.add(i * t), r1);
+                        let ds = std::slice::from_raw_parts_mut(db.add(i * t), r1);
+                        let dot: f32 = p[..=i].iter().zip(&ds[..=i]).map(|(p, d)| p * d).sum();
+                        for j in 0..=i {
+                            ds[j] = p[j] * (ds[j] - dot);
+                        }
+                        ds[i + 1..].fill(0.0);
+                    }
+                    // dq[r0..r1] = scale * dS k
+                    gemm_strided(
+                        rows,
+                        d,
+                        r1,
+                        dqb.add(r0 * hd),
+                        hd as isize,
+                        false,
+                        db.add(r0 * t),
+                        t as isize,
+                        1,
+                        kb,
+                        gd as isize,
+                        1,
+                        scale,
+                        false,
+                    );
+                }
+                // Column blocks: key rows s0..s1 gather from query rows s0..T (dS and P are
+                // lower triangular).
+                for (s0, s1) in blocks(t) {
+                    let (cols, rows) = (s1 - s0, t - s0);
+                    // dk[s0..s1] (+)= scale * dS[s0.., s0..s1]^T q[s0..]
+                    gemm_strided(
+                        cols,
+                        d,
+                        rows,
+                        dkb.add(s0 * gd),
+                        gd as isize,
+                        !first,
+                        db.add(s0 * t + s0),
+                        1,
+                        t as isize,
+                        qb.add(s0 * hd),
+                        hd as isize,
+                        1,
+                        scale,
+                        false,
+                    );
+                    // dv[s0..s1] (+)= P[s0.., s0..s1]^T dO[s0..]
+                    gemm_strided(
+                        cols,
+                        d,
+                        rows,
+                        dvb.add(s0 * gd),
+                        gd as isize,
+                        !first,
+                        pb.add(s0 * t + s0),
+                        1,
+                        t as isize,
+                        dob.add(s0 * hd),
+                        hd as isize,
+                        1,
+                        1.0,
+                        false,
+                    );
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,479 @@
+//! The CPU kernels: the readable reference implementation of [`Kernels`].
+//!
+//! Matrix products go to the `gemm` crate (AVX-512 micro-kernels, rayon across cores);
+//! everything else is a rayon loop over rows. Every reduction is split into fixed-size pieces
+//! summed in a fixed order, so results do not depend on the number of threads.
+
+#![allow(clippy::needless_range_loop)] // index loops read like the maths
+
+mod attention;
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::kernels::{AdamW, AttnShape, Kernels};
+
+/// Rows handed to one rayon task by row-wise kernels.
+const ROWS_PER_TASK: usize = 16;
+/// Elements per partial sum in reductions over flat buffers.
+const SUM_CHUNK: usize = 1 << 15;
+
+#[derive(Default)]
+pub struct Cpu {
+    /// Reused storage for partial sums (no allocation per step).
+    partials: Mutex<Vec<f64>>,
+}
+
+impl Cpu {
+    pub fn new() -> Cpu {
+        Cpu::default()
+    }
+}
+
+/// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer; a method, so closures capture the whole (Send) wrapper.
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` over strided matrices (strides in elements:
+/// `rs` between rows, `cs` between columns).
+///
+/// # Safety
+/// The pointers must cover the strided extents and `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0,
+            beta, false, false, false, par,
+        );
+    }
+}
+
+impl Cpu {
+    /// Sums `f(range)` over fixed chunks of `0..len`, partials added in order.
+    fn chunked_sum(&self, len: usize, f: impl Fn(Range<usize>) -> f64 + Sync) -> f64 {
+        let chunks = len.div_ceil(SUM_CHUNK);
+        let mut partials = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        (0..chunks)
+            .into_par_iter()
+            .map(|i| f(i * SUM_CHUNK..((i + 1) * SUM_CHUNK).min(len)))
+            .collect_into_vec(&mut partials);
+        partials.iter().sum()
+    }
+}
+
+impl Kernels for Cpu {
+    type Buf = Vec<f32>;
+    type V<'a> = &'a [f32];
+    type M<'a> = &'a mut [f32];
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&self, buf: &'a Vec<f32>, r: Range<usize>) -> &'a [f32] {
+        &buf[r]
+    }
+    fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, r: Range<usize>) -> &'a mut [f32] {
+        &mut buf[r]
+    }
+    fn upload(&self, dst: &mut [f32], data: &[f32]) {
+        dst.copy_from_slice(data);
+    }
+    fn download(&self, src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
+    }
+
+    fn fill(&self, out: &mut [f32], value: f32) {
+        out.par_chunks_mut(SUM_CHUNK).for_each(|c| c.fill(value));
+    }
+    fn add(&self, out: &mut [f32], x: &[f32]) {
+        out.par_chunks_mut(SUM_CHUNK)
+            .zip(x.par_chunks(SUM_CHUNK))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+    }
+    fn scale(&self, out: &mut [f32], s: f32) {
+        out.par_chunks_mut(SUM_CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    }
+
+    fn matmul(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) {
+        assert!(
+            out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+            "matmul shapes"
+        );
+        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
+        unsafe {
+            gemm_strided(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                n as isize,
+                accumulate,
+                a.as_ptr(),
+                a_rs,
+                a_cs,
+                b.as_ptr(),
+                b_rs,
+                b_cs,
+                1.0,
+                true,
+            );
+        }
+    }
+
+    fn embed_forward(&self, out: &mut [f32], emb: &[f32], ids: &[u32], c: usize) {
+        out.par_chunks_mut(c)
+            .zip(ids.par_iter())
+            .for_each(|(row, &id)| {
+                let id = id as usize;
+                row.copy_from_slice(&emb[id * c..(id + 1) * c]);
+            });
+    }
+
+    fn embed_backward(&self, demb: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
+        for (n, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            let dst = &mut demb[id * c..(id + 1) * c];
+            dst.iter_mut()
+                .zip(&dout[n * c..(n + 1) * c])
+                .for_each(|(d, g)| *d += g);
+        }
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        y: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        c: usize,
+        eps: f32,
+    ) {
+        y.par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+            .zip(x.par_chunks(c * ROWS_PER_TASK))
+            .for_each(|((y, r), x)| {
+                for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                    let s = 1.0 / (ms + eps).sqrt();
+                    *r = s;
+                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                        *y = w * (x * s);
+                    }
+                }
+            });
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
+        dx.par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(dy.par_chunks(c * ROWS_PER_TASK))
+            .zip(x.par_chunks(c * ROWS_PER_TASK))
+            .zip(rstd.par_chunks(ROWS_PER_TASK))
+            .for_each(|(((dx, dy), x), r)| {
+                for (((dx, dy), x), &r) in
+                    dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
+                {
+                    let gx: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
+                    let k = r * r * r * gx / c as f32;
+                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                        *dx += r * w * dy - k * x;
+                    }
+                }
+            });
+        // dw by column blocks: each task owns its columns and walks the rows in order.
+        let rows = rstd.len();
+        dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {
+            let c0 = blk * 64;
+            for n in 0..rows {
+                let r = rstd[n];
+                let base = n * c + c0;
+                for (j, d) in dw.iter_mut().enumerate() {
+                    *d += dy[base + j] * x[base + j] * r;
+                }
+            }
+        });
+    }
+
+    fn rope(
+        &self,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        t: usize,
+        heads: usize,
+        d: usize,
+        inverse: bool,
+    ) {
+        let half = d / 2;
+        let width = heads * d;
+        x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+            let pos = n % t;
+            let (cs, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+            for v in row.chunks_mut(d) {
+                let (lo, hi) = v.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (lo[j], hi[j]);
+                    if inverse {
+                        lo[j] = a * cs[j] + b * sn[half + j];
+                        hi[j] = b * cs[half + j] - a * sn[j];
+                    } else {
+                        lo[j] = a * cs[j] - b * sn[j];
+                        hi[j] = b * cs[half + j] + a * sn[half + j];
+                    }
+                }
+            }
+        });
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        probs: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttnShape,
+    ) {
+        attention::forward(out, probs, q, k, v, s);
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        scratch: &mut [f32],
+        dout: &[f32],
+        probs: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttnShape,
+    ) {
+        attention::backward(dq, dk, dv, scratch, dout, probs, q, k, v, s);
+    }
+
+    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
+        act.par_chunks_mut(SUM_CHUNK)
+            .zip(gate.par_chunks(SUM_CHUNK))
+            .zip(up.par_chunks(SUM_CHUNK))
+            .for_each(|((a, g), u)| {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut [f32],
+        dup: &mut [f32],
+        dact: &[f32],
+        gate: &[f32],
+        up: &[f32],
+    ) {
+        dgate
+            .par_chunks_mut(SUM_CHUNK)
+            .zip(dup.par_chunks_mut(SUM_CHUNK))
+            .zip(dact.par_chunks(SUM_CHUNK))
+            .zip(gate.par_chunks(SUM_CHUNK).zip(up.par_chunks(SUM_CHUNK)))
+            .for_each(|(((dg, du), da), (g, u))| {
+                for i in 0..dg.len() {
+                    let sig = 1.0 / (1.0 + (-g[i]).exp());
+                    let silu = g[i] * sig;
+                    du[i] = da[i] * silu;
+                    dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                }
+            });
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[i32],
+        vocab: usize,
+        scale: f32,
+    ) {
+        logits
+            .par_chunks_mut(vocab)
+            .zip(losses.par_iter_mut())
+            .zip(targets.par_iter())
+            .for_each(|((z, loss), &target)| {
+                if target < 0 {
+                    z.fill(0.0);
+                    *loss = 0.0;
+                    return;
+                }
+                let t = target as usize;
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let zt = (z[t] - max) as f64;
+                let mut sum = 0.0f64;
+                for v in z.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v as f64;
+                }
+                // loss = logsumexp(z) - z[t] = ln(sum) - (z[t] - max)
+                *loss = (sum.ln() - zt) as f32;
+                let inv = (1.0 / sum) as f32 * scale;
+                z.iter_mut().for_each(|v| *v *= inv);
+                z[t] -= scale;
+            });
+    }
+
+    fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[u32], c: usize) {
+        out.par_chunks_mut(c)
+            .zip(rows.par_iter())
+            .for_each(|(o, &r)| {
+                let r = r as usize;
+                o.copy_from_slice(&x[r * c..(r + 1) * c]);
+            });
+    }
+
+    fn combine_rows(
+        &self,
+        out: &mut [f32],
+        y: &[f32],
+        pos: &[u32],
+        weights: &[f32],
+        k: usize,
+        c: usize,
+        accumulate: bool,
+    ) {
+        out.par_chunks_mut(c).enumerate().for_each(|(n, o)| {
+            if !accumulate {
+                o.fill(0.0);
+            }
+            for j in 0..k {
+                let (p, w) = (pos[n * k + j] as usize, weights[n * k + j]);
+                o.iter_mut()
+                    .zip(&y[p * c..(p + 1) * c])
+                    .for_each(|(o, y)| *o += w * y);
+            }
+        });
+    }
+
+    fn slot_dots(&self, out: &mut [f32], dy: &[f32], y: &[f32], pos: &[u32], k: usize, c: usize) {
+        out.par_iter_mut().enumerate().for_each(|(i, o)| {
+            let (n, p) = (i / k, pos[i] as usize);
+            *o = dy[n * c..(n + 1) * c]
+                .iter()
+                .zip(&y[p * c..(p + 1) * c])
+                .map(|(a, b)| a * b)
+                .sum();
+        });
+    }
+
+    fn spread_rows(
+        &self,
+        out: &mut [f32],
+        dy: &[f32],
+        pos: &[u32],
+        weights: &[f32],
+        k: usize,
+        c: usize,
+    ) {
+        // `pos` is a permutation of the slots, so each output row is written exactly once.
+        let ptr = SendPtr(out.as_mut_ptr());
+        assert!(
+            pos.iter().all(|&p| (p as usize + 1) * c <= out.len()),
+            "spread_rows bounds"
+        );
+        (0..pos.len()).into_par_iter().for_each(|i| {
+            let (n, p, w) = (i / k, pos[i] as usize, weights[i]);
+            // SAFETY: bounds checked above; rows are distinct because `pos` is a permutation.
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(p * c), c) };
+            row.iter_mut()
+                .zip(&dy[n * c..(n + 1) * c])
+                .for_each(|(o, g)| *o = w * g);
+        });
+    }
+
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        self.chunked_sum(x.len(), |r| {
+            x[r].iter().map(|&v| (v as f64) * (v as f64)).sum()
+        })
+    }
+
+    fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamW) {
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+        let step_size = (h.lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let decay = 1.0 - h.lr * h.weight_decay;
+        let (b1, b2) = (h.beta1, h.beta2);
+        p.par_chunks_mut(SUM_CHUNK)
+            .zip(g.par_chunks(SUM_CHUNK))
+            .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    p[i] *= decay;
+                    m[i] += (1.0 - b1) * (g[i] - m[i]);
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+                    p[i] -= step_size * m[i] / denom;
+                }
+            });
+    }
+}

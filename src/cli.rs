@@ -52,6 +52,18 @@ enum Command {
     },
     /// Print the JSON schema of experiment files.
     Schema,
+    /// Training throughput of the configured model on synthetic tokens.
+    Bench {
+        file: PathBuf,
+        /// Timed optimiser steps (after two untimed warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Time every kernel and print where the time goes.
+        #[arg(long)]
+        profile: bool,
+    },
 }
 
 /// Parses the command line, runs the command, prints any error chain; 0 ok, 1 failure, 2 bad
@@ -121,6 +133,38 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
+        Command::Bench {
+            file,
+            steps,
+            set,
+            profile,
+        } => {
+            for run in load(&file, &set)? {
+                let c = &run.config;
+                crate::train::require_cpu(&c.train)?;
+                let r = crate::bench::run(c, steps.max(1), 2, profile)?;
+                println!(
+                    "{}: hidden {} layers {} moe {} batch {} seq {} accumulation {} threads {}",
+                    run.tag.as_deref().unwrap_or(&c.name),
+                    c.model.hidden_size,
+                    c.model.num_hidden_layers,
+                    c.model.use_moe,
+                    c.train.batch_size,
+                    c.data.max_seq_len,
+                    c.train.accumulation_steps,
+                    r.threads
+                );
+                println!(
+                    "{} steps of {} tokens in {:.2} s: {:.1} GFLOP/s",
+                    r.steps, r.tokens_per_step, r.seconds, r.gflops
+                );
+                if profile {
+                    print_profile(&r);
+                }
+                println!("tokens_per_s={:.1}", r.tokens_per_s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             print!("{}", config::schema_json());
             Ok(ExitCode::SUCCESS)
@@ -186,4 +230,32 @@ fn format_count(n: u64) -> String {
         n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
         n => n.to_string(),
     }
+}
+
+fn print_profile(r: &crate::bench::BenchReport) {
+    let total: f64 = r.profile.iter().map(|(_, t)| t.seconds).sum();
+    println!(
+        "{:<36} {:>7} {:>9} {:>6} {:>8}",
+        "kernel", "calls", "ms/step", "share", "GFLOP/s"
+    );
+    for (name, t) in &r.profile {
+        let gflops = if t.flops > 0.0 {
+            format!("{:.1}", t.flops / t.seconds / 1e9)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<36} {:>7} {:>9.2} {:>5.1}% {:>8}",
+            name,
+            t.calls / r.steps as u64,
+            t.seconds * 1e3 / r.steps as f64,
+            100.0 * t.seconds / total,
+            gflops
+        );
+    }
+    println!(
+        "kernels total {:.1} ms/step of {:.1} ms/step wall",
+        total * 1e3 / r.steps as f64,
+        r.seconds * 1e3 / r.steps as f64
+    );
 }

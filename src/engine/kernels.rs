@@ -31,6 +31,8 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// 1-based step number (bias correction).
     pub step: u64,
+    /// Multiplies every gradient first (the clipping coefficient; 1 when not clipping).
+    pub grad_scale: f32,
 }
 
 pub trait Kernels: Sync {

@@ -214,12 +214,13 @@ impl<K: Kernels> Engine<K> {
         let norm = self.grad_norm();
         let n = self.layout.total;
         let k = &self.kernels;
-        if o.grad_clip > 0.0 {
-            let coef = (o.grad_clip as f64 / (norm + 1e-6)).min(1.0);
-            if coef < 1.0 {
-                k.scale(k.view_mut(&mut self.grads, 0..n), coef as f32);
-            }
-        }
+        // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; applied
+        // inside the AdamW pass instead of a pass of its own.
+        let coef = if o.grad_clip > 0.0 {
+            (o.grad_clip as f64 / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
         self.step += 1;
         let h = AdamW {
             lr,
@@ -228,6 +229,7 @@ impl<K: Kernels> Engine<K> {
             eps: o.eps,
             weight_decay: o.weight_decay,
             step: self.step,
+            grad_scale: coef as f32,
         };
         k.adamw(
             k.view_mut(&mut self.params, 0..n),

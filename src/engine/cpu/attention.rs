@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{SendPtr, gemm_strided};
+use super::{SendPtr, exp, gemm_strided};
 use crate::engine::kernels::AttnShape;
 
 const BLOCK: usize = 64;
@@ -71,7 +71,7 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
                     let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0f32;
                     for x in live.iter_mut() {
-                        *x = (*x - max).exp();
+                        *x = exp(*x - max);
                         sum += *x;
                     }
                     let inv = 1.0 / sum;

@@ -8,6 +8,7 @@
 
 mod attention;
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -25,12 +26,87 @@ const SUM_CHUNK: usize = 1 << 15;
 pub struct Cpu {
     /// Reused storage for partial sums (no allocation per step).
     partials: Mutex<Vec<f64>>,
+    /// Per-kernel wall time, when profiling.
+    profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
+}
+
+/// Calls, seconds and FLOPs of one kernel (matrix products keyed by shape).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelTime {
+    pub calls: u64,
+    pub seconds: f64,
+    pub flops: f64,
 }
 
 impl Cpu {
     pub fn new() -> Cpu {
         Cpu::default()
     }
+
+    /// A CPU backend that times every kernel call (for `minimind bench --profile`).
+    pub fn profiled() -> Cpu {
+        Cpu {
+            profile: Some(Mutex::new(BTreeMap::new())),
+            ..Cpu::default()
+        }
+    }
+
+    /// The recorded times, largest first.
+    pub fn profile(&self) -> Vec<(String, KernelTime)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = p
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .into_iter()
+            .collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        v
+    }
+
+    pub fn reset_profile(&self) {
+        if let Some(p) = &self.profile {
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    fn timed<R>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> R) -> R {
+        let Some(p) = &self.profile else { return f() };
+        let start = std::time::Instant::now();
+        let r = f();
+        let dt = start.elapsed().as_secs_f64();
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(name()).or_default();
+        e.calls += 1;
+        e.seconds += dt;
+        e.flops += flops;
+        r
+    }
+}
+
+/// `e^x` in f32 to about 1 ulp, written so loops over it vectorise (libm's `expf` does not):
+/// range reduction by ln 2 in two parts, a degree-6 polynomial, the exponent by bits.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.3, 88.0);
+    // Round to nearest by the 1.5 * 2^23 trick (no libm call, so the loop vectorises).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // e^r on |r| <= ln2/2: Taylor to r^7 (truncation < 2e-9 relative).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
 }
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
@@ -115,23 +191,53 @@ impl Kernels for Cpu {
         &mut buf[r]
     }
     fn upload(&self, dst: &mut [f32], data: &[f32]) {
-        dst.copy_from_slice(data);
+        self.timed(
+            || "upload".to_string(),
+            0.0,
+            || {
+                dst.copy_from_slice(data);
+            },
+        )
     }
     fn download(&self, src: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(src);
+        self.timed(
+            || "download".to_string(),
+            0.0,
+            || {
+                out.copy_from_slice(src);
+            },
+        )
     }
 
     fn fill(&self, out: &mut [f32], value: f32) {
-        out.par_chunks_mut(SUM_CHUNK).for_each(|c| c.fill(value));
+        self.timed(
+            || "fill".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(SUM_CHUNK).for_each(|c| c.fill(value));
+            },
+        )
     }
     fn add(&self, out: &mut [f32], x: &[f32]) {
-        out.par_chunks_mut(SUM_CHUNK)
-            .zip(x.par_chunks(SUM_CHUNK))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+        self.timed(
+            || "add".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(SUM_CHUNK)
+                    .zip(x.par_chunks(SUM_CHUNK))
+                    .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+            },
+        )
     }
     fn scale(&self, out: &mut [f32], s: f32) {
-        out.par_chunks_mut(SUM_CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+        self.timed(
+            || "scale".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(SUM_CHUNK)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+            },
+        )
     }
 
     fn matmul(
@@ -146,50 +252,74 @@ impl Kernels for Cpu {
         tb: bool,
         accumulate: bool,
     ) {
-        assert!(
-            out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-            "matmul shapes"
-        );
-        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-        // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
-        unsafe {
-            gemm_strided(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                n as isize,
-                accumulate,
-                a.as_ptr(),
-                a_rs,
-                a_cs,
-                b.as_ptr(),
-                b_rs,
-                b_cs,
-                1.0,
-                true,
-            );
-        }
+        self.timed(
+            || {
+                format!(
+                    "matmul {m}x{n}x{k}{}{}",
+                    if ta { " ta" } else { "" },
+                    if tb { " tb" } else { "" }
+                )
+            },
+            2.0 * (m * n * k) as f64,
+            || {
+                assert!(
+                    out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+                    "matmul shapes"
+                );
+                let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+                let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+                // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
+                unsafe {
+                    gemm_strided(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr(),
+                        n as isize,
+                        accumulate,
+                        a.as_ptr(),
+                        a_rs,
+                        a_cs,
+                        b.as_ptr(),
+                        b_rs,
+                        b_cs,
+                        1.0,
+                        true,
+                    );
+                }
+            },
+        )
     }
 
     fn embed_forward(&self, out: &mut [f32], emb: &[f32], ids: &[u32], c: usize) {
-        out.par_chunks_mut(c)
-            .zip(ids.par_iter())
-            .for_each(|(row, &id)| {
-                let id = id as usize;
-                row.copy_from_slice(&emb[id * c..(id + 1) * c]);
-            });
+        self.timed(
+            || "embed_forward".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(c)
+                    .zip(ids.par_iter())
+                    .for_each(|(row, &id)| {
+                        let id = id as usize;
+                        row.copy_from_slice(&emb[id * c..(id + 1) * c]);
+                    });
+            },
+        )
     }
 
     fn embed_backward(&self, demb: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
-        for (n, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            let dst = &mut demb[id * c..(id + 1) * c];
-            dst.iter_mut()
-                .zip(&dout[n * c..(n + 1) * c])
-                .for_each(|(d, g)| *d += g);
-        }
+        self.timed(
+            || "embed_backward".to_string(),
+            0.0,
+            || {
+                for (n, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    let dst = &mut demb[id * c..(id + 1) * c];
+                    dst.iter_mut()
+                        .zip(&dout[n * c..(n + 1) * c])
+                        .for_each(|(d, g)| *d += g);
+                }
+            },
+        )
     }
 
     fn rmsnorm_forward(
@@ -201,19 +331,25 @@ impl Kernels for Cpu {
         c: usize,
         eps: f32,
     ) {
-        y.par_chunks_mut(c * ROWS_PER_TASK)
-            .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-            .zip(x.par_chunks(c * ROWS_PER_TASK))
-            .for_each(|((y, r), x)| {
-                for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
-                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                    let s = 1.0 / (ms + eps).sqrt();
-                    *r = s;
-                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                        *y = w * (x * s);
-                    }
-                }
-            });
+        self.timed(
+            || "rmsnorm_forward".to_string(),
+            0.0,
+            || {
+                y.par_chunks_mut(c * ROWS_PER_TASK)
+                    .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+                    .zip(x.par_chunks(c * ROWS_PER_TASK))
+                    .for_each(|((y, r), x)| {
+                        for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+                            let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                            let s = 1.0 / (ms + eps).sqrt();
+                            *r = s;
+                            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                                *y = w * (x * s);
+                            }
+                        }
+                    });
+            },
+        )
     }
 
     fn rmsnorm_backward(
@@ -226,33 +362,40 @@ impl Kernels for Cpu {
         rstd: &[f32],
         c: usize,
     ) {
-        dx.par_chunks_mut(c * ROWS_PER_TASK)
-            .zip(dy.par_chunks(c * ROWS_PER_TASK))
-            .zip(x.par_chunks(c * ROWS_PER_TASK))
-            .zip(rstd.par_chunks(ROWS_PER_TASK))
-            .for_each(|(((dx, dy), x), r)| {
-                for (((dx, dy), x), &r) in
-                    dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
-                {
-                    let gx: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
-                    let k = r * r * r * gx / c as f32;
-                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-                        *dx += r * w * dy - k * x;
+        self.timed(
+            || "rmsnorm_backward".to_string(),
+            0.0,
+            || {
+                dx.par_chunks_mut(c * ROWS_PER_TASK)
+                    .zip(dy.par_chunks(c * ROWS_PER_TASK))
+                    .zip(x.par_chunks(c * ROWS_PER_TASK))
+                    .zip(rstd.par_chunks(ROWS_PER_TASK))
+                    .for_each(|(((dx, dy), x), r)| {
+                        for (((dx, dy), x), &r) in
+                            dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
+                        {
+                            let gx: f32 =
+                                dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
+                            let k = r * r * r * gx / c as f32;
+                            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                                *dx += r * w * dy - k * x;
+                            }
+                        }
+                    });
+                // dw by column blocks: each task owns its columns and walks the rows in order.
+                let rows = rstd.len();
+                dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {
+                    let c0 = blk * 64;
+                    for n in 0..rows {
+                        let r = rstd[n];
+                        let base = n * c + c0;
+                        for (j, d) in dw.iter_mut().enumerate() {
+                            *d += dy[base + j] * x[base + j] * r;
+                        }
                     }
-                }
-            });
-        // dw by column blocks: each task owns its columns and walks the rows in order.
-        let rows = rstd.len();
-        dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {
-            let c0 = blk * 64;
-            for n in 0..rows {
-                let r = rstd[n];
-                let base = n * c + c0;
-                for (j, d) in dw.iter_mut().enumerate() {
-                    *d += dy[base + j] * x[base + j] * r;
-                }
-            }
-        });
+                });
+            },
+        )
     }
 
     fn rope(
@@ -265,25 +408,31 @@ impl Kernels for Cpu {
         d: usize,
         inverse: bool,
     ) {
-        let half = d / 2;
-        let width = heads * d;
-        x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
-            let pos = n % t;
-            let (cs, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
-            for v in row.chunks_mut(d) {
-                let (lo, hi) = v.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b) = (lo[j], hi[j]);
-                    if inverse {
-                        lo[j] = a * cs[j] + b * sn[half + j];
-                        hi[j] = b * cs[half + j] - a * sn[j];
-                    } else {
-                        lo[j] = a * cs[j] - b * sn[j];
-                        hi[j] = b * cs[half + j] + a * sn[half + j];
+        self.timed(
+            || "rope".to_string(),
+            0.0,
+            || {
+                let half = d / 2;
+                let width = heads * d;
+                x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+                    let pos = n % t;
+                    let (cs, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+                    for v in row.chunks_mut(d) {
+                        let (lo, hi) = v.split_at_mut(half);
+                        for j in 0..half {
+                            let (a, b) = (lo[j], hi[j]);
+                            if inverse {
+                                lo[j] = a * cs[j] + b * sn[half + j];
+                                hi[j] = b * cs[half + j] - a * sn[j];
+                            } else {
+                                lo[j] = a * cs[j] - b * sn[j];
+                                hi[j] = b * cs[half + j] + a * sn[half + j];
+                            }
+                        }
                     }
-                }
-            }
-        });
+                });
+            },
+        )
     }
 
     fn attention_forward(
@@ -295,7 +444,13 @@ impl Kernels for Cpu {
         v: &[f32],
         s: AttnShape,
     ) {
-        attention::forward(out, probs, q, k, v, s);
+        self.timed(
+            || "attention_forward".to_string(),
+            0.0,
+            || {
+                attention::forward(out, probs, q, k, v, s);
+            },
+        )
     }
 
     fn attention_backward(
@@ -311,18 +466,30 @@ impl Kernels for Cpu {
         v: &[f32],
         s: AttnShape,
     ) {
-        attention::backward(dq, dk, dv, scratch, dout, probs, q, k, v, s);
+        self.timed(
+            || "attention_backward".to_string(),
+            0.0,
+            || {
+                attention::backward(dq, dk, dv, scratch, dout, probs, q, k, v, s);
+            },
+        )
     }
 
     fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
-        act.par_chunks_mut(SUM_CHUNK)
-            .zip(gate.par_chunks(SUM_CHUNK))
-            .zip(up.par_chunks(SUM_CHUNK))
-            .for_each(|((a, g), u)| {
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+        self.timed(
+            || "swiglu_forward".to_string(),
+            0.0,
+            || {
+                act.par_chunks_mut(SUM_CHUNK)
+                    .zip(gate.par_chunks(SUM_CHUNK))
+                    .zip(up.par_chunks(SUM_CHUNK))
+                    .for_each(|((a, g), u)| {
+                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                            *a = g / (1.0 + exp(-g)) * u;
+                        }
+                    });
+            },
+        )
     }
 
     fn swiglu_backward(
@@ -333,19 +500,25 @@ impl Kernels for Cpu {
         gate: &[f32],
         up: &[f32],
     ) {
-        dgate
-            .par_chunks_mut(SUM_CHUNK)
-            .zip(dup.par_chunks_mut(SUM_CHUNK))
-            .zip(dact.par_chunks(SUM_CHUNK))
-            .zip(gate.par_chunks(SUM_CHUNK).zip(up.par_chunks(SUM_CHUNK)))
-            .for_each(|(((dg, du), da), (g, u))| {
-                for i in 0..dg.len() {
-                    let sig = 1.0 / (1.0 + (-g[i]).exp());
-                    let silu = g[i] * sig;
-                    du[i] = da[i] * silu;
-                    dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-                }
-            });
+        self.timed(
+            || "swiglu_backward".to_string(),
+            0.0,
+            || {
+                dgate
+                    .par_chunks_mut(SUM_CHUNK)
+                    .zip(dup.par_chunks_mut(SUM_CHUNK))
+                    .zip(dact.par_chunks(SUM_CHUNK))
+                    .zip(gate.par_chunks(SUM_CHUNK).zip(up.par_chunks(SUM_CHUNK)))
+                    .for_each(|(((dg, du), da), (g, u))| {
+                        for i in 0..dg.len() {
+                            let sig = 1.0 / (1.0 + exp(-g[i]));
+                            let silu = g[i] * sig;
+                            du[i] = da[i] * silu;
+                            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                        }
+                    });
+            },
+        )
     }
 
     fn cross_entropy(
@@ -356,39 +529,57 @@ impl Kernels for Cpu {
         vocab: usize,
         scale: f32,
     ) {
-        logits
-            .par_chunks_mut(vocab)
-            .zip(losses.par_iter_mut())
-            .zip(targets.par_iter())
-            .for_each(|((z, loss), &target)| {
-                if target < 0 {
-                    z.fill(0.0);
-                    *loss = 0.0;
-                    return;
-                }
-                let t = target as usize;
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let zt = (z[t] - max) as f64;
-                let mut sum = 0.0f64;
-                for v in z.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v as f64;
-                }
-                // loss = logsumexp(z) - z[t] = ln(sum) - (z[t] - max)
-                *loss = (sum.ln() - zt) as f32;
-                let inv = (1.0 / sum) as f32 * scale;
-                z.iter_mut().for_each(|v| *v *= inv);
-                z[t] -= scale;
-            });
+        self.timed(
+            || "cross_entropy".to_string(),
+            0.0,
+            || {
+                logits
+                    .par_chunks_mut(vocab)
+                    .zip(losses.par_iter_mut())
+                    .zip(targets.par_iter())
+                    .for_each(|((z, loss), &target)| {
+                        if target < 0 {
+                            z.fill(0.0);
+                            *loss = 0.0;
+                            return;
+                        }
+                        let t = target as usize;
+                        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let zt = (z[t] - max) as f64;
+                        for v in z.iter_mut() {
+                            *v = exp(*v - max);
+                        }
+                        // Eight partial sums in f64: vectorises, and exact enough for V = 6400.
+                        let mut lanes = [0.0f64; 8];
+                        for c in z.chunks(8) {
+                            for (l, v) in lanes.iter_mut().zip(c) {
+                                *l += *v as f64;
+                            }
+                        }
+                        let sum: f64 = lanes.iter().sum();
+                        // loss = logsumexp(z) - z[t] = ln(sum) - (z[t] - max)
+                        *loss = (sum.ln() - zt) as f32;
+                        let inv = (1.0 / sum) as f32 * scale;
+                        z.iter_mut().for_each(|v| *v *= inv);
+                        z[t] -= scale;
+                    });
+            },
+        )
     }
 
     fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[u32], c: usize) {
-        out.par_chunks_mut(c)
-            .zip(rows.par_iter())
-            .for_each(|(o, &r)| {
-                let r = r as usize;
-                o.copy_from_slice(&x[r * c..(r + 1) * c]);
-            });
+        self.timed(
+            || "gather_rows".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(c)
+                    .zip(rows.par_iter())
+                    .for_each(|(o, &r)| {
+                        let r = r as usize;
+                        o.copy_from_slice(&x[r * c..(r + 1) * c]);
+                    });
+            },
+        )
     }
 
     fn combine_rows(
@@ -401,28 +592,40 @@ impl Kernels for Cpu {
         c: usize,
         accumulate: bool,
     ) {
-        out.par_chunks_mut(c).enumerate().for_each(|(n, o)| {
-            if !accumulate {
-                o.fill(0.0);
-            }
-            for j in 0..k {
-                let (p, w) = (pos[n * k + j] as usize, weights[n * k + j]);
-                o.iter_mut()
-                    .zip(&y[p * c..(p + 1) * c])
-                    .for_each(|(o, y)| *o += w * y);
-            }
-        });
+        self.timed(
+            || "combine_rows".to_string(),
+            0.0,
+            || {
+                out.par_chunks_mut(c).enumerate().for_each(|(n, o)| {
+                    if !accumulate {
+                        o.fill(0.0);
+                    }
+                    for j in 0..k {
+                        let (p, w) = (pos[n * k + j] as usize, weights[n * k + j]);
+                        o.iter_mut()
+                            .zip(&y[p * c..(p + 1) * c])
+                            .for_each(|(o, y)| *o += w * y);
+                    }
+                });
+            },
+        )
     }
 
     fn slot_dots(&self, out: &mut [f32], dy: &[f32], y: &[f32], pos: &[u32], k: usize, c: usize) {
-        out.par_iter_mut().enumerate().for_each(|(i, o)| {
-            let (n, p) = (i / k, pos[i] as usize);
-            *o = dy[n * c..(n + 1) * c]
-                .iter()
-                .zip(&y[p * c..(p + 1) * c])
-                .map(|(a, b)| a * b)
-                .sum();
-        });
+        self.timed(
+            || "slot_dots".to_string(),
+            0.0,
+            || {
+                out.par_iter_mut().enumerate().for_each(|(i, o)| {
+                    let (n, p) = (i / k, pos[i] as usize);
+                    *o = dy[n * c..(n + 1) * c]
+                        .iter()
+                        .zip(&y[p * c..(p + 1) * c])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                });
+            },
+        )
     }
 
     fn spread_rows(
@@ -434,46 +637,71 @@ impl Kernels for Cpu {
         k: usize,
         c: usize,
     ) {
-        // `pos` is a permutation of the slots, so each output row is written exactly once.
-        let ptr = SendPtr(out.as_mut_ptr());
-        assert!(
-            pos.iter().all(|&p| (p as usize + 1) * c <= out.len()),
-            "spread_rows bounds"
-        );
-        (0..pos.len()).into_par_iter().for_each(|i| {
-            let (n, p, w) = (i / k, pos[i] as usize, weights[i]);
-            // SAFETY: bounds checked above; rows are distinct because `pos` is a permutation.
-            let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(p * c), c) };
-            row.iter_mut()
-                .zip(&dy[n * c..(n + 1) * c])
-                .for_each(|(o, g)| *o = w * g);
-        });
+        self.timed(
+            || "spread_rows".to_string(),
+            0.0,
+            || {
+                // `pos` is a permutation of the slots, so each output row is written exactly once.
+                let ptr = SendPtr(out.as_mut_ptr());
+                assert!(
+                    pos.iter().all(|&p| (p as usize + 1) * c <= out.len()),
+                    "spread_rows bounds"
+                );
+                (0..pos.len()).into_par_iter().for_each(|i| {
+                    let (n, p, w) = (i / k, pos[i] as usize, weights[i]);
+                    // SAFETY: bounds checked above; rows are distinct because `pos` is a permutation.
+                    let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(p * c), c) };
+                    row.iter_mut()
+                        .zip(&dy[n * c..(n + 1) * c])
+                        .for_each(|(o, g)| *o = w * g);
+                });
+            },
+        )
     }
 
     fn sum_squares(&self, x: &[f32]) -> f64 {
-        self.chunked_sum(x.len(), |r| {
-            x[r].iter().map(|&v| (v as f64) * (v as f64)).sum()
-        })
+        self.timed(
+            || "sum_squares".to_string(),
+            0.0,
+            || {
+                self.chunked_sum(x.len(), |r| {
+                    let mut lanes = [0.0f64; 8];
+                    for c in x[r].chunks(8) {
+                        for (l, &v) in lanes.iter_mut().zip(c) {
+                            *l += (v as f64) * (v as f64);
+                        }
+                    }
+                    lanes.iter().sum()
+                })
+            },
+        )
     }
 
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamW) {
-        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-        let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
-        let step_size = (h.lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - h.lr * h.weight_decay;
-        let (b1, b2) = (h.beta1, h.beta2);
-        p.par_chunks_mut(SUM_CHUNK)
-            .zip(g.par_chunks(SUM_CHUNK))
-            .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    p[i] *= decay;
-                    m[i] += (1.0 - b1) * (g[i] - m[i]);
-                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
-            });
+        self.timed(
+            || "adamw".to_string(),
+            0.0,
+            || {
+                let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+                let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+                let step_size = (h.lr as f64 / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                let decay = 1.0 - h.lr * h.weight_decay;
+                let (b1, b2) = (h.beta1, h.beta2);
+                p.par_chunks_mut(SUM_CHUNK)
+                    .zip(g.par_chunks(SUM_CHUNK))
+                    .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
+                    .for_each(|((p, g), (m, v))| {
+                        for i in 0..p.len() {
+                            let g = g[i] * h.grad_scale;
+                            p[i] *= decay;
+                            m[i] += (1.0 - b1) * (g - m[i]);
+                            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                            let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+                            p[i] -= step_size * m[i] / denom;
+                        }
+                    });
+            },
+        )
     }
 }

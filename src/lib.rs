@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod engine;
 pub mod run_dir;
 pub mod train;

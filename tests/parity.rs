@@ -216,3 +216,78 @@ fn moe_tiny_matches_pytorch() {
 fn dense_songci_matches_pytorch() {
     check("dense_songci");
 }
+
+#[test]
+fn songci_tokenisation_matches_minimind() {
+    let dir = fixture("dense_songci");
+    let tok = minimind::data::Tok::load(&dir.join("tokenizer.json")).unwrap();
+    let batch_bytes = tensors(&dir.join("batch.safetensors"));
+    let batch = SafeTensors::deserialize(&batch_bytes).unwrap();
+    let (want, shape) = i64s(&batch, "input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let text = std::fs::read_to_string(dir.join("../../data/zh_songci.jsonl")).unwrap();
+    let (mut ids, mut targets) = (vec![0u32; t], vec![0i32; t]);
+    for (row, line) in text.lines().take(b).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let tokens = tok.encode(v["text"].as_str().unwrap()).unwrap();
+        minimind::data::encode_row(
+            &tokens,
+            t,
+            tok.bos,
+            tok.eos,
+            tok.pad,
+            &mut ids,
+            &mut targets,
+        );
+        let want_row: Vec<u32> = want[row * t..(row + 1) * t]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        assert_eq!(ids, want_row, "row {row}");
+    }
+}
+
+/// Losses and grad norms of a few training steps inside a pool of `threads`: a MoE model
+/// big enough that every matrix product is split across threads (hidden 256, N = 4 x 96).
+fn losses_with_threads(threads: usize) -> Vec<u64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut cfg = hf::read_config(&fixture("moe_tiny").join("config.json")).unwrap();
+        cfg.hidden_size = 256;
+        cfg.head_dim = 64;
+        cfg.intermediate_size = 704;
+        let (b, t) = (4, 96);
+        let mut engine = Engine::new(Cpu::new(), cfg, b, t);
+        engine.init_weights(7);
+        let mut rng = minimind::engine::SplitMix64::new(3);
+        let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
+        let targets: Vec<i32> = (0..b * t)
+            .map(|n| {
+                if n % t == t - 1 {
+                    -1
+                } else {
+                    ids[n + 1] as i32
+                }
+            })
+            .collect();
+        (0..3)
+            .flat_map(|_| {
+                engine.zero_grads();
+                let l = engine.forward_backward(&ids, &targets, 1.0);
+                let norm = engine.optimizer_step(1e-3, &optim());
+                [l.lm.to_bits(), l.aux.to_bits(), norm.to_bits()]
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn bit_identical_across_runs_and_thread_counts() {
+    let one = losses_with_threads(1);
+    assert_eq!(one, losses_with_threads(1), "run to run");
+    assert_eq!(one, losses_with_threads(2), "1 vs 2 threads");
+    assert_eq!(one, losses_with_threads(3), "1 vs 3 threads");
+}

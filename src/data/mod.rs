@@ -1,0 +1,219 @@
+//! Data: jsonl -> tokenizer -> memory-mapped token cache -> rows of T tokens -> shuffled
+//! micro-batches, with a cursor that is part of the resume state.
+
+pub mod cache;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::DataConfig;
+use crate::engine::SplitMix64;
+pub use cache::TokenCache;
+pub use tokenizer::{Tok, encode_row, targets_from_ids};
+
+/// Training rows over a token cache, encoded as `data.packing` says.
+pub struct Dataset {
+    cache: TokenCache,
+    t: usize,
+    packing: bool,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    samples: usize,
+}
+
+impl Dataset {
+    /// Loads the tokenizer, builds or opens the cache (under `cache_root`), checks the
+    /// vocabulary against the model's.
+    pub fn open(
+        cfg: &DataConfig,
+        vocab_size: usize,
+        cache_root: &Path,
+        quiet: bool,
+    ) -> Result<(Dataset, Tok)> {
+        if !cfg.path.is_file() {
+            bail!("data file {} does not exist", cfg.path.display());
+        }
+        let tok = Tok::load(&cfg.tokenizer)?;
+        if tok.vocab_size() > vocab_size {
+            bail!(
+                "tokenizer {} has {} tokens but model.vocab_size is {vocab_size}\n  hint: set model.vocab_size = {}",
+                cfg.tokenizer.display(),
+                tok.vocab_size(),
+                tok.vocab_size()
+            );
+        }
+        let cache = cache::open_or_build(
+            &cfg.path,
+            &cfg.tokenizer,
+            &tok,
+            cfg.skip_bad_lines,
+            cfg.num_workers,
+            cache_root,
+            quiet,
+        )?;
+        let t = cfg.max_seq_len;
+        let samples = if cfg.packing {
+            // Every document is followed by eos; rows are full T-token cuts of that stream.
+            ((cache.info.tokens + cache.info.documents) / t as u64) as usize
+        } else {
+            cache.documents()
+        };
+        let ds = Dataset {
+            cache,
+            t,
+            packing: cfg.packing,
+            bos: tok.bos,
+            eos: tok.eos,
+            pad: tok.pad,
+            samples,
+        };
+        Ok((ds, tok))
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    pub fn skipped_lines(&self) -> u64 {
+        self.cache.info.skipped_lines
+    }
+
+    /// Writes row `i` into `ids`/`targets` (length T).
+    pub fn fill(&self, i: usize, ids: &mut [u32], targets: &mut [i32], scratch: &mut Vec<u32>) {
+        let t = self.t;
+        if !self.packing {
+            self.cache.doc(i, scratch);
+            encode_row(scratch, t, self.bos, self.eos, self.pad, ids, targets);
+            return;
+        }
+        // Stream position of row i, and the document holding it (docs are len + 1 long).
+        let start = i * t;
+        let (mut lo, mut hi) = (0usize, self.cache.documents());
+        let stream_start = |d: usize| self.cache.offset(d) + d;
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if stream_start(mid) <= start {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        let (mut doc, mut within) = (lo, start - stream_start(lo));
+        let mut filled = 0;
+        while filled < t {
+            self.cache.doc(doc, scratch);
+            scratch.push(self.eos);
+            let take = (scratch.len() - within).min(t - filled);
+            ids[filled..filled + take].copy_from_slice(&scratch[within..within + take]);
+            filled += take;
+            doc += 1;
+            within = 0;
+        }
+        for p in 0..t {
+            targets[p] = if p + 1 < t { ids[p + 1] as i32 } else { -1 };
+        }
+    }
+}
+
+/// Where the data stands: the next micro-batch of an epoch. Saved in checkpoints.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+/// Shuffled micro-batches: epoch e visits the rows in a permutation drawn from (seed, e);
+/// the last partial batch of an epoch is dropped so every micro-batch has B rows.
+pub struct Batches {
+    seed: u64,
+    b: usize,
+    samples: usize,
+    epoch: Option<usize>,
+    order: Vec<u32>,
+    scratch: Vec<u32>,
+}
+
+impl Batches {
+    pub fn new(samples: usize, b: usize, seed: u64) -> Result<Batches> {
+        if samples < b {
+            bail!(
+                "the data has {samples} row(s), fewer than one batch of train.batch_size = {b}\n  hint: lower train.batch_size or add data"
+            );
+        }
+        Ok(Batches {
+            seed,
+            b,
+            samples,
+            epoch: None,
+            order: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Micro-batches per epoch.
+    pub fn per_epoch(&self) -> usize {
+        self.samples / self.b
+    }
+
+    /// Fills the micro-batch at `cursor` and advances it.
+    pub fn next(
+        &mut self,
+        ds: &Dataset,
+        cursor: &mut Cursor,
+        ids: &mut [u32],
+        targets: &mut [i32],
+    ) {
+        if cursor.batch >= self.per_epoch() {
+            cursor.epoch += 1;
+            cursor.batch = 0;
+        }
+        if self.epoch != Some(cursor.epoch) {
+            permutation(self.samples, self.seed, cursor.epoch, &mut self.order);
+            self.epoch = Some(cursor.epoch);
+        }
+        let t = ds.t;
+        for r in 0..self.b {
+            let sample = self.order[cursor.batch * self.b + r] as usize;
+            ds.fill(
+                sample,
+                &mut ids[r * t..(r + 1) * t],
+                &mut targets[r * t..(r + 1) * t],
+                &mut self.scratch,
+            );
+        }
+        cursor.batch += 1;
+    }
+}
+
+/// Fisher-Yates permutation of `0..n` from (seed, epoch).
+pub fn permutation(n: usize, seed: u64, epoch: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.extend(0..n as u32);
+    let mut rng = SplitMix64::new(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        out.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_deterministic_per_epoch() {
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        permutation(100, 7, 0, &mut a);
+        permutation(100, 7, 0, &mut b);
+        permutation(100, 7, 1, &mut c);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<u32>>());
+    }
+}

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Assign, ConfigError, PlannedRun};
 use crate::run_dir;
+use crate::runner;
+use crate::train::{Outcome, Session};
 
 /// Config-driven MiniMind pretraining: experiment files in, run folders out.
 #[derive(Parser, Debug)]
@@ -29,6 +31,58 @@ enum Command {
         /// Print the runs and folders that would be created, create nothing.
         #[arg(long)]
         dry_run: bool,
+        /// No progress bars, plain lines only.
+        #[arg(long)]
+        quiet: bool,
+        /// Testing aid: stop as if interrupted right after this optimiser step.
+        #[arg(long, hide = true)]
+        stop_after: Option<usize>,
+    },
+    /// Continue an interrupted run exactly, from its last complete checkpoint.
+    Resume {
+        run_dir: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+        #[arg(long, hide = true)]
+        stop_after: Option<usize>,
+    },
+    /// Mean next-token loss of a model folder on the first N*B samples of a jsonl file.
+    Eval {
+        /// Folder with config.json, model.safetensors and tokenizer.json.
+        #[arg(long)]
+        hf_dir: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        seq_len: usize,
+        #[arg(long)]
+        batch_size: usize,
+        /// Batches to evaluate.
+        #[arg(long, default_value_t = 1)]
+        batches: usize,
+        /// Tokenizer to use instead of HF_DIR/tokenizer.json.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Print `{"loss": ..., "tokens": ...}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sample text from a trained model (a run folder or a model folder).
+    Generate {
+        dir: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.85)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.85)]
+        top_p: f32,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Show the expanded runs: tag, overrides, parameters, tokens per step.
     Plan {
@@ -89,6 +143,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             files,
             set,
             dry_run,
+            quiet,
+            stop_after,
         } => {
             let mut runs = Vec::new();
             for file in &files {
@@ -98,7 +154,92 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 print_dry_run(&runs);
                 return Ok(ExitCode::SUCCESS);
             }
-            anyhow::bail!("training is not available yet; use --dry-run")
+            let stop = runner::install_signals()?;
+            let mut failed = 0;
+            for run in &runs {
+                let session = Session {
+                    resume: false,
+                    stop: stop.clone(),
+                    stop_after,
+                    quiet,
+                };
+                match runner::start(run, std::env::args().collect(), session) {
+                    Ok((_, Outcome::Completed)) => {}
+                    Ok((_, outcome)) => return Ok(ExitCode::from(runner::exit_code(outcome))),
+                    Err(e) if runs.len() > 1 => {
+                        failed += 1;
+                        eprintln!(
+                            "error: run {}: {e:#}",
+                            run.tag.as_deref().unwrap_or(&run.config.name)
+                        );
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} runs failed", runs.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume {
+            run_dir,
+            quiet,
+            stop_after,
+        } => {
+            let stop = runner::install_signals()?;
+            let outcome = runner::resume(
+                &run_dir,
+                Session {
+                    resume: true,
+                    stop,
+                    stop_after,
+                    quiet,
+                },
+            )?;
+            Ok(ExitCode::from(runner::exit_code(outcome)))
+        }
+        Command::Eval {
+            hf_dir,
+            data,
+            seq_len,
+            batch_size,
+            batches,
+            tokenizer,
+            json,
+        } => {
+            let r = crate::eval::eval_dir(
+                &hf_dir,
+                &data,
+                tokenizer.as_deref(),
+                seq_len,
+                batch_size,
+                batches,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("loss={} tokens={}", r.loss, r.tokens);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            dir,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        } => {
+            let opts = crate::generate::Sampling {
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            };
+            crate::generate::run(&dir, &prompt, &opts)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, set } => {
             print_plan(&load(&file, &set)?);

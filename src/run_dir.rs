@@ -75,9 +75,22 @@ pub struct Meta {
     /// Why the run failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Each `minimind resume` of this run: when, and from which step.
+    /// Each resume of this run: when, and from which step.
     #[serde(default)]
     pub resumes: Vec<String>,
+    /// Loss of the final weights on the first `batches x batch_size` rows of the data, in
+    /// file order: what `minimind eval` must reproduce on the exported model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_eval: Option<FinalEval>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FinalEval {
+    pub loss: f64,
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub batches: usize,
 }
 
 impl Meta {
@@ -116,6 +129,7 @@ impl Meta {
             skipped_lines: 0,
             error: None,
             resumes: Vec::new(),
+            final_eval: None,
         }
     }
 }

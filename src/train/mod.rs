@@ -1,5 +1,11 @@
 //! The training loop and what it needs around the engine.
 
+pub mod checkpoint;
+mod run;
+pub mod schedule;
+
+pub use run::{Outcome, Session, load_weights, train};
+
 use anyhow::{Context, Result};
 
 /// A rayon pool of `threads` workers (0: one per core) for the CPU engine.

@@ -1,0 +1,246 @@
+//! Checkpoints: `checkpoints/step-NNNNNNNN/` with `model.safetensors`, `optimizer.safetensors`
+//! and `state.json`, written into a temporary folder that is renamed into place once
+//! complete; `COMPLETE` (inside it) lists each file's size and SHA-256, so a damaged
+//! checkpoint is detected and skipped.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::ModelConfig;
+use crate::data::Cursor;
+use crate::engine::{Engine, Kernels, hf};
+
+const MARKER: &str = "COMPLETE";
+const FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+
+/// The trainer's state besides the weights.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Where the data continues.
+    pub cursor: Cursor,
+    pub tokens_seen: u64,
+    /// Training seconds before this checkpoint (for elapsed_s across resumes).
+    pub elapsed_s: f64,
+    /// The model the weights belong to.
+    pub model: ModelConfig,
+}
+
+pub fn dir_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// Steps to delete so that only the newest `keep` remain. Pure.
+pub fn to_delete(mut steps: Vec<usize>, keep: usize) -> Vec<usize> {
+    steps.sort_unstable();
+    let n = steps.len().saturating_sub(keep);
+    steps.truncate(n);
+    steps
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+/// Writes a complete checkpoint of `engine` and `state` under `dir`, then prunes to
+/// `keep_last`. On any failure the partial folder is removed; earlier checkpoints stay.
+pub fn save<K: Kernels>(
+    dir: &Path,
+    engine: &Engine<K>,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let final_dir = dir.join(dir_name(state.step));
+    let tmp = dir.join(format!(".{}.tmp", dir_name(state.step)));
+    let _ = fs::remove_dir_all(&tmp);
+    let write = || -> Result<()> {
+        fs::create_dir_all(&tmp)?;
+        let params = engine.params_host();
+        let model = hf::encode_weights(&engine.layout, &params)?;
+        let (m, v) = engine.moments_host();
+        let n = m.len();
+        let optim = hf::encode(
+            &[
+                ("exp_avg".into(), vec![n], &m),
+                ("exp_avg_sq".into(), vec![n], &v),
+            ],
+            Some([("adam_step".to_string(), engine.step.to_string())].into()),
+        )?;
+        let state_json = serde_json::to_vec_pretty(state)?;
+        let mut marker = String::new();
+        for (name, bytes) in FILES.iter().zip([&model, &optim, &state_json]) {
+            write_synced(&tmp.join(name), bytes)?;
+            marker.push_str(&format!("{name} {} {}\n", bytes.len(), sha256(bytes)));
+        }
+        write_synced(&tmp.join(MARKER), marker.as_bytes())?;
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir)?;
+        }
+        fs::rename(&tmp, &final_dir)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| format!("writing checkpoint {}", final_dir.display()));
+    }
+    let steps = list(dir).into_iter().map(|(s, _)| s).collect();
+    for step in to_delete(steps, keep_last) {
+        let _ = fs::remove_dir_all(dir.join(dir_name(step)));
+    }
+    Ok(final_dir)
+}
+
+/// Checkpoint folders that have a marker, oldest first.
+pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = step_of(&name)?;
+            e.path().join(MARKER).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A checkpoint read back and verified.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub adam_step: u64,
+}
+
+/// Reads and verifies one checkpoint against its marker.
+pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
+    let marker = fs::read_to_string(dir.join(MARKER)).context("no COMPLETE marker")?;
+    let mut files = Vec::new();
+    for line in marker.lines() {
+        let mut parts = line.split(' ');
+        let (Some(name), Some(len), Some(hash)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("marker is damaged");
+        };
+        let bytes = fs::read(dir.join(name)).with_context(|| format!("reading {name}"))?;
+        if bytes.len().to_string() != len || sha256(&bytes) != hash {
+            bail!("{name} is truncated or corrupt (size or checksum differs from the marker)");
+        }
+        files.push(bytes);
+    }
+    if files.len() != FILES.len() {
+        bail!(
+            "marker lists {} files, expected {}",
+            files.len(),
+            FILES.len()
+        );
+    }
+    let state: TrainerState = serde_json::from_slice(&files[2]).context("state.json")?;
+    let params = hf::read_weights(&files[0], layout).context("model.safetensors")?;
+    let st = SafeTensors::deserialize(&files[1]).context("optimizer.safetensors")?;
+    let vec_of = |name: &str| -> Result<Vec<f32>> {
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("optimizer state has no {name}"))?;
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let (exp_avg, exp_avg_sq) = (vec_of("exp_avg")?, vec_of("exp_avg_sq")?);
+    if exp_avg.len() != layout.total || exp_avg_sq.len() != layout.total {
+        bail!(
+            "optimizer state has {} values, the model {}",
+            exp_avg.len(),
+            layout.total
+        );
+    }
+    let (_, meta) = SafeTensors::read_metadata(&files[1])?;
+    let adam_step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("adam_step"))
+        .and_then(|s| s.parse().ok())
+        .context("optimizer state has no adam_step")?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        state,
+        params,
+        exp_avg,
+        exp_avg_sq,
+        adam_step,
+    })
+}
+
+/// Keys whose values differ between two model configs (for a resume with another shape).
+pub fn model_diff(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+    let (Ok(toml::Value::Table(x)), Ok(toml::Value::Table(y))) =
+        (toml::Value::try_from(a), toml::Value::try_from(b))
+    else {
+        return vec!["model".into()];
+    };
+    x.iter()
+        .filter(|(k, v)| y.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "model.{k} ({} in the checkpoint, {} now)",
+                v,
+                y.get(k).map_or("-".into(), |v| v.to_string())
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_table() {
+        let table: &[(&[usize], usize, &[usize])] = &[
+            (&[100, 200, 300], 2, &[100]),
+            (&[300, 100, 200], 1, &[100, 200]),
+            (&[100], 3, &[]),
+            (&[], 2, &[]),
+        ];
+        for (steps, keep, want) in table {
+            assert_eq!(
+                to_delete(steps.to_vec(), *keep),
+                want.to_vec(),
+                "{steps:?} keep {keep}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(dir_name(100), "step-00000100");
+        assert_eq!(step_of("step-00000100"), Some(100));
+        assert_eq!(step_of(".step-00000100.tmp"), None);
+    }
+}

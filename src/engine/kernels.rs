@@ -148,17 +148,10 @@ pub trait Kernels: Sync {
         s: AttnShape,
     );
 
-    /// `act = silu(gate) * up`.
-    fn swiglu_forward(&self, act: Self::M<'_>, gate: Self::V<'_>, up: Self::V<'_>);
-    /// Overwrites `dgate`, `dup` from `dact`.
-    fn swiglu_backward(
-        &self,
-        dgate: Self::M<'_>,
-        dup: Self::M<'_>,
-        dact: Self::V<'_>,
-        gate: Self::V<'_>,
-        up: Self::V<'_>,
-    );
+    /// `act = silu(gate) * up` per row, where `gu` rows are `[gate (i) | up (i)]`.
+    fn swiglu_forward(&self, act: Self::M<'_>, gu: Self::V<'_>, i: usize);
+    /// Overwrites `dgu` (rows `[dgate | dup]`) from `dact`.
+    fn swiglu_backward(&self, dgu: Self::M<'_>, dact: Self::V<'_>, gu: Self::V<'_>, i: usize);
 
     /// Cross-entropy over rows of `logits` (`[rows, V]`), in place: each row becomes
     /// `scale * (softmax - onehot(target))`, zero for ignored rows (`target < 0`). Writes each

@@ -21,6 +21,14 @@ pub struct Ffn {
     pub down: Range<usize>,
 }
 
+impl Ffn {
+    /// Gate and up together, `[2I, C]`: the layout stores them back to back.
+    pub fn gate_up(&self) -> Range<usize> {
+        debug_assert_eq!(self.gate.end, self.up.start);
+        self.gate.start..self.up.end
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Mlp {
     Dense(Ffn),

@@ -16,20 +16,19 @@ use super::moe::{RouterConfig, Routing};
 use crate::config::ModelConfig;
 
 /// Rows of logits materialised at once by the fused head.
-const HEAD_CHUNK: usize = 256;
+const HEAD_CHUNK: usize = 1024;
 
-/// Activations of one SwiGLU feed-forward, `[rows, I]` each.
+/// Activations of one SwiGLU feed-forward: `gu` `[rows, 2I]` holds each row's gate and up
+/// projections side by side (one GEMM against the adjacent gate/up weights), `act` `[rows, I]`.
 pub struct FfnActs<K: Kernels> {
-    gate: K::Buf,
-    up: K::Buf,
+    gu: K::Buf,
     act: K::Buf,
 }
 
 impl<K: Kernels> FfnActs<K> {
     fn new(k: &K, rows: usize, i: usize) -> Self {
         FfnActs {
-            gate: k.alloc(rows * i),
-            up: k.alloc(rows * i),
+            gu: k.alloc(rows * 2 * i),
             act: k.alloc(rows * i),
         }
     }
@@ -388,34 +387,21 @@ impl<K: Kernels> Model<'_, K> {
             return;
         }
         let ar = act_rows.start * i..act_rows.end * i;
+        let gr = 2 * act_rows.start * i..2 * act_rows.end * i;
         let xv = k.view(x, x_rows.start * c..x_rows.end * c);
+        // [gate | up] = x [W_g; W_u]ᵀ: the two weights are adjacent in the flat buffer.
         k.matmul(
-            k.view_mut(&mut fa.gate, ar.clone()),
+            k.view_mut(&mut fa.gu, gr.clone()),
             xv,
-            self.w(p, &f.gate),
+            self.w(p, &f.gate_up()),
             rows,
-            i,
+            2 * i,
             c,
             false,
             true,
             false,
         );
-        k.matmul(
-            k.view_mut(&mut fa.up, ar.clone()),
-            xv,
-            self.w(p, &f.up),
-            rows,
-            i,
-            c,
-            false,
-            true,
-            false,
-        );
-        k.swiglu_forward(
-            k.view_mut(&mut fa.act, ar.clone()),
-            k.view(&fa.gate, ar.clone()),
-            k.view(&fa.up, ar.clone()),
-        );
+        k.swiglu_forward(k.view_mut(&mut fa.act, ar.clone()), k.view(&fa.gu, gr), i);
         k.matmul(
             k.view_mut(out, x_rows.start * c..x_rows.end * c),
             k.view(&fa.act, ar),
@@ -869,6 +855,7 @@ impl<K: Kernels> Model<'_, K> {
             return;
         }
         let (ar, cr) = (rows.start * i..rows.end * i, rows.start * c..rows.end * c);
+        let gr = 2 * rows.start * i..2 * rows.end * i;
         let dyv = k.view(dy, cr.clone());
         // da = dy W_d; dW_d += dyᵀ a
         k.matmul(
@@ -894,53 +881,29 @@ impl<K: Kernels> Model<'_, K> {
             true,
         );
         k.swiglu_backward(
-            k.view_mut(&mut dffn.gate, ar.clone()),
-            k.view_mut(&mut dffn.up, ar.clone()),
-            k.view(&dffn.act, ar.clone()),
-            k.view(&fa.gate, ar.clone()),
-            k.view(&fa.up, ar.clone()),
+            k.view_mut(&mut dffn.gu, gr.clone()),
+            k.view(&dffn.act, ar),
+            k.view(&fa.gu, gr.clone()),
+            i,
         );
-        let (dg, du) = (k.view(&dffn.gate, ar.clone()), k.view(&dffn.up, ar));
-        // dx = dg W_g + du W_u; dW_g += dgᵀ x; dW_u += duᵀ x
+        // dx = [dg | du] [W_g; W_u]; d[W_g; W_u] += [dg | du]ᵀ x
+        let dgu = k.view(&dffn.gu, gr);
         k.matmul(
             k.view_mut(dx, cr.clone()),
-            dg,
-            self.w(p, &f.gate),
+            dgu,
+            self.w(p, &f.gate_up()),
             r,
             c,
-            i,
+            2 * i,
             false,
             false,
             accumulate,
         );
         k.matmul(
-            k.view_mut(dx, cr.clone()),
-            du,
-            self.w(p, &f.up),
-            r,
-            c,
-            i,
-            false,
-            false,
-            true,
-        );
-        let xv = k.view(x, cr);
-        k.matmul(
-            k.view_mut(grads, f.gate.clone()),
-            dg,
-            xv,
-            i,
-            c,
-            r,
-            true,
-            false,
-            true,
-        );
-        k.matmul(
-            k.view_mut(grads, f.up.clone()),
-            du,
-            xv,
-            i,
+            k.view_mut(grads, f.gate_up()),
+            dgu,
+            k.view(x, cr),
+            2 * i,
             c,
             r,
             true,
@@ -1021,7 +984,7 @@ impl<K: Kernels> Model<'_, K> {
         for (f, fa) in moe.shared.iter().zip(&ma.shared) {
             self.ffn_backward(p, grads, f, fa, s.dffn, 0..n, xn, dy, dx, true);
         }
-        route.backward(
+        ma.route.backward(
             &s.slot_dw[..slots],
             &mut s.dlogits[..n * e],
             b,

@@ -26,6 +26,10 @@ pub struct Routing {
     /// `seq_aux` (one per sequence), `[1, E]` without.
     pub aux_grad: Vec<f32>,
     pub aux_loss: f32,
+    /// Scratch reused between steps.
+    counts: Vec<f32>,
+    fill: Vec<usize>,
+    ds: Vec<f32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,12 +98,13 @@ impl Routing {
         }
         self.pos.resize(n * k, 0);
         self.rows.resize(n * k, 0);
-        let mut fill = self.offsets[..e].to_vec();
+        self.fill.clear();
+        self.fill.extend_from_slice(&self.offsets[..e]);
         for slot in 0..n * k {
             let x = self.expert[slot] as usize;
-            self.pos[slot] = fill[x] as u32;
-            self.rows[fill[x]] = (slot / k) as u32;
-            fill[x] += 1;
+            self.pos[slot] = self.fill[x] as u32;
+            self.rows[self.fill[x]] = (slot / k) as u32;
+            self.fill[x] += 1;
         }
     }
 
@@ -118,12 +123,13 @@ impl Routing {
             self.aux_grad.resize(b * e, 0.0);
             let mut total = 0.0f64;
             for bi in 0..b {
-                let mut counts = vec![0.0f32; e];
+                self.counts.clear();
+                self.counts.resize(e, 0.0);
                 for slot in bi * t * k..(bi + 1) * t * k {
-                    counts[self.expert[slot] as usize] += 1.0;
+                    self.counts[self.expert[slot] as usize] += 1.0;
                 }
                 for x in 0..e {
-                    let c = counts[x] * e as f32 / (t * k) as f32;
+                    let c = self.counts[x] * e as f32 / (t * k) as f32;
                     let mean_s: f64 = (0..t)
                         .map(|ti| self.scores[(bi * t + ti) * e + x] as f64)
                         .sum::<f64>()
@@ -137,13 +143,14 @@ impl Routing {
             // f_e = count(e) / (N*K) * E; P_e = mean_n s[n, e]; aux = alpha * sum_e f_e P_e.
             let n = b * t;
             self.aux_grad.resize(e, 0.0);
-            let mut counts = vec![0.0f32; e];
+            self.counts.clear();
+            self.counts.resize(e, 0.0);
             for &x in &self.expert {
-                counts[x as usize] += 1.0;
+                self.counts[x as usize] += 1.0;
             }
             let mut total = 0.0f64;
             for x in 0..e {
-                let f = counts[x] / (n * k) as f32 * e as f32;
+                let f = self.counts[x] / (n * k) as f32 * e as f32;
                 let p: f64 = (0..n)
                     .map(|tok| self.scores[tok * e + x] as f64)
                     .sum::<f64>()
@@ -158,7 +165,7 @@ impl Routing {
     /// Router-logit gradients `[N, E]` from the slot-weight gradients `dw` `[N, K]`, plus the
     /// aux loss term scaled by `aux_scale`.
     pub fn backward(
-        &self,
+        &mut self,
         dw: &[f32],
         dlogits: &mut [f32],
         b: usize,
@@ -167,7 +174,8 @@ impl Routing {
         aux_scale: f32,
     ) {
         let (e, k) = (rc.experts, rc.top_k);
-        let mut ds = vec![0.0f32; e];
+        let mut ds = std::mem::take(&mut self.ds);
+        ds.resize(e, 0.0);
         for tok in 0..b * t {
             ds.fill(0.0);
             let s = &self.scores[tok * e..(tok + 1) * e];
@@ -197,6 +205,7 @@ impl Routing {
                 dlogits[tok * e + x] = s[x] * (ds[x] - dot);
             }
         }
+        self.ds = ds;
     }
 }
 

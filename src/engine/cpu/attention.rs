@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::{SendPtr, exp, gemm_strided};
 use crate::engine::kernels::AttnShape;
 
-const BLOCK: usize = 64;
+const BLOCK: usize = 32;
 
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t)

@@ -122,6 +122,17 @@ impl SendPtr {
     }
 }
 
+thread_local! {
+    static IN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while this thread is inside the `gemm` crate, which allocates its packing buffers
+/// per call: lets a test check that everything else in a training step is allocation-free.
+#[doc(hidden)]
+pub fn in_gemm() -> bool {
+    IN_GEMM.with(|c| c.get())
+}
+
 /// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` over strided matrices (strides in elements:
 /// `rs` between rows, `cs` between columns).
 ///
@@ -152,12 +163,14 @@ pub(crate) unsafe fn gemm_strided(
     } else {
         Parallelism::None
     };
+    IN_GEMM.with(|c| c.set(true));
     unsafe {
         gemm::gemm(
             m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0,
             beta, false, false, false, par,
         );
     }
+    IN_GEMM.with(|c| c.set(false));
 }
 
 impl Cpu {
@@ -475,46 +488,46 @@ impl Kernels for Cpu {
         )
     }
 
-    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
+    fn swiglu_forward(&self, act: &mut [f32], gu: &[f32], i: usize) {
         self.timed(
             || "swiglu_forward".to_string(),
             0.0,
             || {
-                act.par_chunks_mut(SUM_CHUNK)
-                    .zip(gate.par_chunks(SUM_CHUNK))
-                    .zip(up.par_chunks(SUM_CHUNK))
-                    .for_each(|((a, g), u)| {
-                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                            *a = g / (1.0 + exp(-g)) * u;
+                act.par_chunks_mut(i * ROWS_PER_TASK)
+                    .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
+                    .for_each(|(a, gu)| {
+                        for (a, gu) in a.chunks_mut(i).zip(gu.chunks(2 * i)) {
+                            let (g, u) = gu.split_at(i);
+                            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                                *a = g / (1.0 + exp(-g)) * u;
+                            }
                         }
                     });
             },
         )
     }
 
-    fn swiglu_backward(
-        &self,
-        dgate: &mut [f32],
-        dup: &mut [f32],
-        dact: &[f32],
-        gate: &[f32],
-        up: &[f32],
-    ) {
+    fn swiglu_backward(&self, dgu: &mut [f32], dact: &[f32], gu: &[f32], i: usize) {
         self.timed(
             || "swiglu_backward".to_string(),
             0.0,
             || {
-                dgate
-                    .par_chunks_mut(SUM_CHUNK)
-                    .zip(dup.par_chunks_mut(SUM_CHUNK))
-                    .zip(dact.par_chunks(SUM_CHUNK))
-                    .zip(gate.par_chunks(SUM_CHUNK).zip(up.par_chunks(SUM_CHUNK)))
-                    .for_each(|(((dg, du), da), (g, u))| {
-                        for i in 0..dg.len() {
-                            let sig = 1.0 / (1.0 + exp(-g[i]));
-                            let silu = g[i] * sig;
-                            du[i] = da[i] * silu;
-                            dg[i] = da[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                dgu.par_chunks_mut(2 * i * ROWS_PER_TASK)
+                    .zip(dact.par_chunks(i * ROWS_PER_TASK))
+                    .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
+                    .for_each(|((dgu, da), gu)| {
+                        for ((dgu, da), gu) in dgu
+                            .chunks_mut(2 * i)
+                            .zip(da.chunks(i))
+                            .zip(gu.chunks(2 * i))
+                        {
+                            let (dg, du) = dgu.split_at_mut(i);
+                            let (g, u) = gu.split_at(i);
+                            for j in 0..i {
+                                let sig = 1.0 / (1.0 + exp(-g[j]));
+                                du[j] = da[j] * g[j] * sig;
+                                dg[j] = da[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+                            }
                         }
                     });
             },

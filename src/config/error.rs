@@ -69,7 +69,8 @@ fn floor_char_boundary(text: &str, mut i: usize) -> usize {
 }
 
 /// A configuration problem. Displayed as `ORIGIN: KEY: MESSAGE`, then an optional hint line.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.render())]
 pub struct ConfigError {
     pub origin: Origin,
     pub key: Option<String>,
@@ -93,21 +94,19 @@ impl ConfigError {
     }
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.origin)?;
-        if let Some(key) = &self.key {
-            write!(f, "`{key}`: ")?;
-        }
-        write!(f, "{}", self.message)?;
-        if let Some(hint) = &self.hint {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
+impl ConfigError {
+    fn render(&self) -> String {
+        let key = self
+            .key
+            .as_ref()
+            .map_or(String::new(), |k| format!("`{k}`: "));
+        let hint = self
+            .hint
+            .as_ref()
+            .map_or(String::new(), |h| format!("\n  hint: {h}"));
+        format!("{}: {key}{}{hint}", self.origin, self.message)
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 #[cfg(test)]
 mod tests {

@@ -57,8 +57,6 @@ pub trait Kernels: Sync {
     fn fill(&self, out: Self::M<'_>, value: f32);
     /// `out += x`.
     fn add(&self, out: Self::M<'_>, x: Self::V<'_>);
-    /// `out *= s`.
-    fn scale(&self, out: Self::M<'_>, s: f32);
 
     /// `out[m, n] = (accumulate ? out : 0) + op(a) op(b)` where `op(a)` is `[m, k]` (stored
     /// `[k, m]` when `ta`) and `op(b)` is `[k, n]` (stored `[n, k]` when `tb`).

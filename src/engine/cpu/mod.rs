@@ -242,17 +242,6 @@ impl Kernels for Cpu {
             },
         )
     }
-    fn scale(&self, out: &mut [f32], s: f32) {
-        self.timed(
-            || "scale".to_string(),
-            0.0,
-            || {
-                out.par_chunks_mut(SUM_CHUNK)
-                    .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
-            },
-        )
-    }
-
     fn matmul(
         &self,
         out: &mut [f32],

@@ -32,18 +32,9 @@ pub fn run(config: &Config, steps: usize, warmup: usize, profile: bool) -> Resul
         let mut engine = Engine::new(cpu, m.clone(), b, t);
         engine.init_weights(config.seed);
         let mut rng = SplitMix64::new(config.seed);
-        let ids: Vec<u32> = (0..b * t)
-            .map(|_| (rng.next_u64() % m.vocab_size as u64) as u32)
-            .collect();
-        let targets: Vec<i32> = (0..b * t)
-            .map(|n| {
-                if n % t == t - 1 {
-                    -1
-                } else {
-                    ids[n + 1] as i32
-                }
-            })
-            .collect();
+        let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % m.vocab_size as u64) as u32).collect();
+        let targets: Vec<i32> =
+            (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
         let optim = OptimConfig::from_train(&config.train);
         let accum = config.train.accumulation_steps;
         let lr = config.train.learning_rate as f32;

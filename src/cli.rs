@@ -128,24 +128,14 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.is::<ConfigError>()) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            if e.chain().any(|c| c.is::<ConfigError>()) { ExitCode::from(2) } else { ExitCode::from(1) }
         }
     }
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run {
-            files,
-            set,
-            dry_run,
-            quiet,
-            stop_after,
-        } => {
+        Command::Run { files, set, dry_run, quiet, stop_after } => {
             let mut runs = Vec::new();
             for file in &files {
                 runs.extend(load(file, &set)?);
@@ -157,21 +147,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let stop = runner::install_signals()?;
             let mut failed = 0;
             for run in &runs {
-                let session = Session {
-                    resume: false,
-                    stop: stop.clone(),
-                    stop_after,
-                    quiet,
-                };
+                let session = Session { resume: false, stop: stop.clone(), stop_after, quiet };
                 match runner::start(run, std::env::args().collect(), session) {
                     Ok((_, Outcome::Completed)) => {}
                     Ok((_, outcome)) => return Ok(ExitCode::from(runner::exit_code(outcome))),
                     Err(e) if runs.len() > 1 => {
                         failed += 1;
-                        eprintln!(
-                            "error: run {}: {e:#}",
-                            run.tag.as_deref().unwrap_or(&run.config.name)
-                        );
+                        eprintln!("error: run {}: {e:#}", run.tag.as_deref().unwrap_or(&run.config.name));
                     }
                     Err(e) => return Err(e),
                 }
@@ -181,40 +163,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume {
-            run_dir,
-            quiet,
-            stop_after,
-        } => {
+        Command::Resume { run_dir, quiet, stop_after } => {
             let stop = runner::install_signals()?;
-            let outcome = runner::resume(
-                &run_dir,
-                Session {
-                    resume: true,
-                    stop,
-                    stop_after,
-                    quiet,
-                },
-            )?;
+            let outcome = runner::resume(&run_dir, Session { resume: true, stop, stop_after, quiet })?;
             Ok(ExitCode::from(runner::exit_code(outcome)))
         }
-        Command::Eval {
-            hf_dir,
-            data,
-            seq_len,
-            batch_size,
-            batches,
-            tokenizer,
-            json,
-        } => {
-            let r = crate::eval::eval_dir(
-                &hf_dir,
-                &data,
-                tokenizer.as_deref(),
-                seq_len,
-                batch_size,
-                batches,
-            )?;
+        Command::Eval { hf_dir, data, seq_len, batch_size, batches, tokenizer, json } => {
+            let r =
+                crate::eval::eval_dir(&hf_dir, &data, tokenizer.as_deref(), seq_len, batch_size, batches)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -222,22 +178,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate {
-            dir,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-        } => {
-            let opts = crate::generate::Sampling {
-                max_new_tokens,
-                temperature,
-                top_p,
-                top_k,
-                seed,
-            };
+        Command::Generate { dir, prompt, max_new_tokens, temperature, top_p, top_k, seed } => {
+            let opts = crate::generate::Sampling { max_new_tokens, temperature, top_p, top_k, seed };
             crate::generate::run(&dir, &prompt, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -250,10 +192,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 if let Some(tag) = &run.tag {
                     println!("# sweep point {tag}");
                 }
-                print!(
-                    "{}",
-                    config::render(&run.config, sources.then_some(&run.layered))
-                );
+                print!("{}", config::render(&run.config, sources.then_some(&run.layered)));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -268,18 +207,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
-            Ok(if bad == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
+            Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
-        Command::Bench {
-            file,
-            steps,
-            set,
-            profile,
-        } => {
+        Command::Bench { file, steps, set, profile } => {
             for run in load(&file, &set)? {
                 let c = &run.config;
                 crate::train::require_cpu(&c.train)?;
@@ -316,35 +246,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 /// Loads an experiment with this process's environment and the given `--set` arguments.
 fn load(file: &Path, set: &[String]) -> Result<Vec<PlannedRun>> {
     let env = config::parse_env(std::env::vars())?;
-    let sets: Vec<Assign> = set
-        .iter()
-        .map(|s| config::parse_set(s))
-        .collect::<Result<_, _>>()?;
+    let sets: Vec<Assign> = set.iter().map(|s| config::parse_set(s)).collect::<Result<_, _>>()?;
     Ok(config::load(file, &env, &sets)?)
 }
 
 fn print_plan(runs: &[PlannedRun]) {
-    println!(
-        "{:<28} {:>12} {:>14}  overrides",
-        "run", "parameters", "tokens/step"
-    );
+    println!("{:<28} {:>12} {:>14}  overrides", "run", "parameters", "tokens/step");
     for run in runs {
-        let point: Vec<String> = run
-            .layered
-            .assigns
-            .iter()
-            .map(|a| format!("{}={}", a.key, a.value))
-            .collect();
+        let point: Vec<String> =
+            run.layered.assigns.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
         println!(
             "{:<28} {:>12} {:>14}  {}",
             run.tag.as_deref().unwrap_or(&run.config.name),
             format_count(run.config.derived.parameters),
             run.config.derived.tokens_per_step,
-            if point.is_empty() {
-                "-".to_string()
-            } else {
-                point.join(" ")
-            }
+            if point.is_empty() { "-".to_string() } else { point.join(" ") }
         );
     }
     println!("{} run(s)", runs.len());
@@ -375,16 +291,9 @@ fn format_count(n: u64) -> String {
 
 fn print_profile(r: &crate::bench::BenchReport) {
     let total: f64 = r.profile.iter().map(|(_, t)| t.seconds).sum();
-    println!(
-        "{:<36} {:>7} {:>9} {:>6} {:>8}",
-        "kernel", "calls", "ms/step", "share", "GFLOP/s"
-    );
+    println!("{:<36} {:>7} {:>9} {:>6} {:>8}", "kernel", "calls", "ms/step", "share", "GFLOP/s");
     for (name, t) in &r.profile {
-        let gflops = if t.flops > 0.0 {
-            format!("{:.1}", t.flops / t.seconds / 1e9)
-        } else {
-            "-".into()
-        };
+        let gflops = if t.flops > 0.0 { format!("{:.1}", t.flops / t.seconds / 1e9) } else { "-".into() };
         println!(
             "{:<36} {:>7} {:>9.2} {:>5.1}% {:>8}",
             name,

@@ -22,8 +22,7 @@ pub struct EvalResult {
 
 /// The first `rows` documents of `path` as `(ids, targets)`, `rows x t` each.
 pub fn first_rows(path: &Path, tok: &Tok, t: usize, rows: usize) -> Result<(Vec<u32>, Vec<i32>)> {
-    let f =
-        File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
+    let f = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
     for (no, line) in BufReader::new(f).lines().enumerate() {
         if ids.len() == rows * t {
@@ -42,15 +41,7 @@ pub fn first_rows(path: &Path, tok: &Tok, t: usize, rows: usize) -> Result<(Vec<
         let start = ids.len();
         ids.resize(start + t, 0);
         targets.resize(start + t, 0);
-        encode_row(
-            &tokens,
-            t,
-            tok.bos,
-            tok.eos,
-            tok.pad,
-            &mut ids[start..],
-            &mut targets[start..],
-        );
+        encode_row(&tokens, t, tok.bos, tok.eos, tok.pad, &mut ids[start..], &mut targets[start..]);
     }
     if ids.is_empty() {
         bail!("data file {} has no documents", path.display());
@@ -72,10 +63,7 @@ pub fn mean_loss<K: Kernels>(
         sum += s;
         count += n;
     }
-    EvalResult {
-        loss: sum / count.max(1) as f64,
-        tokens: count,
-    }
+    EvalResult { loss: sum / count.max(1) as f64, tokens: count }
 }
 
 /// `minimind eval`: a Hugging Face style folder on the first `batches x b` rows of `data`.
@@ -95,8 +83,8 @@ pub fn eval_dir(
     let tok = Tok::load(&tok_path)?;
     let mut engine = Engine::new(crate::engine::cpu::Cpu::new(), cfg, b, t);
     let weights_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&weights_path)
-        .with_context(|| format!("reading {}", weights_path.display()))?;
+    let bytes =
+        std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
     let weights = crate::engine::hf::read_weights(&bytes, &engine.layout)
         .with_context(|| format!("loading {}", weights_path.display()))?;
     engine.set_params(&weights);

@@ -25,26 +25,18 @@ pub struct Sampling {
 
 /// The model folder of a run folder, or the folder itself.
 fn model_dir(dir: &Path) -> PathBuf {
-    if dir.join("model").join("config.json").is_file() {
-        dir.join("model")
-    } else {
-        dir.to_path_buf()
-    }
+    if dir.join("model").join("config.json").is_file() { dir.join("model") } else { dir.to_path_buf() }
 }
 
 pub fn run(dir: &Path, prompt: &str, s: &Sampling) -> Result<()> {
     let dir = model_dir(dir);
     if !dir.join("config.json").is_file() {
-        bail!(
-            "{} has no config.json (give a finished run folder or a model folder)",
-            dir.display()
-        );
+        bail!("{} has no config.json (give a finished run folder or a model folder)", dir.display());
     }
     let cfg = hf::read_config(&dir.join("config.json"))?;
     let tok = Tok::load(&dir.join("tokenizer.json"))?;
     let layout = Layout::new(&cfg);
-    let bytes =
-        std::fs::read(dir.join("model.safetensors")).context("reading model.safetensors")?;
+    let bytes = std::fs::read(dir.join("model.safetensors")).context("reading model.safetensors")?;
     let params = hf::read_weights(&bytes, &layout)?;
     let mut prompt_ids = vec![tok.bos];
     prompt_ids.extend(tok.encode(prompt)?);
@@ -88,17 +80,10 @@ fn sample(logits: &mut [f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let keep = if s.top_k > 0 {
-        s.top_k.min(idx.len())
-    } else {
-        idx.len()
-    };
+    let keep = if s.top_k > 0 { s.top_k.min(idx.len()) } else { idx.len() };
     idx.truncate(keep);
     let max = logits[idx[0]];
-    let mut probs: Vec<f32> = idx
-        .iter()
-        .map(|&i| ((logits[i] - max) / s.temperature).exp())
-        .collect();
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / s.temperature).exp()).collect();
     let sum: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
     let mut cum = 0.0;
@@ -122,10 +107,7 @@ fn sample(logits: &mut [f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
 }
 
 fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
+    x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
 struct Generator<'a> {
@@ -142,16 +124,9 @@ struct Generator<'a> {
 /// `y = W x` for `W: [rows, cols]`.
 fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
     let cols = x.len();
-    y.par_iter_mut()
-        .enumerate()
-        .with_min_len(64)
-        .for_each(|(i, y)| {
-            *y = w[i * cols..(i + 1) * cols]
-                .iter()
-                .zip(x)
-                .map(|(a, b)| a * b)
-                .sum();
-        });
+    y.par_iter_mut().enumerate().with_min_len(64).for_each(|(i, y)| {
+        *y = w[i * cols..(i + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum();
+    });
 }
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -169,12 +144,8 @@ impl<'a> Generator<'a> {
             p,
             cos,
             sin,
-            kc: (0..m.num_hidden_layers)
-                .map(|_| vec![0.0; max_len * gd])
-                .collect(),
-            vc: (0..m.num_hidden_layers)
-                .map(|_| vec![0.0; max_len * gd])
-                .collect(),
+            kc: (0..m.num_hidden_layers).map(|_| vec![0.0; max_len * gd]).collect(),
+            vc: (0..m.num_hidden_layers).map(|_| vec![0.0; max_len * gd]).collect(),
             pos: 0,
         }
     }
@@ -184,11 +155,7 @@ impl<'a> Generator<'a> {
         let (mut g, mut u) = (vec![0.0; i], vec![0.0; i]);
         matvec(&self.p[f.gate.clone()], x, &mut g);
         matvec(&self.p[f.up.clone()], x, &mut u);
-        let a: Vec<f32> = g
-            .iter()
-            .zip(&u)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
+        let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
         let mut y = vec![0.0; x.len()];
         matvec(&self.p[f.down.clone()], &a, &mut y);
         y
@@ -197,10 +164,8 @@ impl<'a> Generator<'a> {
     fn rope(&self, v: &mut [f32]) {
         let d = self.m.head_dim;
         let half = d / 2;
-        let (c, s) = (
-            &self.cos[self.pos * d..(self.pos + 1) * d],
-            &self.sin[self.pos * d..(self.pos + 1) * d],
-        );
+        let (c, s) =
+            (&self.cos[self.pos * d..(self.pos + 1) * d], &self.sin[self.pos * d..(self.pos + 1) * d]);
         for head in v.chunks_mut(d) {
             for j in 0..half {
                 let (a, b) = (head[j], head[j + half]);
@@ -254,9 +219,7 @@ impl<'a> Generator<'a> {
                 let out = &mut att[hi * d..(hi + 1) * d];
                 for (s, w) in scores.iter().enumerate() {
                     let vrow = &self.vc[l][s * gd + gi * d..s * gd + (gi + 1) * d];
-                    out.iter_mut()
-                        .zip(vrow)
-                        .for_each(|(o, v)| *o += w / sum * v);
+                    out.iter_mut().zip(vrow).for_each(|(o, v)| *o += w / sum * v);
                 }
             }
             let mut o = vec![0.0; c];
@@ -265,11 +228,7 @@ impl<'a> Generator<'a> {
             let xn2 = rmsnorm(&x, &self.p[lp.ln2.clone()], eps);
             let y = match &lp.mlp {
                 Mlp::Dense(f) => self.ffn(f, &xn2),
-                Mlp::Moe {
-                    router,
-                    experts,
-                    shared,
-                } => {
+                Mlp::Moe { router, experts, shared } => {
                     let e = m.n_routed_experts;
                     let mut logits = vec![0.0; e];
                     matvec(&self.p[router.clone()], &xn2, &mut logits);

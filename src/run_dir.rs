@@ -22,11 +22,7 @@ pub fn folder_name(start: &DateTime<Local>, name: &str, tag: Option<&str>) -> St
 
 /// The n-th candidate when a name is taken: `x`, `x-2`, `x-3`, ...
 fn candidate(base: &str, n: usize) -> String {
-    if n <= 1 {
-        base.to_string()
-    } else {
-        format!("{base}-{n}")
-    }
+    if n <= 1 { base.to_string() } else { format!("{base}-{n}") }
 }
 
 /// Run status, as meta.json records it.
@@ -104,11 +100,7 @@ impl Meta {
     ) -> Meta {
         let overrides = crate::config::overrides(layered)
             .into_iter()
-            .map(|(key, value, origin)| Override {
-                key,
-                value,
-                source: origin.to_string(),
-            })
+            .map(|(key, value, origin)| Override { key, value, source: origin.to_string() })
             .collect();
         let path = layered.path().to_path_buf();
         Meta {
@@ -189,8 +181,7 @@ impl RunDir {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot create run folder {}", root.display()));
+                    return Err(e).with_context(|| format!("cannot create run folder {}", root.display()));
                 }
             }
         }
@@ -199,9 +190,7 @@ impl RunDir {
 
     /// Opens an existing run folder (for resume).
     pub fn open(root: &Path) -> Result<RunDir> {
-        let dir = RunDir {
-            root: root.to_path_buf(),
-        };
+        let dir = RunDir { root: root.to_path_buf() };
         anyhow::ensure!(
             dir.config_path().is_file() && dir.meta_path().is_file(),
             "{} is not a run folder (it has no config.toml and meta.json)",
@@ -248,17 +237,13 @@ impl RunDir {
     pub fn read_meta(&self) -> Result<Meta> {
         let text = fs::read_to_string(self.meta_path())
             .with_context(|| format!("reading {}", self.meta_path().display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", self.meta_path().display()))
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", self.meta_path().display()))
     }
 }
 
 /// Writes a file under a temporary name, syncs it, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -282,10 +267,7 @@ mod tests {
         let t = Local.with_ymd_and_hms(2026, 11, 28, 10, 15, 0).unwrap();
         let table = [
             (("moe_small", None), "20261128-101500-moe_small"),
-            (
-                ("tiny", Some("lr=1e-3,moe=1")),
-                "20261128-101500-tiny-lr=1e-3,moe=1",
-            ),
+            (("tiny", Some("lr=1e-3,moe=1")), "20261128-101500-tiny-lr=1e-3,moe=1"),
         ];
         for ((name, tag), want) in table {
             assert_eq!(folder_name(&t, name, tag), want);

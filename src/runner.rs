@@ -32,7 +32,7 @@ pub fn start(
         && let Some(dir) = find_resumable(&c.checkpoint.save_dir, &c.name, planned.tag.as_deref())?
     {
         let existing = dir.read_config()?;
-        let diff = train::checkpoint::model_diff(&existing.model, &c.model);
+        let diff = train::checkpoint::model_diff(&existing.model, &c.model, "checkpoint");
         if !diff.is_empty() {
             bail!(
                 "checkpoint.resume = \"auto\" found {} but its model differs; differing keys:\n  {}\n  hint: set checkpoint.resume = \"never\" to start a new run",
@@ -45,18 +45,9 @@ pub fn start(
         return Ok((dir, outcome));
     }
     let now = chrono::Local::now();
-    let dir = RunDir::create(
-        &c.checkpoint.save_dir,
-        &folder_name(&now, &c.name, planned.tag.as_deref()),
-    )?;
+    let dir = RunDir::create(&c.checkpoint.save_dir, &folder_name(&now, &c.name, planned.tag.as_deref()))?;
     dir.write_config(c)?;
-    dir.write_meta(&Meta::gather(
-        c,
-        planned.tag.as_deref(),
-        &planned.layered,
-        command_line,
-        &now,
-    ))?;
+    dir.write_meta(&Meta::gather(c, planned.tag.as_deref(), &planned.layered, command_line, &now))?;
     let outcome = train::train(&dir, c, &session)?;
     Ok((dir, outcome))
 }
@@ -68,13 +59,7 @@ pub fn resume(root: &Path, session: Session) -> Result<Outcome> {
     if meta.status == Status::Completed {
         bail!("{} already completed", root.display());
     }
-    continue_run(
-        &dir,
-        &Session {
-            resume: true,
-            ..session
-        },
-    )
+    continue_run(&dir, &Session { resume: true, ..session })
 }
 
 fn continue_run(dir: &RunDir, session: &Session) -> Result<Outcome> {
@@ -93,19 +78,14 @@ fn find_resumable(save_dir: &Path, name: &str, tag: Option<&str>) -> Result<Opti
     let Ok(entries) = std::fs::read_dir(save_dir) else {
         return Ok(None);
     };
-    let mut dirs: Vec<_> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let mut dirs: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     for root in dirs.into_iter().rev() {
         let Ok(dir) = RunDir::open(&root) else {
             continue;
         };
         let Ok(meta) = dir.read_meta() else { continue };
-        if meta.name == name && meta.sweep_tag.as_deref() == tag && meta.status != Status::Completed
-        {
+        if meta.name == name && meta.sweep_tag.as_deref() == tag && meta.status != Status::Completed {
             return Ok(Some(dir));
         }
     }

@@ -30,13 +30,7 @@ fn stderr(o: &Output) -> String {
 /// Runs and expects the given exit code; returns the output.
 fn expect(cmd: &mut Command, code: i32) -> Output {
     let o = cmd.output().expect("binary runs");
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(&o),
-        stderr(&o)
-    );
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o));
     o
 }
 
@@ -48,16 +42,8 @@ struct Scratch {
 impl Scratch {
     fn new() -> Scratch {
         let dir = tempfile::tempdir().unwrap();
-        fs::copy(
-            repo().join("data/minimind_tokenizer.json"),
-            dir.path().join("tok.json"),
-        )
-        .unwrap();
-        fs::copy(
-            repo().join("data/songci_2k.jsonl"),
-            dir.path().join("data.jsonl"),
-        )
-        .unwrap();
+        fs::copy(repo().join("data/minimind_tokenizer.json"), dir.path().join("tok.json")).unwrap();
+        fs::copy(repo().join("data/songci_2k.jsonl"), dir.path().join("data.jsonl")).unwrap();
         Scratch { dir }
     }
     fn path(&self) -> &Path {
@@ -70,10 +56,7 @@ impl Scratch {
     }
     /// A valid small experiment file body (data paths relative to the file).
     fn base(&self) -> PathBuf {
-        self.write(
-            "base.toml",
-            "name = \"base\"\n[data]\npath = \"data.jsonl\"\ntokenizer = \"tok.json\"\n",
-        )
+        self.write("base.toml", "name = \"base\"\n[data]\npath = \"data.jsonl\"\ntokenizer = \"tok.json\"\n")
     }
 }
 
@@ -90,14 +73,8 @@ fn resolved(o: &Output) -> toml::Table {
 fn each_layer_beats_the_ones_below() {
     let s = Scratch::new();
     s.base();
-    s.write(
-        "mid.toml",
-        "extends = \"base.toml\"\nname = \"mid\"\n[train]\nbatch_size = 5\n",
-    );
-    s.write(
-        "exp.toml",
-        "extends = \"mid.toml\"\nname = \"exp\"\n[train]\nbatch_size = 6\n",
-    );
+    s.write("mid.toml", "extends = \"base.toml\"\nname = \"mid\"\n[train]\nbatch_size = 5\n");
+    s.write("exp.toml", "extends = \"mid.toml\"\nname = \"exp\"\n[train]\nbatch_size = 6\n");
     let get = |o: &Output| resolved(o)["train"]["batch_size"].as_integer().unwrap();
 
     // default < extends chain
@@ -109,12 +86,7 @@ fn each_layer_beats_the_ones_below() {
     let o = expect(minimind(s.path()).args(["config", "exp.toml"]), 0);
     assert_eq!(get(&o), 6);
     // file < environment
-    let o = expect(
-        minimind(s.path())
-            .args(["config", "exp.toml"])
-            .env("MINIMIND_TRAIN__BATCH_SIZE", "7"),
-        0,
-    );
+    let o = expect(minimind(s.path()).args(["config", "exp.toml"]).env("MINIMIND_TRAIN__BATCH_SIZE", "7"), 0);
     assert_eq!(get(&o), 7);
     // environment < --set
     let o = expect(
@@ -152,18 +124,9 @@ fn sources_name_each_layer() {
         0,
     );
     let out = stdout(&o);
-    assert!(
-        out.contains("learning_rate = 0.001  # --set train.learning_rate=1e-3"),
-        "{out}"
-    );
-    assert!(
-        out.contains("hidden_size = 640  # experiments/moe_small.toml:8:1"),
-        "{out}"
-    );
-    assert!(
-        out.contains("path = ") && out.contains("# experiments/base.toml:"),
-        "{out}"
-    );
+    assert!(out.contains("learning_rate = 0.001  # --set train.learning_rate=1e-3"), "{out}");
+    assert!(out.contains("hidden_size = 640  # experiments/moe_small.toml:8:1"), "{out}");
+    assert!(out.contains("path = ") && out.contains("# experiments/base.toml:"), "{out}");
     assert!(out.contains("num_hidden_layers = 8  # default"), "{out}");
     assert!(out.contains("intermediate_size = 1728  # derived"), "{out}");
 
@@ -186,28 +149,17 @@ fn relative_paths_are_relative_to_the_file_that_sets_them() {
     s.base();
     fs::create_dir(s.path().join("sub")).unwrap();
     s.write("sub/exp.toml", "extends = \"../base.toml\"\nname = \"x\"\n");
-    let o = expect(
-        minimind(&repo())
-            .args(["config"])
-            .arg(s.path().join("sub/exp.toml")),
-        0,
-    );
+    let o = expect(minimind(&repo()).args(["config"]).arg(s.path().join("sub/exp.toml")), 0);
     let t = resolved(&o);
     let path = PathBuf::from(t["data"]["path"].as_str().unwrap());
-    assert_eq!(
-        path.canonicalize().unwrap(),
-        s.path().join("data.jsonl").canonicalize().unwrap()
-    );
+    assert_eq!(path.canonicalize().unwrap(), s.path().join("data.jsonl").canonicalize().unwrap());
 }
 
 /// Runs `config` on a file with the given text, expects exit 2 and returns stderr.
 fn config_error(s: &Scratch, text: &str, extra: &[&str]) -> String {
     s.base();
     s.write("bad.toml", text);
-    let o = expect(
-        minimind(s.path()).args(["config", "bad.toml"]).args(extra),
-        2,
-    );
+    let o = expect(minimind(s.path()).args(["config", "bad.toml"]).args(extra), 2);
     let err = stderr(&o);
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -217,11 +169,7 @@ fn config_error(s: &Scratch, text: &str, extra: &[&str]) -> String {
 #[test]
 fn malformed_toml_is_located() {
     let s = Scratch::new();
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[train]\nbatch_size = = 3\n",
-        &[],
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n[train]\nbatch_size = = 3\n", &[]);
     assert!(err.contains("bad.toml:3:"), "{err}");
     assert!(err.contains("malformed TOML"), "{err}");
 }
@@ -229,56 +177,24 @@ fn malformed_toml_is_located() {
 #[test]
 fn unknown_key_is_located_with_a_suggestion() {
     let s = Scratch::new();
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n\n[train]\nbatch_sise = 3\n",
-        &[],
-    );
-    assert!(
-        err.contains("bad.toml:4:1: `train.batch_sise`: unknown key"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n\n[train]\nbatch_sise = 3\n", &[]);
+    assert!(err.contains("bad.toml:4:1: `train.batch_sise`: unknown key"), "{err}");
     assert!(err.contains("did you mean `train.batch_size`?"), "{err}");
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[trian]\nbatch_size = 3\n",
-        &[],
-    );
-    assert!(
-        err.contains("bad.toml:2:") && err.contains("did you mean `train`?"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n[trian]\nbatch_size = 3\n", &[]);
+    assert!(err.contains("bad.toml:2:") && err.contains("did you mean `train`?"), "{err}");
 }
 
 #[test]
 fn wrong_type_names_expected_got_and_source() {
     let s = Scratch::new();
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[train]\nbatch_size = \"big\"\n",
-        &[],
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n[train]\nbatch_size = \"big\"\n", &[]);
     assert!(err.contains("bad.toml:3:14: `train.batch_size`"), "{err}");
     assert!(err.contains("string") && err.contains("usize"), "{err}");
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n",
-        &["--set", "train.batch_size=big"],
-    );
-    assert!(
-        err.contains("--set train.batch_size=big: `train.batch_size`"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n", &["--set", "train.batch_size=big"]);
+    assert!(err.contains("--set train.batch_size=big: `train.batch_size`"), "{err}");
     assert!(err.contains("string") && err.contains("usize"), "{err}");
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[train]\ndtype = \"fp8\"\n",
-        &[],
-    );
-    assert!(
-        err.contains("bad.toml:3:9") && err.contains("bfloat16"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n[train]\ndtype = \"fp8\"\n", &[]);
+    assert!(err.contains("bad.toml:3:9") && err.contains("bfloat16"), "{err}");
 }
 
 #[test]
@@ -288,68 +204,33 @@ fn extends_cycles_and_missing_files() {
     s.write("b.toml", "name = \"b\"\nextends = \"a.toml\"\n");
     let o = expect(minimind(s.path()).args(["config", "a.toml"]), 2);
     let err = stderr(&o);
-    assert!(
-        err.contains("b.toml:2:1: `extends`: `extends` cycle"),
-        "{err}"
-    );
+    assert!(err.contains("b.toml:2:1: `extends`: `extends` cycle"), "{err}");
     let err = config_error(&s, "extends = \"nowhere.toml\"\n", &[]);
-    assert!(
-        err.contains("bad.toml:1:1: `extends`: cannot read experiment file"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:1:1: `extends`: cannot read experiment file"), "{err}");
     assert!(err.contains("nowhere.toml"), "{err}");
     let o = expect(minimind(s.path()).args(["validate", "missing.toml"]), 2);
-    assert!(
-        stderr(&o).contains("cannot read experiment file missing.toml"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("cannot read experiment file missing.toml"), "{}", stderr(&o));
 }
 
 #[test]
 fn bad_set_arguments() {
     let s = Scratch::new();
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n",
-        &["--set", "train.batch_size"],
-    );
-    assert!(
-        err.contains("--set train.batch_size: expected `section.key=value`"),
-        "{err}"
-    );
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n",
-        &["--set", "train.betas=[0.9,"],
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n", &["--set", "train.batch_size"]);
+    assert!(err.contains("--set train.batch_size: expected `section.key=value`"), "{err}");
+    let err = config_error(&s, "extends = \"base.toml\"\n", &["--set", "train.betas=[0.9,"]);
     assert!(err.contains("invalid value `[0.9,`"), "{err}");
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n",
-        &["--set", "train.learning_rat=1"],
-    );
-    assert!(
-        err.contains("unknown key") && err.contains("`train.learning_rate`"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n", &["--set", "train.learning_rat=1"]);
+    assert!(err.contains("unknown key") && err.contains("`train.learning_rate`"), "{err}");
 }
 
 #[test]
 fn environment_variable_naming_an_unknown_key() {
     let s = Scratch::new();
     s.base();
-    let o = expect(
-        minimind(s.path())
-            .args(["config", "base.toml"])
-            .env("MINIMIND_TRAIN__BATCH_SISE", "3"),
-        2,
-    );
+    let o =
+        expect(minimind(s.path()).args(["config", "base.toml"]).env("MINIMIND_TRAIN__BATCH_SISE", "3"), 2);
     let err = stderr(&o);
-    assert!(
-        err.contains("environment variable MINIMIND_TRAIN__BATCH_SISE"),
-        "{err}"
-    );
+    assert!(err.contains("environment variable MINIMIND_TRAIN__BATCH_SISE"), "{err}");
     assert!(err.contains("MINIMIND_TRAIN__BATCH_SIZE"), "{err}");
 }
 
@@ -361,20 +242,11 @@ fn bad_sweeps() {
         "extends = \"base.toml\"\n[sweep]\ngrid = { \"train.learning_rat\" = [1e-3] }\n",
         &[],
     );
-    assert!(
-        err.contains("bad.toml:3:") && err.contains("cannot be swept"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:3:") && err.contains("cannot be swept"), "{err}");
     assert!(err.contains("`train.learning_rate`"), "{err}");
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[sweep]\ngrid = { \"train.learning_rate\" = [] }\n",
-        &[],
-    );
-    assert!(
-        err.contains("bad.toml:3:") && err.contains("empty list"),
-        "{err}"
-    );
+    let err =
+        config_error(&s, "extends = \"base.toml\"\n[sweep]\ngrid = { \"train.learning_rate\" = [] }\n", &[]);
+    assert!(err.contains("bad.toml:3:") && err.contains("empty list"), "{err}");
     // Every point is validated: a bad value in the second point is reported with its tag.
     let err = config_error(
         &s,
@@ -387,52 +259,21 @@ fn bad_sweeps() {
 #[test]
 fn cross_field_checks_name_both_sources() {
     let s = Scratch::new();
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[model]\nhidden_size = 500\n",
-        &[],
-    );
-    assert!(
-        err.contains("bad.toml:3:1: `model.hidden_size`: 500 is not divisible"),
-        "{err}"
-    );
-    assert!(
-        err.contains("num_attention_heads (8, from default)"),
-        "{err}"
-    );
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[data]\npath = \"none.jsonl\"\n",
-        &[],
-    );
-    assert!(
-        err.contains("`data.path`") && err.contains("does not exist"),
-        "{err}"
-    );
-    let err = config_error(
-        &s,
-        "extends = \"base.toml\"\n[model]\nuse_moe = true\nnum_experts_per_tok = 5\n",
-        &[],
-    );
-    assert!(
-        err.contains("`model.num_experts_per_tok`: 5 must be between 1 and"),
-        "{err}"
-    );
+    let err = config_error(&s, "extends = \"base.toml\"\n[model]\nhidden_size = 500\n", &[]);
+    assert!(err.contains("bad.toml:3:1: `model.hidden_size`: 500 is not divisible"), "{err}");
+    assert!(err.contains("num_attention_heads (8, from default)"), "{err}");
+    let err = config_error(&s, "extends = \"base.toml\"\n[data]\npath = \"none.jsonl\"\n", &[]);
+    assert!(err.contains("`data.path`") && err.contains("does not exist"), "{err}");
+    let err =
+        config_error(&s, "extends = \"base.toml\"\n[model]\nuse_moe = true\nnum_experts_per_tok = 5\n", &[]);
+    assert!(err.contains("`model.num_experts_per_tok`: 5 must be between 1 and"), "{err}");
 }
 
 #[test]
 fn sweep_plan_lists_its_points() {
-    let o = expect(
-        minimind(&repo()).args(["plan", "experiments/sweeps/lr_moe.toml"]),
-        0,
-    );
+    let o = expect(minimind(&repo()).args(["plan", "experiments/sweeps/lr_moe.toml"]), 0);
     let out = stdout(&o);
-    for tag in [
-        "moe=0,lr=1e-3",
-        "moe=0,lr=3e-3",
-        "moe=1,lr=1e-3",
-        "moe=1,lr=3e-3",
-    ] {
+    for tag in ["moe=0,lr=1e-3", "moe=0,lr=3e-3", "moe=1,lr=1e-3", "moe=1,lr=3e-3"] {
         assert!(out.contains(tag), "{out}");
     }
     assert!(out.contains("4 run(s)"), "{out}");
@@ -452,21 +293,14 @@ fn shipped_experiments_validate() {
 fn schema_file_is_current() {
     let o = expect(minimind(&repo()).arg("schema"), 0);
     let on_disk = fs::read_to_string(repo().join("schemas/experiment.schema.json")).unwrap();
-    assert_eq!(
-        stdout(&o),
-        on_disk,
-        "schemas/experiment.schema.json is stale: run `make schema`"
-    );
+    assert_eq!(stdout(&o), on_disk, "schemas/experiment.schema.json is stale: run `make schema`");
 }
 
 #[test]
 fn dry_run_creates_nothing() {
     let s = Scratch::new();
     s.base();
-    let o = expect(
-        minimind(s.path()).args(["run", "base.toml", "--dry-run"]),
-        0,
-    );
+    let o = expect(minimind(s.path()).args(["run", "base.toml", "--dry-run"]), 0);
     assert!(stdout(&o).contains("would create"), "{}", stdout(&o));
     assert!(!s.path().join("runs").exists());
 }
@@ -508,12 +342,7 @@ impl Scratch {
     /// Run folders under runs/, oldest first.
     fn runs(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = fs::read_dir(self.path().join("runs"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir() && !p.ends_with(".cache"))
-                    .collect()
-            })
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.ends_with(".cache")).collect())
             .unwrap_or_default();
         v.retain(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'));
         v.sort();
@@ -546,19 +375,8 @@ fn tiny_experiment_trains_and_its_loss_falls() {
     let exp = repo().join("experiments/tiny.toml");
     let o = expect(
         run_quiet(s.path(), &[exp.to_str().unwrap()])
-            .args([
-                "--set",
-                "train.max_steps=60",
-                "--set",
-                "checkpoint.log_interval=1",
-            ])
-            .args([
-                "--set",
-                &format!(
-                    "checkpoint.save_dir=\"{}\"",
-                    s.path().join("runs").display()
-                ),
-            ]),
+            .args(["--set", "train.max_steps=60", "--set", "checkpoint.log_interval=1"])
+            .args(["--set", &format!("checkpoint.save_dir=\"{}\"", s.path().join("runs").display())]),
         0,
     );
     let runs = s.runs();
@@ -596,18 +414,14 @@ fn tiny_experiment_trains_and_its_loss_falls() {
         "ended_at",
         "git",
     ] {
-        assert!(
-            !m[key].is_null() || key == "git",
-            "meta.json lacks {key}: {m}"
-        );
+        assert!(!m[key].is_null() || key == "git", "meta.json lacks {key}: {m}");
     }
     let over = m["overrides"].as_array().unwrap();
     let lr = over.iter().find(|o| o["key"] == "train.max_steps").unwrap();
     assert_eq!(lr["source"], "--set train.max_steps=60");
     assert_eq!(lr["value"], "60");
     // config.toml is the resolved config: it parses and matches `minimind config`.
-    let saved: toml::Table =
-        toml::from_str(&fs::read_to_string(r.join("config.toml")).unwrap()).unwrap();
+    let saved: toml::Table = toml::from_str(&fs::read_to_string(r.join("config.toml")).unwrap()).unwrap();
     assert_eq!(saved["train"]["max_steps"].as_integer(), Some(60));
     assert_eq!(saved["model"]["intermediate_size"].as_integer(), Some(384));
     // The export loads back in eval with the loss the run recorded.
@@ -630,10 +444,7 @@ fn tiny_experiment_trains_and_its_loss_falls() {
     );
     let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(ev["tokens"], fe["tokens"]);
-    assert!(
-        (ev["loss"].as_f64().unwrap() - fe["loss"].as_f64().unwrap()).abs() < 1e-9,
-        "{ev} vs {fe}"
-    );
+    assert!((ev["loss"].as_f64().unwrap() - fe["loss"].as_f64().unwrap()).abs() < 1e-9, "{ev} vs {fe}");
     // And generates text in the corpus's style (Chinese characters).
     let o = expect(
         minimind(s.path()).arg("generate").arg(r).args([
@@ -648,14 +459,7 @@ fn tiny_experiment_trains_and_its_loss_falls() {
     );
     let text = stdout(&o);
     assert!(text.starts_with("春风"), "{text}");
-    assert!(
-        text.chars()
-            .skip(2)
-            .filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c))
-            .count()
-            >= 3,
-        "{text}"
-    );
+    assert!(text.chars().skip(2).filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c)).count() >= 3, "{text}");
 }
 
 #[test]
@@ -664,24 +468,14 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     s.micro("");
     expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
     // Stopped after step 6 (a checkpoint is written at the stop), then resumed.
-    expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--stop-after", "6"]),
-        130,
-    );
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "6"]), 130);
     let runs = s.runs();
     let (straight, split) = (&runs[0], &runs[1]);
     assert_eq!(meta(split)["status"], "stopped");
-    expect(
-        minimind(s.path()).arg("resume").arg(split).arg("--quiet"),
-        0,
-    );
+    expect(minimind(s.path()).arg("resume").arg(split).arg("--quiet"), 0);
     assert_eq!(meta(split)["status"], "completed");
     assert_eq!(metric_rows(straight), metric_rows(split));
-    assert_eq!(
-        metric_rows(split).len(),
-        13,
-        "header + 12 steps, none repeated"
-    );
+    assert_eq!(metric_rows(split).len(), 13, "header + 12 steps, none repeated");
     assert_eq!(
         fs::read(straight.join("model/model.safetensors")).unwrap(),
         fs::read(split.join("model/model.safetensors")).unwrap()
@@ -693,25 +487,12 @@ fn resume_after_a_crash_drops_metrics_past_the_checkpoint() {
     let s = Scratch::new();
     s.micro("");
     expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
-    expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--stop-after", "7"]),
-        130,
-    );
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "7"]), 130);
     let runs = s.runs();
     // As if killed hard after step 7: the newest checkpoint (step 7) never got written.
     fs::remove_dir_all(runs[1].join("checkpoints/step-00000007")).unwrap();
-    let o = expect(
-        minimind(s.path())
-            .arg("resume")
-            .arg(&runs[1])
-            .arg("--quiet"),
-        0,
-    );
-    assert!(
-        stdout(&o).contains("resuming from") && stdout(&o).contains("step 4"),
-        "{}",
-        stdout(&o)
-    );
+    let o = expect(minimind(s.path()).arg("resume").arg(&runs[1]).arg("--quiet"), 0);
+    assert!(stdout(&o).contains("resuming from") && stdout(&o).contains("step 4"), "{}", stdout(&o));
     assert_eq!(metric_rows(&runs[0]), metric_rows(&runs[1]));
 }
 
@@ -720,30 +501,15 @@ fn damaged_checkpoint_is_skipped_for_the_previous_one() {
     let s = Scratch::new();
     s.micro("");
     expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
-    expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--stop-after", "9"]),
-        130,
-    );
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "9"]), 130);
     let runs = s.runs();
     let newest = runs[1].join("checkpoints/step-00000009/model.safetensors");
     let bytes = fs::read(&newest).unwrap();
     fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
-    let o = expect(
-        minimind(s.path())
-            .arg("resume")
-            .arg(&runs[1])
-            .arg("--quiet"),
-        0,
-    );
+    let o = expect(minimind(s.path()).arg("resume").arg(&runs[1]).arg("--quiet"), 0);
     let out = stdout(&o);
-    assert!(
-        out.contains("skipping damaged checkpoint") && out.contains("truncated or corrupt"),
-        "{out}"
-    );
-    assert!(
-        out.contains("step-00000008") && out.contains("(step 8)"),
-        "{out}"
-    );
+    assert!(out.contains("skipping damaged checkpoint") && out.contains("truncated or corrupt"), "{out}");
+    assert!(out.contains("step-00000008") && out.contains("(step 8)"), "{out}");
     assert_eq!(metric_rows(&runs[0]), metric_rows(&runs[1]));
 }
 
@@ -773,10 +539,7 @@ fn sigint_stops_with_a_checkpoint_and_the_run_resumes() {
         assert!(std::time::Instant::now() < deadline, "no metrics appeared");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     let run = &s.runs()[0];
@@ -784,19 +547,12 @@ fn sigint_stops_with_a_checkpoint_and_the_run_resumes() {
     assert_eq!(m["status"], "stopped");
     let stopped_rows = metric_rows(run).len() - 1;
     assert!(stopped_rows < 400, "the run was not interrupted");
-    let cks: Vec<_> = fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .collect();
+    let cks: Vec<_> = fs::read_dir(run.join("checkpoints")).unwrap().flatten().collect();
     assert_eq!(cks.len(), 1, "one checkpoint, written at the stop");
     expect(minimind(s.path()).arg("resume").arg(run).arg("--quiet"), 0);
     let rows = metric_rows(run);
     assert_eq!(rows.len(), 401);
-    let steps: Vec<&str> = rows
-        .iter()
-        .skip(1)
-        .map(|r| r.split(',').next().unwrap())
-        .collect();
+    let steps: Vec<&str> = rows.iter().skip(1).map(|r| r.split(',').next().unwrap()).collect();
     let want: Vec<String> = (1..=400).map(|i| i.to_string()).collect();
     assert_eq!(steps, want, "every step exactly once");
 }
@@ -805,42 +561,23 @@ fn sigint_stops_with_a_checkpoint_and_the_run_resumes() {
 fn resume_auto_continues_the_unfinished_run_or_names_shape_changes() {
     let s = Scratch::new();
     s.micro("");
-    expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]),
-        130,
-    );
-    expect(
-        &mut run_quiet(
-            s.path(),
-            &["micro.toml", "--set", "checkpoint.resume=\"auto\""],
-        ),
-        0,
-    );
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]), 130);
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "checkpoint.resume=\"auto\""]), 0);
     let runs = s.runs();
     assert_eq!(runs.len(), 1, "continued the same folder");
     assert_eq!(meta(&runs[0])["status"], "completed");
 
-    expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]),
-        130,
-    );
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]), 130);
     let o = expect(
         &mut run_quiet(
             s.path(),
-            &[
-                "micro.toml",
-                "--set",
-                "checkpoint.resume=\"auto\"",
-                "--set",
-                "model.hidden_size=64",
-            ],
+            &["micro.toml", "--set", "checkpoint.resume=\"auto\"", "--set", "model.hidden_size=64"],
         ),
         1,
     );
     let err = stderr(&o);
     assert!(
-        err.contains("differing keys")
-            && err.contains("model.hidden_size (32 in the checkpoint, 64 now)"),
+        err.contains("differing keys") && err.contains("model.hidden_size (32 in the checkpoint, 64 now)"),
         "{err}"
     );
     assert!(err.contains("model.head_dim"), "{err}");
@@ -853,13 +590,7 @@ fn nan_loss_fails_the_run_and_keeps_the_last_checkpoint() {
     let o = expect(
         &mut run_quiet(
             s.path(),
-            &[
-                "micro.toml",
-                "--set",
-                "train.learning_rate=1e30",
-                "--set",
-                "train.grad_clip=0.0",
-            ],
+            &["micro.toml", "--set", "train.learning_rate=1e30", "--set", "train.grad_clip=0.0"],
         ),
         1,
     );
@@ -878,10 +609,7 @@ fn data_error(data: &str, extra: &str) -> String {
     s.micro(extra);
     let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
     let err = stderr(&o);
-    assert!(
-        err.starts_with("error: ") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
     err
 }
 
@@ -890,16 +618,10 @@ fn bad_data_is_reported_with_its_location() {
     let err = data_error("", "");
     assert!(err.contains("has no documents"), "{err}");
     let err = data_error("{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n", "");
-    assert!(
-        err.contains("data.jsonl:3: malformed line: not valid JSON"),
-        "{err}"
-    );
+    assert!(err.contains("data.jsonl:3: malformed line: not valid JSON"), "{err}");
     assert!(err.contains("skip_bad_lines"), "{err}");
     let err = data_error("{\"text\": \"a\"}\n{\"title\": \"b\"}\n", "");
-    assert!(
-        err.contains("data.jsonl:2: malformed line: no \"text\" field"),
-        "{err}"
-    );
+    assert!(err.contains("data.jsonl:2: malformed line: no \"text\" field"), "{err}");
     let err = data_error("{\"text\": \"a\"}\n{\"text\": \"b\"}\n", "");
     assert!(err.contains("fewer than one batch"), "{err}");
 }
@@ -913,10 +635,7 @@ fn bad_lines_can_be_skipped_and_are_counted() {
     s.micro("");
     let mut text = fs::read_to_string(s.path().join("micro.toml")).unwrap();
     text = text
-        .replace(
-            "max_seq_len = 32",
-            "max_seq_len = 32\nskip_bad_lines = true",
-        )
+        .replace("max_seq_len = 32", "max_seq_len = 32\nskip_bad_lines = true")
         .replace("max_steps = 12", "max_steps = 2");
     fs::write(s.path().join("micro.toml"), text).unwrap();
     expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
@@ -929,22 +648,11 @@ fn bad_tokenizer_and_sequence_length() {
     s.write("tok.json", "{ not a tokenizer");
     s.micro("");
     let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
-    assert!(
-        stderr(&o).contains("cannot load tokenizer"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("cannot load tokenizer"), "{}", stderr(&o));
     let s = Scratch::new();
     s.micro("");
-    let o = expect(
-        &mut run_quiet(s.path(), &["micro.toml", "--set", "data.max_seq_len=128"]),
-        2,
-    );
-    assert!(
-        stderr(&o).contains("above model.max_position_embeddings (64"),
-        "{}",
-        stderr(&o)
-    );
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "data.max_seq_len=128"]), 2);
+    assert!(stderr(&o).contains("above model.max_position_embeddings (64"), "{}", stderr(&o));
 }
 
 #[test]
@@ -952,22 +660,9 @@ fn a_runs_folder_that_cannot_be_created() {
     let s = Scratch::new();
     s.micro("");
     s.write("blocker", "a file, not a folder");
-    let o = expect(
-        &mut run_quiet(
-            s.path(),
-            &[
-                "micro.toml",
-                "--set",
-                "checkpoint.save_dir=\"blocker/runs\"",
-            ],
-        ),
-        1,
-    );
-    assert!(
-        stderr(&o).contains("cannot create the runs folder"),
-        "{}",
-        stderr(&o)
-    );
+    let o =
+        expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "checkpoint.save_dir=\"blocker/runs\""]), 1);
+    assert!(stderr(&o).contains("cannot create the runs folder"), "{}", stderr(&o));
 }
 
 #[test]
@@ -995,17 +690,11 @@ fn a_full_disk_during_a_checkpoint_keeps_the_previous_one() {
     s.micro("");
     let text = fs::read_to_string(s.path().join("micro.toml"))
         .unwrap()
-        .replace(
-            "keep_last = 2",
-            &format!("keep_last = 5\nsave_dir = \"{}\"", mnt.display()),
-        );
+        .replace("keep_last = 2", &format!("keep_last = 5\nsave_dir = \"{}\"", mnt.display()));
     fs::write(s.path().join("micro.toml"), text).unwrap();
     let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
     let err = stderr(&o);
-    assert!(
-        err.contains("writing checkpoint") && err.contains("No space left"),
-        "{err}"
-    );
+    assert!(err.contains("writing checkpoint") && err.contains("No space left"), "{err}");
     let run: PathBuf = fs::read_dir(&mnt)
         .unwrap()
         .flatten()
@@ -1013,27 +702,15 @@ fn a_full_disk_during_a_checkpoint_keeps_the_previous_one() {
         .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .unwrap();
     assert_eq!(meta(&run)["status"], "failed");
-    let complete: Vec<_> = fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let complete: Vec<_> =
+        fs::read_dir(run.join("checkpoints")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!complete.is_empty(), "an earlier checkpoint exists");
     assert!(
-        complete
-            .iter()
-            .all(|n| !n.to_string_lossy().starts_with('.')),
+        complete.iter().all(|n| !n.to_string_lossy().starts_with('.')),
         "no partial checkpoint left: {complete:?}"
     );
     // With room again, the run resumes from the last complete checkpoint and finishes.
-    assert!(
-        Command::new("mount")
-            .args(["-o", "remount,size=64m"])
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("mount").args(["-o", "remount,size=64m"]).arg(&mnt).status().unwrap().success());
     let o = expect(minimind(s.path()).arg("resume").arg(&run).arg("--quiet"), 0);
     assert!(stdout(&o).contains("resuming from"), "{}", stdout(&o));
 }
@@ -1054,54 +731,56 @@ fn eval_reproduces_the_pytorch_loss_of_a_fixture() {
     );
     let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let want = expected["lm_loss"].as_f64().unwrap();
-    assert!(
-        (ev["loss"].as_f64().unwrap() - want).abs() < 1e-5,
-        "{ev} vs {want}"
-    );
+    assert!((ev["loss"].as_f64().unwrap() - want).abs() < 1e-5, "{ev} vs {want}");
 }
 
 #[test]
 fn a_sweep_runs_every_point_in_its_own_folder() {
     let s = Scratch::new();
-    s.micro("[sweep]\ngrid = { \"train.learning_rate\" = [1e-3, 3e-3], \"model.use_moe\" = [false, true] }\n");
-    let text = fs::read_to_string(s.path().join("micro.toml"))
-        .unwrap()
-        .replace("max_steps = 12", "max_steps = 2");
+    s.micro(
+        "[sweep]\ngrid = { \"train.learning_rate\" = [1e-3, 3e-3], \"model.use_moe\" = [false, true] }\n",
+    );
+    let text =
+        fs::read_to_string(s.path().join("micro.toml")).unwrap().replace("max_steps = 12", "max_steps = 2");
     fs::write(s.path().join("micro.toml"), text).unwrap();
     expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
-    let names: Vec<String> = s
-        .runs()
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
-        .collect();
+    let names: Vec<String> =
+        s.runs().iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect();
     assert_eq!(names.len(), 4, "{names:?}");
-    for tag in [
-        "moe=0,lr=1e-3",
-        "moe=0,lr=3e-3",
-        "moe=1,lr=1e-3",
-        "moe=1,lr=3e-3",
-    ] {
-        assert!(
-            names.iter().any(|n| n.ends_with(&format!("-micro-{tag}"))),
-            "{tag} in {names:?}"
-        );
+    for tag in ["moe=0,lr=1e-3", "moe=0,lr=3e-3", "moe=1,lr=1e-3", "moe=1,lr=3e-3"] {
+        assert!(names.iter().any(|n| n.ends_with(&format!("-micro-{tag}"))), "{tag} in {names:?}");
     }
-    let moe_run = s
-        .runs()
-        .into_iter()
-        .find(|p| p.to_string_lossy().ends_with("moe=1,lr=3e-3"))
-        .unwrap();
+    let moe_run = s.runs().into_iter().find(|p| p.to_string_lossy().ends_with("moe=1,lr=3e-3")).unwrap();
     let m = meta(&moe_run);
     assert_eq!(m["sweep_tag"], "moe=1,lr=3e-3");
     let rows = fs::read_to_string(moe_run.join("metrics.csv")).unwrap();
-    let aux: f64 = rows
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .nth(5)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let aux: f64 = rows.lines().nth(1).unwrap().split(',').nth(5).unwrap().parse().unwrap();
     assert!(aux > 0.0, "MoE points report an aux loss");
+}
+
+#[test]
+fn from_weight_starts_a_new_run_from_an_export() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let first = s.runs()[0].clone();
+    let model = first.join("model");
+    let set = format!("checkpoint.from_weight=\"{}\"", model.display());
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--set", &set]), 0);
+    let second = s.runs()[1].clone();
+    let first_loss = |run: &Path| -> f64 {
+        let rows = fs::read_to_string(run.join("metrics.csv")).unwrap();
+        rows.lines().nth(1).unwrap().split(',').nth(3).unwrap().parse().unwrap()
+    };
+    assert!(
+        first_loss(&second) < first_loss(&first) - 0.05,
+        "trained weights start lower: {} vs {}",
+        first_loss(&second),
+        first_loss(&first)
+    );
+    let o = expect(
+        &mut run_quiet(s.path(), &["micro.toml", "--set", &set, "--set", "model.num_hidden_layers=2"]),
+        1,
+    );
+    assert!(stderr(&o).contains("model.num_hidden_layers (1 in the weights, 2 now)"), "{}", stderr(&o));
 }

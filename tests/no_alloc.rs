@@ -40,36 +40,19 @@ fn count() {
 static GLOBAL: Counting = Counting;
 
 fn allocations_per_step(use_moe: bool) -> usize {
-    let dir =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
     let mut cfg = hf::read_config(&dir.join("config.json")).unwrap();
     cfg.use_moe = use_moe;
     let (b, t) = (2, 48);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     pool.install(|| {
         let mut engine = Engine::new(Cpu::new(), cfg, b, t);
         engine.init_weights(1);
         let mut rng = SplitMix64::new(5);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
-        let targets: Vec<i32> = (0..b * t)
-            .map(|n| {
-                if n % t == t - 1 {
-                    -1
-                } else {
-                    ids[n + 1] as i32
-                }
-            })
-            .collect();
-        let optim = OptimConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            grad_clip: 1.0,
-        };
+        let targets: Vec<i32> =
+            (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
+        let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
         let step = |engine: &mut Engine<Cpu>| {
             engine.zero_grads();
             engine.forward_backward(&ids, &targets, 1.0);
@@ -82,10 +65,7 @@ fn allocations_per_step(use_moe: bool) -> usize {
         for _ in 0..3 {
             step(&mut engine);
         }
-        assert!(
-            ALL.load(Ordering::SeqCst) > all_before,
-            "the counter saw gemm's allocations"
-        );
+        assert!(ALL.load(Ordering::SeqCst) > all_before, "the counter saw gemm's allocations");
         ALLOCS.load(Ordering::SeqCst) - before
     })
 }

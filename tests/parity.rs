@@ -9,9 +9,7 @@ use minimind::engine::{Engine, OptimConfig, hf};
 use safetensors::{Dtype, SafeTensors};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(name)
 }
 
 fn tensors(path: &Path) -> Vec<u8> {
@@ -21,20 +19,13 @@ fn tensors(path: &Path) -> Vec<u8> {
 fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
     let v = st.tensor(name).unwrap();
     assert_eq!(v.dtype(), Dtype::F32);
-    v.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 fn i64s(st: &SafeTensors<'_>, name: &str) -> (Vec<i64>, Vec<usize>) {
     let v = st.tensor(name).unwrap();
     assert_eq!(v.dtype(), Dtype::I64);
-    let data = v
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let data = v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
     (data, v.shape().to_vec())
 }
 
@@ -66,17 +57,10 @@ fn load(name: &str) -> Fixture {
     let (b, t) = (shape[0], shape[1]);
     // Row n predicts the label of the next position; the last position predicts nothing.
     let targets: Vec<i32> = (0..b * t)
-        .map(|n| {
-            if n % t == t - 1 || labels[n + 1] < 0 {
-                -1
-            } else {
-                labels[n + 1] as i32
-            }
-        })
+        .map(|n| if n % t == t - 1 || labels[n + 1] < 0 { -1 } else { labels[n + 1] as i32 })
         .collect();
     let mut engine = Engine::new(Cpu::new(), cfg, b, t);
-    let weights =
-        hf::read_weights(&tensors(&dir.join("model.safetensors")), &engine.layout).unwrap();
+    let weights = hf::read_weights(&tensors(&dir.join("model.safetensors")), &engine.layout).unwrap();
     engine.set_params(&weights);
     let expected =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
@@ -92,13 +76,7 @@ fn load(name: &str) -> Fixture {
 }
 
 fn optim() -> OptimConfig {
-    OptimConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        grad_clip: 1.0,
-    }
+    OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 }
 }
 
 fn check(name: &str) {
@@ -115,22 +93,14 @@ fn check(name: &str) {
     f.engine.zero_grads();
     let losses = f.engine.forward_backward(&f.ids, &f.targets, 1.0);
     println!("{name}: lm {:.10} aux {:.10}", losses.lm, losses.aux);
-    assert!(
-        (losses.lm - num("lm_loss")).abs() < 1e-5,
-        "{name}: lm loss {} vs {}",
-        losses.lm,
-        num("lm_loss")
-    );
+    assert!((losses.lm - num("lm_loss")).abs() < 1e-5, "{name}: lm loss {} vs {}", losses.lm, num("lm_loss"));
     assert!(
         (losses.aux - num("aux_loss")).abs() < 1e-5,
         "{name}: aux loss {} vs {}",
         losses.aux,
         num("aux_loss")
     );
-    assert!(
-        (losses.lm + losses.aux - num("loss")).abs() < 1e-5,
-        "{name}: total loss"
-    );
+    assert!((losses.lm + losses.aux - num("loss")).abs() < 1e-5, "{name}: total loss");
 
     let grads_bytes = tensors(&f.dir.join("grads.safetensors"));
     let grads = SafeTensors::deserialize(&grads_bytes).unwrap();
@@ -146,10 +116,7 @@ fn check(name: &str) {
     println!("{name}: worst gradient rel {:.2e} ({})", worst.0, worst.1);
     let norm = f.engine.grad_norm();
     let want = num("grad_norm_before_clip");
-    assert!(
-        ((norm - want) / want).abs() < 1e-5,
-        "{name}: grad norm {norm} vs {want}"
-    );
+    assert!(((norm - want) / want).abs() < 1e-5, "{name}: grad norm {norm} vs {want}");
 
     f.engine.optimizer_step(5e-4, &optim());
     let after_bytes = tensors(&f.dir.join("after_step.safetensors"));
@@ -166,38 +133,24 @@ fn check(name: &str) {
         // Per tensor, f32 cannot do much better than 1e-5: AdamW's first step moves each
         // weight by lr * g / (|g| + eps), so an element whose gradient is ~eps (a 1e-8
         // residue of cancellation) moves by an amount set by f32 rounding noise.
-        assert!(
-            r < 1e-4,
-            "{name}: weight {} after one step, rel error {r:e}",
-            t.name
-        );
+        assert!(r < 1e-4, "{name}: weight {} after one step, rel error {r:e}", t.name);
     }
     let r = rel(&params, &reference);
-    println!(
-        "{name}: weights after one step rel {r:.2e} (worst tensor {:.2e}, {})",
-        worst.0, worst.1
-    );
+    println!("{name}: weights after one step rel {r:.2e} (worst tensor {:.2e}, {})", worst.0, worst.1);
     assert!(r < 1e-5, "{name}: weights after one step, rel error {r:e}");
 
     // Five AdamW steps on the same batch from the original weights.
     let (b, t) = f.engine.batch_capacity();
     let mut engine = Engine::new(Cpu::new(), f.engine.config.clone(), b, t);
     engine.set_params(&f.initial);
-    let trajectory: Vec<f64> = e["loss_trajectory_same_batch"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let trajectory: Vec<f64> =
+        e["loss_trajectory_same_batch"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     for (step, want) in trajectory.iter().enumerate() {
         engine.zero_grads();
         let l = engine.forward_backward(&f.ids, &f.targets, 1.0);
         let got = l.lm + l.aux;
         println!("{name}: step {step} loss {got:.8} want {want:.8}");
-        assert!(
-            (got - want).abs() < 1e-4,
-            "{name}: step {step} loss {got} vs {want}"
-        );
+        assert!((got - want).abs() < 1e-4, "{name}: step {step} loss {got} vs {want}");
         engine.optimizer_step(5e-4, &optim());
     }
 }
@@ -230,19 +183,8 @@ fn songci_tokenisation_matches_minimind() {
     for (row, line) in text.lines().take(b).enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let tokens = tok.encode(v["text"].as_str().unwrap()).unwrap();
-        minimind::data::encode_row(
-            &tokens,
-            t,
-            tok.bos,
-            tok.eos,
-            tok.pad,
-            &mut ids,
-            &mut targets,
-        );
-        let want_row: Vec<u32> = want[row * t..(row + 1) * t]
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
+        minimind::data::encode_row(&tokens, t, tok.bos, tok.eos, tok.pad, &mut ids, &mut targets);
+        let want_row: Vec<u32> = want[row * t..(row + 1) * t].iter().map(|&i| i as u32).collect();
         assert_eq!(ids, want_row, "row {row}");
     }
 }
@@ -250,10 +192,7 @@ fn songci_tokenisation_matches_minimind() {
 /// Losses and grad norms of a few training steps inside a pool of `threads`: a MoE model
 /// big enough that every matrix product is split across threads (hidden 256, N = 4 x 96).
 fn losses_with_threads(threads: usize) -> Vec<u64> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let mut cfg = hf::read_config(&fixture("moe_tiny").join("config.json")).unwrap();
         cfg.hidden_size = 256;
@@ -264,15 +203,8 @@ fn losses_with_threads(threads: usize) -> Vec<u64> {
         engine.init_weights(7);
         let mut rng = minimind::engine::SplitMix64::new(3);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
-        let targets: Vec<i32> = (0..b * t)
-            .map(|n| {
-                if n % t == t - 1 {
-                    -1
-                } else {
-                    ids[n + 1] as i32
-                }
-            })
-            .collect();
+        let targets: Vec<i32> =
+            (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
         (0..3)
             .flat_map(|_| {
                 engine.zero_grads();

@@ -9,11 +9,7 @@ pub enum Origin {
     /// A built-in default.
     Default,
     /// A position in an experiment file (1-based line and column).
-    File {
-        path: PathBuf,
-        line: usize,
-        col: usize,
-    },
+    File { path: PathBuf, line: usize, col: usize },
     /// A whole file, position unknown.
     FileOnly(PathBuf),
     /// An environment variable, by name.
@@ -29,11 +25,7 @@ pub enum Origin {
 impl Origin {
     pub fn file_at(path: &Path, text: &str, offset: usize) -> Origin {
         let (line, col) = line_col(text, offset);
-        Origin::File {
-            path: path.to_path_buf(),
-            line,
-            col,
-        }
+        Origin::File { path: path.to_path_buf(), line, col }
     }
 }
 
@@ -80,12 +72,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(origin: Origin, key: Option<&str>, message: impl Into<String>) -> Self {
-        ConfigError {
-            origin,
-            key: key.map(str::to_string),
-            message: message.into(),
-            hint: None,
-        }
+        ConfigError { origin, key: key.map(str::to_string), message: message.into(), hint: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -96,14 +83,8 @@ impl ConfigError {
 
 impl ConfigError {
     fn render(&self) -> String {
-        let key = self
-            .key
-            .as_ref()
-            .map_or(String::new(), |k| format!("`{k}`: "));
-        let hint = self
-            .hint
-            .as_ref()
-            .map_or(String::new(), |h| format!("\n  hint: {h}"));
+        let key = self.key.as_ref().map_or(String::new(), |k| format!("`{k}`: "));
+        let hint = self.hint.as_ref().map_or(String::new(), |h| format!("\n  hint: {h}"));
         format!("{}: {key}{}{hint}", self.origin, self.message)
     }
 }
@@ -115,13 +96,7 @@ mod tests {
     #[test]
     fn line_col_table() {
         let text = "a = 1\nbé = 2\n";
-        for (offset, want) in [
-            (0, (1, 1)),
-            (4, (1, 5)),
-            (6, (2, 1)),
-            (9, (2, 3)),
-            (99, (3, 1)),
-        ] {
+        for (offset, want) in [(0, (1, 1)), (4, (1, 5)), (6, (2, 1)), (9, (2, 3)), (99, (3, 1))] {
             assert_eq!(line_col(text, offset), want, "offset {offset}");
         }
     }

@@ -51,11 +51,7 @@ fn collect(root: &Value, node: &Value, prefix: &str, out: &mut Vec<String>) {
     match node.get("properties").and_then(Value::as_object) {
         Some(props) => {
             for (name, child) in props {
-                let key = if prefix.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{prefix}.{name}")
-                };
+                let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
                 collect(root, child, &key, out);
             }
         }
@@ -95,10 +91,8 @@ pub fn suggest(wrong: &str) -> Option<String> {
         return Some(k.clone());
     }
     // Same name in another section (`batch_size` at top level -> `train.batch_size`).
-    let elsewhere = candidates
-        .iter()
-        .map(|k| (score(&last_of(k), last), k))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let elsewhere =
+        candidates.iter().map(|k| (score(&last_of(k), last), k)).max_by(|a, b| a.0.total_cmp(&b.0));
     match elsewhere {
         Some((s, k)) if s >= 0.85 => Some(k.clone()),
         _ => None,

@@ -74,14 +74,8 @@ impl Layered {
     /// The folder of the file a key's value came from; relative paths are resolved against it
     /// (the current directory for defaults, environment and `--set`).
     pub fn base_dir_of(&self, key: &str) -> PathBuf {
-        match self
-            .figment
-            .find_metadata(key)
-            .and_then(|m| m.source.as_ref())
-        {
-            Some(figment::Source::File(path)) => {
-                path.parent().map(Path::to_path_buf).unwrap_or_default()
-            }
+        match self.figment.find_metadata(key).and_then(|m| m.source.as_ref()) {
+            Some(figment::Source::File(path)) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
             _ => PathBuf::from("."),
         }
     }
@@ -93,12 +87,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Merges the layers in the one order the project defines. `point` is a sweep point's
 /// values (empty outside sweeps).
-pub fn layer(
-    path: &Path,
-    env: &[Assign],
-    sets: &[Assign],
-    point: &[Assign],
-) -> Result<Layered, ConfigError> {
+pub fn layer(path: &Path, env: &[Assign], sets: &[Assign], point: &[Assign]) -> Result<Layered, ConfigError> {
     let files = read_chain(path)?;
     let mut figment = Figment::from(Serialized::defaults(ExperimentFile::default()));
     for file in &files {
@@ -113,12 +102,7 @@ pub fn layer(
         // Every layer was checked alone, so this is a bug rather than bad input; still report it.
         ConfigError::new(Origin::FileOnly(path.to_path_buf()), None, e.to_string())
     })?;
-    Ok(Layered {
-        figment,
-        merged,
-        files,
-        assigns,
-    })
+    Ok(Layered { figment, merged, files, assigns })
 }
 
 /// Reads the experiment file and every file it `extends`, checking each; base first.
@@ -128,9 +112,7 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
     let mut current = path.to_path_buf();
     let mut pointed_from: Option<Origin> = None;
     loop {
-        let read = current
-            .canonicalize()
-            .and_then(|c| Ok((std::fs::read_to_string(&c)?, c)));
+        let read = current.canonicalize().and_then(|c| Ok((std::fs::read_to_string(&c)?, c)));
         let (text, canonical) = read.map_err(|e| {
             let what = format!("cannot read experiment file {}: {e}", current.display());
             match &pointed_from {
@@ -139,10 +121,7 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
             }
         })?;
         if let Some(i) = seen.iter().position(|p| *p == canonical) {
-            let mut cycle: Vec<String> = chain[i..]
-                .iter()
-                .map(|f| f.path.display().to_string())
-                .collect();
+            let mut cycle: Vec<String> = chain[i..].iter().map(|f| f.path.display().to_string()).collect();
             cycle.push(current.display().to_string());
             return Err(ConfigError::new(
                 pointed_from.expect("a repeat is always reached through extends"),
@@ -153,10 +132,7 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
         let file = check_file(&current, &text)?;
         seen.push(canonical);
         let extends = file.extends.clone();
-        chain.push(FileText {
-            path: current.clone(),
-            text,
-        });
+        chain.push(FileText { path: current.clone(), text });
         match extends {
             Some(next) => {
                 let this = chain.last().expect("just pushed");
@@ -185,26 +161,13 @@ pub fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigError
     toml::from_str::<ExperimentFile>(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         let key = key_at_offset(doc.as_table(), "", offset);
-        ConfigError::new(
-            Origin::file_at(path, text, offset),
-            key.as_deref(),
-            e.message().trim(),
-        )
+        ConfigError::new(Origin::file_at(path, text, offset), key.as_deref(), e.message().trim())
     })
 }
 
-fn check_keys(
-    path: &Path,
-    text: &str,
-    table: &dyn TableLike,
-    prefix: &str,
-) -> Result<(), ConfigError> {
+fn check_keys(path: &Path, text: &str, table: &dyn TableLike, prefix: &str) -> Result<(), ConfigError> {
     for (k, item) in table.iter() {
-        let key = if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        };
+        let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
         let span = table.key(k).and_then(|k| k.span()).or_else(|| item.span());
         let origin = Origin::file_at(path, text, span.map_or(0, |s| s.start));
         if keys::is_leaf(&key) {
@@ -214,11 +177,7 @@ fn check_keys(
             match item.as_table_like() {
                 Some(inner) => check_keys(path, text, inner, &key)?,
                 None => {
-                    return Err(ConfigError::new(
-                        origin,
-                        Some(&key),
-                        "expected a table (a section)",
-                    ));
+                    return Err(ConfigError::new(origin, Some(&key), "expected a table (a section)"));
                 }
             }
             continue;
@@ -239,11 +198,7 @@ fn unknown_key(origin: Origin, key: &str, spell: impl Fn(&str) -> String) -> Con
 /// The dotted key whose value spans `offset`, deepest first.
 fn key_at_offset(table: &dyn TableLike, prefix: &str, offset: usize) -> Option<String> {
     for (k, item) in table.iter() {
-        let key = if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        };
+        let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
         if let Some(inner) = item.as_table_like()
             && let Some(found) = key_at_offset(inner, &key, offset)
         {
@@ -285,48 +240,28 @@ pub fn locate_parts(path: &Path, text: &str, parts: &[&str]) -> Option<Origin> {
 pub fn parse_set(arg: &str) -> Result<Assign, ConfigError> {
     let origin = Origin::Set(arg.to_string());
     let Some((key, raw)) = arg.split_once('=') else {
-        return Err(
-            ConfigError::new(origin, None, "expected `section.key=value`")
-                .hint("for example --set train.learning_rate=1e-3"),
-        );
+        return Err(ConfigError::new(origin, None, "expected `section.key=value`")
+            .hint("for example --set train.learning_rate=1e-3"));
     };
     let key = key.trim();
     let value = parse_value(raw.trim()).map_err(|e| {
-        ConfigError::new(
-            origin.clone(),
-            Some(key),
-            format!("invalid value `{raw}`: {e}"),
-        )
-        .hint("values use TOML syntax: 3, 1e-3, true, \"text\", [0.9, 0.95]")
+        ConfigError::new(origin.clone(), Some(key), format!("invalid value `{raw}`: {e}"))
+            .hint("values use TOML syntax: 3, 1e-3, true, \"text\", [0.9, 0.95]")
     })?;
-    Ok(Assign {
-        origin,
-        key: key.to_string(),
-        value,
-    })
+    Ok(Assign { origin, key: key.to_string(), value })
 }
 
 /// Reads `MINIMIND_<SECTION>__<KEY>` variables out of an environment listing.
-pub fn parse_env(
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<Assign>, ConfigError> {
+pub fn parse_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Vec<Assign>, ConfigError> {
     let mut out = Vec::new();
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
         let origin = Origin::Env(name.clone());
-        let key = rest
-            .to_ascii_lowercase()
-            .split("__")
-            .collect::<Vec<_>>()
-            .join(".");
+        let key = rest.to_ascii_lowercase().split("__").collect::<Vec<_>>().join(".");
         let value = parse_value(raw.trim()).map_err(|e| {
-            ConfigError::new(
-                origin.clone(),
-                Some(&key),
-                format!("invalid value `{raw}`: {e}"),
-            )
+            ConfigError::new(origin.clone(), Some(&key), format!("invalid value `{raw}`: {e}"))
         })?;
         out.push(Assign { origin, key, value });
     }
@@ -336,25 +271,15 @@ pub fn parse_env(
 
 /// The environment variable that sets a dotted key.
 pub fn env_name(key: &str) -> String {
-    format!(
-        "{ENV_PREFIX}{}",
-        key.to_ascii_uppercase().replace('.', "__")
-    )
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"))
 }
 
 fn parse_value(raw: &str) -> Result<toml::Value, String> {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => Ok(t.remove("v").expect("parsed key")),
         Err(e) => {
-            let bare = !raw.is_empty()
-                && raw
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || "-_./:+".contains(c));
-            if bare {
-                Ok(toml::Value::String(raw.to_string()))
-            } else {
-                Err(e.message().trim().to_string())
-            }
+            let bare = !raw.is_empty() && raw.chars().all(|c| c.is_alphanumeric() || "-_./:+".contains(c));
+            if bare { Ok(toml::Value::String(raw.to_string())) } else { Err(e.message().trim().to_string()) }
         }
     }
 }

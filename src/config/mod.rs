@@ -16,8 +16,7 @@ pub use error::{ConfigError, Origin};
 pub use file::ExperimentFile;
 pub use load::{Assign, Layered, env_name, parse_env, parse_set};
 pub use resolve::{
-    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, Resume, Schedule,
-    TrainConfig,
+    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, Resume, Schedule, TrainConfig,
 };
 pub use sweep::short_float;
 
@@ -36,11 +35,7 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
     let base = load::layer(path, env, sets, &[])?;
     let Some(sweep) = base.merged.sweep.clone() else {
         let config = resolve::resolve(&base)?;
-        return Ok(vec![PlannedRun {
-            tag: None,
-            config,
-            layered: base,
-        }]);
+        return Ok(vec![PlannedRun { tag: None, config, layered: base }]);
     };
     let sweep_file = base.origin_of("sweep");
     let locate = |section: &str, key: &str| {
@@ -51,26 +46,17 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
     for (section, axis) in [("grid", &sweep.grid), ("zip", &sweep.zip)] {
         for key in axis.keys() {
             if !keys::is_sweepable(key) {
-                let err = ConfigError::new(
-                    locate(section, key),
-                    Some(key),
-                    "cannot be swept: unknown key",
-                );
+                let err = ConfigError::new(locate(section, key), Some(key), "cannot be swept: unknown key");
                 return Err(match keys::suggest(key) {
                     Some(s) => err.hint(format!("did you mean `{s}`?")),
-                    None => {
-                        err.hint("sweep keys are dotted config keys such as train.learning_rate")
-                    }
+                    None => err.hint("sweep keys are dotted config keys such as train.learning_rate"),
                 });
             }
             if let Some(set) = sets.iter().find(|s| s.key == *key) {
                 return Err(ConfigError::new(
                     set.origin.clone(),
                     Some(key),
-                    format!(
-                        "this key is swept by {}; --set cannot override it",
-                        locate(section, key)
-                    ),
+                    format!("this key is swept by {}; --set cannot override it", locate(section, key)),
                 ));
             }
         }
@@ -79,11 +65,7 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
         .map_err(|e| ConfigError::new(locate(e.section, &e.key), Some(&e.key), e.message))?;
     if points.is_empty() {
         let config = resolve::resolve(&base)?;
-        return Ok(vec![PlannedRun {
-            tag: None,
-            config,
-            layered: base,
-        }]);
+        return Ok(vec![PlannedRun { tag: None, config, layered: base }]);
     }
     let sweep_path = base.path().to_path_buf();
     points
@@ -93,21 +75,14 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
                 .values
                 .iter()
                 .map(|(key, value)| Assign {
-                    origin: Origin::Sweep {
-                        path: sweep_path.clone(),
-                        tag: point.tag.clone(),
-                    },
+                    origin: Origin::Sweep { path: sweep_path.clone(), tag: point.tag.clone() },
                     key: key.clone(),
                     value: value.clone(),
                 })
                 .collect();
             let layered = load::layer(path, env, sets, &assigns)?;
             let config = resolve::resolve(&layered)?;
-            Ok(PlannedRun {
-                tag: Some(point.tag),
-                config,
-                layered,
-            })
+            Ok(PlannedRun { tag: Some(point.tag), config, layered })
         })
         .collect()
 }
@@ -123,11 +98,7 @@ pub fn render(config: &Config, layered: Option<&Layered>) -> String {
             section = name.to_string();
             out.push_str(line);
         } else if let Some((k, _)) = line.split_once(" = ") {
-            let key = if section.is_empty() {
-                k.to_string()
-            } else {
-                format!("{section}.{k}")
-            };
+            let key = if section.is_empty() { k.to_string() } else { format!("{section}.{k}") };
             let origin = if section == "derived" || key == "model.head_dim" {
                 Origin::Derived
             } else {

@@ -60,15 +60,11 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> u64 {
         let c = self.hidden_size as u64;
         let d = self.head_dim as u64;
-        let (h, g) = (
-            self.num_attention_heads as u64,
-            self.num_key_value_heads as u64,
-        );
+        let (h, g) = (self.num_attention_heads as u64, self.num_key_value_heads as u64);
         let ffn = 3 * c * self.intermediate_size as u64;
         let attn = c * h * d * 2 + c * g * d * 2;
         let mlp = if self.use_moe {
-            (self.n_routed_experts + self.n_shared_experts) as u64 * ffn
-                + self.n_routed_experts as u64 * c
+            (self.n_routed_experts + self.n_shared_experts) as u64 * ffn + self.n_routed_experts as u64 * c
         } else {
             ffn
         };
@@ -119,24 +115,16 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
     let f = &l.merged;
     let err = |key: &str, msg: String| ConfigError::new(l.origin_of(key), Some(key), msg);
     let positive = |key: &str, v: usize| {
-        if v == 0 {
-            Err(err(key, "must be greater than 0".into()))
-        } else {
-            Ok(())
-        }
+        if v == 0 { Err(err(key, "must be greater than 0".into())) } else { Ok(()) }
     };
 
     let name = f.name.trim().to_string();
     let name_ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !name.starts_with('.');
     if !name_ok {
-        return Err(
-            err("name", format!("`{name}` is not usable in a folder name"))
-                .hint("use letters, digits, '-', '_' and '.'"),
-        );
+        return Err(err("name", format!("`{name}` is not usable in a folder name"))
+            .hint("use letters, digits, '-', '_' and '.'"));
     }
 
     let model = resolve_model(&f.model, l)?;
@@ -162,40 +150,22 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
         positive("train.max_steps", steps)?;
     }
     if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-        return Err(err(
-            "train.learning_rate",
-            format!("{} must be a positive number", t.learning_rate),
-        ));
+        return Err(err("train.learning_rate", format!("{} must be a positive number", t.learning_rate)));
     }
     if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-        return Err(err(
-            "train.weight_decay",
-            format!("{} must be >= 0", t.weight_decay),
-        ));
+        return Err(err("train.weight_decay", format!("{} must be >= 0", t.weight_decay)));
     }
     if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-        return Err(err(
-            "train.betas",
-            format!("{:?}: each beta must be in [0, 1)", t.betas),
-        ));
+        return Err(err("train.betas", format!("{:?}: each beta must be in [0, 1)", t.betas)));
     }
     if !(t.eps.is_finite() && t.eps > 0.0) {
-        return Err(err(
-            "train.eps",
-            format!("{} must be a positive number", t.eps),
-        ));
+        return Err(err("train.eps", format!("{} must be a positive number", t.eps)));
     }
     if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
-        return Err(err(
-            "train.grad_clip",
-            format!("{} must be >= 0 (0 disables clipping)", t.grad_clip),
-        ));
+        return Err(err("train.grad_clip", format!("{} must be >= 0 (0 disables clipping)", t.grad_clip)));
     }
     if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-        return Err(err(
-            "train.min_lr_ratio",
-            format!("{} must be in [0, 1]", t.min_lr_ratio),
-        ));
+        return Err(err("train.min_lr_ratio", format!("{} must be in [0, 1]", t.min_lr_ratio)));
     }
 
     let c = &f.checkpoint;
@@ -219,15 +189,7 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
         parameters: model.parameter_count(),
         tokens_per_step: (t.batch_size * t.accumulation_steps * data.max_seq_len) as u64,
     };
-    Ok(Config {
-        name,
-        seed: f.seed,
-        model,
-        data,
-        train: t.clone(),
-        checkpoint,
-        derived,
-    })
+    Ok(Config { name, seed: f.seed, model, data, train: t.clone(), checkpoint, derived })
 }
 
 fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigError> {
@@ -259,9 +221,7 @@ fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigErr
     if !head_dim.is_multiple_of(2) {
         return Err(err(
             "model.num_attention_heads",
-            format!(
-                "head_dim = hidden_size / num_attention_heads = {head_dim} must be even for RoPE"
-            ),
+            format!("head_dim = hidden_size / num_attention_heads = {head_dim} must be even for RoPE"),
         ));
     }
     if !m.num_attention_heads.is_multiple_of(m.num_key_value_heads) {
@@ -275,33 +235,20 @@ fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigErr
             ),
         ));
     }
-    let intermediate_size = m
-        .intermediate_size
-        .unwrap_or_else(|| ModelConfig::default_intermediate(m.hidden_size));
+    let intermediate_size =
+        m.intermediate_size.unwrap_or_else(|| ModelConfig::default_intermediate(m.hidden_size));
     if intermediate_size == 0 {
-        return Err(err(
-            "model.intermediate_size",
-            "must be greater than 0".into(),
-        ));
+        return Err(err("model.intermediate_size", "must be greater than 0".into()));
     }
     if !(m.rope_theta.is_finite() && m.rope_theta > 0.0) {
-        return Err(err(
-            "model.rope_theta",
-            format!("{} must be a positive number", m.rope_theta),
-        ));
+        return Err(err("model.rope_theta", format!("{} must be a positive number", m.rope_theta)));
     }
     if !(m.rms_norm_eps.is_finite() && m.rms_norm_eps > 0.0) {
-        return Err(err(
-            "model.rms_norm_eps",
-            format!("{} must be a positive number", m.rms_norm_eps),
-        ));
+        return Err(err("model.rms_norm_eps", format!("{} must be a positive number", m.rms_norm_eps)));
     }
     if m.use_moe {
         if m.n_routed_experts == 0 {
-            return Err(err(
-                "model.n_routed_experts",
-                "must be greater than 0 with use_moe".into(),
-            ));
+            return Err(err("model.n_routed_experts", "must be greater than 0 with use_moe".into()));
         }
         if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.n_routed_experts {
             return Err(err(
@@ -315,10 +262,7 @@ fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigErr
             ));
         }
         if !(m.aux_loss_alpha.is_finite() && m.aux_loss_alpha >= 0.0) {
-            return Err(err(
-                "model.aux_loss_alpha",
-                format!("{} must be >= 0", m.aux_loss_alpha),
-            ));
+            return Err(err("model.aux_loss_alpha", format!("{} must be >= 0", m.aux_loss_alpha)));
         }
     }
     Ok(ModelConfig {
@@ -347,10 +291,7 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigError>
         return Err(ConfigError::new(
             l.origin_of("data.max_seq_len"),
             Some("data.max_seq_len"),
-            format!(
-                "{} is too short: a row needs at least bos and eos",
-                d.max_seq_len
-            ),
+            format!("{} is too short: a row needs at least bos and eos", d.max_seq_len),
         ));
     }
     Ok(DataConfig {

@@ -58,23 +58,13 @@ pub fn expand(
                 return Err(SweepError {
                     section: "zip",
                     key: key.clone(),
-                    message: format!(
-                        "has {} values but the other zip lists have {len}",
-                        list.len()
-                    ),
+                    message: format!("has {} values but the other zip lists have {len}", list.len()),
                 });
             }
             columns.push((key.clone(), convert("zip", key, list)?));
         }
         axes.push(
-            (0..len)
-                .map(|i| {
-                    columns
-                        .iter()
-                        .map(|(k, vs)| (k.clone(), vs[i].clone()))
-                        .collect()
-                })
-                .collect(),
+            (0..len).map(|i| columns.iter().map(|(k, vs)| (k.clone(), vs[i].clone())).collect()).collect(),
         );
     }
     if axes.is_empty() {
@@ -92,22 +82,12 @@ pub fn expand(
         }
         points = next;
     }
-    Ok(points
-        .into_iter()
-        .map(|values| Point {
-            tag: tag(&values),
-            values,
-        })
-        .collect())
+    Ok(points.into_iter().map(|values| Point { tag: tag(&values), values }).collect())
 }
 
 /// `lr=1e-3,moe=1`: short key names, compact values.
 pub fn tag(values: &[(String, toml::Value)]) -> String {
-    values
-        .iter()
-        .map(|(k, v)| format!("{}={}", short_key(k), short_value(v)))
-        .collect::<Vec<_>>()
-        .join(",")
+    values.iter().map(|(k, v)| format!("{}={}", short_key(k), short_value(v))).collect::<Vec<_>>().join(",")
 }
 
 fn short_key(key: &str) -> String {
@@ -158,52 +138,29 @@ mod tests {
     use serde_json::json;
 
     fn map(items: &[(&str, serde_json::Value)]) -> BTreeMap<String, Vec<serde_json::Value>> {
-        items
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_array().unwrap().clone()))
-            .collect()
+        items.iter().map(|(k, v)| (k.to_string(), v.as_array().unwrap().clone())).collect()
     }
 
     #[test]
     fn grid_is_a_cartesian_product_in_sorted_key_order() {
-        let grid = map(&[
-            ("train.learning_rate", json!([3e-4, 1e-3])),
-            ("model.use_moe", json!([false, true])),
-        ]);
+        let grid =
+            map(&[("train.learning_rate", json!([3e-4, 1e-3])), ("model.use_moe", json!([false, true]))]);
         let points = expand(&grid, &BTreeMap::new()).unwrap();
         let tags: Vec<&str> = points.iter().map(|p| p.tag.as_str()).collect();
-        assert_eq!(
-            tags,
-            [
-                "moe=0,lr=3e-4",
-                "moe=0,lr=1e-3",
-                "moe=1,lr=3e-4",
-                "moe=1,lr=1e-3"
-            ]
-        );
-        assert_eq!(
-            points[3].values[1],
-            ("train.learning_rate".into(), toml::Value::Float(1e-3))
-        );
+        assert_eq!(tags, ["moe=0,lr=3e-4", "moe=0,lr=1e-3", "moe=1,lr=3e-4", "moe=1,lr=1e-3"]);
+        assert_eq!(points[3].values[1], ("train.learning_rate".into(), toml::Value::Float(1e-3)));
     }
 
     #[test]
     fn zip_pairs_values_and_multiplies_the_grid() {
         let grid = map(&[("seed", json!([1, 2]))]);
-        let zip = map(&[
-            ("model.hidden_size", json!([64, 128])),
-            ("model.num_attention_heads", json!([4, 8])),
-        ]);
+        let zip =
+            map(&[("model.hidden_size", json!([64, 128])), ("model.num_attention_heads", json!([4, 8]))]);
         let points = expand(&grid, &zip).unwrap();
         let tags: Vec<&str> = points.iter().map(|p| p.tag.as_str()).collect();
         assert_eq!(
             tags,
-            [
-                "seed=1,h=64,heads=4",
-                "seed=1,h=128,heads=8",
-                "seed=2,h=64,heads=4",
-                "seed=2,h=128,heads=8"
-            ]
+            ["seed=1,h=64,heads=4", "seed=1,h=128,heads=8", "seed=2,h=64,heads=4", "seed=2,h=128,heads=8"]
         );
     }
 
@@ -215,23 +172,14 @@ mod tests {
         let zip = map(&[("seed", json!([1, 2])), ("train.batch_size", json!([4]))]);
         let e = expand(&BTreeMap::new(), &zip).unwrap_err();
         assert!(e.message.contains("has 1 values"), "{e:?}");
-        assert!(
-            expand(&BTreeMap::new(), &BTreeMap::new())
-                .unwrap()
-                .is_empty()
-        );
+        assert!(expand(&BTreeMap::new(), &BTreeMap::new()).unwrap().is_empty());
     }
 
     #[test]
     fn float_formatting_table() {
-        for (f, want) in [
-            (1e-3, "1e-3"),
-            (3e-4, "3e-4"),
-            (0.5, "0.5"),
-            (3.0, "3"),
-            (0.02, "0.02"),
-            (1e6, "1e6"),
-        ] {
+        for (f, want) in
+            [(1e-3, "1e-3"), (3e-4, "3e-4"), (0.5, "0.5"), (3.0, "3"), (0.02, "0.02"), (1e6, "1e6")]
+        {
             assert_eq!(short_float(f), want);
         }
     }

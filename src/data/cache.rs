@@ -75,9 +75,7 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -100,23 +98,12 @@ pub fn open_or_build(
     let tok_sha = sha256_file(tok_path)?;
     let key = {
         let mut h = Sha256::new();
-        h.update(format!(
-            "{FORMAT}|{data_sha}|{tok_sha}|skip={skip_bad_lines}"
-        ));
+        h.update(format!("{FORMAT}|{data_sha}|{tok_sha}|skip={skip_bad_lines}"));
         hex(&h.finalize())
     };
     let dir = cache_root.join(format!("tokens-{}", &key[..16]));
     if !dir.join("info.json").is_file() {
-        build(
-            data,
-            tok,
-            skip_bad_lines,
-            threads,
-            &dir,
-            &data_sha,
-            &tok_sha,
-            quiet,
-        )?;
+        build(data, tok, skip_bad_lines, threads, &dir, &data_sha, &tok_sha, quiet)?;
     }
     open(&dir)
 }
@@ -125,8 +112,7 @@ fn open(dir: &Path) -> Result<TokenCache> {
     let info: CacheInfo = serde_json::from_str(&fs::read_to_string(dir.join("info.json"))?)
         .with_context(|| format!("reading token cache {}", dir.display()))?;
     let map = |name: &str| -> Result<Option<Mmap>> {
-        let f =
-            File::open(dir.join(name)).with_context(|| format!("token cache {}", dir.display()))?;
+        let f = File::open(dir.join(name)).with_context(|| format!("token cache {}", dir.display()))?;
         if f.metadata()?.len() == 0 {
             return Ok(None);
         }
@@ -136,16 +122,9 @@ fn open(dir: &Path) -> Result<TokenCache> {
     let tokens = map("tokens.bin")?;
     let offsets = map("offsets.bin")?.context("token cache without offsets")?;
     if offsets.len() != (info.documents as usize + 1) * 8 {
-        bail!(
-            "token cache {} is damaged (offsets); delete it to rebuild",
-            dir.display()
-        );
+        bail!("token cache {} is damaged (offsets); delete it to rebuild", dir.display());
     }
-    Ok(TokenCache {
-        info,
-        tokens,
-        offsets,
-    })
+    Ok(TokenCache { info, tokens, offsets })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -160,8 +139,7 @@ fn build(
     quiet: bool,
 ) -> Result<()> {
     let parent = dir.parent().expect("cache dir has a parent");
-    fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create cache folder {}", parent.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create cache folder {}", parent.display()))?;
     let tmp = parent.join(format!(
         ".building-{}-{}",
         std::process::id(),
@@ -169,16 +147,7 @@ fn build(
     ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp)?;
-    let result = write_cache(
-        data,
-        tok,
-        skip_bad_lines,
-        threads,
-        &tmp,
-        data_sha,
-        tok_sha,
-        quiet,
-    );
+    let result = write_cache(data, tok, skip_bad_lines, threads, &tmp, data_sha, tok_sha, quiet);
     match result {
         Ok(()) => match fs::rename(&tmp, dir) {
             Ok(()) => Ok(()),
@@ -198,8 +167,7 @@ fn build(
 
 /// Why a line is unusable.
 fn parse_line(line: &str) -> std::result::Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     match v.get("text") {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(_) => Err("\"text\" is not a string".into()),
@@ -219,23 +187,16 @@ fn write_cache(
     quiet: bool,
 ) -> Result<()> {
     let width = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
-    let file =
-        File::open(data).with_context(|| format!("cannot open data file {}", data.display()))?;
+    let file = File::open(data).with_context(|| format!("cannot open data file {}", data.display()))?;
     let total_bytes = file.metadata()?.len();
     let mut reader = BufReader::new(file);
     let mut tokens_out = BufWriter::new(File::create(tmp.join("tokens.bin"))?);
     let mut offsets_out = BufWriter::new(File::create(tmp.join("offsets.bin"))?);
     offsets_out.write_all(&0u64.to_le_bytes())?;
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total_bytes)
-    };
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_bytes) };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "tokenising {bar:30} {bytes}/{total_bytes} ({eta})",
-        )
-        .expect("valid template"),
+        indicatif::ProgressStyle::with_template("tokenising {bar:30} {bytes}/{total_bytes} ({eta})")
+            .expect("valid template"),
     );
     let pool = crate::train::thread_pool(threads)?;
     let (mut docs, mut ntok, mut skipped, mut lineno) = (0u64, 0u64, 0u64, 0usize);
@@ -263,10 +224,7 @@ fn write_cache(
             chunk
                 .par_iter()
                 .map(|(no, line)| {
-                    (
-                        *no,
-                        parse_line(line).and_then(|t| tok.encode(&t).map_err(|e| e.to_string())),
-                    )
+                    (*no, parse_line(line).and_then(|t| tok.encode(&t).map_err(|e| e.to_string())))
                 })
                 .collect()
         });
@@ -300,21 +258,11 @@ fn write_cache(
         bail!(
             "data file {} has no documents (it is empty{})",
             data.display(),
-            if skipped > 0 {
-                " after skipping bad lines"
-            } else {
-                ""
-            }
+            if skipped > 0 { " after skipping bad lines" } else { "" }
         );
     }
-    tokens_out
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    offsets_out
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
+    tokens_out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    offsets_out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let info = CacheInfo {
         format: FORMAT,
         source: data.to_path_buf(),

@@ -62,15 +62,8 @@ impl Dataset {
         } else {
             cache.documents()
         };
-        let ds = Dataset {
-            cache,
-            t,
-            packing: cfg.packing,
-            bos: tok.bos,
-            eos: tok.eos,
-            pad: tok.pad,
-            samples,
-        };
+        let ds =
+            Dataset { cache, t, packing: cfg.packing, bos: tok.bos, eos: tok.eos, pad: tok.pad, samples };
         Ok((ds, tok))
     }
 
@@ -96,11 +89,7 @@ impl Dataset {
         let stream_start = |d: usize| self.cache.offset(d) + d;
         while hi - lo > 1 {
             let mid = (lo + hi) / 2;
-            if stream_start(mid) <= start {
-                lo = mid
-            } else {
-                hi = mid
-            }
+            if stream_start(mid) <= start { lo = mid } else { hi = mid }
         }
         let (mut doc, mut within) = (lo, start - stream_start(lo));
         let mut filled = 0;
@@ -144,14 +133,7 @@ impl Batches {
                 "the data has {samples} row(s), fewer than one batch of train.batch_size = {b}\n  hint: lower train.batch_size or add data"
             );
         }
-        Ok(Batches {
-            seed,
-            b,
-            samples,
-            epoch: None,
-            order: Vec::new(),
-            scratch: Vec::new(),
-        })
+        Ok(Batches { seed, b, samples, epoch: None, order: Vec::new(), scratch: Vec::new() })
     }
 
     /// Micro-batches per epoch.
@@ -160,13 +142,7 @@ impl Batches {
     }
 
     /// Fills the micro-batch at `cursor` and advances it.
-    pub fn next(
-        &mut self,
-        ds: &Dataset,
-        cursor: &mut Cursor,
-        ids: &mut [u32],
-        targets: &mut [i32],
-    ) {
+    pub fn next(&mut self, ds: &Dataset, cursor: &mut Cursor, ids: &mut [u32], targets: &mut [i32]) {
         if cursor.batch >= self.per_epoch() {
             cursor.epoch += 1;
             cursor.batch = 0;

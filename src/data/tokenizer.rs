@@ -21,16 +21,9 @@ impl Tok {
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("cannot load tokenizer {}", path.display()))?;
         let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| anyhow!("tokenizer {} has no {t} token", path.display()))
+            inner.token_to_id(t).ok_or_else(|| anyhow!("tokenizer {} has no {t} token", path.display()))
         };
-        Ok(Tok {
-            bos: id("<|im_start|>")?,
-            eos: id("<|im_end|>")?,
-            pad: id("<|endoftext|>")?,
-            inner,
-        })
+        Ok(Tok { bos: id("<|im_start|>")?, eos: id("<|im_end|>")?, pad: id("<|endoftext|>")?, inner })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -39,17 +32,12 @@ impl Tok {
 
     /// Token ids of a text, without special tokens added (as MiniMind calls it).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("decoding: {e}"))
+        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
     }
 }
 
@@ -76,11 +64,7 @@ pub fn encode_row(
 pub fn targets_from_ids(ids: &[u32], pad: u32, targets: &mut [i32]) {
     let t = ids.len();
     for i in 0..t {
-        targets[i] = if i + 1 < t && ids[i + 1] != pad {
-            ids[i + 1] as i32
-        } else {
-            -1
-        };
+        targets[i] = if i + 1 < t && ids[i + 1] != pad { ids[i + 1] as i32 } else { -1 };
     }
 }
 

@@ -142,20 +142,13 @@ impl HfConfig {
     pub fn to_model(&self) -> Result<ModelConfig> {
         let h = self.num_attention_heads;
         if h == 0 || !self.hidden_size.is_multiple_of(h) {
-            bail!(
-                "hidden_size {} is not divisible by num_attention_heads {h}",
-                self.hidden_size
-            );
+            bail!("hidden_size {} is not divisible by num_attention_heads {h}", self.hidden_size);
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / h);
         if head_dim * h != self.hidden_size {
-            bail!(
-                "head_dim {head_dim} * num_attention_heads {h} != hidden_size {}",
-                self.hidden_size
-            );
+            bail!("head_dim {head_dim} * num_attention_heads {h} != hidden_size {}", self.hidden_size);
         }
-        if self.hidden_act != "silu" || self.scoring_func != "softmax" || !self.tie_word_embeddings
-        {
+        if self.hidden_act != "silu" || self.scoring_func != "softmax" || !self.tie_word_embeddings {
             bail!(
                 "unsupported model: hidden_act {:?}, scoring_func {:?}, tie_word_embeddings {} (need silu, softmax, true)",
                 self.hidden_act,
@@ -192,12 +185,9 @@ impl HfConfig {
 }
 
 pub fn read_config(path: &Path) -> Result<ModelConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let hf: HfConfig =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    hf.to_model()
-        .with_context(|| format!("in {}", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    hf.to_model().with_context(|| format!("in {}", path.display()))
 }
 
 pub fn config_json(m: &ModelConfig) -> String {
@@ -219,12 +209,7 @@ pub fn read_weights(bytes: &[u8], layout: &Layout) -> Result<Vec<f32>> {
             }
         };
         if view.shape() != t.shape.as_slice() {
-            bail!(
-                "tensor {} has shape {:?}, the model needs {:?}",
-                t.name,
-                view.shape(),
-                t.shape
-            );
+            bail!("tensor {} has shape {:?}, the model needs {:?}", t.name, view.shape(), t.shape);
         }
         decode(&view, &mut out[t.range.clone()]).with_context(|| format!("tensor {}", t.name))?;
     }
@@ -300,27 +285,20 @@ pub fn encode(
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
-        })
+        .map(|((name, shape, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, metadata)?)
 }
 
 /// The model's weights under their MiniMind names (no `lm_head.weight`: it is tied).
 pub fn encode_weights(layout: &Layout, params: &[f32]) -> Result<Vec<u8>> {
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = layout
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone(), &params[t.range.clone()]))
-        .collect();
+    let tensors: Vec<(String, Vec<usize>, &[f32])> =
+        layout.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), &params[t.range.clone()])).collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     encode(&tensors, Some(meta))
 }
@@ -331,13 +309,9 @@ mod tests {
 
     #[test]
     fn f16_table() {
-        for (bits, want) in [
-            (0x3c00u16, 1.0f32),
-            (0xc000, -2.0),
-            (0x3555, 0.333_251_95),
-            (0x0001, 5.960_464_5e-8),
-            (0, 0.0),
-        ] {
+        for (bits, want) in
+            [(0x3c00u16, 1.0f32), (0xc000, -2.0), (0x3555, 0.333_251_95), (0x0001, 5.960_464_5e-8), (0, 0.0)]
+        {
             assert_eq!(f16_to_f32(bits), want, "{bits:#x}");
         }
     }

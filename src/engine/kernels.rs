@@ -179,15 +179,7 @@ pub trait Kernels: Sync {
         accumulate: bool,
     );
     /// Row dot products: `out[n*k + j] = <dy[n], y[pos[n*k + j]]>`.
-    fn slot_dots(
-        &self,
-        out: &mut [f32],
-        dy: Self::V<'_>,
-        y: Self::V<'_>,
-        pos: &[u32],
-        k: usize,
-        c: usize,
-    );
+    fn slot_dots(&self, out: &mut [f32], dy: Self::V<'_>, y: Self::V<'_>, pos: &[u32], k: usize, c: usize);
     /// `out[pos[n*k + j]] = weights[n*k + j] * dy[n]`.
     #[allow(clippy::too_many_arguments)]
     fn spread_rows(

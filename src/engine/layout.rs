@@ -32,11 +32,7 @@ impl Ffn {
 #[derive(Clone, Debug)]
 pub enum Mlp {
     Dense(Ffn),
-    Moe {
-        router: Range<usize>,
-        experts: Vec<Ffn>,
-        shared: Vec<Ffn>,
-    },
+    Moe { router: Range<usize>, experts: Vec<Ffn>, shared: Vec<Ffn> },
 }
 
 #[derive(Clone, Debug)]
@@ -70,11 +66,7 @@ impl Builder {
         let len: usize = shape.iter().product();
         let range = self.next..self.next + len;
         self.next += len;
-        self.tensors.push(Tensor {
-            name,
-            shape: shape.to_vec(),
-            range: range.clone(),
-        });
+        self.tensors.push(Tensor { name, shape: shape.to_vec(), range: range.clone() });
         range
     }
 
@@ -90,66 +82,32 @@ impl Builder {
 impl Layout {
     pub fn new(m: &ModelConfig) -> Layout {
         let (c, i, d) = (m.hidden_size, m.intermediate_size, m.head_dim);
-        let mut b = Builder {
-            tensors: Vec::new(),
-            next: 0,
-        };
+        let mut b = Builder { tensors: Vec::new(), next: 0 };
         let embed = b.add("model.embed_tokens.weight".into(), &[m.vocab_size, c]);
         let mut layers = Vec::with_capacity(m.num_hidden_layers);
         for l in 0..m.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let ln1 = b.add(format!("{p}.input_layernorm.weight"), &[c]);
-            let q = b.add(
-                format!("{p}.self_attn.q_proj.weight"),
-                &[m.num_attention_heads * d, c],
-            );
-            let k = b.add(
-                format!("{p}.self_attn.k_proj.weight"),
-                &[m.num_key_value_heads * d, c],
-            );
-            let v = b.add(
-                format!("{p}.self_attn.v_proj.weight"),
-                &[m.num_key_value_heads * d, c],
-            );
-            let o = b.add(
-                format!("{p}.self_attn.o_proj.weight"),
-                &[c, m.num_attention_heads * d],
-            );
+            let q = b.add(format!("{p}.self_attn.q_proj.weight"), &[m.num_attention_heads * d, c]);
+            let k = b.add(format!("{p}.self_attn.k_proj.weight"), &[m.num_key_value_heads * d, c]);
+            let v = b.add(format!("{p}.self_attn.v_proj.weight"), &[m.num_key_value_heads * d, c]);
+            let o = b.add(format!("{p}.self_attn.o_proj.weight"), &[c, m.num_attention_heads * d]);
             let ln2 = b.add(format!("{p}.post_attention_layernorm.weight"), &[c]);
             let mlp = if m.use_moe {
                 let router = b.add(format!("{p}.mlp.gate.weight"), &[m.n_routed_experts, c]);
-                let experts = (0..m.n_routed_experts)
-                    .map(|e| b.ffn(&format!("{p}.mlp.experts.{e}"), c, i))
-                    .collect();
+                let experts =
+                    (0..m.n_routed_experts).map(|e| b.ffn(&format!("{p}.mlp.experts.{e}"), c, i)).collect();
                 let shared = (0..m.n_shared_experts)
                     .map(|s| b.ffn(&format!("{p}.mlp.shared_experts.{s}"), c, i))
                     .collect();
-                Mlp::Moe {
-                    router,
-                    experts,
-                    shared,
-                }
+                Mlp::Moe { router, experts, shared }
             } else {
                 Mlp::Dense(b.ffn(&format!("{p}.mlp"), c, i))
             };
-            layers.push(Layer {
-                ln1,
-                q,
-                k,
-                v,
-                o,
-                ln2,
-                mlp,
-            });
+            layers.push(Layer { ln1, q, k, v, o, ln2, mlp });
         }
         let norm = b.add("model.norm.weight".into(), &[c]);
-        Layout {
-            tensors: b.tensors,
-            embed,
-            norm,
-            layers,
-            total: b.next,
-        }
+        Layout { tensors: b.tensors, embed, norm, layers, total: b.next }
     }
 
     pub fn find(&self, name: &str) -> Option<&Tensor> {

@@ -92,10 +92,8 @@ impl<K: Kernels> Engine<K> {
                 continue;
             }
             let bound = 1.0 / (*t.shape.last().expect("2-d weight") as f32).sqrt();
-            let mut rng =
-                SplitMix64::new(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
-            dst.iter_mut()
-                .for_each(|v| *v = (rng.next_f32() * 2.0 - 1.0) * bound);
+            let mut rng = SplitMix64::new(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
+            dst.iter_mut().for_each(|v| *v = (rng.next_f32() * 2.0 - 1.0) * bound);
         }
         self.set_params(&host);
     }
@@ -126,8 +124,7 @@ impl<K: Kernels> Engine<K> {
 
     fn host(&self, buf: &K::Buf) -> Vec<f32> {
         let mut out = vec![0.0; self.layout.total];
-        self.kernels
-            .download(self.kernels.view(buf, 0..self.layout.total), &mut out);
+        self.kernels.download(self.kernels.view(buf, 0..self.layout.total), &mut out);
         out
     }
 
@@ -143,69 +140,39 @@ impl<K: Kernels> Engine<K> {
             "a micro-batch is up to {b} rows of exactly {t} tokens, got {} tokens",
             ids.len()
         );
-        assert!(
-            ids.iter().all(|&i| (i as usize) < self.config.vocab_size),
-            "token id out of range"
-        );
+        assert!(ids.iter().all(|&i| (i as usize) < self.config.vocab_size), "token id out of range");
         if let Some(targets) = targets {
             assert_eq!(targets.len(), ids.len(), "one target per token");
-            assert!(
-                targets.iter().all(|&i| i < self.config.vocab_size as i32),
-                "target out of range"
-            );
+            assert!(targets.iter().all(|&i| i < self.config.vocab_size as i32), "target out of range");
         }
     }
 
     /// Forward and backward of one micro-batch; gradients are added (times `grad_scale`).
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32) -> Losses {
         self.check_batch(ids, Some(targets));
-        let model = Model {
-            k: &self.kernels,
-            m: &self.config,
-            layout: &self.layout,
-        };
-        model.forward_backward(
-            &self.params,
-            &mut self.grads,
-            &mut self.ws,
-            ids,
-            targets,
-            grad_scale,
-        )
+        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        model.forward_backward(&self.params, &mut self.grads, &mut self.ws, ids, targets, grad_scale)
     }
 
     /// Summed loss over kept targets, and their count (no gradients).
     pub fn loss(&mut self, ids: &[u32], targets: &[i32]) -> (f64, usize) {
         self.check_batch(ids, Some(targets));
-        let model = Model {
-            k: &self.kernels,
-            m: &self.config,
-            layout: &self.layout,
-        };
+        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
         model.loss(&self.params, &mut self.ws, ids, targets)
     }
 
     /// Full logits `[N, V]`.
     pub fn logits(&mut self, ids: &[u32], out: &mut [f32]) {
         self.check_batch(ids, None);
-        assert_eq!(
-            out.len(),
-            ids.len() * self.config.vocab_size,
-            "logits buffer size"
-        );
-        let model = Model {
-            k: &self.kernels,
-            m: &self.config,
-            layout: &self.layout,
-        };
+        assert_eq!(out.len(), ids.len() * self.config.vocab_size, "logits buffer size");
+        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
         model.logits(&self.params, &mut self.ws, ids, out);
     }
 
     /// Global L2 norm of the gradients.
     pub fn grad_norm(&self) -> f64 {
         let k = &self.kernels;
-        k.sum_squares(k.view(&self.grads, 0..self.layout.total))
-            .sqrt()
+        k.sum_squares(k.view(&self.grads, 0..self.layout.total)).sqrt()
     }
 
     /// Clips the gradients to `grad_clip` (PyTorch's `clip_grad_norm_`), then one AdamW step
@@ -216,11 +183,7 @@ impl<K: Kernels> Engine<K> {
         let k = &self.kernels;
         // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; applied
         // inside the AdamW pass instead of a pass of its own.
-        let coef = if o.grad_clip > 0.0 {
-            (o.grad_clip as f64 / (norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let coef = if o.grad_clip > 0.0 { (o.grad_clip as f64 / (norm + 1e-6)).min(1.0) } else { 1.0 };
         self.step += 1;
         let h = AdamW {
             lr,
@@ -251,11 +214,7 @@ impl<K: Kernels> Engine<K> {
 /// Forward FLOPs per token: 2 per multiply-add of every matrix product a token goes through
 /// (routed experts counted K times), plus causal attention at sequence length `t`.
 pub fn flops_per_token(m: &ModelConfig, t: usize) -> f64 {
-    let (c, i, d) = (
-        m.hidden_size as f64,
-        m.intermediate_size as f64,
-        m.head_dim as f64,
-    );
+    let (c, i, d) = (m.hidden_size as f64, m.intermediate_size as f64, m.head_dim as f64);
     let (h, g) = (m.num_attention_heads as f64, m.num_key_value_heads as f64);
     let attn_proj = c * h * d * 2.0 + c * g * d * 2.0;
     let ffn = 3.0 * c * i;

@@ -27,10 +27,7 @@ pub struct FfnActs<K: Kernels> {
 
 impl<K: Kernels> FfnActs<K> {
     fn new(k: &K, rows: usize, i: usize) -> Self {
-        FfnActs {
-            gu: k.alloc(rows * 2 * i),
-            act: k.alloc(rows * i),
-        }
+        FfnActs { gu: k.alloc(rows * 2 * i), act: k.alloc(rows * i) }
     }
 }
 
@@ -115,11 +112,7 @@ impl<K: Kernels> Workspace<K> {
         let n = b * t;
         let (c, i, d) = (m.hidden_size, m.intermediate_size, m.head_dim);
         let (hd, gd) = (m.num_attention_heads * d, m.num_key_value_heads * d);
-        let slots = if m.use_moe {
-            n * m.num_experts_per_tok
-        } else {
-            0
-        };
+        let slots = if m.use_moe { n * m.num_experts_per_tok } else { 0 };
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
                 xn1: k.alloc(n * c),
@@ -140,9 +133,7 @@ impl<K: Kernels> Workspace<K> {
                         xg: k.alloc(slots * c),
                         experts: FfnActs::new(k, slots, i),
                         yout: k.alloc(slots * c),
-                        shared: (0..m.n_shared_experts)
-                            .map(|_| FfnActs::new(k, n, i))
-                            .collect(),
+                        shared: (0..m.n_shared_experts).map(|_| FfnActs::new(k, n, i)).collect(),
                     }))
                 } else {
                     MlpActs::Dense(FfnActs::new(k, n, i))
@@ -190,9 +181,7 @@ pub fn rope_tables(m: &ModelConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
     let d = m.head_dim;
     let half = d / 2;
     let theta = m.rope_theta as f32;
-    let inv: Vec<f32> = (0..half)
-        .map(|j| 1.0 / theta.powf((2 * j) as f32 / d as f32))
-        .collect();
+    let inv: Vec<f32> = (0..half).map(|j| 1.0 / theta.powf((2 * j) as f32 / d as f32)).collect();
     let mut cos = vec![0.0; t * d];
     let mut sin = vec![0.0; t * d];
     for pos in 0..t {
@@ -227,6 +216,42 @@ impl<K: Kernels> Model<'_, K> {
         self.k.view(p, r.clone())
     }
 
+    /// `y[rows, out] (+)= x[rows, inp] Wᵀ`, W in PyTorch's `[out, inp]` layout.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        y: K::M<'_>,
+        x: K::V<'_>,
+        w: K::V<'_>,
+        rows: usize,
+        out: usize,
+        inp: usize,
+        accumulate: bool,
+    ) {
+        self.k.matmul(y, x, w, rows, out, inp, false, true, accumulate);
+    }
+
+    /// Backward to the input: `dx[rows, inp] (+)= dy[rows, out] W`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_dx(
+        &self,
+        dx: K::M<'_>,
+        dy: K::V<'_>,
+        w: K::V<'_>,
+        rows: usize,
+        out: usize,
+        inp: usize,
+        accumulate: bool,
+    ) {
+        self.k.matmul(dx, dy, w, rows, inp, out, false, false, accumulate);
+    }
+
+    /// Backward to the weight: `dW[out, inp] += dy[rows, out]ᵀ x[rows, inp]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_dw(&self, dw: K::M<'_>, dy: K::V<'_>, x: K::V<'_>, rows: usize, out: usize, inp: usize) {
+        self.k.matmul(dw, dy, x, out, inp, rows, true, false, true);
+    }
+
     /// Forward through the blocks and the final norm; leaves `ws.xnf` = normed output.
     /// Returns the summed aux loss of the MoE layers.
     fn trunk_forward(&self, p: &K::Buf, ws: &mut Workspace<K>, ids: &[u32]) -> f64 {
@@ -240,12 +265,7 @@ impl<K: Kernels> Model<'_, K> {
         let (hd, gd) = (h * d, g * d);
         let eps = m.rms_norm_eps as f32;
         let nc = 0..n * c;
-        k.embed_forward(
-            k.view_mut(&mut ws.resid[0], nc.clone()),
-            self.w(p, &self.layout.embed),
-            ids,
-            c,
-        );
+        k.embed_forward(k.view_mut(&mut ws.resid[0], nc.clone()), self.w(p, &self.layout.embed), ids, c);
         let mut aux = 0.0;
         for (l, lp) in self.layout.layers.iter().enumerate() {
             let (before, after) = ws.resid.split_at_mut(l + 1);
@@ -261,39 +281,9 @@ impl<K: Kernels> Model<'_, K> {
                 eps,
             );
             let xn1 = k.view(&a.xn1, nc.clone());
-            k.matmul(
-                k.view_mut(&mut a.q, 0..n * hd),
-                xn1,
-                self.w(p, &lp.q),
-                n,
-                hd,
-                c,
-                false,
-                true,
-                false,
-            );
-            k.matmul(
-                k.view_mut(&mut a.k, 0..n * gd),
-                xn1,
-                self.w(p, &lp.k),
-                n,
-                gd,
-                c,
-                false,
-                true,
-                false,
-            );
-            k.matmul(
-                k.view_mut(&mut a.v, 0..n * gd),
-                xn1,
-                self.w(p, &lp.v),
-                n,
-                gd,
-                c,
-                false,
-                true,
-                false,
-            );
+            self.linear(k.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
+            self.linear(k.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
+            self.linear(k.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
             let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
             k.rope(k.view_mut(&mut a.q, 0..n * hd), cos, sin, t, h, d, false);
             k.rope(k.view_mut(&mut a.k, 0..n * gd), cos, sin, t, g, d, false);
@@ -306,15 +296,13 @@ impl<K: Kernels> Model<'_, K> {
                 k.view(&a.v, 0..n * gd),
                 shape,
             );
-            k.matmul(
+            self.linear(
                 k.view_mut(&mut a.mid, nc.clone()),
                 k.view(&a.att, 0..n * hd),
                 self.w(p, &lp.o),
                 n,
                 c,
                 hd,
-                false,
-                true,
                 false,
             );
             k.add(k.view_mut(&mut a.mid, nc.clone()), k.view(x, nc.clone()));
@@ -330,14 +318,7 @@ impl<K: Kernels> Model<'_, K> {
                 (Mlp::Dense(f), MlpActs::Dense(fa)) => {
                     self.ffn_forward(p, f, fa, 0..n, &a.xn2, 0..n, out, false);
                 }
-                (
-                    Mlp::Moe {
-                        router,
-                        experts,
-                        shared,
-                    },
-                    MlpActs::Moe(ma),
-                ) => {
+                (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
                     aux += self.moe_forward(
                         p,
                         router,
@@ -390,27 +371,15 @@ impl<K: Kernels> Model<'_, K> {
         let gr = 2 * act_rows.start * i..2 * act_rows.end * i;
         let xv = k.view(x, x_rows.start * c..x_rows.end * c);
         // [gate | up] = x [W_g; W_u]ᵀ: the two weights are adjacent in the flat buffer.
-        k.matmul(
-            k.view_mut(&mut fa.gu, gr.clone()),
-            xv,
-            self.w(p, &f.gate_up()),
-            rows,
-            2 * i,
-            c,
-            false,
-            true,
-            false,
-        );
+        self.linear(k.view_mut(&mut fa.gu, gr.clone()), xv, self.w(p, &f.gate_up()), rows, 2 * i, c, false);
         k.swiglu_forward(k.view_mut(&mut fa.act, ar.clone()), k.view(&fa.gu, gr), i);
-        k.matmul(
+        self.linear(
             k.view_mut(out, x_rows.start * c..x_rows.end * c),
             k.view(&fa.act, ar),
             self.w(p, &f.down),
             rows,
             c,
             i,
-            false,
-            true,
             accumulate,
         );
     }
@@ -432,13 +401,8 @@ impl<K: Kernels> Model<'_, K> {
     ) -> f64 {
         let k = self.k;
         let m = self.m;
-        let (n, c, e, kk) = (
-            b * t,
-            m.hidden_size,
-            m.n_routed_experts,
-            m.num_experts_per_tok,
-        );
-        k.matmul(
+        let (n, c, e, kk) = (b * t, m.hidden_size, m.n_routed_experts, m.num_experts_per_tok);
+        self.linear(
             k.view_mut(&mut ma.logits, 0..n * e),
             k.view(xn, 0..n * c),
             self.w(p, router),
@@ -446,31 +410,14 @@ impl<K: Kernels> Model<'_, K> {
             e,
             c,
             false,
-            true,
-            false,
         );
         k.download(k.view(&ma.logits, 0..n * e), &mut logits_host[..n * e]);
-        ma.route
-            .route(&logits_host[..n * e], b, t, router_config(m));
+        ma.route.route(&logits_host[..n * e], b, t, router_config(m));
         let slots = n * kk;
-        k.gather_rows(
-            k.view_mut(&mut ma.xg, 0..slots * c),
-            k.view(xn, 0..n * c),
-            &ma.route.rows,
-            c,
-        );
+        k.gather_rows(k.view_mut(&mut ma.xg, 0..slots * c), k.view(xn, 0..n * c), &ma.route.rows, c);
         for (x, f) in experts.iter().enumerate() {
             let rows = ma.route.offsets[x]..ma.route.offsets[x + 1];
-            self.ffn_forward(
-                p,
-                f,
-                &mut ma.experts,
-                rows.clone(),
-                &ma.xg,
-                rows.clone(),
-                &mut ma.yout,
-                false,
-            );
+            self.ffn_forward(p, f, &mut ma.experts, rows.clone(), &ma.xg, rows.clone(), &mut ma.yout, false);
         }
         k.combine_rows(
             k.view_mut(out, 0..n * c),
@@ -504,21 +451,11 @@ impl<K: Kernels> Model<'_, K> {
         let kept = targets.iter().filter(|&&t| t >= 0).count();
         let lm = self.head(p, Some(grads), ws, targets, grad_scale / kept.max(1) as f32);
         self.trunk_backward(p, grads, ws, ids, grad_scale);
-        Losses {
-            lm: lm / kept.max(1) as f64,
-            aux,
-            targets: kept,
-        }
+        Losses { lm: lm / kept.max(1) as f64, aux, targets: kept }
     }
 
     /// Forward only: summed loss over kept targets and their count (for eval).
-    pub fn loss(
-        &self,
-        p: &K::Buf,
-        ws: &mut Workspace<K>,
-        ids: &[u32],
-        targets: &[i32],
-    ) -> (f64, usize) {
+    pub fn loss(&self, p: &K::Buf, ws: &mut Workspace<K>, ids: &[u32], targets: &[i32]) -> (f64, usize) {
         self.trunk_forward(p, ws, ids);
         let kept = targets.iter().filter(|&&t| t >= 0).count();
         (self.head(p, None, ws, targets, 1.0), kept)
@@ -531,7 +468,7 @@ impl<K: Kernels> Model<'_, K> {
         self.trunk_forward(p, ws, ids);
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
-            k.matmul(
+            self.linear(
                 k.view_mut(&mut ws.logits, 0..rows * v),
                 k.view(&ws.xnf, r0 * c..(r0 + rows) * c),
                 self.w(p, &self.layout.embed),
@@ -539,13 +476,8 @@ impl<K: Kernels> Model<'_, K> {
                 v,
                 c,
                 false,
-                true,
-                false,
             );
-            k.download(
-                k.view(&ws.logits, 0..rows * v),
-                &mut out[r0 * v..(r0 + rows) * v],
-            );
+            k.download(k.view(&ws.logits, 0..rows * v), &mut out[r0 * v..(r0 + rows) * v]);
         }
     }
 
@@ -565,15 +497,13 @@ impl<K: Kernels> Model<'_, K> {
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             let xr = r0 * c..(r0 + rows) * c;
-            k.matmul(
+            self.linear(
                 k.view_mut(&mut ws.logits, 0..rows * v),
                 k.view(&ws.xnf, xr.clone()),
                 self.w(p, emb),
                 rows,
                 v,
                 c,
-                false,
-                true,
                 false,
             );
             k.cross_entropy(
@@ -585,28 +515,8 @@ impl<K: Kernels> Model<'_, K> {
             );
             if let Some(g) = grads.as_deref_mut() {
                 let dz = k.view(&ws.logits, 0..rows * v);
-                k.matmul(
-                    k.view_mut(&mut ws.dxn, xr.clone()),
-                    dz,
-                    self.w(p, emb),
-                    rows,
-                    c,
-                    v,
-                    false,
-                    false,
-                    false,
-                );
-                k.matmul(
-                    k.view_mut(g, emb.clone()),
-                    dz,
-                    k.view(&ws.xnf, xr),
-                    v,
-                    c,
-                    rows,
-                    true,
-                    false,
-                    true,
-                );
+                self.linear_dx(k.view_mut(&mut ws.dxn, xr.clone()), dz, self.w(p, emb), rows, v, c, false);
+                self.linear_dw(k.view_mut(g, emb.clone()), dz, k.view(&ws.xnf, xr), rows, v, c);
             }
         }
         ws.row_loss[..n].iter().map(|&l| l as f64).sum()
@@ -657,14 +567,7 @@ impl<K: Kernels> Model<'_, K> {
                         false,
                     );
                 }
-                (
-                    Mlp::Moe {
-                        router,
-                        experts,
-                        shared,
-                    },
-                    MlpActs::Moe(ma),
-                ) => {
+                (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
                     let scratch = MoeScratch {
                         dffn: &mut ws.dffn,
                         dyout: &mut ws.dyout,
@@ -673,11 +576,7 @@ impl<K: Kernels> Model<'_, K> {
                         dlogits: &mut ws.dlogits_host,
                         ones: &ws.ones,
                     };
-                    let moe = MoeParams {
-                        router,
-                        experts,
-                        shared,
-                    };
+                    let moe = MoeParams { router, experts, shared };
                     self.moe_backward(
                         p,
                         grads,
@@ -705,28 +604,8 @@ impl<K: Kernels> Model<'_, K> {
             );
             // attention: mid = x + att Woᵀ.
             let dmid = k.view(&ws.dresid, nc.clone());
-            k.matmul(
-                k.view_mut(&mut ws.datt, 0..n * hd),
-                dmid,
-                self.w(p, &lp.o),
-                n,
-                hd,
-                c,
-                false,
-                false,
-                false,
-            );
-            k.matmul(
-                k.view_mut(grads, lp.o.clone()),
-                dmid,
-                k.view(&a.att, 0..n * hd),
-                c,
-                hd,
-                n,
-                true,
-                false,
-                true,
-            );
+            self.linear_dx(k.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
+            self.linear_dw(k.view_mut(grads, lp.o.clone()), dmid, k.view(&a.att, 0..n * hd), n, c, hd);
             k.attention_backward(
                 k.view_mut(&mut ws.dq, 0..n * hd),
                 k.view_mut(&mut ws.dk, 0..n * gd),
@@ -743,77 +622,14 @@ impl<K: Kernels> Model<'_, K> {
             k.rope(k.view_mut(&mut ws.dq, 0..n * hd), cos, sin, t, h, d, true);
             k.rope(k.view_mut(&mut ws.dk, 0..n * gd), cos, sin, t, g, d, true);
             let xn1 = k.view(&a.xn1, nc.clone());
-            let (dq, dk, dv) = (
-                k.view(&ws.dq, 0..n * hd),
-                k.view(&ws.dk, 0..n * gd),
-                k.view(&ws.dv, 0..n * gd),
-            );
-            k.matmul(
-                k.view_mut(&mut ws.dtmp, nc.clone()),
-                dq,
-                self.w(p, &lp.q),
-                n,
-                c,
-                hd,
-                false,
-                false,
-                false,
-            );
-            k.matmul(
-                k.view_mut(&mut ws.dtmp, nc.clone()),
-                dk,
-                self.w(p, &lp.k),
-                n,
-                c,
-                gd,
-                false,
-                false,
-                true,
-            );
-            k.matmul(
-                k.view_mut(&mut ws.dtmp, nc.clone()),
-                dv,
-                self.w(p, &lp.v),
-                n,
-                c,
-                gd,
-                false,
-                false,
-                true,
-            );
-            k.matmul(
-                k.view_mut(grads, lp.q.clone()),
-                dq,
-                xn1,
-                hd,
-                c,
-                n,
-                true,
-                false,
-                true,
-            );
-            k.matmul(
-                k.view_mut(grads, lp.k.clone()),
-                dk,
-                xn1,
-                gd,
-                c,
-                n,
-                true,
-                false,
-                true,
-            );
-            k.matmul(
-                k.view_mut(grads, lp.v.clone()),
-                dv,
-                xn1,
-                gd,
-                c,
-                n,
-                true,
-                false,
-                true,
-            );
+            let (dq, dk, dv) =
+                (k.view(&ws.dq, 0..n * hd), k.view(&ws.dk, 0..n * gd), k.view(&ws.dv, 0..n * gd));
+            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), n, hd, c, false);
+            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), n, gd, c, true);
+            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), n, gd, c, true);
+            self.linear_dw(k.view_mut(grads, lp.q.clone()), dq, xn1, n, hd, c);
+            self.linear_dw(k.view_mut(grads, lp.k.clone()), dk, xn1, n, gd, c);
+            self.linear_dw(k.view_mut(grads, lp.v.clone()), dv, xn1, n, gd, c);
             k.rmsnorm_backward(
                 k.view_mut(&mut ws.dresid, nc.clone()),
                 k.view_mut(grads, lp.ln1.clone()),
@@ -824,12 +640,7 @@ impl<K: Kernels> Model<'_, K> {
                 c,
             );
         }
-        k.embed_backward(
-            k.view_mut(grads, lay.embed.clone()),
-            k.view(&ws.dresid, nc),
-            ids,
-            c,
-        );
+        k.embed_backward(k.view_mut(grads, lay.embed.clone()), k.view(&ws.dresid, nc), ids, c);
     }
 
     /// Backward of `out[rows] (+)= ffn(x[rows])`: weight gradients added, `dx[rows]`
@@ -858,28 +669,8 @@ impl<K: Kernels> Model<'_, K> {
         let gr = 2 * rows.start * i..2 * rows.end * i;
         let dyv = k.view(dy, cr.clone());
         // da = dy W_d; dW_d += dyᵀ a
-        k.matmul(
-            k.view_mut(&mut dffn.act, ar.clone()),
-            dyv,
-            self.w(p, &f.down),
-            r,
-            i,
-            c,
-            false,
-            false,
-            false,
-        );
-        k.matmul(
-            k.view_mut(grads, f.down.clone()),
-            dyv,
-            k.view(&fa.act, ar.clone()),
-            c,
-            i,
-            r,
-            true,
-            false,
-            true,
-        );
+        self.linear_dx(k.view_mut(&mut dffn.act, ar.clone()), dyv, self.w(p, &f.down), r, c, i, false);
+        self.linear_dw(k.view_mut(grads, f.down.clone()), dyv, k.view(&fa.act, ar.clone()), r, c, i);
         k.swiglu_backward(
             k.view_mut(&mut dffn.gu, gr.clone()),
             k.view(&dffn.act, ar),
@@ -888,28 +679,8 @@ impl<K: Kernels> Model<'_, K> {
         );
         // dx = [dg | du] [W_g; W_u]; d[W_g; W_u] += [dg | du]ᵀ x
         let dgu = k.view(&dffn.gu, gr);
-        k.matmul(
-            k.view_mut(dx, cr.clone()),
-            dgu,
-            self.w(p, &f.gate_up()),
-            r,
-            c,
-            2 * i,
-            false,
-            false,
-            accumulate,
-        );
-        k.matmul(
-            k.view_mut(grads, f.gate_up()),
-            dgu,
-            k.view(x, cr),
-            2 * i,
-            c,
-            r,
-            true,
-            false,
-            true,
-        );
+        self.linear_dx(k.view_mut(dx, cr.clone()), dgu, self.w(p, &f.gate_up()), r, 2 * i, c, accumulate);
+        self.linear_dw(k.view_mut(grads, f.gate_up()), dgu, k.view(x, cr), r, 2 * i, c);
     }
 
     /// MoE backward for one layer: `dy` is d(layer mlp output); `dx` gets d(xn) (overwritten).
@@ -930,46 +701,16 @@ impl<K: Kernels> Model<'_, K> {
     ) {
         let k = self.k;
         let m = self.m;
-        let (n, c, e, kk) = (
-            b * t,
-            m.hidden_size,
-            m.n_routed_experts,
-            m.num_experts_per_tok,
-        );
+        let (n, c, e, kk) = (b * t, m.hidden_size, m.n_routed_experts, m.num_experts_per_tok);
         let slots = n * kk;
         let route = &ma.route;
         let dyv = k.view(dy, 0..n * c);
         // d(weight of slot) = <dy, expert output>; each routed expert sees weight * dy.
-        k.slot_dots(
-            &mut s.slot_dw[..slots],
-            dyv,
-            k.view(&ma.yout, 0..slots * c),
-            &route.pos,
-            kk,
-            c,
-        );
-        k.spread_rows(
-            k.view_mut(s.dyout, 0..slots * c),
-            dyv,
-            &route.pos,
-            &route.weight,
-            kk,
-            c,
-        );
+        k.slot_dots(&mut s.slot_dw[..slots], dyv, k.view(&ma.yout, 0..slots * c), &route.pos, kk, c);
+        k.spread_rows(k.view_mut(s.dyout, 0..slots * c), dyv, &route.pos, &route.weight, kk, c);
         for (x, f) in moe.experts.iter().enumerate() {
             let rows = route.offsets[x]..route.offsets[x + 1];
-            self.ffn_backward(
-                p,
-                grads,
-                f,
-                &ma.experts,
-                s.dffn,
-                rows,
-                &ma.xg,
-                s.dyout,
-                s.dxg,
-                false,
-            );
+            self.ffn_backward(p, grads, f, &ma.experts, s.dffn, rows, &ma.xg, s.dyout, s.dxg, false);
         }
         // Back to token order, slots summed in a fixed order.
         k.combine_rows(
@@ -984,38 +725,11 @@ impl<K: Kernels> Model<'_, K> {
         for (f, fa) in moe.shared.iter().zip(&ma.shared) {
             self.ffn_backward(p, grads, f, fa, s.dffn, 0..n, xn, dy, dx, true);
         }
-        ma.route.backward(
-            &s.slot_dw[..slots],
-            &mut s.dlogits[..n * e],
-            b,
-            t,
-            router_config(m),
-            grad_scale,
-        );
+        ma.route.backward(&s.slot_dw[..slots], &mut s.dlogits[..n * e], b, t, router_config(m), grad_scale);
         k.upload(k.view_mut(&mut ma.dlogits, 0..n * e), &s.dlogits[..n * e]);
         let dl = k.view(&ma.dlogits, 0..n * e);
-        k.matmul(
-            k.view_mut(grads, moe.router.clone()),
-            dl,
-            k.view(xn, 0..n * c),
-            e,
-            c,
-            n,
-            true,
-            false,
-            true,
-        );
-        k.matmul(
-            k.view_mut(dx, 0..n * c),
-            dl,
-            self.w(p, moe.router),
-            n,
-            c,
-            e,
-            false,
-            false,
-            true,
-        );
+        self.linear_dw(k.view_mut(grads, moe.router.clone()), dl, k.view(xn, 0..n * c), n, e, c);
+        self.linear_dx(k.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
     }
 }
 

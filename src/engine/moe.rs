@@ -130,10 +130,8 @@ impl Routing {
                 }
                 for x in 0..e {
                     let c = self.counts[x] * e as f32 / (t * k) as f32;
-                    let mean_s: f64 = (0..t)
-                        .map(|ti| self.scores[(bi * t + ti) * e + x] as f64)
-                        .sum::<f64>()
-                        / t as f64;
+                    let mean_s: f64 =
+                        (0..t).map(|ti| self.scores[(bi * t + ti) * e + x] as f64).sum::<f64>() / t as f64;
                     total += c as f64 * mean_s;
                     self.aux_grad[bi * e + x] = rc.alpha * c / (b * t) as f32;
                 }
@@ -151,10 +149,7 @@ impl Routing {
             let mut total = 0.0f64;
             for x in 0..e {
                 let f = self.counts[x] / (n * k) as f32 * e as f32;
-                let p: f64 = (0..n)
-                    .map(|tok| self.scores[tok * e + x] as f64)
-                    .sum::<f64>()
-                    / n as f64;
+                let p: f64 = (0..n).map(|tok| self.scores[tok * e + x] as f64).sum::<f64>() / n as f64;
                 total += f as f64 * p;
                 self.aux_grad[x] = rc.alpha * f / n as f32;
             }
@@ -214,13 +209,7 @@ mod tests {
     use super::*;
 
     fn rc(seq_aux: bool) -> RouterConfig {
-        RouterConfig {
-            experts: 4,
-            top_k: 2,
-            norm_topk_prob: true,
-            alpha: 0.1,
-            seq_aux,
-        }
+        RouterConfig { experts: 4, top_k: 2, norm_topk_prob: true, alpha: 0.1, seq_aux }
     }
 
     #[test]
@@ -243,9 +232,7 @@ mod tests {
     fn aux_gradient_matches_finite_differences() {
         // aux depends on the scores linearly given the (fixed) routing counts.
         for seq_aux in [true, false] {
-            let logits: Vec<f32> = (0..2 * 3 * 4)
-                .map(|i| ((i * 7 % 11) as f32) * 0.3)
-                .collect();
+            let logits: Vec<f32> = (0..2 * 3 * 4).map(|i| ((i * 7 % 11) as f32) * 0.3).collect();
             let mut r = Routing::default();
             r.route(&logits, 2, 3, rc(seq_aux));
             let base = r.aux_loss as f64;
@@ -265,9 +252,7 @@ mod tests {
                                         .filter(|&q| r.expert[q] as usize == x)
                                         .count();
                                     let c = cnt as f64 * e as f64 / (t * k) as f64;
-                                    c * (0..t)
-                                        .map(|ti| s[(bi * t + ti) * e + x] as f64)
-                                        .sum::<f64>()
+                                    c * (0..t).map(|ti| s[(bi * t + ti) * e + x] as f64).sum::<f64>()
                                         / t as f64
                                 })
                                 .sum::<f64>()
@@ -281,8 +266,7 @@ mod tests {
                             let f = r.expert.iter().filter(|&&q| q as usize == x).count() as f64
                                 / (b * t * k) as f64
                                 * e as f64;
-                            f * (0..b * t).map(|n| s[n * e + x] as f64).sum::<f64>()
-                                / (b * t) as f64
+                            f * (0..b * t).map(|n| s[n * e + x] as f64).sum::<f64>() / (b * t) as f64
                         })
                         .sum::<f64>()
                         * 0.1
@@ -290,10 +274,7 @@ mod tests {
             };
             assert!((loss(&r.scores) - base).abs() < 1e-6);
             let fd = (loss(&bumped.scores) - base) / 1e-3;
-            assert!(
-                (fd - grad as f64).abs() < 1e-4,
-                "seq_aux {seq_aux}: fd {fd} vs {grad}"
-            );
+            assert!((fd - grad as f64).abs() < 1e-4, "seq_aux {seq_aux}: fd {fd} vs {grad}");
         }
     }
 }

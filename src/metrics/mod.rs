@@ -39,8 +39,7 @@ impl MetricsWriter {
         if let Some(step) = resume_step
             && path.exists()
         {
-            let kept: Vec<StepMetrics> =
-                read(path)?.into_iter().filter(|r| r.step <= step).collect();
+            let kept: Vec<StepMetrics> = read(path)?.into_iter().filter(|r| r.step <= step).collect();
             let mut w = csv::Writer::from_writer(Vec::new());
             for r in &kept {
                 w.serialize(r)?;
@@ -66,12 +65,9 @@ impl MetricsWriter {
     }
 
     pub fn write(&mut self, row: &StepMetrics) -> Result<()> {
-        let mut w = csv::WriterBuilder::new()
-            .has_headers(false)
-            .from_writer(Vec::new());
+        let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
         w.serialize(row)?;
-        self.file
-            .write_all(&w.into_inner().map_err(|e| e.into_error())?)?;
+        self.file.write_all(&w.into_inner().map_err(|e| e.into_error())?)?;
         self.file.flush()?;
         Ok(())
     }
@@ -91,11 +87,8 @@ const HEADER: [&str; 10] = [
 ];
 
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
-    let mut r =
-        csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    r.deserialize()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing {}", path.display()))
+    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    r.deserialize().collect::<Result<_, _>>().with_context(|| format!("parsing {}", path.display()))
 }
 
 /// What the user sees: a progress bar with ETA on a terminal, plain lines otherwise; every
@@ -113,11 +106,8 @@ impl Console {
             .append(true)
             .open(log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let bar = if quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(total_steps)
-        };
+        let bar =
+            if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps) };
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
@@ -125,11 +115,7 @@ impl Console {
             .expect("valid template"),
         );
         bar.set_position(done);
-        Ok(Console {
-            bar,
-            log: Some(log),
-            log_path: log_path.to_path_buf(),
-        })
+        Ok(Console { bar, log: Some(log), log_path: log_path.to_path_buf() })
     }
 
     /// Prints a line (above the bar) and appends it to train.log.

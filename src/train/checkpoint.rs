@@ -50,18 +50,13 @@ pub fn to_delete(mut steps: Vec<usize>, keep: usize) -> Vec<usize> {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", path.display()))
 }
 
 /// Writes a complete checkpoint of `engine` and `state` under `dir`, then prunes to
@@ -82,10 +77,7 @@ pub fn save<K: Kernels>(
         let (m, v) = engine.moments_host();
         let n = m.len();
         let optim = hf::encode(
-            &[
-                ("exp_avg".into(), vec![n], &m),
-                ("exp_avg_sq".into(), vec![n], &v),
-            ],
+            &[("exp_avg".into(), vec![n], &m), ("exp_avg_sq".into(), vec![n], &v)],
             Some([("adam_step".to_string(), engine.step.to_string())].into()),
         )?;
         let state_json = serde_json::to_vec_pretty(state)?;
@@ -154,31 +146,18 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
         files.push(bytes);
     }
     if files.len() != FILES.len() {
-        bail!(
-            "marker lists {} files, expected {}",
-            files.len(),
-            FILES.len()
-        );
+        bail!("marker lists {} files, expected {}", files.len(), FILES.len());
     }
     let state: TrainerState = serde_json::from_slice(&files[2]).context("state.json")?;
     let params = hf::read_weights(&files[0], layout).context("model.safetensors")?;
     let st = SafeTensors::deserialize(&files[1]).context("optimizer.safetensors")?;
     let vec_of = |name: &str| -> Result<Vec<f32>> {
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("optimizer state has no {name}"))?;
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        let t = st.tensor(name).with_context(|| format!("optimizer state has no {name}"))?;
+        Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     };
     let (exp_avg, exp_avg_sq) = (vec_of("exp_avg")?, vec_of("exp_avg_sq")?);
     if exp_avg.len() != layout.total || exp_avg_sq.len() != layout.total {
-        bail!(
-            "optimizer state has {} values, the model {}",
-            exp_avg.len(),
-            layout.total
-        );
+        bail!("optimizer state has {} values, the model {}", exp_avg.len(), layout.total);
     }
     let (_, meta) = SafeTensors::read_metadata(&files[1])?;
     let adam_step = meta
@@ -187,18 +166,12 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
         .and_then(|m| m.get("adam_step"))
         .and_then(|s| s.parse().ok())
         .context("optimizer state has no adam_step")?;
-    Ok(Loaded {
-        dir: dir.to_path_buf(),
-        state,
-        params,
-        exp_avg,
-        exp_avg_sq,
-        adam_step,
-    })
+    Ok(Loaded { dir: dir.to_path_buf(), state, params, exp_avg, exp_avg_sq, adam_step })
 }
 
-/// Keys whose values differ between two model configs (for a resume with another shape).
-pub fn model_diff(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+/// Keys whose values differ between the model `a` that `what` was made for and the model `b`
+/// asked for now, as `model.key (A in the <what>, B now)`.
+pub fn model_diff(a: &ModelConfig, b: &ModelConfig, what: &str) -> Vec<String> {
     let (Ok(toml::Value::Table(x)), Ok(toml::Value::Table(y))) =
         (toml::Value::try_from(a), toml::Value::try_from(b))
     else {
@@ -207,11 +180,7 @@ pub fn model_diff(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     x.iter()
         .filter(|(k, v)| y.get(*k) != Some(v))
         .map(|(k, v)| {
-            format!(
-                "model.{k} ({} in the checkpoint, {} now)",
-                v,
-                y.get(k).map_or("-".into(), |v| v.to_string())
-            )
+            format!("model.{k} ({} in the {what}, {} now)", v, y.get(k).map_or("-".into(), |v| v.to_string()))
         })
         .collect()
 }
@@ -229,11 +198,7 @@ mod tests {
             (&[], 2, &[]),
         ];
         for (steps, keep, want) in table {
-            assert_eq!(
-                to_delete(steps.to_vec(), *keep),
-                want.to_vec(),
-                "{steps:?} keep {keep}"
-            );
+            assert_eq!(to_delete(steps.to_vec(), *keep), want.to_vec(), "{steps:?} keep {keep}");
         }
     }
 

@@ -10,10 +10,7 @@ use anyhow::{Context, Result};
 
 /// A rayon pool of `threads` workers (0: one per core) for the CPU engine.
 pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the CPU thread pool")
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the CPU thread pool")
 }
 
 /// The CPU engine computes in float32; other dtypes need the CUDA engine.

@@ -95,11 +95,7 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
             engine.set_moments(&ck.exp_avg, &ck.exp_avg_sq);
             engine.step = ck.adam_step;
             state = ck.state;
-            notes.push(format!(
-                "resuming from {} (step {})",
-                ck.dir.display(),
-                state.step
-            ));
+            notes.push(format!("resuming from {} (step {})", ck.dir.display(), state.step));
         }
         _ => match &config.checkpoint.from_weight {
             Some(w) => {
@@ -109,8 +105,7 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
             None => engine.init_weights(config.seed),
         },
     }
-    let mut metrics =
-        MetricsWriter::open(&run.metrics_path(), Some(state.step).filter(|_| s.resume))?;
+    let mut metrics = MetricsWriter::open(&run.metrics_path(), Some(state.step).filter(|_| s.resume))?;
     let mut console = Console::new(&run.log_path(), total as u64, state.step as u64, s.quiet)?;
     for n in notes {
         console.line(&n);
@@ -145,10 +140,7 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
             bail!(
                 "the loss became {loss} at step {}; training stopped{}\n  hint: lower train.learning_rate or check the data",
                 state.step + 1,
-                last.map_or(String::new(), |(_, p)| format!(
-                    " (last good checkpoint: {})",
-                    p.display()
-                ))
+                last.map_or(String::new(), |(_, p)| format!(" (last good checkpoint: {})", p.display()))
             );
         }
         let lr = lr_at(&config.train, state.step, total);
@@ -189,10 +181,7 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
                 state.step,
                 dir.display()
             ));
-            console.line(&format!(
-                "continue with: minimind resume {}",
-                run.root.display()
-            ));
+            console.line(&format!("continue with: minimind resume {}", run.root.display()));
             console.finish();
             return Ok(Outcome::Stopped(signal as i32));
         }
@@ -232,11 +221,10 @@ fn latest_checkpoint(
     notes: &mut Vec<String>,
 ) -> Result<Option<checkpoint::Loaded>> {
     for (_, dir) in checkpoint::list(&run.checkpoints_dir()).into_iter().rev() {
-        let state: Option<TrainerState> = std::fs::read(dir.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let state: Option<TrainerState> =
+            std::fs::read(dir.join("state.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(st) = &state {
-            let diff = checkpoint::model_diff(&st.model, &engine.config);
+            let diff = checkpoint::model_diff(&st.model, &engine.config, "checkpoint");
             if !diff.is_empty() {
                 bail!(
                     "checkpoint {} was written for another model shape; differing keys:\n  {}",
@@ -247,10 +235,7 @@ fn latest_checkpoint(
         }
         match checkpoint::load(&dir, &engine.layout) {
             Ok(ck) => return Ok(Some(ck)),
-            Err(e) => notes.push(format!(
-                "warning: skipping damaged checkpoint {}: {e:#}",
-                dir.display()
-            )),
+            Err(e) => notes.push(format!("warning: skipping damaged checkpoint {}: {e:#}", dir.display())),
         }
     }
     Ok(None)
@@ -261,13 +246,9 @@ fn latest_checkpoint(
 pub fn load_weights(path: &Path, engine: &Engine<Cpu>) -> Result<Vec<f32>> {
     let file = if path.is_dir() {
         let cfg = hf::read_config(&path.join("config.json"))?;
-        let diff = checkpoint::model_diff(&cfg, &engine.config);
+        let diff = checkpoint::model_diff(&cfg, &engine.config, "weights");
         if !diff.is_empty() {
-            bail!(
-                "{} is another model shape; differing keys:\n  {}",
-                path.display(),
-                diff.join("\n  ")
-            );
+            bail!("{} is another model shape; differing keys:\n  {}", path.display(), diff.join("\n  "));
         }
         path.join("model.safetensors")
     } else {
@@ -283,10 +264,7 @@ fn export(run: &RunDir, engine: &Engine<Cpu>, tokenizer: &Path) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let weights = hf::encode_weights(&engine.layout, &engine.params_host())?;
     crate::run_dir::write_atomic(&dir.join("model.safetensors"), &weights)?;
-    crate::run_dir::write_atomic(
-        &dir.join("config.json"),
-        hf::config_json(&engine.config).as_bytes(),
-    )?;
+    crate::run_dir::write_atomic(&dir.join("config.json"), hf::config_json(&engine.config).as_bytes())?;
     std::fs::copy(tokenizer, dir.join("tokenizer.json"))
         .with_context(|| format!("copying {}", tokenizer.display()))?;
     Ok(())

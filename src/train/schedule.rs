@@ -10,9 +10,7 @@ pub fn lr_at(t: &TrainConfig, step: usize, total: usize) -> f64 {
     match t.schedule {
         Schedule::Constant => peak,
         // MiniMind: lr * (0.1 + 0.45 * (1 + cos(pi * t / T))): from lr down to 0.1 lr.
-        Schedule::Minimind => {
-            peak * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * s / total).cos()))
-        }
+        Schedule::Minimind => peak * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * s / total).cos())),
         Schedule::WarmupCosine => {
             let w = t.warmup_steps as f64;
             if s < w {
@@ -55,10 +53,7 @@ mod tests {
         ];
         for &(s, w, step, total, want) in table {
             let got = lr_at(&cfg(s, w), step, total);
-            assert!(
-                (got - want).abs() < 1e-12,
-                "{s:?} w={w} step={step}: {got} vs {want}"
-            );
+            assert!((got - want).abs() < 1e-12, "{s:?} w={w} step={step}: {got} vs {want}");
         }
     }
 }

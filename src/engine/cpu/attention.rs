@@ -16,22 +16,14 @@ use crate::engine::kernels::AttnShape;
 const BLOCK: usize = 32;
 
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t)
-        .step_by(BLOCK)
-        .map(move |r0| (r0, (r0 + BLOCK).min(t)))
+    (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
 pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
-    assert!(
-        q.len() >= b * t * hd && out.len() >= b * t * hd,
-        "attention q/out shape"
-    );
-    assert!(
-        k.len() >= b * t * gd && v.len() >= b * t * gd,
-        "attention k/v shape"
-    );
+    assert!(q.len() >= b * t * hd && out.len() >= b * t * hd, "attention q/out shape");
+    assert!(k.len() >= b * t * gd && v.len() >= b * t * gd, "attention k/v shape");
     assert!(probs.len() >= b * h * t * t, "attention probs shape");
     let scale = 1.0 / (d as f32).sqrt();
     let (outp, probp) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
@@ -121,11 +113,7 @@ pub fn backward(
     assert!(probs.len() >= b * h * t * t && scratch.len() >= b * h * t * t);
     let scale = 1.0 / (d as f32).sqrt();
     let per_group = h / g;
-    let ptrs = (
-        SendPtr(dq.as_mut_ptr()),
-        SendPtr(dk.as_mut_ptr()),
-        SendPtr(dv.as_mut_ptr()),
-    );
+    let ptrs = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let sp = SendPtr(scratch.as_mut_ptr());
     (0..b * g).into_par_iter().for_each(|bg| {
         let (bi, gi) = (bg / g, bg % g);

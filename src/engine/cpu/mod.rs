@@ -45,10 +45,7 @@ impl Cpu {
 
     /// A CPU backend that times every kernel call (for `minimind bench --profile`).
     pub fn profiled() -> Cpu {
-        Cpu {
-            profile: Some(Mutex::new(BTreeMap::new())),
-            ..Cpu::default()
-        }
+        Cpu { profile: Some(Mutex::new(BTreeMap::new())), ..Cpu::default() }
     }
 
     /// The recorded times, largest first.
@@ -56,12 +53,7 @@ impl Cpu {
         let Some(p) = &self.profile else {
             return Vec::new();
         };
-        let mut v: Vec<_> = p
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .into_iter()
-            .collect();
+        let mut v: Vec<_> = p.lock().unwrap_or_else(|e| e.into_inner()).clone().into_iter().collect();
         v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
         v
     }
@@ -103,8 +95,7 @@ pub(crate) fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
 }
@@ -158,16 +149,12 @@ pub(crate) unsafe fn gemm_strided(
     if m == 0 || n == 0 {
         return;
     }
-    let par = if parallel {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    let par = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
     IN_GEMM.with(|c| c.set(true));
     unsafe {
         gemm::gemm(
-            m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0,
-            beta, false, false, false, par,
+            m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false,
+            false, false, par,
         );
     }
     IN_GEMM.with(|c| c.set(false));
@@ -255,19 +242,10 @@ impl Kernels for Cpu {
         accumulate: bool,
     ) {
         self.timed(
-            || {
-                format!(
-                    "matmul {m}x{n}x{k}{}{}",
-                    if ta { " ta" } else { "" },
-                    if tb { " tb" } else { "" }
-                )
-            },
+            || format!("matmul {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
             2.0 * (m * n * k) as f64,
             || {
-                assert!(
-                    out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-                    "matmul shapes"
-                );
+                assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shapes");
                 let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
                 let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
                 // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
@@ -298,12 +276,10 @@ impl Kernels for Cpu {
             || "embed_forward".to_string(),
             0.0,
             || {
-                out.par_chunks_mut(c)
-                    .zip(ids.par_iter())
-                    .for_each(|(row, &id)| {
-                        let id = id as usize;
-                        row.copy_from_slice(&emb[id * c..(id + 1) * c]);
-                    });
+                out.par_chunks_mut(c).zip(ids.par_iter()).for_each(|(row, &id)| {
+                    let id = id as usize;
+                    row.copy_from_slice(&emb[id * c..(id + 1) * c]);
+                });
             },
         )
     }
@@ -316,23 +292,13 @@ impl Kernels for Cpu {
                 for (n, &id) in ids.iter().enumerate() {
                     let id = id as usize;
                     let dst = &mut demb[id * c..(id + 1) * c];
-                    dst.iter_mut()
-                        .zip(&dout[n * c..(n + 1) * c])
-                        .for_each(|(d, g)| *d += g);
+                    dst.iter_mut().zip(&dout[n * c..(n + 1) * c]).for_each(|(d, g)| *d += g);
                 }
             },
         )
     }
 
-    fn rmsnorm_forward(
-        &self,
-        y: &mut [f32],
-        rstd: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        c: usize,
-        eps: f32,
-    ) {
+    fn rmsnorm_forward(&self, y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize, eps: f32) {
         self.timed(
             || "rmsnorm_forward".to_string(),
             0.0,
@@ -373,11 +339,9 @@ impl Kernels for Cpu {
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
                     .zip(rstd.par_chunks(ROWS_PER_TASK))
                     .for_each(|(((dx, dy), x), r)| {
-                        for (((dx, dy), x), &r) in
-                            dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
+                        for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
                         {
-                            let gx: f32 =
-                                dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
+                            let gx: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
                             let k = r * r * r * gx / c as f32;
                             for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                                 *dx += r * w * dy - k * x;
@@ -400,16 +364,7 @@ impl Kernels for Cpu {
         )
     }
 
-    fn rope(
-        &self,
-        x: &mut [f32],
-        cos: &[f32],
-        sin: &[f32],
-        t: usize,
-        heads: usize,
-        d: usize,
-        inverse: bool,
-    ) {
+    fn rope(&self, x: &mut [f32], cos: &[f32], sin: &[f32], t: usize, heads: usize, d: usize, inverse: bool) {
         self.timed(
             || "rope".to_string(),
             0.0,
@@ -482,16 +437,16 @@ impl Kernels for Cpu {
             || "swiglu_forward".to_string(),
             0.0,
             || {
-                act.par_chunks_mut(i * ROWS_PER_TASK)
-                    .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
-                    .for_each(|(a, gu)| {
+                act.par_chunks_mut(i * ROWS_PER_TASK).zip(gu.par_chunks(2 * i * ROWS_PER_TASK)).for_each(
+                    |(a, gu)| {
                         for (a, gu) in a.chunks_mut(i).zip(gu.chunks(2 * i)) {
                             let (g, u) = gu.split_at(i);
                             for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
                                 *a = g / (1.0 + exp(-g)) * u;
                             }
                         }
-                    });
+                    },
+                );
             },
         )
     }
@@ -505,11 +460,7 @@ impl Kernels for Cpu {
                     .zip(dact.par_chunks(i * ROWS_PER_TASK))
                     .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
                     .for_each(|((dgu, da), gu)| {
-                        for ((dgu, da), gu) in dgu
-                            .chunks_mut(2 * i)
-                            .zip(da.chunks(i))
-                            .zip(gu.chunks(2 * i))
-                        {
+                        for ((dgu, da), gu) in dgu.chunks_mut(2 * i).zip(da.chunks(i)).zip(gu.chunks(2 * i)) {
                             let (dg, du) = dgu.split_at_mut(i);
                             let (g, u) = gu.split_at(i);
                             for j in 0..i {
@@ -535,11 +486,8 @@ impl Kernels for Cpu {
             || "cross_entropy".to_string(),
             0.0,
             || {
-                logits
-                    .par_chunks_mut(vocab)
-                    .zip(losses.par_iter_mut())
-                    .zip(targets.par_iter())
-                    .for_each(|((z, loss), &target)| {
+                logits.par_chunks_mut(vocab).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(
+                    |((z, loss), &target)| {
                         if target < 0 {
                             z.fill(0.0);
                             *loss = 0.0;
@@ -564,7 +512,8 @@ impl Kernels for Cpu {
                         let inv = (1.0 / sum) as f32 * scale;
                         z.iter_mut().for_each(|v| *v *= inv);
                         z[t] -= scale;
-                    });
+                    },
+                );
             },
         )
     }
@@ -574,12 +523,10 @@ impl Kernels for Cpu {
             || "gather_rows".to_string(),
             0.0,
             || {
-                out.par_chunks_mut(c)
-                    .zip(rows.par_iter())
-                    .for_each(|(o, &r)| {
-                        let r = r as usize;
-                        o.copy_from_slice(&x[r * c..(r + 1) * c]);
-                    });
+                out.par_chunks_mut(c).zip(rows.par_iter()).for_each(|(o, &r)| {
+                    let r = r as usize;
+                    o.copy_from_slice(&x[r * c..(r + 1) * c]);
+                });
             },
         )
     }
@@ -604,9 +551,7 @@ impl Kernels for Cpu {
                     }
                     for j in 0..k {
                         let (p, w) = (pos[n * k + j] as usize, weights[n * k + j]);
-                        o.iter_mut()
-                            .zip(&y[p * c..(p + 1) * c])
-                            .for_each(|(o, y)| *o += w * y);
+                        o.iter_mut().zip(&y[p * c..(p + 1) * c]).for_each(|(o, y)| *o += w * y);
                     }
                 });
             },
@@ -620,42 +565,25 @@ impl Kernels for Cpu {
             || {
                 out.par_iter_mut().enumerate().for_each(|(i, o)| {
                     let (n, p) = (i / k, pos[i] as usize);
-                    *o = dy[n * c..(n + 1) * c]
-                        .iter()
-                        .zip(&y[p * c..(p + 1) * c])
-                        .map(|(a, b)| a * b)
-                        .sum();
+                    *o = dy[n * c..(n + 1) * c].iter().zip(&y[p * c..(p + 1) * c]).map(|(a, b)| a * b).sum();
                 });
             },
         )
     }
 
-    fn spread_rows(
-        &self,
-        out: &mut [f32],
-        dy: &[f32],
-        pos: &[u32],
-        weights: &[f32],
-        k: usize,
-        c: usize,
-    ) {
+    fn spread_rows(&self, out: &mut [f32], dy: &[f32], pos: &[u32], weights: &[f32], k: usize, c: usize) {
         self.timed(
             || "spread_rows".to_string(),
             0.0,
             || {
                 // `pos` is a permutation of the slots, so each output row is written exactly once.
                 let ptr = SendPtr(out.as_mut_ptr());
-                assert!(
-                    pos.iter().all(|&p| (p as usize + 1) * c <= out.len()),
-                    "spread_rows bounds"
-                );
+                assert!(pos.iter().all(|&p| (p as usize + 1) * c <= out.len()), "spread_rows bounds");
                 (0..pos.len()).into_par_iter().for_each(|i| {
                     let (n, p, w) = (i / k, pos[i] as usize, weights[i]);
                     // SAFETY: bounds checked above; rows are distinct because `pos` is a permutation.
                     let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(p * c), c) };
-                    row.iter_mut()
-                        .zip(&dy[n * c..(n + 1) * c])
-                        .for_each(|(o, g)| *o = w * g);
+                    row.iter_mut().zip(&dy[n * c..(n + 1) * c]).for_each(|(o, g)| *o = w * g);
                 });
             },
         )

@@ -123,6 +123,12 @@ enum Command {
 /// Parses the command line, runs the command, prints any error chain; 0 ok, 1 failure, 2 bad
 /// config or usage.
 pub fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`minimind plan x | head`), like other Unix tools,
+    // instead of panicking inside println!.
+    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,

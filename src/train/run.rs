@@ -89,15 +89,16 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
         model: config.model.clone(),
     };
     let mut notes = Vec::new();
-    match (s.resume, latest_checkpoint(run, &engine, &mut notes)?) {
-        (true, Some(ck)) => {
+    let checkpoint = if s.resume { latest_checkpoint(run, &engine, &mut notes)? } else { None };
+    match checkpoint {
+        Some(ck) => {
             engine.set_params(&ck.params);
             engine.set_moments(&ck.exp_avg, &ck.exp_avg_sq);
             engine.step = ck.adam_step;
             state = ck.state;
             notes.push(format!("resuming from {} (step {})", ck.dir.display(), state.step));
         }
-        _ => match &config.checkpoint.from_weight {
+        None => match &config.checkpoint.from_weight {
             Some(w) => {
                 engine.set_params(&load_weights(w, &engine)?);
                 notes.push(format!("starting from weights {}", w.display()));

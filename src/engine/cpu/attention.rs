@@ -10,10 +10,37 @@
 
 use rayon::prelude::*;
 
-use super::{SendPtr, exp, gemm_strided};
+use super::{SendPtr, exp, gemm_strided, simd_fn};
 use crate::engine::kernels::AttnShape;
 
 const BLOCK: usize = 32;
+
+simd_fn! {
+    /// Softmax over the first `live` entries of a score row, zeros after (the causal mask).
+    fn softmax_causal(row: &mut [f32], live: usize) {
+        let (live, masked) = row.split_at_mut(live);
+        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for x in live.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+    }
+}
+
+simd_fn! {
+    /// `dS = P * (dP - rowsum(P * dP))` in place over `dp`'s first `live` entries, zeros after.
+    fn softmax_causal_backward(p: &[f32], dp: &mut [f32], live: usize) {
+        let dot: f32 = p[..live].iter().zip(&dp[..live]).map(|(p, d)| p * d).sum();
+        for j in 0..live {
+            dp[j] = p[j] * (dp[j] - dot);
+        }
+        dp[live..].fill(0.0);
+    }
+}
 
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
@@ -58,17 +85,7 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
                     false,
                 );
                 for i in r0..r1 {
-                    let row = std::slice::from_raw_parts_mut(pb.add(i * t), r1);
-                    let (live, masked) = row.split_at_mut(i + 1);
-                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for x in live.iter_mut() {
-                        *x = exp(*x - max);
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|x| *x *= inv);
-                    masked.fill(0.0);
+                    softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1);
                 }
                 // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
                 gemm_strided(
@@ -154,12 +171,7 @@ pub fn backward(
                     // dS = P * (dP - rowsum(P * dP)), zero above the diagonal.
                     for i in r0..r1 {
                         let p = std::slice::from_raw_parts(pb.add(i * t), r1);
-                        let ds = std::slice::from_raw_parts_mut(db.add(i * t), r1);
-                        let dot: f32 = p[..=i].iter().zip(&ds[..=i]).map(|(p, d)| p * d).sum();
-                        for j in 0..=i {
-                            ds[j] = p[j] * (ds[j] - dot);
-                        }
-                        ds[i + 1..].fill(0.0);
+                        softmax_causal_backward(p, std::slice::from_raw_parts_mut(db.add(i * t), r1), i + 1);
                     }
                     // dq[r0..r1] = scale * dS k
                     gemm_strided(

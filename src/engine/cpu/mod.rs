@@ -100,6 +100,108 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * scale
 }
 
+/// Defines a function whose body is compiled twice, for the baseline (SSE2) and for AVX2 +
+/// FMA, picked at run time: the plain loops inside vectorise 8 wide where the CPU allows.
+/// Without `mul_add` nothing is contracted to FMA, so both give the same bits.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) $(-> $r)? {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($a: $t),*) $(-> $r)? $body
+            fn base($($a: $t),*) $(-> $r)? $body
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                unsafe { avx2($($a),*) }
+            } else {
+                base($($a),*)
+            }
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+simd_fn! {
+    /// RMSNorm forward over whole rows of width `c`.
+    fn rmsnorm_rows(y: &mut [f32], r: &mut [f32], x: &[f32], w: &[f32], c: usize, eps: f32) {
+        for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+            let s = 1.0 / (ms + eps).sqrt();
+            *r = s;
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = w * (x * s);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `a = silu(g) * u` for rows of `gu = [g | u]`.
+    fn swiglu_rows(a: &mut [f32], gu: &[f32], i: usize) {
+        for (a, gu) in a.chunks_mut(i).zip(gu.chunks(2 * i)) {
+            let (g, u) = gu.split_at(i);
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g / (1.0 + exp(-g)) * u;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `[dg | du]` rows from `da` and `[g | u]`.
+    fn swiglu_back_rows(dgu: &mut [f32], da: &[f32], gu: &[f32], i: usize) {
+        for ((dgu, da), gu) in dgu.chunks_mut(2 * i).zip(da.chunks(i)).zip(gu.chunks(2 * i)) {
+            let (dg, du) = dgu.split_at_mut(i);
+            let (g, u) = gu.split_at(i);
+            for j in 0..i {
+                let sig = 1.0 / (1.0 + exp(-g[j]));
+                du[j] = da[j] * g[j] * sig;
+                dg[j] = da[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// One row of cross-entropy in place: returns the loss, leaves `scale * (p - onehot)`.
+    fn cross_entropy_row(z: &mut [f32], t: usize, scale: f32) -> f32 {
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let zt = (z[t] - max) as f64;
+        for v in z.iter_mut() {
+            *v = exp(*v - max);
+        }
+        // Eight partial sums in f64: vectorises, and exact enough for V = 6400.
+        let mut lanes = [0.0f64; 8];
+        for c in z.chunks(8) {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += *v as f64;
+            }
+        }
+        let sum: f64 = lanes.iter().sum();
+        let inv = (1.0 / sum) as f32 * scale;
+        z.iter_mut().for_each(|v| *v *= inv);
+        z[t] -= scale;
+        // logsumexp(z) - z[t] = ln(sum) - (z[t] - max)
+        (sum.ln() - zt) as f32
+    }
+}
+
+simd_fn! {
+    /// AdamW over one chunk (see `Kernels::adamw`); `c = [step_size, bc2_sqrt, decay]`.
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamW, c: [f32; 3]) {
+        let [step_size, bc2_sqrt, decay] = c;
+        let (b1, b2) = (h.beta1, h.beta2);
+        for i in 0..p.len() {
+            let g = g[i] * h.grad_scale;
+            p[i] *= decay;
+            m[i] += (1.0 - b1) * (g - m[i]);
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+            p[i] -= step_size * m[i] / denom;
+        }
+    }
+}
+
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
@@ -306,16 +408,7 @@ impl Kernels for Cpu {
                 y.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
-                    .for_each(|((y, r), x)| {
-                        for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
-                            let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                            let s = 1.0 / (ms + eps).sqrt();
-                            *r = s;
-                            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                                *y = w * (x * s);
-                            }
-                        }
-                    });
+                    .for_each(|((y, r), x)| rmsnorm_rows(y, r, x, w, c, eps));
             },
         )
     }
@@ -437,16 +530,9 @@ impl Kernels for Cpu {
             || "swiglu_forward".to_string(),
             0.0,
             || {
-                act.par_chunks_mut(i * ROWS_PER_TASK).zip(gu.par_chunks(2 * i * ROWS_PER_TASK)).for_each(
-                    |(a, gu)| {
-                        for (a, gu) in a.chunks_mut(i).zip(gu.chunks(2 * i)) {
-                            let (g, u) = gu.split_at(i);
-                            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                                *a = g / (1.0 + exp(-g)) * u;
-                            }
-                        }
-                    },
-                );
+                act.par_chunks_mut(i * ROWS_PER_TASK)
+                    .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
+                    .for_each(|(a, gu)| swiglu_rows(a, gu, i));
             },
         )
     }
@@ -459,17 +545,7 @@ impl Kernels for Cpu {
                 dgu.par_chunks_mut(2 * i * ROWS_PER_TASK)
                     .zip(dact.par_chunks(i * ROWS_PER_TASK))
                     .zip(gu.par_chunks(2 * i * ROWS_PER_TASK))
-                    .for_each(|((dgu, da), gu)| {
-                        for ((dgu, da), gu) in dgu.chunks_mut(2 * i).zip(da.chunks(i)).zip(gu.chunks(2 * i)) {
-                            let (dg, du) = dgu.split_at_mut(i);
-                            let (g, u) = gu.split_at(i);
-                            for j in 0..i {
-                                let sig = 1.0 / (1.0 + exp(-g[j]));
-                                du[j] = da[j] * g[j] * sig;
-                                dg[j] = da[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
-                            }
-                        }
-                    });
+                    .for_each(|((dgu, da), gu)| swiglu_back_rows(dgu, da, gu, i));
             },
         )
     }
@@ -493,25 +569,7 @@ impl Kernels for Cpu {
                             *loss = 0.0;
                             return;
                         }
-                        let t = target as usize;
-                        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let zt = (z[t] - max) as f64;
-                        for v in z.iter_mut() {
-                            *v = exp(*v - max);
-                        }
-                        // Eight partial sums in f64: vectorises, and exact enough for V = 6400.
-                        let mut lanes = [0.0f64; 8];
-                        for c in z.chunks(8) {
-                            for (l, v) in lanes.iter_mut().zip(c) {
-                                *l += *v as f64;
-                            }
-                        }
-                        let sum: f64 = lanes.iter().sum();
-                        // loss = logsumexp(z) - z[t] = ln(sum) - (z[t] - max)
-                        *loss = (sum.ln() - zt) as f32;
-                        let inv = (1.0 / sum) as f32 * scale;
-                        z.iter_mut().for_each(|v| *v *= inv);
-                        z[t] -= scale;
+                        *loss = cross_entropy_row(z, target as usize, scale);
                     },
                 );
             },
@@ -617,20 +675,11 @@ impl Kernels for Cpu {
                 let step_size = (h.lr as f64 / bc1) as f32;
                 let bc2_sqrt = bc2.sqrt() as f32;
                 let decay = 1.0 - h.lr * h.weight_decay;
-                let (b1, b2) = (h.beta1, h.beta2);
+                let c = [step_size, bc2_sqrt, decay];
                 p.par_chunks_mut(SUM_CHUNK)
                     .zip(g.par_chunks(SUM_CHUNK))
                     .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
-                    .for_each(|((p, g), (m, v))| {
-                        for i in 0..p.len() {
-                            let g = g[i] * h.grad_scale;
-                            p[i] *= decay;
-                            m[i] += (1.0 - b1) * (g - m[i]);
-                            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                            let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-                            p[i] -= step_size * m[i] / denom;
-                        }
-                    });
+                    .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, c));
             },
         )
     }

@@ -194,6 +194,7 @@ pub trait Kernels: Sync {
 
     /// `sum(x^2)` in f64, independent of the thread count.
     fn sum_squares(&self, x: Self::V<'_>) -> f64;
-    /// One AdamW step over flat buffers (decoupled decay, bias correction).
-    fn adamw(&self, p: Self::M<'_>, g: Self::V<'_>, m: Self::M<'_>, v: Self::M<'_>, h: AdamW);
+    /// One AdamW step over flat buffers (decoupled decay, bias correction). Consumes the
+    /// gradients: `g` is left at zero, ready for the next step (saves a pass over memory).
+    fn adamw(&self, p: Self::M<'_>, g: Self::M<'_>, m: Self::M<'_>, v: Self::M<'_>, h: AdamW);
 }

@@ -54,6 +54,8 @@ pub struct Engine<K: Kernels> {
     ws: Workspace<K>,
     /// Optimiser steps taken (AdamW's t).
     pub step: u64,
+    /// The gradients are known to be zero (AdamW leaves them so): zeroing can be skipped.
+    grads_zero: bool,
 }
 
 impl<K: Kernels> Engine<K> {
@@ -73,6 +75,7 @@ impl<K: Kernels> Engine<K> {
             config,
             layout,
             step: 0,
+            grads_zero: true,
         }
     }
 
@@ -128,9 +131,13 @@ impl<K: Kernels> Engine<K> {
         out
     }
 
+    /// Zeroes the gradients (free right after a step, which leaves them at zero).
     pub fn zero_grads(&mut self) {
-        let k = &self.kernels;
-        k.fill(k.view_mut(&mut self.grads, 0..self.layout.total), 0.0);
+        if !self.grads_zero {
+            let k = &self.kernels;
+            k.fill(k.view_mut(&mut self.grads, 0..self.layout.total), 0.0);
+            self.grads_zero = true;
+        }
     }
 
     fn check_batch(&self, ids: &[u32], targets: Option<&[i32]>) {
@@ -150,6 +157,7 @@ impl<K: Kernels> Engine<K> {
     /// Forward and backward of one micro-batch; gradients are added (times `grad_scale`).
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32) -> Losses {
         self.check_batch(ids, Some(targets));
+        self.grads_zero = false;
         let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
         model.forward_backward(&self.params, &mut self.grads, &mut self.ws, ids, targets, grad_scale)
     }
@@ -176,7 +184,8 @@ impl<K: Kernels> Engine<K> {
     }
 
     /// Clips the gradients to `grad_clip` (PyTorch's `clip_grad_norm_`), then one AdamW step
-    /// at `lr`. Returns the norm before clipping.
+    /// at `lr`, which consumes them (they are zero afterwards). Returns the norm before
+    /// clipping.
     pub fn optimizer_step(&mut self, lr: f32, o: &OptimConfig) -> f64 {
         let norm = self.grad_norm();
         let n = self.layout.total;
@@ -196,11 +205,12 @@ impl<K: Kernels> Engine<K> {
         };
         k.adamw(
             k.view_mut(&mut self.params, 0..n),
-            k.view(&self.grads, 0..n),
+            k.view_mut(&mut self.grads, 0..n),
             k.view_mut(&mut self.adam_m, 0..n),
             k.view_mut(&mut self.adam_v, 0..n),
             h,
         );
+        self.grads_zero = true;
         norm
     }
 

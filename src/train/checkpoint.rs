@@ -69,7 +69,13 @@ pub fn save<K: Kernels>(
 ) -> Result<PathBuf> {
     let final_dir = dir.join(dir_name(state.step));
     let tmp = dir.join(format!(".{}.tmp", dir_name(state.step)));
-    let _ = fs::remove_dir_all(&tmp);
+    // Leftovers of writers that died mid-checkpoint are never complete: clear them.
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
     let write = || -> Result<()> {
         fs::create_dir_all(&tmp)?;
         let params = engine.params_host();

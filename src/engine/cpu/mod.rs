@@ -188,11 +188,11 @@ simd_fn! {
 
 simd_fn! {
     /// AdamW over one chunk (see `Kernels::adamw`); `c = [step_size, bc2_sqrt, decay]`.
-    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamW, c: [f32; 3]) {
+    fn adamw_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamW, c: [f32; 3]) {
         let [step_size, bc2_sqrt, decay] = c;
         let (b1, b2) = (h.beta1, h.beta2);
         for i in 0..p.len() {
-            let g = g[i] * h.grad_scale;
+            let g = std::mem::take(&mut g[i]) * h.grad_scale;
             p[i] *= decay;
             m[i] += (1.0 - b1) * (g - m[i]);
             v[i] = b2 * v[i] + (1.0 - b2) * g * g;
@@ -665,7 +665,7 @@ impl Kernels for Cpu {
         )
     }
 
-    fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamW) {
+    fn adamw(&self, p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamW) {
         self.timed(
             || "adamw".to_string(),
             0.0,
@@ -677,7 +677,7 @@ impl Kernels for Cpu {
                 let decay = 1.0 - h.lr * h.weight_decay;
                 let c = [step_size, bc2_sqrt, decay];
                 p.par_chunks_mut(SUM_CHUNK)
-                    .zip(g.par_chunks(SUM_CHUNK))
+                    .zip(g.par_chunks_mut(SUM_CHUNK))
                     .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
                     .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, c));
             },

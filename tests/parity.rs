@@ -116,6 +116,7 @@ fn check(name: &str) {
     println!("{name}: worst gradient rel {:.2e} ({})", worst.0, worst.1);
     let norm = f.engine.grad_norm();
     let want = num("grad_norm_before_clip");
+    println!("{name}: grad norm rel {:.2e}", ((norm - want) / want).abs());
     assert!(((norm - want) / want).abs() < 1e-5, "{name}: grad norm {norm} vs {want}");
 
     f.engine.optimizer_step(5e-4, &optim());

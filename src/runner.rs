@@ -28,6 +28,8 @@ pub fn start(
     mut session: Session,
 ) -> Result<(RunDir, Outcome)> {
     let c = &planned.config;
+    // Before any folder exists: a run this build cannot train leaves nothing behind.
+    train::require_cpu(&c.train)?;
     if c.checkpoint.resume == Resume::Auto
         && let Some(dir) = find_resumable(&c.checkpoint.save_dir, &c.name, planned.tag.as_deref())?
     {

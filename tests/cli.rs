@@ -784,3 +784,14 @@ fn from_weight_starts_a_new_run_from_an_export() {
     );
     assert!(stderr(&o).contains("model.num_hidden_layers (1 in the weights, 2 now)"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_run_this_build_cannot_train_says_how_and_leaves_no_folder() {
+    let s = Scratch::new();
+    s.micro("");
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "train.dtype=bfloat16"]), 1);
+    let err = stderr(&o);
+    assert!(err.contains("train.dtype = \"bfloat16\": the CPU engine computes in float32"), "{err}");
+    assert!(err.contains("hint: --set train.dtype=\"float32\""), "{err}");
+    assert!(s.runs().is_empty(), "no run folder for a run that cannot start");
+}

@@ -21,11 +21,12 @@ pub fn require_cpu(t: &crate::config::TrainConfig) -> Result<()> {
             "train.device = \"cuda\": this build has only the CPU engine\n  hint: --set train.device=\"cpu\""
         );
     }
-    if t.dtype != Dtype::Float32 {
-        anyhow::bail!(
-            "train.dtype = {:?}: the CPU engine computes in float32 (bfloat16/float16 are for CUDA)\n  hint: --set train.dtype=\"float32\"",
-            t.dtype
-        );
-    }
-    Ok(())
+    let dtype = match t.dtype {
+        Dtype::Float32 => return Ok(()),
+        Dtype::Bfloat16 => "bfloat16",
+        Dtype::Float16 => "float16",
+    };
+    anyhow::bail!(
+        "train.dtype = \"{dtype}\": the CPU engine computes in float32 (bfloat16/float16 are for CUDA)\n  hint: --set train.dtype=\"float32\""
+    )
 }

@@ -224,3 +224,34 @@ fn bit_identical_across_runs_and_thread_counts() {
     assert_eq!(one, losses_with_threads(2), "1 vs 2 threads");
     assert_eq!(one, losses_with_threads(3), "1 vs 3 threads");
 }
+
+#[test]
+fn recomputing_attention_probabilities_changes_no_bit() {
+    let mut cfg = hf::read_config(&fixture("moe_tiny").join("config.json")).unwrap();
+    cfg.hidden_size = 128;
+    cfg.head_dim = 32;
+    let (b, t) = (2, 80);
+    let run = |keep: bool| {
+        let mut engine = Engine::with_attention_probs(Cpu::new(), cfg.clone(), b, t, keep);
+        engine.init_weights(11);
+        let mut rng = minimind::engine::SplitMix64::new(4);
+        let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
+        let targets: Vec<i32> =
+            (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
+        let l = engine.forward_backward(&ids, &targets, 1.0);
+        let grads: Vec<u32> = engine.grads_host().iter().map(|g| g.to_bits()).collect();
+        (l.lm.to_bits(), l.aux.to_bits(), grads)
+    };
+    assert!(run(true) == run(false));
+}
+
+#[test]
+fn attention_probabilities_are_kept_only_while_small() {
+    let mut m = hf::read_config(&fixture("dense_tiny").join("config.json")).unwrap();
+    m.num_hidden_layers = 8;
+    m.num_attention_heads = 8;
+    // (batch, seq) -> keep: the CPU bench shape keeps them, MiniMind's defaults recompute.
+    for (b, t, keep) in [(4, 256, true), (16, 128, true), (32, 512, false), (8, 1024, false)] {
+        assert_eq!(minimind::engine::keep_attention_probs(&m, b, t), keep, "B={b} T={t}");
+    }
+}

@@ -130,6 +130,9 @@ pub trait Kernels: Sync {
         v: Self::V<'_>,
         s: AttnShape,
     );
+    /// Writes the `probs` that `attention_forward` writes, bit for bit (for a backward pass
+    /// when the forward's were not kept).
+    fn attention_probs(&self, probs: Self::M<'_>, q: Self::V<'_>, k: Self::V<'_>, s: AttnShape);
     /// Gradients of the above; `dq`/`dk`/`dv` are overwritten; `scratch` is `[B, H, T, T]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(

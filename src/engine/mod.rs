@@ -14,7 +14,7 @@ mod moe;
 
 pub use kernels::{AdamW, Kernels};
 pub use layout::Layout;
-pub use model::{Losses, rope_tables};
+pub use model::{Losses, keep_attention_probs, rope_tables};
 
 use crate::config::{ModelConfig, TrainConfig};
 use model::{Model, Workspace};
@@ -62,9 +62,22 @@ impl<K: Kernels> Engine<K> {
     /// Allocates everything for micro-batches of up to `batch` rows of `seq` tokens; the
     /// parameters start at zero (call [`Engine::init_weights`] or [`Engine::set_params`]).
     pub fn new(kernels: K, config: ModelConfig, batch: usize, seq: usize) -> Self {
+        let keep = model::keep_attention_probs(&config, batch, seq);
+        Self::with_attention_probs(kernels, config, batch, seq, keep)
+    }
+
+    /// As [`Engine::new`], choosing whether backward keeps (`true`) or recomputes the
+    /// attention probabilities; the results are the same bits either way.
+    pub fn with_attention_probs(
+        kernels: K,
+        config: ModelConfig,
+        batch: usize,
+        seq: usize,
+        keep: bool,
+    ) -> Self {
         let layout = Layout::new(&config);
         let total = layout.total;
-        let ws = Workspace::new(&kernels, &config, batch, seq);
+        let ws = Workspace::new(&kernels, &config, batch, seq, keep);
         Engine {
             params: kernels.alloc(total),
             grads: kernels.alloc(total),

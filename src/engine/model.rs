@@ -57,7 +57,6 @@ pub struct LayerActs<K: Kernels> {
     q: K::Buf,
     k: K::Buf,
     v: K::Buf,
-    probs: K::Buf,
     att: K::Buf,
     mid: K::Buf,
     xn2: K::Buf,
@@ -71,6 +70,9 @@ pub struct Workspace<K: Kernels> {
     pub t: usize,
     /// `resid[l]` is the input of layer l; `resid[L]` feeds the final norm. `[N, C]` each.
     resid: Vec<K::Buf>,
+    /// Attention probabilities `[B, H, T, T]`: one per layer when kept for backward, else a
+    /// single buffer that backward refills (see [`keep_attention_probs`]).
+    probs: Vec<K::Buf>,
     layers: Vec<LayerActs<K>>,
     xnf: K::Buf,
     rstdf: K::Buf,
@@ -107,8 +109,17 @@ pub struct Losses {
     pub targets: usize,
 }
 
+/// Whether to keep every layer's attention probabilities for backward (else backward
+/// recomputes them): kept while they take at most 1 GiB. MiniMind's defaults (B = 32, T = 512,
+/// 8 layers of 8 heads) would need 2.1 GiB, so they recompute. Pure.
+pub fn keep_attention_probs(m: &ModelConfig, b: usize, t: usize) -> bool {
+    let bytes = m.num_hidden_layers * b * m.num_attention_heads * t * t * 4;
+    bytes <= 1 << 30
+}
+
 impl<K: Kernels> Workspace<K> {
-    pub fn new(k: &K, m: &ModelConfig, b: usize, t: usize) -> Self {
+    /// Buffers for micro-batches of up to `b x t`; `keep_probs` as [`keep_attention_probs`].
+    pub fn new(k: &K, m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
         let n = b * t;
         let (c, i, d) = (m.hidden_size, m.intermediate_size, m.head_dim);
         let (hd, gd) = (m.num_attention_heads * d, m.num_key_value_heads * d);
@@ -120,7 +131,6 @@ impl<K: Kernels> Workspace<K> {
                 q: k.alloc(n * hd),
                 k: k.alloc(n * gd),
                 v: k.alloc(n * gd),
-                probs: k.alloc(b * m.num_attention_heads * t * t),
                 att: k.alloc(n * hd),
                 mid: k.alloc(n * c),
                 xn2: k.alloc(n * c),
@@ -149,6 +159,9 @@ impl<K: Kernels> Workspace<K> {
             b,
             t,
             resid: (0..=m.num_hidden_layers).map(|_| k.alloc(n * c)).collect(),
+            probs: (0..if keep_probs { m.num_hidden_layers } else { 1 })
+                .map(|_| k.alloc(b * m.num_attention_heads * t * t))
+                .collect(),
             layers,
             xnf: k.alloc(n * c),
             rstdf: k.alloc(n),
@@ -267,6 +280,7 @@ impl<K: Kernels> Model<'_, K> {
         let nc = 0..n * c;
         k.embed_forward(k.view_mut(&mut ws.resid[0], nc.clone()), self.w(p, &self.layout.embed), ids, c);
         let mut aux = 0.0;
+        let kept = ws.probs.len();
         for (l, lp) in self.layout.layers.iter().enumerate() {
             let (before, after) = ws.resid.split_at_mut(l + 1);
             let x = &before[l];
@@ -290,7 +304,7 @@ impl<K: Kernels> Model<'_, K> {
             let shape = AttnShape { b, t, h, g, d };
             k.attention_forward(
                 k.view_mut(&mut a.att, 0..n * hd),
-                k.view_mut(&mut a.probs, 0..b * h * t * t),
+                k.view_mut(&mut ws.probs[l.min(kept - 1)], 0..b * h * t * t),
                 k.view(&a.q, 0..n * hd),
                 k.view(&a.k, 0..n * gd),
                 k.view(&a.v, 0..n * gd),
@@ -606,17 +620,30 @@ impl<K: Kernels> Model<'_, K> {
             let dmid = k.view(&ws.dresid, nc.clone());
             self.linear_dx(k.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
             self.linear_dw(k.view_mut(grads, lp.o.clone()), dmid, k.view(&a.att, 0..n * hd), n, c, hd);
+            let shape = AttnShape { b, t, h, g, d };
+            let bhtt = 0..b * h * t * t;
+            let probs = if ws.probs.len() == lay.layers.len() {
+                &ws.probs[l]
+            } else {
+                k.attention_probs(
+                    k.view_mut(&mut ws.probs[0], bhtt.clone()),
+                    k.view(&a.q, 0..n * hd),
+                    k.view(&a.k, 0..n * gd),
+                    shape,
+                );
+                &ws.probs[0]
+            };
             k.attention_backward(
                 k.view_mut(&mut ws.dq, 0..n * hd),
                 k.view_mut(&mut ws.dk, 0..n * gd),
                 k.view_mut(&mut ws.dv, 0..n * gd),
                 k.view_mut(&mut ws.dscores, 0..b * h * t * t),
                 k.view(&ws.datt, 0..n * hd),
-                k.view(&a.probs, 0..b * h * t * t),
+                k.view(probs, bhtt),
                 k.view(&a.q, 0..n * hd),
                 k.view(&a.k, 0..n * gd),
                 k.view(&a.v, 0..n * gd),
-                AttnShape { b, t, h, g, d },
+                shape,
             );
             let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
             k.rope(k.view_mut(&mut ws.dq, 0..n * hd), cos, sin, t, h, d, true);

@@ -46,13 +46,58 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
+/// Scores and softmax of rows `r0..r1` of one (batch, head): `P[r0..r1, 0..r1]`.
+///
+/// # Safety
+/// `pb` points at this head's `[T, T]` block; `qb`/`kb` at its first query / key row (strides
+/// `hd` / `gd`), all in bounds for T rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs_block(
+    pb: *mut f32,
+    qb: *const f32,
+    kb: *const f32,
+    r0: usize,
+    r1: usize,
+    t: usize,
+    s: AttnShape,
+) {
+    let (hd, gd) = (s.h * s.d, s.g * s.d);
+    let scale = 1.0 / (s.d as f32).sqrt();
+    unsafe {
+        // S[r0..r1, 0..r1] = scale * q kᵀ
+        gemm_strided(
+            r1 - r0,
+            r1,
+            s.d,
+            pb.add(r0 * t),
+            t as isize,
+            false,
+            qb.add(r0 * hd),
+            hd as isize,
+            1,
+            kb,
+            1,
+            gd as isize,
+            scale,
+            false,
+        );
+        for i in r0..r1 {
+            softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1);
+        }
+    }
+}
+
+fn check(q: &[f32], k: &[f32], probs: usize, s: AttnShape) {
+    let AttnShape { b, t, h, g, d } = s;
+    assert!(q.len() >= b * t * h * d && k.len() >= b * t * g * d, "attention q/k shape");
+    assert!(probs >= b * h * t * t, "attention probs shape");
+}
+
 pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
-    assert!(q.len() >= b * t * hd && out.len() >= b * t * hd, "attention q/out shape");
-    assert!(k.len() >= b * t * gd && v.len() >= b * t * gd, "attention k/v shape");
-    assert!(probs.len() >= b * h * t * t, "attention probs shape");
-    let scale = 1.0 / (d as f32).sqrt();
+    check(q, k, probs.len(), s);
+    assert!(out.len() >= b * t * hd && v.len() >= b * t * gd, "attention out/v shape");
     let (outp, probp) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
     (0..b * h).into_par_iter().for_each(|bh| {
         let (bi, hi) = (bh / h, bh % h);
@@ -66,30 +111,10 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
             let pb = probp.get().add(bh * t * t);
             let ob = outp.get().add(bi * t * hd + hi * d);
             for (r0, r1) in blocks(t) {
-                let rows = r1 - r0;
-                // S[r0..r1, 0..r1] = scale * q k^T
-                gemm_strided(
-                    rows,
-                    r1,
-                    d,
-                    pb.add(r0 * t),
-                    t as isize,
-                    false,
-                    qb.add(r0 * hd),
-                    hd as isize,
-                    1,
-                    kb,
-                    1,
-                    gd as isize,
-                    scale,
-                    false,
-                );
-                for i in r0..r1 {
-                    softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1);
-                }
+                probs_block(pb, qb, kb, r0, r1, t, s);
                 // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
                 gemm_strided(
-                    rows,
+                    r1 - r0,
                     d,
                     r1,
                     ob.add(r0 * hd),
@@ -104,6 +129,27 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
                     1.0,
                     false,
                 );
+            }
+        }
+    });
+}
+
+/// Recomputes the probabilities `forward` wrote, bit for bit, for a backward pass whose
+/// forward did not keep them.
+pub fn probs(probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape) {
+    let AttnShape { b, t, h, g, d } = s;
+    let (hd, gd) = (h * d, g * d);
+    check(q, k, probs.len(), s);
+    let probp = SendPtr(probs.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let gi = hi / (h / g);
+        // SAFETY: as in `forward`; each task writes only its own (batch, head) block.
+        unsafe {
+            let qb = q.as_ptr().add(bi * t * hd + hi * d);
+            let kb = k.as_ptr().add(bi * t * gd + gi * d);
+            for (r0, r1) in blocks(t) {
+                probs_block(probp.get().add(bh * t * t), qb, kb, r0, r1, t, s);
             }
         }
     });

@@ -503,6 +503,10 @@ impl Kernels for Cpu {
         )
     }
 
+    fn attention_probs(&self, probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape) {
+        self.timed(|| "attention_probs".to_string(), 0.0, || attention::probs(probs, q, k, s))
+    }
+
     fn attention_backward(
         &self,
         dq: &mut [f32],

@@ -54,12 +54,18 @@ impl Layered {
 
     /// Where the value of a dotted key came from.
     pub fn origin_of(&self, key: &str) -> Origin {
+        self.origin_at(key, &key.split('.').collect::<Vec<_>>())
+    }
+
+    /// Where the value of `key` came from; when that is a file, the position of `parts` in it
+    /// (a path of names at or under `key`, which may themselves contain dots).
+    pub fn origin_at(&self, key: &str, parts: &[&str]) -> Origin {
         let Some(meta) = self.figment.find_metadata(key) else {
             return Origin::Derived;
         };
         if let Some(figment::Source::File(path)) = &meta.source {
             if let Some(file) = self.files.iter().find(|f| same_file(&f.path, path)) {
-                return locate_key(&file.path, &file.text, key)
+                return locate_parts(&file.path, &file.text, parts)
                     .unwrap_or_else(|| Origin::FileOnly(file.path.clone()));
             }
             return Origin::FileOnly(path.clone());

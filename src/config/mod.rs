@@ -37,12 +37,8 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
         let config = resolve::resolve(&base)?;
         return Ok(vec![PlannedRun { tag: None, config, layered: base }]);
     };
-    let sweep_file = base.origin_of("sweep");
-    let locate = |section: &str, key: &str| {
-        let file = base.files.iter().rev().find(|f| f.text.contains(key));
-        file.and_then(|f| load::locate_parts(&f.path, &f.text, &["sweep", section, key]))
-            .unwrap_or_else(|| sweep_file.clone())
-    };
+    let locate =
+        |section: &str, key: &str| base.origin_at(&format!("sweep.{section}"), &["sweep", section, key]);
     for (section, axis) in [("grid", &sweep.grid), ("zip", &sweep.zip)] {
         for key in axis.keys() {
             if !keys::is_sweepable(key) {

@@ -154,7 +154,7 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
 }
 
 /// Checks one file alone: TOML syntax, unknown keys, value types.
-pub fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigError> {
+fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigError> {
     let doc = ImDocument::parse(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         ConfigError::new(
@@ -219,7 +219,7 @@ fn key_at_offset(table: &dyn TableLike, prefix: &str, offset: usize) -> Option<S
 }
 
 /// Where a dotted key is written in a file, if it is.
-pub fn locate_key(path: &Path, text: &str, key: &str) -> Option<Origin> {
+fn locate_key(path: &Path, text: &str, key: &str) -> Option<Origin> {
     locate_parts(path, text, &key.split('.').collect::<Vec<_>>())
 }
 

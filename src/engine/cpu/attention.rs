@@ -87,6 +87,45 @@ unsafe fn probs_block(
     }
 }
 
+/// `dst[s0..s1] (+)= beta * M[s0.., s0..s1]ᵀ x[s0..]` for one `[T, T]` block `M` that is
+/// zero above its diagonal (so rows before s0 contribute nothing); rows of `dst` and `x` are
+/// `dst_rs` and `x_rs` apart.
+///
+/// # Safety
+/// All pointers address T rows (`m`: the whole `[T, T]` block) of at least `d` columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tri_t_rows(
+    dst: *mut f32,
+    dst_rs: usize,
+    m: *const f32,
+    x: *const f32,
+    x_rs: usize,
+    (s0, s1): (usize, usize),
+    t: usize,
+    d: usize,
+    accumulate: bool,
+    beta: f32,
+) {
+    unsafe {
+        gemm_strided(
+            s1 - s0,
+            d,
+            t - s0,
+            dst.add(s0 * dst_rs),
+            dst_rs as isize,
+            accumulate,
+            m.add(s0 * t + s0),
+            1,
+            t as isize,
+            x.add(s0 * x_rs),
+            x_rs as isize,
+            1,
+            beta,
+            false,
+        );
+    }
+}
+
 fn check(q: &[f32], k: &[f32], probs: usize, s: AttnShape) {
     let AttnShape { b, t, h, g, d } = s;
     assert!(q.len() >= b * t * h * d && k.len() >= b * t * g * d, "attention q/k shape");
@@ -240,41 +279,10 @@ pub fn backward(
                 // Column blocks: key rows s0..s1 gather from query rows s0..T (dS and P are
                 // lower triangular).
                 for (s0, s1) in blocks(t) {
-                    let (cols, rows) = (s1 - s0, t - s0);
-                    // dk[s0..s1] (+)= scale * dS[s0.., s0..s1]^T q[s0..]
-                    gemm_strided(
-                        cols,
-                        d,
-                        rows,
-                        dkb.add(s0 * gd),
-                        gd as isize,
-                        !first,
-                        db.add(s0 * t + s0),
-                        1,
-                        t as isize,
-                        qb.add(s0 * hd),
-                        hd as isize,
-                        1,
-                        scale,
-                        false,
-                    );
-                    // dv[s0..s1] (+)= P[s0.., s0..s1]^T dO[s0..]
-                    gemm_strided(
-                        cols,
-                        d,
-                        rows,
-                        dvb.add(s0 * gd),
-                        gd as isize,
-                        !first,
-                        pb.add(s0 * t + s0),
-                        1,
-                        t as isize,
-                        dob.add(s0 * hd),
-                        hd as isize,
-                        1,
-                        1.0,
-                        false,
-                    );
+                    // dk[s0..s1] (+)= scale * dS[s0.., s0..s1]ᵀ q[s0..]
+                    tri_t_rows(dkb, gd, db, qb, hd, (s0, s1), t, d, !first, scale);
+                    // dv[s0..s1] (+)= P[s0.., s0..s1]ᵀ dO[s0..]
+                    tri_t_rows(dvb, gd, pb, dob, hd, (s0, s1), t, d, !first, 1.0);
                 }
             }
         }

@@ -32,12 +32,9 @@ pub fn first_rows(path: &Path, tok: &Tok, t: usize, rows: usize) -> Result<(Vec<
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: malformed line", path.display(), no + 1))?;
-        let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
-            bail!("{}:{}: no \"text\" string", path.display(), no + 1);
-        };
-        let tokens = tok.encode(text)?;
+        let text = crate::data::cache::parse_line(&line)
+            .map_err(|why| anyhow::anyhow!("{}:{}: malformed line: {why}", path.display(), no + 1))?;
+        let tokens = tok.encode(&text)?;
         let start = ids.len();
         ids.resize(start + t, 0);
         targets.resize(start + t, 0);

@@ -12,6 +12,8 @@ use rayon::prelude::*;
 use crate::config::ModelConfig;
 use crate::data::Tok;
 use crate::engine::layout::{Ffn, Layout, Mlp};
+use crate::engine::model::router_config;
+use crate::engine::moe::Routing;
 use crate::engine::{SplitMix64, hf, rope_tables};
 
 #[derive(Clone, Debug)]
@@ -229,24 +231,14 @@ impl<'a> Generator<'a> {
             let y = match &lp.mlp {
                 Mlp::Dense(f) => self.ffn(f, &xn2),
                 Mlp::Moe { router, experts, shared } => {
-                    let e = m.n_routed_experts;
-                    let mut logits = vec![0.0; e];
+                    // The training router, on one token: the same top-k and weights.
+                    let mut logits = vec![0.0; m.n_routed_experts];
                     matvec(&self.p[router.clone()], &xn2, &mut logits);
-                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut s: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
-                    let sum: f32 = s.iter().sum();
-                    s.iter_mut().for_each(|v| *v /= sum);
-                    let mut order: Vec<usize> = (0..e).collect();
-                    order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-                    let top = &order[..m.num_experts_per_tok];
-                    let mut w: Vec<f32> = top.iter().map(|&i| s[i]).collect();
-                    if top.len() > 1 && m.norm_topk_prob {
-                        let denom = w.iter().sum::<f32>() + 1e-20;
-                        w.iter_mut().for_each(|v| *v /= denom);
-                    }
+                    let mut route = Routing::default();
+                    route.route(&logits, 1, 1, router_config(m));
                     let mut y = vec![0.0; c];
-                    for (&ex, wt) in top.iter().zip(&w) {
-                        let out = self.ffn(&experts[ex], &xn2);
+                    for (&ex, wt) in route.expert.iter().zip(&route.weight) {
+                        let out = self.ffn(&experts[ex as usize], &xn2);
                         y.iter_mut().zip(&out).for_each(|(y, o)| *y += wt * o);
                     }
                     for f in shared {

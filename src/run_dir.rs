@@ -244,17 +244,19 @@ impl RunDir {
 /// Writes a file under a temporary name, syncs it, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write()
+    write_synced(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display())))
         .inspect_err(|_e| {
             let _ = fs::remove_file(&tmp);
         })
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes a file and syncs it to disk before returning.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", path.display()))
 }
 
 #[cfg(test)]

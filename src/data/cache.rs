@@ -165,8 +165,8 @@ fn build(
     }
 }
 
-/// Why a line is unusable.
-fn parse_line(line: &str) -> std::result::Result<String, String> {
+/// The `text` of one jsonl line, or why the line is unusable.
+pub fn parse_line(line: &str) -> std::result::Result<String, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     match v.get("text") {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),

@@ -235,6 +235,14 @@ pub fn read_weights(bytes: &[u8], layout: &Layout) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// A tensor's values as f32, from an f32, bf16 or f16 tensor.
+pub fn to_f32(view: &TensorView<'_>) -> Result<Vec<f32>> {
+    let n: usize = view.shape().iter().product();
+    let mut out = vec![0.0; n];
+    decode(view, &mut out)?;
+    Ok(out)
+}
+
 fn decode(view: &TensorView<'_>, out: &mut [f32]) -> Result<()> {
     let data = view.data();
     match view.dtype() {

@@ -9,8 +9,8 @@ pub mod cpu;
 pub mod hf;
 pub mod kernels;
 pub mod layout;
-mod model;
-mod moe;
+pub(crate) mod model;
+pub(crate) mod moe;
 
 pub use kernels::{AdamW, Kernels};
 pub use layout::Layout;
@@ -225,12 +225,6 @@ impl<K: Kernels> Engine<K> {
         );
         self.grads_zero = true;
         norm
-    }
-
-    /// Forward FLOPs per token of this model at sequence length `t` (matrix products and
-    /// attention; training is about 3x this).
-    pub fn forward_flops_per_token(&self, t: usize) -> f64 {
-        flops_per_token(&self.config, t)
     }
 }
 

@@ -207,7 +207,7 @@ pub fn rope_tables(m: &ModelConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-fn router_config(m: &ModelConfig) -> RouterConfig {
+pub(crate) fn router_config(m: &ModelConfig) -> RouterConfig {
     RouterConfig {
         experts: m.n_routed_experts,
         top_k: m.num_experts_per_tok,

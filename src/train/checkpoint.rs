@@ -4,7 +4,6 @@
 //! checkpoint is detected and skipped.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -15,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::config::ModelConfig;
 use crate::data::Cursor;
 use crate::engine::{Engine, Kernels, hf};
+use crate::run_dir::write_synced;
 
 const MARKER: &str = "COMPLETE";
 const FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
@@ -51,12 +51,6 @@ pub fn to_delete(mut steps: Vec<usize>, keep: usize) -> Vec<usize> {
 
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
 }
 
 /// Writes a complete checkpoint of `engine` and `state` under `dir`, then prunes to
@@ -158,8 +152,7 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
     let params = hf::read_weights(&files[0], layout).context("model.safetensors")?;
     let st = SafeTensors::deserialize(&files[1]).context("optimizer.safetensors")?;
     let vec_of = |name: &str| -> Result<Vec<f32>> {
-        let t = st.tensor(name).with_context(|| format!("optimizer state has no {name}"))?;
-        Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        hf::to_f32(&st.tensor(name).with_context(|| format!("optimizer state has no {name}"))?)
     };
     let (exp_avg, exp_avg_sq) = (vec_of("exp_avg")?, vec_of("exp_avg_sq")?);
     if exp_avg.len() != layout.total || exp_avg_sq.len() != layout.total {

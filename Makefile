@@ -2,6 +2,9 @@
 EXP ?= experiments/tiny.toml
 SWEEP ?= experiments/sweeps/lr_moe.toml
 CARGO ?= cargo
+# Where cargo builds (honours the environment's CARGO_TARGET_DIR, as cargo does).
+CARGO_TARGET_DIR ?= target
+BIN = $(CARGO_TARGET_DIR)/release/minimind
 
 .PHONY: build run sweep test bench schema check
 
@@ -9,16 +12,16 @@ build:
 	$(CARGO) build --release
 
 run: build
-	./target/release/minimind run $(EXP)
+	$(BIN) run $(EXP)
 
 sweep: build
-	./target/release/minimind run $(SWEEP)
+	$(BIN) run $(SWEEP)
 
 test:
 	$(CARGO) test
 
 bench: build
-	./target/release/minimind bench $(EXP)
+	$(BIN) bench $(EXP)
 
 schema:
 	$(CARGO) run --quiet -- schema > schemas/experiment.schema.json

@@ -29,7 +29,7 @@ pub fn run(config: &Config, steps: usize, warmup: usize, profile: bool) -> Resul
         let (b, t) = (config.train.batch_size, config.data.max_seq_len);
         let m = &config.model;
         let cpu = if profile { Cpu::profiled() } else { Cpu::new() };
-        let mut engine = Engine::new(cpu, m.clone(), b, t);
+        let mut engine = Engine::new(cpu, m.clone(), b, t)?;
         engine.init_weights(config.seed);
         let mut rng = SplitMix64::new(config.seed);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % m.vocab_size as u64) as u32).collect();

@@ -1,12 +1,16 @@
 //! Command-line surface: clap commands mapped to library calls. No training logic here.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Assign, ConfigError, PlannedRun};
+use crate::config::{self, Assign, ConfigError, ConfigErrors, PlannedRun};
+use crate::cost::{self, Cost};
+use crate::metrics::{human, say};
 use crate::run_dir;
 use crate::runner;
 use crate::train::{Outcome, Session};
@@ -19,42 +23,90 @@ struct Cli {
     command: Command,
 }
 
+const RUN_EXAMPLES: &str = "\
+Examples:
+  minimind run experiments/tiny.toml
+  minimind run experiments/dense_small.toml --set train.learning_rate=1e-3 --set model.use_moe=true
+  MINIMIND_TRAIN__BATCH_SIZE=8 minimind run experiments/dense_small.toml
+  minimind run experiments/sweeps/lr_moe.toml --dry-run
+
+Layering, lowest to highest: defaults < `extends` chain < the file < MINIMIND_<SECTION>__<KEY>
+environment variables < --set < the sweep point. SIGINT/SIGTERM/SIGHUP stop after the current
+micro-batch with a checkpoint (exit 130/143/129); a second signal quits at once.";
+
+const RESUME_EXAMPLES: &str = "\
+Examples:
+  minimind resume runs/20261128-101500-tiny
+  minimind resume runs/20261128-101500-tiny --set train.max_steps=400 --set checkpoint.save_interval=50
+
+A resume may --set only keys that change neither the model nor the order of the data.";
+
+/// Testing aids shared by `run` and `resume` (hidden from --help).
+#[derive(Args, Debug, Clone)]
+struct TestingAids {
+    /// Testing aid: stop as if interrupted right after this optimiser step.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+    /// Testing aid: kill this process with SIGKILL at a named point (checkpoint, export, optionally :STEP).
+    #[arg(long, hide = true)]
+    crash_at: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train every run of the experiment files (every sweep point in turn).
+    #[command(after_help = RUN_EXAMPLES)]
     Run {
+        /// Experiment files (TOML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Override a key: `section.key=value` (TOML value syntax); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Print the runs and folders that would be created, create nothing.
+        /// Print the runs, their folders and their cost; create nothing.
         #[arg(long)]
         dry_run: bool,
         /// No progress bars, plain lines only.
         #[arg(long)]
         quiet: bool,
-        /// Testing aid: stop as if interrupted right after this optimiser step.
-        #[arg(long, hide = true)]
-        stop_after: Option<usize>,
+        /// Without a progress bar, print a progress line when nothing was printed for this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        progress_every: f64,
+        #[command(flatten)]
+        aids: TestingAids,
     },
     /// Continue an interrupted run exactly, from its last complete checkpoint.
+    #[command(after_help = RESUME_EXAMPLES)]
     Resume {
+        /// The run folder (runs/<timestamp>-<name>).
         run_dir: PathBuf,
+        /// Change a key that affects neither the model nor the data order (max_steps, intervals, threads, ...).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Resume even though the data file, tokenizer or tokens changed since the checkpoint.
+        #[arg(long)]
+        allow_data_change: bool,
+        /// No progress bars, plain lines only.
         #[arg(long)]
         quiet: bool,
-        #[arg(long, hide = true)]
-        stop_after: Option<usize>,
+        /// Without a progress bar, print a progress line when nothing was printed for this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        progress_every: f64,
+        #[command(flatten)]
+        aids: TestingAids,
     },
     /// Mean next-token loss of a model folder on the first N*B samples of a jsonl file.
     Eval {
         /// Folder with config.json, model.safetensors and tokenizer.json.
         #[arg(long)]
         hf_dir: PathBuf,
+        /// JSON-lines file, one {"text": ...} per line.
         #[arg(long)]
         data: PathBuf,
+        /// Tokens per row, T.
         #[arg(long)]
         seq_len: usize,
+        /// Rows per batch, B.
         #[arg(long)]
         batch_size: usize,
         /// Batches to evaluate.
@@ -63,36 +115,49 @@ enum Command {
         /// Tokenizer to use instead of HF_DIR/tokenizer.json.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Skip (and count) malformed lines instead of failing.
+        #[arg(long)]
+        skip_bad_lines: bool,
         /// Print `{"loss": ..., "tokens": ...}`.
         #[arg(long)]
         json: bool,
     },
-    /// Sample text from a trained model (a run folder or a model folder).
+    /// Sample text from a trained model: a run folder (its export, or its newest checkpoint) or a model folder.
     Generate {
+        /// A run folder or a model folder (config.json, model.safetensors, tokenizer.json).
         dir: PathBuf,
+        /// The text to continue.
         #[arg(long)]
         prompt: String,
+        /// Tokens to generate at most.
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
+        /// Softmax temperature; 0 picks the most likely token.
         #[arg(long, default_value_t = 0.85)]
         temperature: f32,
+        /// Nucleus sampling: keep the most likely tokens up to this probability mass.
         #[arg(long, default_value_t = 0.85)]
         top_p: f32,
         /// Keep only the k most likely tokens (0: all).
         #[arg(long, default_value_t = 0)]
         top_k: usize,
+        /// Seed of the sampler.
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Show the expanded runs: tag, overrides, parameters, tokens per step.
+    /// Show the expanded runs: tag, overrides, parameters, tokens per step, memory, FLOPs, time.
     Plan {
+        /// Experiment file (TOML).
         file: PathBuf,
+        /// Override a key: `section.key=value` (TOML value syntax); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
     /// Print the fully resolved config as TOML.
     Config {
+        /// Experiment file (TOML).
         file: PathBuf,
+        /// Override a key: `section.key=value` (TOML value syntax); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Follow each value with where it came from.
@@ -101,6 +166,7 @@ enum Command {
     },
     /// Check experiment files; exit 0 when all are valid, 2 otherwise.
     Validate {
+        /// Experiment files (TOML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -108,10 +174,12 @@ enum Command {
     Schema,
     /// Training throughput of the configured model on synthetic tokens.
     Bench {
+        /// Experiment file (TOML).
         file: PathBuf,
         /// Timed optimiser steps (after two untimed warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Override a key: `section.key=value` (TOML value syntax); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Time every kernel and print where the time goes.
@@ -123,43 +191,63 @@ enum Command {
 /// Parses the command line, runs the command, prints any error chain; 0 ok, 1 failure, 2 bad
 /// config or usage.
 pub fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`minimind plan x | head`), like other Unix tools,
-    // instead of panicking inside println!.
-    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    let trains = matches!(cli.command, Command::Run { dry_run: false, .. } | Command::Resume { .. });
+    // A training process outlives a closed stdout (`| head`): writes fail quietly and training
+    // goes on, logged to train.log. Other commands die quietly on a closed pipe, like other
+    // Unix tools, instead of panicking inside println!.
+    // SAFETY: setting a signal's disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, if trains { libc::SIG_IGN } else { libc::SIG_DFL });
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.is::<ConfigError>()) { ExitCode::from(2) } else { ExitCode::from(1) }
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            if e.chain().any(|c| c.is::<ConfigError>() || c.is::<ConfigErrors>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
+    }
+}
+
+fn session(quiet: bool, progress_every: f64, aids: TestingAids, stop: crate::signals::Stop) -> Session {
+    if let Some(point) = aids.crash_at {
+        crate::signals::set_crash_point(point);
+    }
+    Session {
+        resume: None,
+        stop,
+        stop_after: aids.stop_after,
+        quiet,
+        heartbeat: Duration::from_secs_f64(progress_every.max(0.0)),
     }
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { files, set, dry_run, quiet, stop_after } => {
+        Command::Run { files, set, dry_run, quiet, progress_every, aids } => {
             let mut runs = Vec::new();
             for file in &files {
                 runs.extend(load(file, &set)?);
             }
             if dry_run {
-                print_dry_run(&runs);
+                print_dry_run(&runs)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let stop = runner::install_signals()?;
+            let stop = crate::signals::install()?;
             let mut failed = 0;
             for run in &runs {
-                let session = Session { resume: false, stop: stop.clone(), stop_after, quiet };
+                let session = session(quiet, progress_every, aids.clone(), stop.clone());
                 match runner::start(run, std::env::args().collect(), session) {
                     Ok((_, Outcome::Completed)) => {}
                     Ok((_, outcome)) => return Ok(ExitCode::from(runner::exit_code(outcome))),
                     Err(e) if runs.len() > 1 => {
                         failed += 1;
-                        eprintln!("error: run {}: {e:#}", run.tag.as_deref().unwrap_or(&run.config.name));
+                        let tag = run.tag.as_deref().unwrap_or(&run.config.name);
+                        let _ = writeln!(std::io::stderr(), "error: run {tag}: {e:#}");
                     }
                     Err(e) => return Err(e),
                 }
@@ -169,14 +257,26 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { run_dir, quiet, stop_after } => {
-            let stop = runner::install_signals()?;
-            let outcome = runner::resume(&run_dir, Session { resume: true, stop, stop_after, quiet })?;
+        Command::Resume { run_dir, set, allow_data_change, quiet, progress_every, aids } => {
+            let sets = parse_sets(&set)?;
+            let stop = crate::signals::install()?;
+            let session = session(quiet, progress_every, aids, stop);
+            let outcome = runner::resume(&run_dir, &sets, allow_data_change, session)?;
             Ok(ExitCode::from(runner::exit_code(outcome)))
         }
-        Command::Eval { hf_dir, data, seq_len, batch_size, batches, tokenizer, json } => {
-            let r =
-                crate::eval::eval_dir(&hf_dir, &data, tokenizer.as_deref(), seq_len, batch_size, batches)?;
+        Command::Eval { hf_dir, data, seq_len, batch_size, batches, tokenizer, skip_bad_lines, json } => {
+            let (r, skipped) = crate::eval::eval_dir(
+                &hf_dir,
+                &data,
+                tokenizer.as_deref(),
+                seq_len,
+                batch_size,
+                batches,
+                skip_bad_lines,
+            )?;
+            if let Some(s) = skipped.describe() {
+                crate::metrics::warn(&s);
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -190,7 +290,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, set } => {
-            print_plan(&load(&file, &set)?);
+            print_plan(&load(&file, &set)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { file, set, sources } => {
@@ -218,7 +318,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Bench { file, steps, set, profile } => {
             for run in load(&file, &set)? {
                 let c = &run.config;
-                crate::train::require_cpu(&c.train)?;
+                for note in runner::preflight(c, &run.layered)?.notes {
+                    println!("{note}");
+                }
                 let r = crate::bench::run(c, steps.max(1), 2, profile)?;
                 println!(
                     "{}: hidden {} layers {} moe {} batch {} seq {} accumulation {} threads {}",
@@ -249,50 +351,98 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Every `--set` argument parsed; all bad ones reported together.
+fn parse_sets(set: &[String]) -> Result<Vec<Assign>, ConfigErrors> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for s in set {
+        match config::parse_set(s) {
+            Ok(a) => out.push(a),
+            Err(e) => bad.push(e),
+        }
+    }
+    if bad.is_empty() { Ok(out) } else { Err(ConfigErrors(bad)) }
+}
+
 /// Loads an experiment with this process's environment and the given `--set` arguments.
 fn load(file: &Path, set: &[String]) -> Result<Vec<PlannedRun>> {
     let env = config::parse_env(std::env::vars())?;
-    let sets: Vec<Assign> = set.iter().map(|s| config::parse_set(s)).collect::<Result<_, _>>()?;
-    Ok(config::load(file, &env, &sets)?)
+    for w in &env.warnings {
+        crate::metrics::warn(w);
+    }
+    let sets = parse_sets(set)?;
+    Ok(config::load(file, &env.assigns, &sets)?)
 }
 
-fn print_plan(runs: &[PlannedRun]) {
-    println!("{:<28} {:>12} {:>14}  overrides", "run", "parameters", "tokens/step");
+/// Steps a run will take when that is known without tokenising: `max_steps`, or epochs over
+/// the documents of an existing token cache or, unpacked, the non-blank lines of the file.
+fn planned_steps(c: &config::Config) -> Option<usize> {
+    if let Some(n) = c.train.max_steps {
+        return Some(n);
+    }
+    if c.data.packing {
+        return None;
+    }
+    let text = std::fs::read(&c.data.path).ok()?;
+    let docs = text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).count();
+    Some(c.train.epochs * (docs / c.train.batch_size) / c.train.accumulation_steps)
+}
+
+/// The run's cost with the measured throughput of this machine (measured once, cached).
+fn cost_of(c: &config::Config) -> Cost {
+    Cost::of(c, planned_steps(c), cost::machine_gflops(c.train.threads).ok())
+}
+
+fn print_plan(runs: &[PlannedRun]) -> Result<()> {
+    say(&format!(
+        "{:<24} {:>10} {:>11} {:>10} {:>11} {:>10} {:>10}  overrides",
+        "run", "parameters", "tokens/step", "memory", "FLOP/step", "step", "run"
+    ));
     for run in runs {
+        let c = &run.config;
+        let cost = cost_of(c);
         let point: Vec<String> =
             run.layered.assigns.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
-        println!(
-            "{:<28} {:>12} {:>14}  {}",
-            run.tag.as_deref().unwrap_or(&run.config.name),
-            format_count(run.config.derived.parameters),
-            run.config.derived.tokens_per_step,
+        let step = cost.step_seconds();
+        say(&format!(
+            "{:<24} {:>10} {:>11} {:>10} {:>11} {:>10} {:>10}  {}",
+            run.tag.as_deref().unwrap_or(&c.name),
+            human(cost.parameters as f64),
+            human(c.derived.tokens_per_step as f64),
+            format!("{}B", human(cost.memory.peak)),
+            human(cost.flops_per_step),
+            step.map_or("?".into(), |s| format!("~{}", seconds(s))),
+            match (step, cost.steps) {
+                (Some(s), Some(n)) => format!("~{}", crate::metrics::duration(s * n as f64)),
+                _ => "?".into(),
+            },
             if point.is_empty() { "-".to_string() } else { point.join(" ") }
-        );
+        ));
     }
-    println!("{} run(s)", runs.len());
+    say(&format!("{} run(s); time estimated from this machine's measured matrix-multiply speed", runs.len()));
+    Ok(())
 }
 
-fn print_dry_run(runs: &[PlannedRun]) {
+fn seconds(s: f64) -> String {
+    if s < 10.0 { format!("{s:.2}s") } else { crate::metrics::duration(s) }
+}
+
+fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
     let now = chrono::Local::now();
     for run in runs {
-        let folder = run_dir::folder_name(&now, &run.config.name, run.tag.as_deref());
-        println!(
-            "would create {} (config.toml, meta.json, metrics.csv, checkpoints/): {} parameters, {} tokens/step",
-            run.config.checkpoint.save_dir.join(folder).display(),
-            format_count(run.config.derived.parameters),
-            run.config.derived.tokens_per_step
-        );
+        let c = &run.config;
+        let folder = run_dir::folder_name(&now, &c.name, run.tag.as_deref());
+        let placement = runner::preflight(c, &run.layered)?;
+        say(&format!(
+            "would create {} (config.toml, meta.json, metrics.csv, checkpoints/)",
+            c.checkpoint.save_dir.join(folder).display()
+        ));
+        for note in &placement.notes {
+            say(&format!("  {note}"));
+        }
+        say(&format!("  cost: {}", cost_of(c).describe()));
     }
-}
-
-/// 25.83M, 1.2K, ...
-fn format_count(n: u64) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
-        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
-        n => n.to_string(),
-    }
+    Ok(())
 }
 
 fn print_profile(r: &crate::bench::BenchReport) {

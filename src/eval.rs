@@ -2,13 +2,14 @@
 //! order, encoded as MiniMind encodes them (`[bos] + tokens[:T-2] + [eos]`, padded).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Tok, encode_row};
+use crate::data::jsonl::{Lines, parse_line};
+use crate::data::{Skipped, Tok, encode_row};
 use crate::engine::{Engine, Kernels};
 
 /// An evaluation result, as `--json` prints it and meta.json records it.
@@ -20,20 +21,35 @@ pub struct EvalResult {
     pub tokens: usize,
 }
 
-/// The first `rows` documents of `path` as `(ids, targets)`, `rows x t` each.
-pub fn first_rows(path: &Path, tok: &Tok, t: usize, rows: usize) -> Result<(Vec<u32>, Vec<i32>)> {
+/// The first `rows` documents of `path` as `(ids, targets)`, `rows x t` each, read as the
+/// token cache reads the file: malformed lines are an error, or skipped (and counted) with
+/// `skip_bad_lines`.
+pub fn first_rows(
+    path: &Path,
+    tok: &Tok,
+    t: usize,
+    rows: usize,
+    skip_bad_lines: bool,
+) -> Result<(Vec<u32>, Vec<i32>, Skipped)> {
     let f = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
-    for (no, line) in BufReader::new(f).lines().enumerate() {
+    let mut skipped = Skipped::default();
+    for line in Lines::new(BufReader::new(f)) {
         if ids.len() == rows * t {
             break;
         }
-        let line = line.with_context(|| format!("reading {}:{}", path.display(), no + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let text = crate::data::cache::parse_line(&line)
-            .map_err(|why| anyhow::anyhow!("{}:{}: malformed line: {why}", path.display(), no + 1))?;
+        let (no, line) = line.with_context(|| format!("reading {}", path.display()))?;
+        let text = match line.and_then(|l| parse_line(&l)) {
+            Ok(text) => text,
+            Err(_) if skip_bad_lines => {
+                skipped.add(no);
+                continue;
+            }
+            Err(why) => bail!(
+                "{}:{no}: malformed line: {why}\n  hint: fix the line, or skip such lines (data.skip_bad_lines = true, or --skip-bad-lines for eval)",
+                path.display()
+            ),
+        };
         let tokens = tok.encode(&text)?;
         let start = ids.len();
         ids.resize(start + t, 0);
@@ -43,7 +59,7 @@ pub fn first_rows(path: &Path, tok: &Tok, t: usize, rows: usize) -> Result<(Vec<
     if ids.is_empty() {
         bail!("data file {} has no documents", path.display());
     }
-    Ok((ids, targets))
+    Ok((ids, targets, skipped))
 }
 
 /// Mean loss over every non-pad target, `b` rows at a time.
@@ -71,20 +87,21 @@ pub fn eval_dir(
     t: usize,
     b: usize,
     batches: usize,
-) -> Result<EvalResult> {
+    skip_bad_lines: bool,
+) -> Result<(EvalResult, Skipped)> {
     if t < 2 || b == 0 || batches == 0 {
         bail!("--seq-len must be at least 2, --batch-size and --batches at least 1");
     }
     let cfg = crate::engine::hf::read_config(&dir.join("config.json"))?;
     let tok_path = tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     let tok = Tok::load(&tok_path)?;
-    let mut engine = Engine::new(crate::engine::cpu::Cpu::new(), cfg, b, t);
+    let mut engine = Engine::new(crate::engine::cpu::Cpu::new(), cfg, b, t)?;
     let weights_path = dir.join("model.safetensors");
     let bytes =
         std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
     let weights = crate::engine::hf::read_weights(&bytes, &engine.layout)
         .with_context(|| format!("loading {}", weights_path.display()))?;
     engine.set_params(&weights);
-    let (ids, targets) = first_rows(data, &tok, t, b * batches)?;
-    Ok(mean_loss(&mut engine, &ids, &targets, b, t))
+    let (ids, targets, skipped) = first_rows(data, &tok, t, b * batches, skip_bad_lines)?;
+    Ok((mean_loss(&mut engine, &ids, &targets, b, t), skipped))
 }

@@ -4,7 +4,7 @@
 //! holds K and V `[positions, G*D]` (after RoPE for K).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -25,21 +25,54 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// The model folder of a run folder, or the folder itself.
-fn model_dir(dir: &Path) -> PathBuf {
-    if dir.join("model").join("config.json").is_file() { dir.join("model") } else { dir.to_path_buf() }
+/// A model to sample from: its shape, tokenizer and weights, and where they came from.
+struct Loaded {
+    cfg: ModelConfig,
+    tok: Tok,
+    layout: Layout,
+    params: Vec<f32>,
+}
+
+/// The model in `dir`: a model folder, a finished run's export, or (for a run that has not
+/// finished) its newest complete checkpoint with the run's config and tokenizer.
+fn load(dir: &Path) -> Result<Loaded> {
+    let export = dir.join("model");
+    let folder = if export.join("config.json").is_file() { export } else { dir.to_path_buf() };
+    if folder.join("config.json").is_file() {
+        let cfg = hf::read_config(&folder.join("config.json"))?;
+        let tok = Tok::load(&folder.join("tokenizer.json"))?;
+        let layout = Layout::new(&cfg);
+        let path = folder.join("model.safetensors");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let params =
+            hf::read_weights(&bytes, &layout).with_context(|| format!("loading {}", path.display()))?;
+        return Ok(Loaded { cfg, tok, layout, params });
+    }
+    let run = crate::run_dir::RunDir::open(dir).map_err(|_| {
+        anyhow::anyhow!("{} has no config.json: give a run folder or a model folder", dir.display())
+    })?;
+    let (config, _) = crate::config::load_run_config(&run.config_path(), &[])?;
+    let layout = Layout::new(&config.model);
+    let mut damaged = Vec::new();
+    for (_, ck) in crate::train::checkpoint::list(&run.checkpoints_dir()).into_iter().rev() {
+        match crate::train::checkpoint::load(&ck, &layout) {
+            Ok(loaded) => {
+                let tok = Tok::load(&config.data.tokenizer)?;
+                eprintln!("(no export yet: sampling from {}, step {})", ck.display(), loaded.state.step);
+                return Ok(Loaded { cfg: config.model, tok, layout, params: loaded.params });
+            }
+            Err(e) => damaged.push(format!("{}: {e:#}", ck.display())),
+        }
+    }
+    bail!(
+        "{} has no exported model and no complete checkpoint yet{}",
+        dir.display(),
+        if damaged.is_empty() { String::new() } else { format!(" (damaged: {})", damaged.join("; ")) }
+    )
 }
 
 pub fn run(dir: &Path, prompt: &str, s: &Sampling) -> Result<()> {
-    let dir = model_dir(dir);
-    if !dir.join("config.json").is_file() {
-        bail!("{} has no config.json (give a finished run folder or a model folder)", dir.display());
-    }
-    let cfg = hf::read_config(&dir.join("config.json"))?;
-    let tok = Tok::load(&dir.join("tokenizer.json"))?;
-    let layout = Layout::new(&cfg);
-    let bytes = std::fs::read(dir.join("model.safetensors")).context("reading model.safetensors")?;
-    let params = hf::read_weights(&bytes, &layout)?;
+    let Loaded { cfg, tok, layout, params } = load(dir)?;
     let mut prompt_ids = vec![tok.bos];
     prompt_ids.extend(tok.encode(prompt)?);
     let max_len = (prompt_ids.len() + s.max_new_tokens).min(cfg.max_position_embeddings);

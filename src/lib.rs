@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod data;
 pub mod engine;
 pub mod eval;
@@ -11,4 +12,5 @@ pub mod generate;
 pub mod metrics;
 pub mod run_dir;
 pub mod runner;
+pub mod signals;
 pub mod train;

@@ -3,7 +3,9 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Local};
@@ -48,6 +50,28 @@ pub struct GitInfo {
     pub dirty: bool,
 }
 
+/// A setting as asked for and as the run actually uses it (`auto` resolved, a dtype the
+/// device cannot train in replaced).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Choice {
+    pub requested: String,
+    pub effective: String,
+}
+
+/// One `minimind resume` (or auto-resume) of a run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResumeRecord {
+    pub at: String,
+    /// The checkpoint's step (0: no checkpoint yet, started over).
+    pub from_step: usize,
+    /// `--set` values given to the resume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<Override>,
+    /// Data changes accepted with `--allow-data-change`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_changes: Vec<String>,
+}
+
 /// What meta.json holds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Meta {
@@ -61,6 +85,12 @@ pub struct Meta {
     pub cpu_model: String,
     pub cpu_cores: usize,
     pub gpu: Option<String>,
+    /// `train.device` asked for and used.
+    #[serde(default)]
+    pub device: Choice,
+    /// `train.dtype` asked for and used.
+    #[serde(default)]
+    pub dtype: Choice,
     pub crate_version: String,
     pub started_at: String,
     pub ended_at: Option<String>,
@@ -68,12 +98,21 @@ pub struct Meta {
     /// Data lines skipped as malformed (with `data.skip_bad_lines`).
     #[serde(default)]
     pub skipped_lines: u64,
+    /// The first few of those, as 1-based line numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_line_numbers: Vec<u64>,
     /// Why the run failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Each resume of this run: when, and from which step.
+    /// Why the run stopped early (the signal), when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Optimiser steps completed when the run last ended (completed, stopped or failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step: Option<usize>,
+    /// Each resume of this run: when, from which step, with which changes.
     #[serde(default)]
-    pub resumes: Vec<String>,
+    pub resumes: Vec<ResumeRecord>,
     /// Loss of the final weights on the first `batches x batch_size` rows of the data, in
     /// file order: what `minimind eval` must reproduce on the exported model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,16 +153,95 @@ impl Meta {
             cpu_model: cpu_model(),
             cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             gpu: None,
+            device: Choice::default(),
+            dtype: Choice::default(),
             crate_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: start.to_rfc3339(),
             ended_at: None,
             status: Status::Running,
             skipped_lines: 0,
+            skipped_line_numbers: Vec::new(),
             error: None,
+            reason: None,
+            last_step: None,
             resumes: Vec::new(),
             final_eval: None,
         }
     }
+
+    /// What meta.json says when it has been lost: the run's name from its config, this
+    /// machine, everything else unknown.
+    pub fn placeholder(config: &Config) -> Meta {
+        Meta::placeholder_for(&config.name)
+    }
+
+    fn placeholder_for(name: &str) -> Meta {
+        Meta {
+            name: name.to_string(),
+            sweep_tag: None,
+            experiment_file: PathBuf::new(),
+            command_line: Vec::new(),
+            overrides: Vec::new(),
+            git: None,
+            host: host_name(),
+            cpu_model: cpu_model(),
+            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gpu: None,
+            device: Choice::default(),
+            dtype: Choice::default(),
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: String::new(),
+            ended_at: None,
+            status: Status::Running,
+            skipped_lines: 0,
+            skipped_line_numbers: Vec::new(),
+            error: None,
+            reason: None,
+            last_step: None,
+            resumes: Vec::new(),
+            final_eval: None,
+        }
+    }
+}
+
+/// Reads meta.json text field by field: a field that is missing or damaged takes its value
+/// from `fallback` (and is named in the returned notes), the others are kept. Pure.
+pub fn salvage_meta(text: &str, fallback: &Meta) -> (Meta, Vec<String>) {
+    if let Ok(meta) = serde_json::from_str::<Meta>(text) {
+        return (meta, Vec::new());
+    }
+    let serde_json::Value::Object(base) = serde_json::to_value(fallback).expect("meta serialises") else {
+        unreachable!("a struct serialises to an object")
+    };
+    let found = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(found)) => found,
+        Ok(_) | Err(_) => {
+            return (
+                fallback.clone(),
+                vec!["meta.json is not a JSON object: rebuilt from config.toml".into()],
+            );
+        }
+    };
+    let mut kept = base.clone();
+    let mut lost = Vec::new();
+    for (key, _) in base.iter() {
+        // A missing field keeps the fallback's value (most have defaults anyway).
+        let Some(value) = found.get(key) else { continue };
+        let mut trial = kept.clone();
+        trial.insert(key.clone(), value.clone());
+        if serde_json::from_value::<Meta>(serde_json::Value::Object(trial.clone())).is_ok() {
+            kept = trial;
+        } else {
+            lost.push(key.clone());
+        }
+    }
+    let meta = serde_json::from_value(serde_json::Value::Object(kept)).expect("every kept field was checked");
+    let notes = if lost.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!("meta.json: damaged field(s) {} were reset", lost.join(", "))]
+    };
+    (meta, notes)
 }
 
 fn git_info(dir: &Path) -> Option<GitInfo> {
@@ -149,7 +267,7 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -168,16 +286,22 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates a fresh, uniquely named run folder (`-2`, `-3`, ... when the name is taken).
-    pub fn create(save_dir: &Path, base_name: &str) -> Result<RunDir> {
+    /// Creates a fresh, uniquely named run folder (`-2`, `-3`, ... when the name is taken) and
+    /// takes its lock.
+    pub fn create(save_dir: &Path, base_name: &str) -> Result<(RunDir, RunLock)> {
         fs::create_dir_all(save_dir)
             .with_context(|| format!("cannot create the runs folder {}", save_dir.display()))?;
         for n in 1.. {
             let root = save_dir.join(candidate(base_name, n));
             match fs::create_dir(&root) {
                 Ok(()) => {
-                    fs::create_dir(root.join("checkpoints"))?;
-                    return Ok(RunDir { root });
+                    let dir = RunDir { root };
+                    // Blocking: only an auto-resume probing the new folder can hold it, briefly.
+                    let lock = dir.lock_with(true)?.expect("a blocking lock is always taken");
+                    let checkpoints = dir.checkpoints_dir();
+                    fs::create_dir(&checkpoints)
+                        .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+                    return Ok((dir, lock));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -188,15 +312,54 @@ impl RunDir {
         unreachable!("1.. never ends")
     }
 
-    /// Opens an existing run folder (for resume).
+    /// Opens an existing run folder (for resume): one with a config.toml.
     pub fn open(root: &Path) -> Result<RunDir> {
         let dir = RunDir { root: root.to_path_buf() };
         anyhow::ensure!(
-            dir.config_path().is_file() && dir.meta_path().is_file(),
-            "{} is not a run folder (it has no config.toml and meta.json)",
+            dir.config_path().is_file(),
+            "{} is not a run folder (it has no config.toml)",
             root.display()
         );
         Ok(dir)
+    }
+
+    /// Takes the folder's exclusive lock, held until the returned guard is dropped (the OS
+    /// releases it when the process dies, however it dies). Fails at once, naming the process
+    /// that holds it, when another one does.
+    pub fn lock(&self) -> Result<RunLock> {
+        match self.lock_with(false)? {
+            Some(lock) => Ok(lock),
+            None => {
+                let pid = lock_holder(&self.lock_path());
+                anyhow::bail!(
+                    "{} is in use by another minimind process (pid {pid}); one process trains a run folder at a time\n  hint: wait for it to finish, or stop it with `kill -INT {pid}`",
+                    self.root.display()
+                )
+            }
+        }
+    }
+
+    /// The lock if it is free now, `None` if another process holds it.
+    pub fn try_lock(&self) -> Result<Option<RunLock>> {
+        self.lock_with(false)
+    }
+
+    fn lock_with(&self, wait: bool) -> Result<Option<RunLock>> {
+        let Some(file) = lock_file(&self.lock_path(), wait)? else {
+            return Ok(None);
+        };
+        // Holding the lock, nothing else writes here: temporary files are a dead writer's.
+        for e in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(Some(RunLock { _file: file }))
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.root.join(".lock")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -223,12 +386,6 @@ impl RunDir {
         write_atomic(&self.config_path(), text.as_bytes())
     }
 
-    pub fn read_config(&self) -> Result<Config> {
-        let text = fs::read_to_string(self.config_path())
-            .with_context(|| format!("reading {}", self.config_path().display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", self.config_path().display()))
-    }
-
     pub fn write_meta(&self, meta: &Meta) -> Result<()> {
         let text = serde_json::to_string_pretty(meta)?;
         write_atomic(&self.meta_path(), text.as_bytes())
@@ -239,11 +396,123 @@ impl RunDir {
             .with_context(|| format!("reading {}", self.meta_path().display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", self.meta_path().display()))
     }
+
+    /// meta.json as far as it can be read: damaged or missing fields come from `fallback`,
+    /// with notes saying which.
+    pub fn read_meta_lenient(&self, fallback: &Meta) -> (Meta, Vec<String>) {
+        match fs::read_to_string(self.meta_path()) {
+            Ok(text) => salvage_meta(&text, fallback),
+            Err(e) => {
+                (fallback.clone(), vec![format!("meta.json cannot be read ({e}): rebuilt from config.toml")])
+            }
+        }
+    }
 }
 
-/// Writes a file under a temporary name, syncs it, then renames it into place.
+/// An exclusive advisory lock (flock) on `path`, created if missing, with this process's id
+/// written into it. `wait`: block until it is free; else `None` when another process holds it.
+pub(crate) fn lock_file(path: &Path, wait: bool) -> Result<Option<fs::File>> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    let op = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    loop {
+        // SAFETY: flock on a file descriptor owned by `file`, which outlives the call.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock => return Ok(None),
+            std::io::ErrorKind::Interrupted => continue,
+            _ => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing this process's id into {}", path.display()))?;
+    Ok(Some(file))
+}
+
+/// The process id written in a lock file ("unknown" when it cannot be read).
+pub(crate) fn lock_holder(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    match text.trim() {
+        "" => "unknown".into(),
+        pid => pid.into(),
+    }
+}
+
+/// meta.json kept in memory and written through on every change. Clones share it, so the
+/// signal thread can record a forced quit with the step the loop last finished.
+#[derive(Clone)]
+pub struct MetaFile {
+    dir: RunDir,
+    meta: std::sync::Arc<std::sync::Mutex<Meta>>,
+    step: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MetaFile {
+    /// Starts from `meta` (not written until the first update).
+    pub fn new(dir: &RunDir, meta: Meta) -> MetaFile {
+        let step = meta.last_step.unwrap_or(0);
+        MetaFile {
+            dir: dir.clone(),
+            meta: std::sync::Arc::new(std::sync::Mutex::new(meta)),
+            step: std::sync::Arc::new(step.into()),
+        }
+    }
+
+    /// Changes meta.json and writes it.
+    pub fn update(&self, f: impl FnOnce(&mut Meta)) -> Result<()> {
+        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut meta);
+        self.dir.write_meta(&meta)
+    }
+
+    pub fn get(&self) -> Meta {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The optimiser steps done so far (kept current by the training loop).
+    pub fn set_step(&self, step: usize) {
+        self.step.store(step, Ordering::SeqCst);
+    }
+
+    pub fn step(&self) -> usize {
+        self.step.load(Ordering::SeqCst)
+    }
+
+    /// Records how the run ended: status, why, the last step, the time.
+    pub fn ended(&self, status: Status, reason: Option<String>, error: Option<String>) -> Result<()> {
+        let step = self.step();
+        self.update(|m| {
+            m.status = status;
+            m.reason = reason;
+            m.error = error;
+            m.last_step = Some(step);
+            m.ended_at = Some(chrono::Local::now().to_rfc3339());
+        })
+    }
+}
+
+/// A run folder's lock; released when dropped or when the process ends.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+/// Writes a file under a temporary name of its own (unique per process and call, so two
+/// writers never share one), syncs it, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().to_string());
+    let unique = format!(".{name}.{}.{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let tmp = path.with_file_name(unique);
     write_synced(&tmp, bytes)
         .and_then(|()| fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display())))
         .inspect_err(|_e| {
@@ -281,10 +550,40 @@ mod tests {
     #[test]
     fn same_second_runs_get_distinct_folders() {
         let tmp = std::env::temp_dir().join(format!("minimind-rundir-{}", std::process::id()));
-        let a = RunDir::create(&tmp, "20261128-101500-x").unwrap();
-        let b = RunDir::create(&tmp, "20261128-101500-x").unwrap();
+        let (a, _la) = RunDir::create(&tmp, "20261128-101500-x").unwrap();
+        let (b, _lb) = RunDir::create(&tmp, "20261128-101500-x").unwrap();
         assert_ne!(a.root, b.root);
         assert!(b.root.ends_with("20261128-101500-x-2"));
         fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_locked_folder_cannot_be_locked_again_until_released() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, lock) = RunDir::create(tmp.path(), "x").unwrap();
+        assert!(dir.try_lock().unwrap().is_none(), "flock is per open file: a second open is refused");
+        let err = dir.lock().unwrap_err().to_string();
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(lock);
+        assert!(dir.try_lock().unwrap().is_some());
+    }
+
+    #[test]
+    fn damaged_meta_fields_are_reset_the_rest_kept() {
+        let mut good = Meta::placeholder_for("exp");
+        good.status = Status::Stopped;
+        good.cpu_cores = 7;
+        good.resumes.push(ResumeRecord { at: "then".into(), from_step: 4, ..ResumeRecord::default() });
+        let fallback = Meta::placeholder_for("fallback");
+        let text = serde_json::to_string(&good).unwrap();
+        assert_eq!(salvage_meta(&text, &fallback), (good.clone(), Vec::new()));
+        let broken = text.replace("\"cpu_cores\":7", "\"cpu_cores\":\"seven\"");
+        let (meta, notes) = salvage_meta(&broken, &fallback);
+        assert_eq!(meta.cpu_cores, fallback.cpu_cores);
+        assert_eq!((meta.status, meta.name.as_str(), meta.resumes.len()), (Status::Stopped, "exp", 1));
+        assert!(notes[0].contains("cpu_cores"), "{notes:?}");
+        let (meta, notes) = salvage_meta("{\"name\": \"exp\", \"status\": ", &fallback);
+        assert_eq!(meta, fallback);
+        assert!(notes[0].contains("rebuilt"), "{notes:?}");
     }
 }

@@ -1,24 +1,50 @@
-//! Runs planned experiments: run folders, auto-resume, signals. The edge between the CLI
-//! and the training loop.
+//! Runs planned experiments and resumes run folders: placement, the memory check, run folders
+//! and their locks, auto-resume. The edge between the CLI and the training loop.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::config::{PlannedRun, Resume};
-use crate::run_dir::{Meta, RunDir, Status, folder_name};
-use crate::train::{self, Outcome, Session};
+use crate::config::{self, Assign, Config, ConfigError, Layered, PlannedRun, Resume};
+use crate::cost::{self, Cost};
+use crate::run_dir::{Meta, MetaFile, Override, RunDir, RunLock, Status, folder_name};
+use crate::train::{self, Outcome, Placement, ResumeRequest, Session};
 
-/// Routes SIGINT and SIGTERM into a flag the training loop polls between steps.
-pub fn install_signals() -> Result<Arc<AtomicUsize>> {
-    let flag = Arc::new(AtomicUsize::new(0));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_usize(sig, flag.clone(), sig as usize)
-            .context("installing signal handlers")?;
+/// Keys `minimind resume --set` may change: they change neither the model nor the order of the
+/// data, so the run stays one run.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.max_steps",
+    "train.epochs",
+    "train.threads",
+    "train.learning_rate",
+    "train.schedule",
+    "train.warmup_steps",
+    "train.min_lr_ratio",
+    "train.weight_decay",
+    "train.grad_clip",
+    "checkpoint.log_interval",
+    "checkpoint.save_interval",
+    "checkpoint.keep_last",
+    "data.num_workers",
+];
+
+/// Everything a run must pass before anything is created: a device/dtype it can train on and
+/// memory for its peak.
+pub fn preflight(c: &Config, layered: &Layered) -> Result<Placement, ConfigError> {
+    let origin = |key: &str| layered.origin_of(key);
+    let placement = train::place(&c.train, &origin)?;
+    if let Some(available) = cost::available_memory()
+        && let Some(why) = cost::too_big(&Cost::of(c, None, None), available)
+    {
+        let shrink = ["train.batch_size", "data.max_seq_len", "model.hidden_size", "model.num_hidden_layers"]
+            .iter()
+            .map(|k| format!("{k} ({})", origin(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ConfigError::new(origin("train.batch_size"), Some("train.batch_size"), why)
+            .hint(format!("lower one of {shrink}")));
     }
-    Ok(flag)
+    Ok(placement)
 }
 
 /// Starts (or, with `resume = "auto"`, continues) one planned run.
@@ -28,12 +54,17 @@ pub fn start(
     mut session: Session,
 ) -> Result<(RunDir, Outcome)> {
     let c = &planned.config;
-    // Before any folder exists: a run this build cannot train leaves nothing behind.
-    train::require_cpu(&c.train)?;
+    // Before any folder exists: a run that cannot train leaves nothing behind.
+    let placement = preflight(c, &planned.layered)?;
     if c.checkpoint.resume == Resume::Auto
-        && let Some(dir) = find_resumable(&c.checkpoint.save_dir, &c.name, planned.tag.as_deref())?
+        && let Some((dir, lock, notes)) =
+            find_resumable(&c.checkpoint.save_dir, &c.name, planned.tag.as_deref())?
     {
-        let existing = dir.read_config()?;
+        for n in notes {
+            crate::metrics::say(&n);
+        }
+        crate::metrics::say(&format!("checkpoint.resume = \"auto\": continuing {}", dir.root.display()));
+        let (existing, layered) = config::load_run_config(&dir.config_path(), &[])?;
         let diff = train::checkpoint::model_diff(&existing.model, &c.model, "checkpoint");
         if !diff.is_empty() {
             bail!(
@@ -42,54 +73,125 @@ pub fn start(
                 diff.join("\n  ")
             );
         }
-        session.resume = true;
-        let outcome = continue_run(&dir, &session)?;
+        session.resume = Some(ResumeRequest::default());
+        let outcome = continue_run(&dir, lock, &existing, &layered, &session)?;
         return Ok((dir, outcome));
     }
     let now = chrono::Local::now();
-    let dir = RunDir::create(&c.checkpoint.save_dir, &folder_name(&now, &c.name, planned.tag.as_deref()))?;
+    let (dir, _lock) =
+        RunDir::create(&c.checkpoint.save_dir, &folder_name(&now, &c.name, planned.tag.as_deref()))?;
     dir.write_config(c)?;
-    dir.write_meta(&Meta::gather(c, planned.tag.as_deref(), &planned.layered, command_line, &now))?;
-    let outcome = train::train(&dir, c, &session)?;
+    let mut meta = Meta::gather(c, planned.tag.as_deref(), &planned.layered, command_line, &now);
+    (meta.device, meta.dtype) = train::choices(&c.train, &placement);
+    let meta = MetaFile::new(&dir, meta);
+    meta.update(|_| {})?;
+    let outcome = train::train(&dir, &meta, c, &placement, &session)?;
     Ok((dir, outcome))
 }
 
-/// `minimind resume RUN_DIR`: continues from the last complete checkpoint.
-pub fn resume(root: &Path, session: Session) -> Result<Outcome> {
+/// `minimind resume RUN_DIR [--set k=v]...`: continues from the last complete checkpoint,
+/// `sets` limited to [`RESUMABLE_KEYS`].
+pub fn resume(root: &Path, sets: &[Assign], allow_data_change: bool, session: Session) -> Result<Outcome> {
     let dir = RunDir::open(root)?;
-    let meta = dir.read_meta()?;
-    if meta.status == Status::Completed {
-        bail!("{} already completed", root.display());
+    let lock = dir.lock()?;
+    let refused: Vec<&Assign> = sets.iter().filter(|a| !RESUMABLE_KEYS.contains(&a.key.as_str())).collect();
+    if let Some(first) = refused.first() {
+        let keys: Vec<&str> = refused.iter().map(|a| a.key.as_str()).collect();
+        return Err(ConfigError::new(
+            first.origin.clone(),
+            Some(&first.key),
+            format!(
+                "{} cannot change when a run resumes (it would change the model or the order of the data)",
+                keys.join(", ")
+            ),
+        )
+        .hint(format!("a resume may set: {}; start a new run for the rest", RESUMABLE_KEYS.join(", ")))
+        .into());
     }
-    continue_run(&dir, &Session { resume: true, ..session })
+    let (config, layered) = config::load_run_config(&dir.config_path(), sets)?;
+    let overrides: Vec<Override> = sets
+        .iter()
+        .map(|a| Override { key: a.key.clone(), value: a.value.to_string(), source: a.origin.to_string() })
+        .collect();
+    let request = ResumeRequest { overrides, allow_data_change };
+    continue_run(&dir, lock, &config, &layered, &Session { resume: Some(request), ..session })
 }
 
-fn continue_run(dir: &RunDir, session: &Session) -> Result<Outcome> {
-    let config = dir.read_config()?;
-    let mut meta = dir.read_meta()?;
+/// Continues the run in `dir` (locked) with `config`, recording the resume in meta.json.
+fn continue_run(
+    dir: &RunDir,
+    _lock: RunLock,
+    config: &Config,
+    layered: &Layered,
+    session: &Session,
+) -> Result<Outcome> {
+    let placement = preflight(config, layered)?;
+    let (mut meta, notes) = dir.read_meta_lenient(&Meta::placeholder(config));
+    for n in notes {
+        crate::metrics::warn(&n);
+    }
+    if meta.status == Status::Completed {
+        let done = meta.last_step.unwrap_or(0);
+        let extended = session.resume.as_ref().is_some_and(|r| {
+            r.overrides.iter().any(|o| o.key == "train.max_steps" || o.key == "train.epochs")
+        });
+        if let Some(n) = config.train.max_steps
+            && extended
+            && n <= done
+        {
+            bail!("train.max_steps = {n} is not beyond the {done} steps {} has done", dir.root.display());
+        }
+        if !extended {
+            bail!(
+                "{} already completed ({done} steps)\n  hint: to train further, raise the step count: minimind resume {} --set train.max_steps={}",
+                dir.root.display(),
+                dir.root.display(),
+                (done * 2).max(1)
+            );
+        }
+    }
+    if session.resume.as_ref().is_some_and(|r| !r.overrides.is_empty()) {
+        dir.write_config(config)?;
+    }
+    (meta.device, meta.dtype) = train::choices(&config.train, &placement);
     meta.status = Status::Running;
-    meta.ended_at = None;
-    meta.error = None;
-    meta.resumes.push(chrono::Local::now().to_rfc3339());
-    dir.write_meta(&meta)?;
-    train::train(dir, &config, session)
+    (meta.ended_at, meta.error, meta.reason) = (None, None, None);
+    let meta = MetaFile::new(dir, meta);
+    meta.update(|_| {})?;
+    train::train(dir, &meta, config, &placement, session)
 }
 
-/// The newest unfinished run of this experiment (and sweep point) in `save_dir`.
-fn find_resumable(save_dir: &Path, name: &str, tag: Option<&str>) -> Result<Option<RunDir>> {
+/// The newest unfinished run of this experiment (and sweep point) in `save_dir` that no live
+/// process holds, locked; runs still alive are skipped with a note.
+fn find_resumable(
+    save_dir: &Path,
+    name: &str,
+    tag: Option<&str>,
+) -> Result<Option<(RunDir, RunLock, Vec<String>)>> {
     let Ok(entries) = std::fs::read_dir(save_dir) else {
         return Ok(None);
     };
     let mut dirs: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
+    let mut notes = Vec::new();
     for root in dirs.into_iter().rev() {
         let Ok(dir) = RunDir::open(&root) else {
             continue;
         };
         let Ok(meta) = dir.read_meta() else { continue };
-        if meta.name == name && meta.sweep_tag.as_deref() == tag && meta.status != Status::Completed {
-            return Ok(Some(dir));
+        if meta.name != name || meta.sweep_tag.as_deref() != tag || meta.status == Status::Completed {
+            continue;
         }
+        match dir.try_lock()? {
+            Some(lock) => return Ok(Some((dir, lock, notes))),
+            None => notes.push(format!(
+                "checkpoint.resume = \"auto\": {} is still running (another process holds it); not adopting it",
+                root.display()
+            )),
+        }
+    }
+    for n in notes {
+        crate::metrics::say(&n);
     }
     Ok(None)
 }

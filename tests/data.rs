@@ -3,7 +3,8 @@
 use std::fs;
 
 use minimind::config::DataConfig;
-use minimind::data::{Batches, Cursor, Dataset, Tok};
+use minimind::data::{Batches, Cursor, Dataset, OpenOptions, Tok};
+use minimind::signals::Stop;
 
 fn setup(lines: &[&str], packing: bool, t: usize) -> (tempfile::TempDir, Dataset, Tok) {
     let dir = tempfile::tempdir().unwrap();
@@ -18,7 +19,14 @@ fn setup(lines: &[&str], packing: bool, t: usize) -> (tempfile::TempDir, Dataset
         skip_bad_lines: false,
         num_workers: 1,
     };
-    let (ds, tok) = Dataset::open(&cfg, 6400, &dir.path().join("cache"), true).unwrap();
+    let cache_root = dir.path().join("cache");
+    let opts = OpenOptions {
+        cache_root: &cache_root,
+        quiet: true,
+        heartbeat: std::time::Duration::from_secs(10),
+        stop: &Stop::never(),
+    };
+    let (ds, tok) = Dataset::open(&cfg, 6400, &opts).unwrap();
     (dir, ds, tok)
 }
 
@@ -64,7 +72,9 @@ fn the_cache_is_reused_and_epochs_reshuffle() {
     let lines: Vec<String> = (0..10).map(|i| format!("第{i}首")).collect();
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let (dir, ds, _) = setup(&refs, false, 8);
-    let caches = || fs::read_dir(dir.path().join("cache")).unwrap().count();
+    // Token caches are folders; their lock files sit beside them.
+    let caches =
+        || fs::read_dir(dir.path().join("cache")).unwrap().flatten().filter(|e| e.path().is_dir()).count();
     assert_eq!(caches(), 1);
     let mut batches = Batches::new(ds.samples(), 3, 9).unwrap();
     assert_eq!(batches.per_epoch(), 3, "the partial last batch is dropped");

@@ -59,7 +59,7 @@ fn load(name: &str) -> Fixture {
     let targets: Vec<i32> = (0..b * t)
         .map(|n| if n % t == t - 1 || labels[n + 1] < 0 { -1 } else { labels[n + 1] as i32 })
         .collect();
-    let mut engine = Engine::new(Cpu::new(), cfg, b, t);
+    let mut engine = Engine::new(Cpu::new(), cfg, b, t).unwrap();
     let weights = hf::read_weights(&tensors(&dir.join("model.safetensors")), &engine.layout).unwrap();
     engine.set_params(&weights);
     let expected =
@@ -142,7 +142,7 @@ fn check(name: &str) {
 
     // Five AdamW steps on the same batch from the original weights.
     let (b, t) = f.engine.batch_capacity();
-    let mut engine = Engine::new(Cpu::new(), f.engine.config.clone(), b, t);
+    let mut engine = Engine::new(Cpu::new(), f.engine.config.clone(), b, t).unwrap();
     engine.set_params(&f.initial);
     let trajectory: Vec<f64> =
         e["loss_trajectory_same_batch"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -200,7 +200,7 @@ fn losses_with_threads(threads: usize) -> Vec<u64> {
         cfg.head_dim = 64;
         cfg.intermediate_size = 704;
         let (b, t) = (4, 96);
-        let mut engine = Engine::new(Cpu::new(), cfg, b, t);
+        let mut engine = Engine::new(Cpu::new(), cfg, b, t).unwrap();
         engine.init_weights(7);
         let mut rng = minimind::engine::SplitMix64::new(3);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
@@ -232,7 +232,7 @@ fn recomputing_attention_probabilities_changes_no_bit() {
     cfg.head_dim = 32;
     let (b, t) = (2, 80);
     let run = |keep: bool| {
-        let mut engine = Engine::with_attention_probs(Cpu::new(), cfg.clone(), b, t, keep);
+        let mut engine = Engine::with_attention_probs(Cpu::new(), cfg.clone(), b, t, keep).unwrap();
         engine.init_weights(11);
         let mut rng = minimind::engine::SplitMix64::new(4);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();

@@ -13,7 +13,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 use toml_edit::{ImDocument, Item, TableLike};
 
-use super::error::{ConfigError, Origin};
+use super::error::{ConfigError, ConfigErrors, Origin, Problems, plain_words};
 use super::file::ExperimentFile;
 use super::keys;
 
@@ -93,15 +93,55 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Merges the layers in the one order the project defines. `point` is a sweep point's
 /// values (empty outside sweeps).
-pub fn layer(path: &Path, env: &[Assign], sets: &[Assign], point: &[Assign]) -> Result<Layered, ConfigError> {
+pub fn layer(
+    path: &Path,
+    env: &[Assign],
+    sets: &[Assign],
+    point: &[Assign],
+) -> Result<Layered, ConfigErrors> {
     let files = read_chain(path)?;
     let mut figment = Figment::from(Serialized::defaults(ExperimentFile::default()));
     for file in &files {
         figment = figment.merge(Toml::file_exact(&file.path));
     }
     let assigns: Vec<Assign> = env.iter().chain(sets).chain(point).cloned().collect();
+    merge_assigns(figment, files, assigns, path)
+}
+
+/// The layers of a run folder's `config.toml` (what `resume` continues from): the resolved
+/// config read back as a file of its own, checked key by key like an experiment file, with
+/// `sets` on top. Its derived values (`[derived]`, `model.head_dim`) are recomputed, not read.
+pub fn layer_run_config(path: &Path, sets: &[Assign]) -> Result<Layered, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            Origin::FileOnly(path.to_path_buf()),
+            None,
+            format!("cannot read the run's config: {e}"),
+        )
+    })?;
+    let mut table = check_text(path, &text, Kind::RunConfig)?;
+    table.remove("derived");
+    if let Some(toml::Value::Table(model)) = table.get_mut("model") {
+        model.remove("head_dim");
+    }
+    let figment = Figment::from(Serialized::defaults(ExperimentFile::default()))
+        .merge(FileTable { path: path.to_path_buf(), table });
+    let files = vec![FileText { path: path.to_path_buf(), text }];
+    merge_assigns(figment, files, sets.to_vec(), path)
+}
+
+fn merge_assigns(
+    mut figment: Figment,
+    files: Vec<FileText>,
+    assigns: Vec<Assign>,
+    path: &Path,
+) -> Result<Layered, ConfigErrors> {
+    let mut problems = Problems::default();
     for a in &assigns {
-        check_assign(a)?;
+        problems.take(check_assign(a));
+    }
+    problems.finish()?;
+    for a in &assigns {
         figment = figment.merge(a.clone());
     }
     let merged: ExperimentFile = figment.extract().map_err(|e| {
@@ -111,8 +151,27 @@ pub fn layer(path: &Path, env: &[Assign], sets: &[Assign], point: &[Assign]) -> 
     Ok(Layered { figment, merged, files, assigns })
 }
 
+/// A file's table as a figment layer whose values are located in that file.
+struct FileTable {
+    path: PathBuf,
+    table: toml::Table,
+}
+
+impl Provider for FileTable {
+    fn metadata(&self) -> Metadata {
+        Metadata::from(self.path.display().to_string(), self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let value = <Value as Deserialize>::deserialize(toml::Value::Table(self.table.clone()))
+            .map_err(|e| figment::Error::from(e.to_string()))?;
+        let dict = value.into_dict().ok_or_else(|| figment::Error::from("not a table".to_string()))?;
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
 /// Reads the experiment file and every file it `extends`, checking each; base first.
-fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
+fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigErrors> {
     let mut chain: Vec<FileText> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = path.to_path_buf();
@@ -133,7 +192,8 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
                 pointed_from.expect("a repeat is always reached through extends"),
                 Some("extends"),
                 format!("`extends` cycle: {}", cycle.join(" -> ")),
-            ));
+            )
+            .into());
         }
         let file = check_file(&current, &text)?;
         seen.push(canonical);
@@ -153,8 +213,29 @@ fn read_chain(path: &Path) -> Result<Vec<FileText>, ConfigError> {
     Ok(chain)
 }
 
-/// Checks one file alone: TOML syntax, unknown keys, value types.
-fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigError> {
+/// What kind of file is being checked: an experiment file, or a run folder's config.toml
+/// (which also holds derived values, and no `extends` or sweep).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Experiment,
+    RunConfig,
+}
+
+/// Checks one experiment file alone: TOML syntax, then every key and every value, reporting
+/// every problem found.
+fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigErrors> {
+    check_text(path, text, Kind::Experiment)?;
+    toml::from_str::<ExperimentFile>(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        let doc = ImDocument::parse(text).ok();
+        let key = doc.and_then(|d| key_at_offset(d.as_table(), "", offset));
+        ConfigError::new(Origin::file_at(path, text, offset), key.as_deref(), plain_words(e.message())).into()
+    })
+}
+
+/// Syntax, then every key (unknown keys with a suggestion) and every value's type, each value
+/// on its own so that all problems are reported together. Returns the file as a table.
+fn check_text(path: &Path, text: &str, kind: Kind) -> Result<toml::Table, ConfigErrors> {
     let doc = ImDocument::parse(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         ConfigError::new(
@@ -163,34 +244,72 @@ fn check_file(path: &Path, text: &str) -> Result<ExperimentFile, ConfigError> {
             format!("malformed TOML: {}", e.message().trim()),
         )
     })?;
-    check_keys(path, text, doc.as_table(), "")?;
-    toml::from_str::<ExperimentFile>(text).map_err(|e| {
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
-        let key = key_at_offset(doc.as_table(), "", offset);
-        ConfigError::new(Origin::file_at(path, text, offset), key.as_deref(), e.message().trim())
-    })
+        ConfigError::new(
+            Origin::file_at(path, text, offset),
+            None,
+            format!("malformed TOML: {}", e.message()),
+        )
+    })?;
+    let mut problems = Problems::default();
+    check_keys(path, text, doc.as_table(), &table, &[], kind, &mut problems);
+    problems.finish()?;
+    Ok(table)
 }
 
-fn check_keys(path: &Path, text: &str, table: &dyn TableLike, prefix: &str) -> Result<(), ConfigError> {
-    for (k, item) in table.iter() {
-        let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
-        let span = table.key(k).and_then(|k| k.span()).or_else(|| item.span());
-        let origin = Origin::file_at(path, text, span.map_or(0, |s| s.start));
-        if keys::is_leaf(&key) {
-            continue;
-        }
-        if keys::is_section(&key) {
-            match item.as_table_like() {
-                Some(inner) => check_keys(path, text, inner, &key)?,
-                None => {
-                    return Err(ConfigError::new(origin, Some(&key), "expected a table (a section)"));
-                }
+fn check_keys(
+    path: &Path,
+    text: &str,
+    doc: &dyn TableLike,
+    table: &toml::Table,
+    parents: &[&str],
+    kind: Kind,
+    problems: &mut Problems,
+) {
+    for (k, item) in doc.iter() {
+        let mut parts = parents.to_vec();
+        parts.push(k);
+        let key = parts.join(".");
+        let key_span = doc.key(k).and_then(|k| k.span()).or_else(|| item.span());
+        let origin = Origin::file_at(path, text, key_span.as_ref().map_or(0, |s| s.start));
+        if kind == Kind::RunConfig {
+            if key == "derived" || key == "model.head_dim" {
+                continue;
             }
-            continue;
+            if key == "extends" || key == "sweep" {
+                let msg = "a run's config.toml is the resolved config: it has no `extends` or `[sweep]`";
+                problems.push(ConfigError::new(origin, Some(&key), msg));
+                continue;
+            }
         }
-        return Err(unknown_key(origin, &key, |k| format!("`{k}`")));
+        let Some(value) = table.get(k) else { continue };
+        if keys::is_leaf(&key) {
+            if let Err(msg) = check_value(&parts, value) {
+                let at = item.span().or(key_span).map_or(0, |s| s.start);
+                problems.push(ConfigError::new(Origin::file_at(path, text, at), Some(&key), msg));
+            }
+        } else if keys::is_section(&key) {
+            match (item.as_table_like(), value) {
+                (Some(inner), toml::Value::Table(inner_table)) => {
+                    check_keys(path, text, inner, inner_table, &parts, kind, problems)
+                }
+                _ => problems.push(ConfigError::new(origin, Some(&key), "expected a table (a section)")),
+            }
+        } else {
+            problems.push(unknown_key(origin, &key, |k| format!("`{k}`")));
+        }
     }
-    Ok(())
+}
+
+/// Whether `value` suits the leaf at `parts` (checked alone, as the only value of a file);
+/// the problem in plain words when it does not.
+fn check_value(parts: &[&str], value: &toml::Value) -> Result<(), String> {
+    let mut nested = value.clone();
+    for part in parts.iter().rev() {
+        nested = toml::Value::Table(toml::Table::from_iter([(part.to_string(), nested)]));
+    }
+    ExperimentFile::deserialize(nested).map(|_| ()).map_err(|e| plain_words(e.message()))
 }
 
 fn unknown_key(origin: Origin, key: &str, spell: impl Fn(&str) -> String) -> ConfigError {
@@ -257,21 +376,55 @@ pub fn parse_set(arg: &str) -> Result<Assign, ConfigError> {
     Ok(Assign { origin, key: key.to_string(), value })
 }
 
-/// Reads `MINIMIND_<SECTION>__<KEY>` variables out of an environment listing.
-pub fn parse_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Vec<Assign>, ConfigError> {
-    let mut out = Vec::new();
+/// What the environment sets: its assignments, and warnings about `MINIMIND_*` variables that
+/// name no section and are ignored.
+#[derive(Debug, Default)]
+pub struct EnvLayer {
+    pub assigns: Vec<Assign>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads `MINIMIND_<SECTION>__<KEY>` variables out of an environment listing. A variable whose
+/// first part is no section or top-level key is ignored with a warning (other tools may use the
+/// prefix); one that looks like a section joined with a single underscore is an error.
+pub fn parse_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<EnvLayer, ConfigErrors> {
+    let mut out = EnvLayer::default();
+    let mut problems = Problems::default();
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
         let origin = Origin::Env(name.clone());
         let key = rest.to_ascii_lowercase().split("__").collect::<Vec<_>>().join(".");
-        let value = parse_value(raw.trim()).map_err(|e| {
-            ConfigError::new(origin.clone(), Some(&key), format!("invalid value `{raw}`: {e}"))
-        })?;
-        out.push(Assign { origin, key, value });
+        let first = key.split('.').next().unwrap_or_default();
+        if !keys::is_section(first) && !keys::is_leaf(first) {
+            let section = keys::leaf_keys()
+                .iter()
+                .filter_map(|k| k.split_once('.').map(|(s, _)| s))
+                .find(|s| first.starts_with(&format!("{s}_")));
+            match section {
+                Some(s) => {
+                    let fixed = format!("{ENV_PREFIX}{}__{}", s.to_ascii_uppercase(), &rest[s.len() + 1..]);
+                    problems.push(
+                        ConfigError::new(origin, None, format!("`{first}` is not a section or key"))
+                            .hint(format!("separate the section from the key with a double underscore: {fixed}")),
+                    );
+                }
+                None => out.warnings.push(format!(
+                    "ignoring environment variable {name}: `{first}` is not a config section (MINIMIND_<SECTION>__<KEY> sets a config key)"
+                )),
+            }
+            continue;
+        }
+        match parse_value(raw.trim()) {
+            Ok(value) => out.assigns.push(Assign { origin, key, value }),
+            Err(e) => {
+                problems.push(ConfigError::new(origin, Some(&key), format!("invalid value `{raw}`: {e}")))
+            }
+        }
     }
-    out.sort_by_key(|a| a.origin.to_string());
+    problems.finish()?;
+    out.assigns.sort_by_key(|a| a.origin.to_string());
     Ok(out)
 }
 
@@ -299,10 +452,8 @@ fn check_assign(a: &Assign) -> Result<(), ConfigError> {
         };
         return Err(unknown_key(a.origin.clone(), &a.key, spell));
     }
-    Figment::from(a.clone())
-        .extract::<ExperimentFile>()
-        .map(|_| ())
-        .map_err(|e| ConfigError::new(a.origin.clone(), Some(&a.key), e.kind.to_string()))
+    let parts: Vec<&str> = a.key.split('.').collect();
+    check_value(&parts, &a.value).map_err(|msg| ConfigError::new(a.origin.clone(), Some(&a.key), msg))
 }
 
 impl Provider for Assign {

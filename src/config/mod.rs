@@ -12,11 +12,12 @@ mod sweep;
 
 use std::path::Path;
 
-pub use error::{ConfigError, Origin};
+pub use error::{ConfigError, ConfigErrors, Origin};
 pub use file::ExperimentFile;
-pub use load::{Assign, Layered, env_name, parse_env, parse_set};
+pub use load::{Assign, EnvLayer, Layered, env_name, parse_env, parse_set};
 pub use resolve::{
-    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, Resume, Schedule, TrainConfig,
+    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, ModelProblem, Resume,
+    Schedule, TrainConfig,
 };
 pub use sweep::short_float;
 
@@ -31,7 +32,7 @@ pub struct PlannedRun {
 }
 
 /// Loads, layers, expands and resolves an experiment: one planned run per sweep point, or one.
-pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedRun>, ConfigError> {
+pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedRun>, ConfigErrors> {
     let base = load::layer(path, env, sets, &[])?;
     let Some(sweep) = base.merged.sweep.clone() else {
         let config = resolve::resolve(&base)?;
@@ -46,27 +47,30 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
                 return Err(match keys::suggest(key) {
                     Some(s) => err.hint(format!("did you mean `{s}`?")),
                     None => err.hint("sweep keys are dotted config keys such as train.learning_rate"),
-                });
+                }
+                .into());
             }
             if let Some(set) = sets.iter().find(|s| s.key == *key) {
                 return Err(ConfigError::new(
                     set.origin.clone(),
                     Some(key),
                     format!("this key is swept by {}; --set cannot override it", locate(section, key)),
-                ));
+                )
+                .into());
             }
         }
     }
     let points = sweep::expand(&sweep.grid, &sweep.zip)
         .map_err(|e| ConfigError::new(locate(e.section, &e.key), Some(&e.key), e.message))?;
+    let mut problems = error::Problems::default();
     if points.is_empty() {
         let config = resolve::resolve(&base)?;
         return Ok(vec![PlannedRun { tag: None, config, layered: base }]);
     }
     let sweep_path = base.path().to_path_buf();
-    points
+    let runs: Vec<PlannedRun> = points
         .into_iter()
-        .map(|point| {
+        .filter_map(|point| {
             let assigns: Vec<Assign> = point
                 .values
                 .iter()
@@ -76,11 +80,21 @@ pub fn load(path: &Path, env: &[Assign], sets: &[Assign]) -> Result<Vec<PlannedR
                     value: value.clone(),
                 })
                 .collect();
-            let layered = load::layer(path, env, sets, &assigns)?;
-            let config = resolve::resolve(&layered)?;
-            Ok(PlannedRun { tag: Some(point.tag), config, layered })
+            let layered = problems.take(load::layer(path, env, sets, &assigns))?;
+            let config = problems.take(resolve::resolve(&layered))?;
+            Some(PlannedRun { tag: Some(point.tag), config, layered })
         })
-        .collect()
+        .collect();
+    problems.finish()?;
+    Ok(runs)
+}
+
+/// A run folder's `config.toml`, resolved and validated as a fresh run's config is (hand edits
+/// get located errors), with `sets` on top.
+pub fn load_run_config(path: &Path, sets: &[Assign]) -> Result<(Config, Layered), ConfigErrors> {
+    let layered = load::layer_run_config(path, sets)?;
+    let config = resolve::resolve(&layered)?;
+    Ok((config, layered))
 }
 
 /// The resolved config as TOML; with `sources`, each value is followed by where it came from.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
+use super::error::{ConfigError, ConfigErrors, Problems};
 use super::file::{DataSection, ModelSection, TrainSection};
 use super::load::Layered;
 
@@ -110,12 +110,16 @@ pub struct Derived {
     pub tokens_per_step: u64,
 }
 
-/// Fills derived values, makes paths absolute and checks cross-field rules.
-pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
+/// Fills derived values, makes paths absolute and checks cross-field rules; reports every
+/// problem found, each at the origin of the value at fault.
+pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
     let f = &l.merged;
     let err = |key: &str, msg: String| ConfigError::new(l.origin_of(key), Some(key), msg);
-    let positive = |key: &str, v: usize| {
-        if v == 0 { Err(err(key, "must be greater than 0".into())) } else { Ok(()) }
+    let mut problems = Problems::default();
+    let positive = |problems: &mut Problems, key: &str, v: usize| {
+        if v == 0 {
+            problems.push(err(key, "must be greater than 0".into()));
+        }
     };
 
     let name = f.name.trim().to_string();
@@ -123,59 +127,66 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !name.starts_with('.');
     if !name_ok {
-        return Err(err("name", format!("`{name}` is not usable in a folder name"))
-            .hint("use letters, digits, '-', '_' and '.'"));
+        problems.push(
+            err("name", format!("`{name}` is not usable in a folder name"))
+                .hint("use letters, digits, '-', '_' and '.'"),
+        );
     }
 
-    let model = resolve_model(&f.model, l)?;
-    let data = resolve_data(&f.data, l)?;
-    if data.max_seq_len > model.max_position_embeddings {
-        return Err(err(
+    let model = model_of(&f.model);
+    for p in model.check(&|key| format!(", from {}", l.origin_of(key))) {
+        problems.push(err(p.key, p.message));
+    }
+    let data = problems.take(resolve_data(&f.data, l));
+    if f.data.max_seq_len > model.max_position_embeddings {
+        problems.push(err(
             "data.max_seq_len",
             format!(
                 "{} is above model.max_position_embeddings ({}, from {})",
-                data.max_seq_len,
+                f.data.max_seq_len,
                 model.max_position_embeddings,
                 l.origin_of("model.max_position_embeddings")
             ),
         ));
     }
     let t = &f.train;
-    positive("train.batch_size", t.batch_size)?;
-    positive("train.accumulation_steps", t.accumulation_steps)?;
-    if t.max_steps.is_none() {
-        positive("train.epochs", t.epochs)?;
+    positive(&mut problems, "train.batch_size", t.batch_size);
+    positive(&mut problems, "train.accumulation_steps", t.accumulation_steps);
+    match t.max_steps {
+        Some(steps) => positive(&mut problems, "train.max_steps", steps),
+        None => positive(&mut problems, "train.epochs", t.epochs),
     }
-    if let Some(steps) = t.max_steps {
-        positive("train.max_steps", steps)?;
-    }
-    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-        return Err(err("train.learning_rate", format!("{} must be a positive number", t.learning_rate)));
-    }
-    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-        return Err(err("train.weight_decay", format!("{} must be >= 0", t.weight_decay)));
-    }
-    if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-        return Err(err("train.betas", format!("{:?}: each beta must be in [0, 1)", t.betas)));
-    }
-    if !(t.eps.is_finite() && t.eps > 0.0) {
-        return Err(err("train.eps", format!("{} must be a positive number", t.eps)));
-    }
-    if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
-        return Err(err("train.grad_clip", format!("{} must be >= 0 (0 disables clipping)", t.grad_clip)));
-    }
-    if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-        return Err(err("train.min_lr_ratio", format!("{} must be in [0, 1]", t.min_lr_ratio)));
-    }
+    let mut check = |ok: bool, key: &str, msg: String| {
+        if !ok {
+            problems.push(err(key, msg));
+        }
+    };
+    let lr = t.learning_rate;
+    check(lr.is_finite() && lr > 0.0, "train.learning_rate", format!("{lr} must be a positive number"));
+    let wd = t.weight_decay;
+    check(wd.is_finite() && wd >= 0.0, "train.weight_decay", format!("{wd} must be >= 0"));
+    let betas_ok = t.betas.iter().all(|b| (0.0..1.0).contains(b));
+    check(betas_ok, "train.betas", format!("{:?}: each beta must be in [0, 1)", t.betas));
+    check(t.eps.is_finite() && t.eps > 0.0, "train.eps", format!("{} must be a positive number", t.eps));
+    let clip = t.grad_clip;
+    check(
+        clip.is_finite() && clip >= 0.0,
+        "train.grad_clip",
+        format!("{clip} must be >= 0 (0 disables clipping)"),
+    );
+    let ratio = t.min_lr_ratio;
+    check((0.0..=1.0).contains(&ratio), "train.min_lr_ratio", format!("{ratio} must be in [0, 1]"));
 
     let c = &f.checkpoint;
-    positive("checkpoint.log_interval", c.log_interval)?;
-    positive("checkpoint.save_interval", c.save_interval)?;
-    positive("checkpoint.keep_last", c.keep_last)?;
+    positive(&mut problems, "checkpoint.log_interval", c.log_interval);
+    positive(&mut problems, "checkpoint.save_interval", c.save_interval);
+    positive(&mut problems, "checkpoint.keep_last", c.keep_last);
     let from_weight = match &c.from_weight {
-        Some(p) => Some(existing_path(l, "checkpoint.from_weight", p)?),
+        Some(p) => problems.take(existing_path(l, "checkpoint.from_weight", p)),
         None => None,
     };
+    problems.finish()?;
+    let data = data.expect("no problems, so the data section resolved");
     let checkpoint = CheckpointConfig {
         log_interval: c.log_interval,
         save_interval: c.save_interval,
@@ -184,7 +195,6 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
         resume: c.resume,
         save_dir: absolute(&l.base_dir_of("checkpoint.save_dir").join(&c.save_dir)),
     };
-
     let derived = Derived {
         parameters: model.parameter_count(),
         tokens_per_step: (t.batch_size * t.accumulation_steps * data.max_seq_len) as u64,
@@ -192,87 +202,18 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigError> {
     Ok(Config { name, seed: f.seed, model, data, train: t.clone(), checkpoint, derived })
 }
 
-fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigError> {
-    let err = |key: &str, msg: String| ConfigError::new(l.origin_of(key), Some(key), msg);
-    for (key, v) in [
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_hidden_layers", m.num_hidden_layers),
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("model.num_key_value_heads", m.num_key_value_heads),
-        ("model.vocab_size", m.vocab_size),
-        ("model.max_position_embeddings", m.max_position_embeddings),
-    ] {
-        if v == 0 {
-            return Err(err(key, "must be greater than 0".into()));
-        }
-    }
-    if !m.hidden_size.is_multiple_of(m.num_attention_heads) {
-        return Err(err(
-            "model.hidden_size",
-            format!(
-                "{} is not divisible by model.num_attention_heads ({}, from {})",
-                m.hidden_size,
-                m.num_attention_heads,
-                l.origin_of("model.num_attention_heads")
-            ),
-        ));
-    }
-    let head_dim = m.hidden_size / m.num_attention_heads;
-    if !head_dim.is_multiple_of(2) {
-        return Err(err(
-            "model.num_attention_heads",
-            format!("head_dim = hidden_size / num_attention_heads = {head_dim} must be even for RoPE"),
-        ));
-    }
-    if !m.num_attention_heads.is_multiple_of(m.num_key_value_heads) {
-        return Err(err(
-            "model.num_attention_heads",
-            format!(
-                "{} is not a multiple of model.num_key_value_heads ({}, from {})",
-                m.num_attention_heads,
-                m.num_key_value_heads,
-                l.origin_of("model.num_key_value_heads")
-            ),
-        ));
-    }
-    let intermediate_size =
-        m.intermediate_size.unwrap_or_else(|| ModelConfig::default_intermediate(m.hidden_size));
-    if intermediate_size == 0 {
-        return Err(err("model.intermediate_size", "must be greater than 0".into()));
-    }
-    if !(m.rope_theta.is_finite() && m.rope_theta > 0.0) {
-        return Err(err("model.rope_theta", format!("{} must be a positive number", m.rope_theta)));
-    }
-    if !(m.rms_norm_eps.is_finite() && m.rms_norm_eps > 0.0) {
-        return Err(err("model.rms_norm_eps", format!("{} must be a positive number", m.rms_norm_eps)));
-    }
-    if m.use_moe {
-        if m.n_routed_experts == 0 {
-            return Err(err("model.n_routed_experts", "must be greater than 0 with use_moe".into()));
-        }
-        if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.n_routed_experts {
-            return Err(err(
-                "model.num_experts_per_tok",
-                format!(
-                    "{} must be between 1 and model.n_routed_experts ({}, from {})",
-                    m.num_experts_per_tok,
-                    m.n_routed_experts,
-                    l.origin_of("model.n_routed_experts")
-                ),
-            ));
-        }
-        if !(m.aux_loss_alpha.is_finite() && m.aux_loss_alpha >= 0.0) {
-            return Err(err("model.aux_loss_alpha", format!("{} must be >= 0", m.aux_loss_alpha)));
-        }
-    }
-    Ok(ModelConfig {
+/// The model section with its derived values filled in (not yet checked).
+fn model_of(m: &ModelSection) -> ModelConfig {
+    ModelConfig {
         hidden_size: m.hidden_size,
         num_hidden_layers: m.num_hidden_layers,
         num_attention_heads: m.num_attention_heads,
         num_key_value_heads: m.num_key_value_heads,
         vocab_size: m.vocab_size,
-        intermediate_size,
-        head_dim,
+        intermediate_size: m
+            .intermediate_size
+            .unwrap_or_else(|| ModelConfig::default_intermediate(m.hidden_size)),
+        head_dim: m.hidden_size.checked_div(m.num_attention_heads).unwrap_or(0),
         rope_theta: m.rope_theta,
         rms_norm_eps: m.rms_norm_eps,
         max_position_embeddings: m.max_position_embeddings,
@@ -283,20 +224,122 @@ fn resolve_model(m: &ModelSection, l: &Layered) -> Result<ModelConfig, ConfigErr
         aux_loss_alpha: m.aux_loss_alpha,
         seq_aux: m.seq_aux,
         norm_topk_prob: m.norm_topk_prob,
-    })
+    }
 }
 
-fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigError> {
+/// A model shape rule that is broken: the key at fault and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelProblem {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl ModelConfig {
+    /// The shape rules, in one place: resolving an experiment, reading a `config.json` and
+    /// building an engine all go through them. `from(key)` says where a related value came
+    /// from (such as ", from default"), or nothing.
+    pub fn check(&self, from: &dyn Fn(&str) -> String) -> Vec<ModelProblem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &'static str, message: String| out.push(ModelProblem { key, message });
+        for (key, v) in [
+            ("model.hidden_size", self.hidden_size),
+            ("model.num_hidden_layers", self.num_hidden_layers),
+            ("model.num_attention_heads", self.num_attention_heads),
+            ("model.num_key_value_heads", self.num_key_value_heads),
+            ("model.vocab_size", self.vocab_size),
+            ("model.intermediate_size", self.intermediate_size),
+            ("model.max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        let (c, h, g) = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads);
+        if h > 0 && !c.is_multiple_of(h) {
+            bad(
+                "model.hidden_size",
+                format!(
+                    "{c} is not divisible by model.num_attention_heads ({h}{})",
+                    from("model.num_attention_heads")
+                ),
+            );
+        } else if h > 0 && self.head_dim * h != c {
+            bad(
+                "model.head_dim",
+                format!("{} must be hidden_size / num_attention_heads = {}", self.head_dim, c / h),
+            );
+        } else if h > 0 && !self.head_dim.is_multiple_of(2) {
+            bad(
+                "model.num_attention_heads",
+                format!(
+                    "head_dim = model.hidden_size ({c}{}) / {h} = {} must be even for RoPE",
+                    from("model.hidden_size"),
+                    self.head_dim
+                ),
+            );
+        }
+        if g > 0 && !h.is_multiple_of(g) {
+            bad(
+                "model.num_attention_heads",
+                format!(
+                    "{h} is not a multiple of model.num_key_value_heads ({g}{})",
+                    from("model.num_key_value_heads")
+                ),
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bad("model.rope_theta", format!("{} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bad("model.rms_norm_eps", format!("{} must be a positive number", self.rms_norm_eps));
+        }
+        if self.use_moe {
+            let (e, k) = (self.n_routed_experts, self.num_experts_per_tok);
+            if e == 0 {
+                bad("model.n_routed_experts", "must be greater than 0 with use_moe".into());
+            }
+            if k == 0 || k > e {
+                bad(
+                    "model.num_experts_per_tok",
+                    format!(
+                        "{k} must be between 1 and model.n_routed_experts ({e}{})",
+                        from("model.n_routed_experts")
+                    ),
+                );
+            }
+            if !(self.aux_loss_alpha.is_finite() && self.aux_loss_alpha >= 0.0) {
+                bad("model.aux_loss_alpha", format!("{} must be >= 0", self.aux_loss_alpha));
+            }
+        }
+        out
+    }
+
+    /// [`ModelConfig::check`] as one error naming every broken rule.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let problems = self.check(&|_| String::new());
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key, p.message)).collect();
+        anyhow::bail!("invalid model shape: {}", list.join("; "))
+    }
+}
+
+fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors> {
+    let mut problems = Problems::default();
     if d.max_seq_len < 2 {
-        return Err(ConfigError::new(
+        problems.push(ConfigError::new(
             l.origin_of("data.max_seq_len"),
             Some("data.max_seq_len"),
             format!("{} is too short: a row needs at least bos and eos", d.max_seq_len),
         ));
     }
+    let path = problems.take(existing_path(l, "data.path", &d.path));
+    let tokenizer = problems.take(existing_path(l, "data.tokenizer", &d.tokenizer));
+    problems.finish()?;
     Ok(DataConfig {
-        path: existing_path(l, "data.path", &d.path)?,
-        tokenizer: existing_path(l, "data.tokenizer", &d.tokenizer)?,
+        path: path.expect("checked"),
+        tokenizer: tokenizer.expect("checked"),
         max_seq_len: d.max_seq_len,
         packing: d.packing,
         skip_bad_lines: d.skip_bad_lines,

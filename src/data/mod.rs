@@ -2,17 +2,71 @@
 //! micro-batches, with a cursor that is part of the resume state.
 
 pub mod cache;
+pub mod jsonl;
 pub mod tokenizer;
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::DataConfig;
 use crate::engine::SplitMix64;
+use crate::signals::Stop;
 pub use cache::TokenCache;
+pub use jsonl::Skipped;
 pub use tokenizer::{Tok, encode_row, targets_from_ids};
+
+/// What a run's data is, by content: the data file, the tokenizer and the tokens made of them.
+/// Checkpoints record it so a resume notices when any of them changed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub data_sha256: String,
+    pub tokenizer_sha256: String,
+    pub tokens_sha256: String,
+}
+
+impl Fingerprint {
+    /// What differs from `then` (a checkpoint's) to `self` (now), one line each. Pure.
+    pub fn changes_since(&self, then: &Fingerprint, data: &Path, tokenizer: &Path) -> Vec<String> {
+        let short = |s: &str| s.chars().take(12).collect::<String>();
+        let mut out = Vec::new();
+        if self.data_sha256 != then.data_sha256 {
+            out.push(format!(
+                "the data file {} changed (sha256 {} then, {} now)",
+                data.display(),
+                short(&then.data_sha256),
+                short(&self.data_sha256)
+            ));
+        }
+        if self.tokenizer_sha256 != then.tokenizer_sha256 {
+            out.push(format!(
+                "the tokenizer {} changed (sha256 {} then, {} now)",
+                tokenizer.display(),
+                short(&then.tokenizer_sha256),
+                short(&self.tokenizer_sha256)
+            ));
+        }
+        if out.is_empty() && self.tokens_sha256 != then.tokens_sha256 {
+            out.push(format!(
+                "the same data and tokenizer now give other tokens (token cache sha256 {} then, {} now)",
+                short(&then.tokens_sha256),
+                short(&self.tokens_sha256)
+            ));
+        }
+        out
+    }
+}
+
+/// Where a dataset's token cache lives and what may interrupt building it.
+pub struct OpenOptions<'a> {
+    pub cache_root: &'a Path,
+    pub quiet: bool,
+    /// Progress lines this often when there is no progress bar.
+    pub heartbeat: Duration,
+    pub stop: &'a Stop,
+}
 
 /// Training rows over a token cache, encoded as `data.packing` says.
 pub struct Dataset {
@@ -23,17 +77,14 @@ pub struct Dataset {
     eos: u32,
     pad: u32,
     samples: usize,
+    /// What opening it involved (cache rebuilds, waits), for the run log.
+    pub notes: Vec<String>,
 }
 
 impl Dataset {
-    /// Loads the tokenizer, builds or opens the cache (under `cache_root`), checks the
+    /// Loads the tokenizer, builds or opens the cache (under `opts.cache_root`), checks the
     /// vocabulary against the model's.
-    pub fn open(
-        cfg: &DataConfig,
-        vocab_size: usize,
-        cache_root: &Path,
-        quiet: bool,
-    ) -> Result<(Dataset, Tok)> {
+    pub fn open(cfg: &DataConfig, vocab_size: usize, opts: &OpenOptions<'_>) -> Result<(Dataset, Tok)> {
         if !cfg.path.is_file() {
             bail!("data file {} does not exist", cfg.path.display());
         }
@@ -46,15 +97,20 @@ impl Dataset {
                 tok.vocab_size()
             );
         }
-        let cache = cache::open_or_build(
+        let opened = cache::open_or_build(
             &cfg.path,
             &cfg.tokenizer,
             &tok,
-            cfg.skip_bad_lines,
-            cfg.num_workers,
-            cache_root,
-            quiet,
+            &cache::CacheOptions {
+                root: opts.cache_root,
+                skip_bad_lines: cfg.skip_bad_lines,
+                threads: cfg.num_workers,
+                quiet: opts.quiet,
+                heartbeat: opts.heartbeat,
+                stop: opts.stop,
+            },
         )?;
+        let cache = opened.cache;
         let t = cfg.max_seq_len;
         let samples = if cfg.packing {
             // Every document is followed by eos; rows are full T-token cuts of that stream.
@@ -62,8 +118,16 @@ impl Dataset {
         } else {
             cache.documents()
         };
-        let ds =
-            Dataset { cache, t, packing: cfg.packing, bos: tok.bos, eos: tok.eos, pad: tok.pad, samples };
+        let ds = Dataset {
+            cache,
+            t,
+            packing: cfg.packing,
+            bos: tok.bos,
+            eos: tok.eos,
+            pad: tok.pad,
+            samples,
+            notes: opened.notes,
+        };
         Ok((ds, tok))
     }
 
@@ -71,17 +135,33 @@ impl Dataset {
         self.samples
     }
 
-    pub fn skipped_lines(&self) -> u64 {
-        self.cache.info.skipped_lines
+    /// Lines of the data file skipped as malformed (with `data.skip_bad_lines`).
+    pub fn skipped(&self) -> Skipped {
+        Skipped { count: self.cache.info.skipped_lines, first: self.cache.info.skipped_line_numbers.clone() }
     }
 
-    /// Writes row `i` into `ids`/`targets` (length T).
-    pub fn fill(&self, i: usize, ids: &mut [u32], targets: &mut [i32], scratch: &mut Vec<u32>) {
+    pub fn fingerprint(&self) -> Fingerprint {
+        let i = &self.cache.info;
+        Fingerprint {
+            data_sha256: i.data_sha256.clone(),
+            tokenizer_sha256: i.tokenizer_sha256.clone(),
+            tokens_sha256: i.tokens_sha256.clone(),
+        }
+    }
+
+    /// Tokens of the data (documents' tokens, before rows add bos/eos and pad).
+    pub fn tokens(&self) -> u64 {
+        self.cache.info.tokens
+    }
+
+    /// Writes row `i` into `ids`/`targets` (length T); returns how many of its tokens are real
+    /// (not padding).
+    pub fn fill(&self, i: usize, ids: &mut [u32], targets: &mut [i32], scratch: &mut Vec<u32>) -> usize {
         let t = self.t;
         if !self.packing {
             self.cache.doc(i, scratch);
             encode_row(scratch, t, self.bos, self.eos, self.pad, ids, targets);
-            return;
+            return scratch.len().min(t - 2) + 2;
         }
         // Stream position of row i, and the document holding it (docs are len + 1 long).
         let start = i * t;
@@ -105,6 +185,7 @@ impl Dataset {
         for p in 0..t {
             targets[p] = if p + 1 < t { ids[p + 1] as i32 } else { -1 };
         }
+        t
     }
 }
 
@@ -141,8 +222,8 @@ impl Batches {
         self.samples / self.b
     }
 
-    /// Fills the micro-batch at `cursor` and advances it.
-    pub fn next(&mut self, ds: &Dataset, cursor: &mut Cursor, ids: &mut [u32], targets: &mut [i32]) {
+    /// Fills the micro-batch at `cursor` and advances it; returns its real (non-pad) tokens.
+    pub fn next(&mut self, ds: &Dataset, cursor: &mut Cursor, ids: &mut [u32], targets: &mut [i32]) -> usize {
         if cursor.batch >= self.per_epoch() {
             cursor.epoch += 1;
             cursor.batch = 0;
@@ -152,9 +233,10 @@ impl Batches {
             self.epoch = Some(cursor.epoch);
         }
         let t = ds.t;
+        let mut real = 0;
         for r in 0..self.b {
             let sample = self.order[cursor.batch * self.b + r] as usize;
-            ds.fill(
+            real += ds.fill(
                 sample,
                 &mut ids[r * t..(r + 1) * t],
                 &mut targets[r * t..(r + 1) * t],
@@ -162,6 +244,7 @@ impl Batches {
             );
         }
         cursor.batch += 1;
+        real
     }
 }
 

@@ -140,14 +140,6 @@ impl HfConfig {
     }
 
     pub fn to_model(&self) -> Result<ModelConfig> {
-        let h = self.num_attention_heads;
-        if h == 0 || !self.hidden_size.is_multiple_of(h) {
-            bail!("hidden_size {} is not divisible by num_attention_heads {h}", self.hidden_size);
-        }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / h);
-        if head_dim * h != self.hidden_size {
-            bail!("head_dim {head_dim} * num_attention_heads {h} != hidden_size {}", self.hidden_size);
-        }
         if self.hidden_act != "silu" || self.scoring_func != "softmax" || !self.tie_word_embeddings {
             bail!(
                 "unsupported model: hidden_act {:?}, scoring_func {:?}, tie_word_embeddings {} (need silu, softmax, true)",
@@ -156,20 +148,17 @@ impl HfConfig {
                 self.tie_word_embeddings
             );
         }
-        let kv = self.num_key_value_heads.unwrap_or(h);
-        if kv == 0 || !h.is_multiple_of(kv) {
-            bail!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}");
-        }
-        Ok(ModelConfig {
+        let h = self.num_attention_heads;
+        let m = ModelConfig {
             hidden_size: self.hidden_size,
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: h,
-            num_key_value_heads: kv,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(h),
             vocab_size: self.vocab_size,
             intermediate_size: self
                 .intermediate_size
                 .unwrap_or_else(|| ModelConfig::default_intermediate(self.hidden_size)),
-            head_dim,
+            head_dim: self.head_dim.unwrap_or(self.hidden_size.checked_div(h).unwrap_or(0)),
             rope_theta: self.rope_theta,
             rms_norm_eps: self.rms_norm_eps,
             max_position_embeddings: self.max_position_embeddings,
@@ -180,7 +169,9 @@ impl HfConfig {
             aux_loss_alpha: self.aux_loss_alpha,
             seq_aux: self.seq_aux,
             norm_topk_prob: self.norm_topk_prob,
-        })
+        };
+        m.validate()?;
+        Ok(m)
     }
 }
 

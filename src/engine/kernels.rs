@@ -12,13 +12,28 @@
 use std::ops::Range;
 
 /// One attention problem: B sequences of T tokens, H query heads reading G key/value heads.
+/// Built by [`AttnShape::new`] only, so every shape a kernel sees has whole query-head groups
+/// (kernels index key/value head `h / (H / G)` and rely on it staying below G).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
-    pub b: usize,
-    pub t: usize,
-    pub h: usize,
-    pub g: usize,
-    pub d: usize,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) h: usize,
+    pub(crate) g: usize,
+    pub(crate) d: usize,
+}
+
+impl AttnShape {
+    /// Fails unless every size is positive and G divides H.
+    pub fn new(b: usize, t: usize, h: usize, g: usize, d: usize) -> Result<AttnShape, String> {
+        if [b, t, h, g, d].contains(&0) {
+            return Err(format!("attention sizes must be positive: B {b}, T {t}, H {h}, G {g}, D {d}"));
+        }
+        if !h.is_multiple_of(g) {
+            return Err(format!("{h} query heads cannot share {g} key/value heads evenly"));
+        }
+        Ok(AttnShape { b, t, h, g, d })
+    }
 }
 
 /// AdamW hyper-parameters for one step (PyTorch semantics).
@@ -183,7 +198,8 @@ pub trait Kernels: Sync {
     );
     /// Row dot products: `out[n*k + j] = <dy[n], y[pos[n*k + j]]>`.
     fn slot_dots(&self, out: &mut [f32], dy: Self::V<'_>, y: Self::V<'_>, pos: &[u32], k: usize, c: usize);
-    /// `out[pos[n*k + j]] = weights[n*k + j] * dy[n]`.
+    /// `out[pos[n*k + j]] = weights[n*k + j] * dy[n]`. `pos` must not repeat a row (it is a
+    /// permutation of the slots); implementations check it.
     #[allow(clippy::too_many_arguments)]
     fn spread_rows(
         &self,

@@ -14,7 +14,7 @@ pub(crate) mod moe;
 
 pub use kernels::{AdamW, Kernels};
 pub use layout::Layout;
-pub use model::{Losses, keep_attention_probs, rope_tables};
+pub use model::{Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
 use crate::config::{ModelConfig, TrainConfig};
 use model::{Model, Workspace};
@@ -61,7 +61,8 @@ pub struct Engine<K: Kernels> {
 impl<K: Kernels> Engine<K> {
     /// Allocates everything for micro-batches of up to `batch` rows of `seq` tokens; the
     /// parameters start at zero (call [`Engine::init_weights`] or [`Engine::set_params`]).
-    pub fn new(kernels: K, config: ModelConfig, batch: usize, seq: usize) -> Self {
+    /// Fails on a model shape the kernels cannot run ([`ModelConfig::validate`]).
+    pub fn new(kernels: K, config: ModelConfig, batch: usize, seq: usize) -> anyhow::Result<Self> {
         let keep = model::keep_attention_probs(&config, batch, seq);
         Self::with_attention_probs(kernels, config, batch, seq, keep)
     }
@@ -74,11 +75,13 @@ impl<K: Kernels> Engine<K> {
         batch: usize,
         seq: usize,
         keep: bool,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        anyhow::ensure!(batch > 0 && seq > 0, "an engine needs at least one row of one token");
         let layout = Layout::new(&config);
         let total = layout.total;
         let ws = Workspace::new(&kernels, &config, batch, seq, keep);
-        Engine {
+        Ok(Engine {
             params: kernels.alloc(total),
             grads: kernels.alloc(total),
             adam_m: kernels.alloc(total),
@@ -89,7 +92,7 @@ impl<K: Kernels> Engine<K> {
             layout,
             step: 0,
             grads_zero: true,
-        }
+        })
     }
 
     pub fn batch_capacity(&self) -> (usize, usize) {

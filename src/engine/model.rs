@@ -188,6 +188,43 @@ impl<K: Kernels> Workspace<K> {
     }
 }
 
+/// Bytes [`Workspace::new`] allocates for `b x t` micro-batches, plus the MoE routing buffers
+/// that fill on the first step: the activation memory a run needs. Mirrors `new` line for line
+/// (a test checks it against the allocator). Pure.
+pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> u64 {
+    let (n, l) = ((b * t) as u64, m.num_hidden_layers as u64);
+    let (c, i, d) = (m.hidden_size as u64, m.intermediate_size as u64, m.head_dim as u64);
+    let (hd, gd) = (m.num_attention_heads as u64 * d, m.num_key_value_heads as u64 * d);
+    let (e, k) = (m.n_routed_experts as u64, m.num_experts_per_tok as u64);
+    let slots = if m.use_moe { n * k } else { 0 };
+    let ffn = |rows: u64| rows * 3 * i;
+    let mlp = if m.use_moe {
+        let routing = n * e + 4 * n * k + b as u64 * e + 2 * (e + 1) + 4 * e;
+        2 * n * e + 2 * slots * c + ffn(slots) + m.n_shared_experts as u64 * ffn(n) + routing
+    } else {
+        ffn(n)
+    };
+    let layer = 3 * n * c + 2 * n + 2 * n * hd + 2 * n * gd + mlp;
+    let probs = (b * m.num_attention_heads * t * t) as u64;
+    let kept_probs = if keep_probs { l } else { 1 } * probs;
+    let moe_host = if m.use_moe { 2 * n * e + 2 * slots } else { 0 };
+    let floats = l * layer
+        + (l + 1) * n * c
+        + kept_probs
+        + n * c
+        + 2 * n
+        + (HEAD_CHUNK as u64).min(n) * m.vocab_size as u64
+        + 2 * t as u64 * d
+        + 3 * n * c
+        + 2 * n * hd
+        + 2 * n * gd
+        + probs
+        + ffn(n.max(slots))
+        + 2 * slots * c
+        + moe_host;
+    4 * floats
+}
+
 /// RoPE tables `[T, D]` in f32 as MiniMind computes them: `inv[j] = 1/theta^(2j/D)`,
 /// angle `t * inv[j mod D/2]`, duplicated across both halves.
 pub fn rope_tables(m: &ModelConfig, t: usize) -> (Vec<f32>, Vec<f32>) {
@@ -301,7 +338,7 @@ impl<K: Kernels> Model<'_, K> {
             let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
             k.rope(k.view_mut(&mut a.q, 0..n * hd), cos, sin, t, h, d, false);
             k.rope(k.view_mut(&mut a.k, 0..n * gd), cos, sin, t, g, d, false);
-            let shape = AttnShape { b, t, h, g, d };
+            let shape = AttnShape::new(b, t, h, g, d).expect("Engine::new validated the model");
             k.attention_forward(
                 k.view_mut(&mut a.att, 0..n * hd),
                 k.view_mut(&mut ws.probs[l.min(kept - 1)], 0..b * h * t * t),
@@ -620,7 +657,7 @@ impl<K: Kernels> Model<'_, K> {
             let dmid = k.view(&ws.dresid, nc.clone());
             self.linear_dx(k.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
             self.linear_dw(k.view_mut(grads, lp.o.clone()), dmid, k.view(&a.att, 0..n * hd), n, c, hd);
-            let shape = AttnShape { b, t, h, g, d };
+            let shape = AttnShape::new(b, t, h, g, d).expect("Engine::new validated the model");
             let bhtt = 0..b * h * t * t;
             let probs = if ws.probs.len() == lay.layers.len() {
                 &ws.probs[l]

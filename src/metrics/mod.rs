@@ -3,6 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -15,8 +16,11 @@ pub struct StepMetrics {
     pub step: usize,
     /// 0-based epoch of the step's last micro-batch.
     pub epoch: usize,
-    /// Tokens processed (rows x T, pad included).
+    /// Real tokens processed so far (padding not counted).
     pub tokens: u64,
+    /// Token positions processed so far, padding included (rows x T).
+    #[serde(default)]
+    pub tokens_padded: u64,
     /// lm_loss + aux_loss.
     pub loss: f64,
     pub lm_loss: f64,
@@ -24,29 +28,83 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Token positions (padding included) per second since the previous row.
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
 }
 
-/// Appends rows to metrics.csv; on resume, first drops rows past the checkpoint so no step
-/// is ever listed twice.
+const HEADER: [&str; 11] = [
+    "step",
+    "epoch",
+    "tokens",
+    "tokens_padded",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+];
+
+/// The rows of a metrics.csv to keep when resuming from step `step`, and what was dropped:
+/// rows past the checkpoint (they are recomputed), a partial last row (the process died while
+/// writing it) and rows that do not parse. Never fails. Pure.
+pub fn rows_to_keep(text: &str, step: usize) -> (Vec<StepMetrics>, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut body = text;
+    if !text.is_empty() && !text.ends_with('\n') {
+        let cut = text.rfind('\n').map_or(0, |i| i + 1);
+        notes.push(format!(
+            "metrics.csv: dropped a partial last row ({:?}): the process died while writing it",
+            &text[cut..]
+        ));
+        body = &text[..cut];
+    }
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(body.as_bytes());
+    let (mut kept, mut bad, mut later) = (Vec::new(), 0, 0);
+    for row in reader.deserialize::<StepMetrics>() {
+        match row {
+            Ok(r) if r.step <= step => kept.push(r),
+            Ok(_) => later += 1,
+            Err(_) => bad += 1,
+        }
+    }
+    if bad > 0 {
+        notes.push(format!("metrics.csv: dropped {bad} damaged row(s)"));
+    }
+    if later > 0 {
+        notes.push(format!("metrics.csv: {later} row(s) after step {step} dropped; those steps run again"));
+    }
+    (kept, notes)
+}
+
+/// Appends rows to metrics.csv; on resume, first keeps only the rows up to the checkpoint (see
+/// [`rows_to_keep`]) so no step is ever listed twice.
 pub struct MetricsWriter {
     file: File,
+    path: PathBuf,
 }
 
 impl MetricsWriter {
-    pub fn open(path: &Path, resume_step: Option<usize>) -> Result<MetricsWriter> {
+    /// Opens (creating) metrics.csv; with `resume_step`, repairs it first. Returns notes about
+    /// what the repair dropped.
+    pub fn open(path: &Path, resume_step: Option<usize>) -> Result<(MetricsWriter, Vec<String>)> {
+        let mut notes = Vec::new();
         if let Some(step) = resume_step
             && path.exists()
         {
-            let kept: Vec<StepMetrics> = read(path)?.into_iter().filter(|r| r.step <= step).collect();
-            let mut w = csv::Writer::from_writer(Vec::new());
-            for r in &kept {
-                w.serialize(r)?;
-            }
+            let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (kept, dropped) = rows_to_keep(&String::from_utf8_lossy(&text), step);
+            notes = dropped;
             if kept.is_empty() {
-                fs::remove_file(path)?;
+                fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             } else {
+                let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+                w.write_record(HEADER)?;
+                for r in &kept {
+                    w.serialize(r)?;
+                }
                 crate::run_dir::write_atomic(path, &w.into_inner().map_err(|e| e.into_error())?)?;
             }
         }
@@ -59,48 +117,95 @@ impl MetricsWriter {
         if new {
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(HEADER)?;
-            file.write_all(&w.into_inner().map_err(|e| e.into_error())?)?;
+            file.write_all(&w.into_inner().map_err(|e| e.into_error())?)
+                .with_context(|| format!("writing the header of {}", path.display()))?;
         }
-        Ok(MetricsWriter { file })
+        Ok((MetricsWriter { file, path: path.to_path_buf() }, notes))
     }
 
     pub fn write(&mut self, row: &StepMetrics) -> Result<()> {
         let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
         w.serialize(row)?;
-        self.file.write_all(&w.into_inner().map_err(|e| e.into_error())?)?;
-        self.file.flush()?;
-        Ok(())
+        let bytes = w.into_inner().map_err(|e| e.into_error())?;
+        self.file
+            .write_all(&bytes)
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("appending a row to {}", self.path.display()))
     }
 }
-
-const HEADER: [&str; 10] = [
-    "step",
-    "epoch",
-    "tokens",
-    "loss",
-    "lm_loss",
-    "aux_loss",
-    "lr",
-    "grad_norm",
-    "tokens_per_s",
-    "elapsed_s",
-];
 
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
     let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
     r.deserialize().collect::<Result<_, _>>().with_context(|| format!("parsing {}", path.display()))
 }
 
-/// What the user sees: a progress bar with ETA on a terminal, plain lines otherwise; every
-/// line also goes to train.log.
+/// Prints a line on stdout; a closed stdout (`| head`) is not an error: returns false.
+pub fn say(text: &str) -> bool {
+    writeln!(std::io::stdout().lock(), "{text}").is_ok()
+}
+
+/// A warning on stderr; a closed stderr is not an error.
+pub fn warn(text: &str) {
+    let _ = writeln!(std::io::stderr(), "warning: {text}");
+}
+
+/// One format for every large number: 145.0M, 1.2K, 3.4G, 512.
+pub fn human(x: f64) -> String {
+    const UNITS: [(f64, &str); 5] = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")];
+    for (scale, unit) in UNITS {
+        if x.abs() >= scale {
+            return format!("{:.1}{unit}", x / scale);
+        }
+    }
+    if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.1}") }
+}
+
+/// A duration in seconds, readably: 45s, 3m12s, 1h04m, 2d03h.
+pub fn duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "?".into();
+    }
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Where a training step stands, for the console.
+pub struct Progress {
+    /// Optimiser steps completed (the one under way is `step + 1`).
+    pub step: usize,
+    pub total: usize,
+    /// Micro-batches done in the step under way.
+    pub micro: usize,
+    pub accumulation: usize,
+    pub elapsed_s: f64,
+    pub eta_s: f64,
+}
+
+/// What the user sees: a progress bar with ETA on a terminal, plain lines otherwise (and a
+/// progress line at least every `heartbeat` when nothing else was printed); every line also
+/// goes to train.log. A closed stdout is tolerated: lines then only go to the log.
 pub struct Console {
     bar: indicatif::ProgressBar,
     log: Option<File>,
     log_path: PathBuf,
+    stdout_ok: bool,
+    heartbeat: Duration,
+    last_line: Instant,
 }
 
 impl Console {
-    pub fn new(log_path: &Path, total_steps: u64, done: u64, quiet: bool) -> Result<Console> {
+    pub fn new(
+        log_path: &Path,
+        total_steps: u64,
+        done: u64,
+        quiet: bool,
+        heartbeat: Duration,
+    ) -> Result<Console> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -115,20 +220,32 @@ impl Console {
             .expect("valid template"),
         );
         bar.set_position(done);
-        Ok(Console { bar, log: Some(log), log_path: log_path.to_path_buf() })
+        if !bar.is_hidden() {
+            bar.enable_steady_tick(Duration::from_millis(500));
+        }
+        Ok(Console {
+            bar,
+            log: Some(log),
+            log_path: log_path.to_path_buf(),
+            stdout_ok: true,
+            heartbeat,
+            last_line: Instant::now(),
+        })
     }
 
     /// Prints a line (above the bar) and appends it to train.log.
     pub fn line(&mut self, text: &str) {
-        if self.bar.is_hidden() {
-            println!("{text}");
-        } else {
+        self.last_line = Instant::now();
+        if !self.bar.is_hidden() {
             self.bar.println(text);
+        } else if self.stdout_ok && !say(text) {
+            self.stdout_ok = false;
         }
         if let Some(f) = &mut self.log
             && writeln!(f, "{text}").is_err()
         {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "warning: cannot write {}; the console is not logged any more",
                 self.log_path.display()
             );
@@ -136,9 +253,32 @@ impl Console {
         }
     }
 
-    pub fn progress(&self, step: u64, msg: String) {
-        self.bar.set_position(step);
-        self.bar.set_message(msg);
+    /// Appends a line to train.log only (it was shown already).
+    pub fn log_only(&mut self, text: &str) {
+        if let Some(f) = &mut self.log {
+            let _ = writeln!(f, "{text}");
+        }
+    }
+
+    /// After every micro-batch: the bar on a terminal; elsewhere a line when nothing was
+    /// printed for `heartbeat`.
+    pub fn progress(&mut self, p: &Progress, msg: String) {
+        if !self.bar.is_hidden() {
+            self.bar.set_position(p.step as u64);
+            self.bar.set_message(format!("(micro-batch {}/{}) {msg}", p.micro, p.accumulation));
+            return;
+        }
+        if self.last_line.elapsed() >= self.heartbeat {
+            self.line(&format!(
+                "step {}/{}, micro-batch {}/{}: elapsed {}, ETA {}",
+                p.step + 1,
+                p.total,
+                p.micro,
+                p.accumulation,
+                duration(p.elapsed_s),
+                duration(p.eta_s)
+            ));
+        }
     }
 
     pub fn finish(&self) {
@@ -161,5 +301,41 @@ impl StepMetrics {
             self.grad_norm,
             self.tokens_per_s
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_and_duration_tables() {
+        for (x, want) in
+            [(145.0e6, "145.0M"), (25_830_000.0, "25.8M"), (1234.0, "1.2K"), (512.0, "512"), (3.4e9, "3.4G")]
+        {
+            assert_eq!(human(x), want);
+        }
+        for (s, want) in [(45.0, "45s"), (192.0, "3m12s"), (3840.0, "1h04m"), (183_600.0, "2d03h")] {
+            assert_eq!(duration(s), want);
+        }
+    }
+
+    #[test]
+    fn metrics_rows_to_keep() {
+        let header = HEADER.join(",");
+        let row = |s: usize| format!("{s},0,{},{},4.0,4.0,0.0,0.001,1.0,100.0,1.0", s * 10, s * 12);
+        let full = format!("{header}\n{}\n{}\n{}\n", row(1), row(2), row(3));
+        let (kept, notes) = rows_to_keep(&full, 2);
+        assert_eq!(kept.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2]);
+        assert!(notes[0].contains("1 row(s) after step 2"), "{notes:?}");
+        let partial = format!("{header}\n{}\n{}\n3,0,30,3", row(1), row(2));
+        let (kept, notes) = rows_to_keep(&partial, 5);
+        assert_eq!(kept.len(), 2);
+        assert!(notes[0].contains("partial last row") && notes[0].contains("3,0,30,3"), "{notes:?}");
+        let damaged = format!("{header}\n{}\nx,y\n{}\n", row(1), row(2));
+        let (kept, notes) = rows_to_keep(&damaged, 5);
+        assert_eq!(kept.len(), 2);
+        assert!(notes[0].contains("1 damaged row"), "{notes:?}");
+        assert_eq!(rows_to_keep("", 3), (Vec::new(), Vec::new()));
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
-use crate::data::Cursor;
+use crate::data::{Cursor, Fingerprint};
 use crate::engine::{Engine, Kernels, hf};
 use crate::run_dir::write_synced;
 
@@ -26,11 +26,18 @@ pub struct TrainerState {
     pub step: usize,
     /// Where the data continues.
     pub cursor: Cursor,
+    /// Token positions trained on, padding included.
     pub tokens_seen: u64,
+    /// Real (non-pad) tokens trained on.
+    #[serde(default)]
+    pub tokens_real: u64,
     /// Training seconds before this checkpoint (for elapsed_s across resumes).
     pub elapsed_s: f64,
     /// The model the weights belong to.
     pub model: ModelConfig,
+    /// The data, tokenizer and tokens trained on (absent in checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Fingerprint>,
 }
 
 pub fn dir_name(step: usize) -> String {
@@ -49,12 +56,28 @@ pub fn to_delete(mut steps: Vec<usize>, keep: usize) -> Vec<usize> {
     steps
 }
 
+/// Which existing checkpoints to delete before writing a new (newer) one and which after, so
+/// that `keep` remain in the end, the disk holds as few as possible while writing, and at
+/// least one complete checkpoint exists at every moment. Pure.
+pub fn prune_plan(existing: &[usize], keep: usize) -> (Vec<usize>, Vec<usize>) {
+    let doomed = to_delete(existing.to_vec(), keep.saturating_sub(1));
+    if !doomed.is_empty() && doomed.len() == existing.len() {
+        // Deleting them all first would leave no complete checkpoint while the new one is
+        // written: keep the newest until then.
+        let (before, last) = doomed.split_at(doomed.len() - 1);
+        return (before.to_vec(), last.to_vec());
+    }
+    (doomed, Vec::new())
+}
+
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes a complete checkpoint of `engine` and `state` under `dir`, then prunes to
-/// `keep_last`. On any failure the partial folder is removed; earlier checkpoints stay.
+/// Writes a complete checkpoint of `engine` and `state` under `dir`, keeping the newest
+/// `keep_last` (older ones go first when that still leaves one, see [`prune_plan`]). A complete
+/// checkpoint of the same step is the same state: it is kept, not rewritten. On any failure the
+/// partial folder is removed; earlier checkpoints stay.
 pub fn save<K: Kernels>(
     dir: &Path,
     engine: &Engine<K>,
@@ -62,6 +85,9 @@ pub fn save<K: Kernels>(
     keep_last: usize,
 ) -> Result<PathBuf> {
     let final_dir = dir.join(dir_name(state.step));
+    if final_dir.join(MARKER).is_file() {
+        return Ok(final_dir);
+    }
     let tmp = dir.join(format!(".{}.tmp", dir_name(state.step)));
     // Leftovers of writers that died mid-checkpoint are never complete: clear them.
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -70,38 +96,59 @@ pub fn save<K: Kernels>(
             let _ = fs::remove_dir_all(e.path());
         }
     }
+    let existing: Vec<usize> = list(dir).into_iter().map(|(s, _)| s).filter(|&s| s < state.step).collect();
+    let (before, after) = prune_plan(&existing, keep_last);
+    let remove = |steps: Vec<usize>| -> Result<()> {
+        for step in steps {
+            let old = dir.join(dir_name(step));
+            fs::remove_dir_all(&old)
+                .with_context(|| format!("removing the old checkpoint {}", old.display()))?;
+        }
+        Ok(())
+    };
+    remove(before)?;
     let write = || -> Result<()> {
-        fs::create_dir_all(&tmp)?;
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let params = engine.params_host();
         let model = hf::encode_weights(&engine.layout, &params)?;
+        drop(params);
         let (m, v) = engine.moments_host();
         let n = m.len();
         let optim = hf::encode(
             &[("exp_avg".into(), vec![n], &m), ("exp_avg_sq".into(), vec![n], &v)],
             Some([("adam_step".to_string(), engine.step.to_string())].into()),
         )?;
+        drop((m, v));
         let state_json = serde_json::to_vec_pretty(state)?;
         let mut marker = String::new();
         for (name, bytes) in FILES.iter().zip([&model, &optim, &state_json]) {
             write_synced(&tmp.join(name), bytes)?;
             marker.push_str(&format!("{name} {} {}\n", bytes.len(), sha256(bytes)));
         }
+        crate::signals::crash_point("checkpoint", state.step);
         write_synced(&tmp.join(MARKER), marker.as_bytes())?;
         if final_dir.exists() {
-            fs::remove_dir_all(&final_dir)?;
+            fs::remove_dir_all(&final_dir)
+                .with_context(|| format!("removing the incomplete {}", final_dir.display()))?;
         }
-        fs::rename(&tmp, &final_dir)?;
+        fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+        sync_dir(dir);
         Ok(())
     };
     if let Err(e) = write() {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e).with_context(|| format!("writing checkpoint {}", final_dir.display()));
     }
-    let steps = list(dir).into_iter().map(|(s, _)| s).collect();
-    for step in to_delete(steps, keep_last) {
-        let _ = fs::remove_dir_all(dir.join(dir_name(step)));
-    }
+    remove(after)?;
     Ok(final_dir)
+}
+
+/// Makes a rename inside `dir` durable (best effort: not every file system allows it).
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
 }
 
 /// Checkpoint folders that have a marker, oldest first.
@@ -198,6 +245,24 @@ mod tests {
         ];
         for (steps, keep, want) in table {
             assert_eq!(to_delete(steps.to_vec(), *keep), want.to_vec(), "{steps:?} keep {keep}");
+        }
+    }
+
+    #[test]
+    fn prune_plan_table() {
+        // (existing, keep, delete before writing, delete after writing)
+        type Row = (&'static [usize], usize, &'static [usize], &'static [usize]);
+        let table: &[Row] = &[
+            (&[4, 8, 12], 2, &[4, 8], &[]),
+            (&[4, 8, 12], 3, &[4], &[]),
+            (&[4], 1, &[], &[4]),
+            (&[4, 8], 1, &[4], &[8]),
+            (&[4], 3, &[], &[]),
+            (&[], 1, &[], &[]),
+        ];
+        for (existing, keep, before, after) in table {
+            let (b, a) = prune_plan(existing, *keep);
+            assert_eq!((b.as_slice(), a.as_slice()), (*before, *after), "{existing:?} keep {keep}");
         }
     }
 

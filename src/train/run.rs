@@ -1,74 +1,181 @@
-//! The training loop: micro-batches with accumulation, schedule, clipping, AdamW, metrics,
-//! checkpoints, resume, signals, export.
+//! The training loop, in phases that read top to bottom: open the data; build the engine and
+//! restore its state (a checkpoint, given weights or a fresh init); train (micro-batches with
+//! accumulation, schedule, clipping, AdamW, metrics, checkpoints, stop requests at every
+//! micro-batch); export and evaluate. [`train`] wraps the phases so that whatever ends them
+//! (completion, a signal, an error, a panic) is recorded in meta.json.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::Placement;
 use super::checkpoint::{self, TrainerState};
 use super::schedule::lr_at;
 use crate::config::Config;
-use crate::data::{Batches, Cursor, Dataset};
+use crate::cost::Cost;
+use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok};
 use crate::engine::cpu::Cpu;
 use crate::engine::{Engine, OptimConfig, hf};
-use crate::metrics::{Console, MetricsWriter, StepMetrics};
-use crate::run_dir::{FinalEval, RunDir, Status};
+use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics, duration, human};
+use crate::run_dir::{FinalEval, MetaFile, Override, ResumeRecord, RunDir, Status};
+use crate::signals::{self, Interrupted, Stop};
 
 /// How a training session ended (errors are returned as errors).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Completed,
-    /// Stopped by a signal (its number) after writing a checkpoint.
+    /// Stopped by a signal (its number), after writing a checkpoint of the last complete step.
     Stopped(i32),
+}
+
+/// A resume's own settings.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeRequest {
+    /// `--set` values given to the resume, recorded in meta.json.
+    pub overrides: Vec<Override>,
+    /// Continue even though the data, tokenizer or tokens changed since the checkpoint.
+    pub allow_data_change: bool,
 }
 
 /// Knobs of one session that are not part of the experiment.
 pub struct Session {
     /// Continue from the run's last complete checkpoint.
-    pub resume: bool,
-    /// Set to a signal number to stop after the current optimiser step.
-    pub stop: Arc<AtomicUsize>,
+    pub resume: Option<ResumeRequest>,
+    /// Set by a signal: stop at the next micro-batch boundary.
+    pub stop: Stop,
     /// Testing aid: behave as if SIGINT arrived right after this step.
     pub stop_after: Option<usize>,
     /// No progress bars (lines only).
     pub quiet: bool,
+    /// Without a progress bar, print a progress line when nothing was printed for this long.
+    pub heartbeat: Duration,
 }
 
 /// Rows of the final evaluation recorded in meta.json (one micro-batch).
 const FINAL_EVAL_BATCHES: usize = 1;
 
-/// Trains the run in `run` (its config.toml) until done or stopped; keeps meta.json's
-/// status current.
-pub fn train(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
-    super::require_cpu(&config.train)?;
-    let result = super::thread_pool(config.train.threads)?.install(|| train_inner(run, config, s));
-    let mut meta = run.read_meta()?;
-    meta.ended_at = Some(chrono::Local::now().to_rfc3339());
-    match &result {
-        Ok(Outcome::Completed) => meta.status = Status::Completed,
-        Ok(Outcome::Stopped(_)) => meta.status = Status::Stopped,
-        Err(e) => {
-            meta.status = Status::Failed;
-            meta.error = Some(format!("{e:#}"));
+/// Trains the run in `run` until done or stopped, and records in meta.json how it ended:
+/// completed, stopped (by which signal) or failed (with the first error; a panic is caught and
+/// recorded as one). A second signal quits at once after recording the stop.
+pub fn train(
+    run: &RunDir,
+    meta: &MetaFile,
+    config: &Config,
+    placement: &Placement,
+    s: &Session,
+) -> Result<Outcome> {
+    let hook = meta.clone();
+    signals::on_quit(Some(Box::new(move |sig| {
+        let why = format!("{} twice: quit at once (the previous checkpoint stays valid)", signals::name(sig));
+        let _ = hook.ended(Status::Stopped, Some(why), None);
+    })));
+    let phases = std::panic::AssertUnwindSafe(|| {
+        super::thread_pool(config.train.threads)?.install(|| phases(run, meta, config, placement, s))
+    });
+    let result = std::panic::catch_unwind(phases).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow::anyhow!("internal error (a bug, please report it): {what}"))
+    });
+    signals::on_quit(None);
+    let result = result.or_else(|e| match e.downcast_ref::<Interrupted>() {
+        Some(Interrupted(sig)) => Ok(Outcome::Stopped(*sig)),
+        None => Err(e),
+    });
+    let recorded = match &result {
+        Ok(Outcome::Completed) => meta.ended(Status::Completed, None, None),
+        Ok(Outcome::Stopped(sig)) => {
+            meta.ended(Status::Stopped, Some(format!("stopped by {}", signals::name(*sig))), None)
         }
+        Err(e) => meta.ended(Status::Failed, None, Some(format!("{e:#}"))),
+    };
+    match (result, recorded) {
+        (r, Ok(())) => r,
+        // The first error is the one to report; failing to record it comes second.
+        (Err(e), Err(also)) => {
+            crate::metrics::warn(&format!("could not record the failure in meta.json either: {also:#}"));
+            Err(e)
+        }
+        (Ok(_), Err(e)) => Err(e),
     }
-    run.write_meta(&meta)?;
-    result
 }
 
-fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
-    let (b, t) = (config.train.batch_size, config.data.max_seq_len);
-    let accum = config.train.accumulation_steps;
+/// The run's data, opened: rows, batches, and how many optimiser steps the run has.
+struct Data {
+    ds: Dataset,
+    tok: Tok,
+    batches: Batches,
+    total: usize,
+}
+
+fn phases(
+    run: &RunDir,
+    meta: &MetaFile,
+    config: &Config,
+    placement: &Placement,
+    s: &Session,
+) -> Result<Outcome> {
+    let wall = Instant::now();
+    let mut data = open_data(config, s)?;
+    let skipped = data.ds.skipped();
+    meta.update(|m| {
+        m.skipped_lines = skipped.count;
+        m.skipped_line_numbers = skipped.first.clone();
+    })?;
+    let (mut engine, mut state, restore_notes) = restore(run, meta, config, &data, s)?;
+    meta.set_step(state.step);
+    let (mut metrics, metric_notes) =
+        MetricsWriter::open(&run.metrics_path(), s.resume.as_ref().map(|_| state.step))?;
+    let mut console =
+        Console::new(&run.log_path(), data.total as u64, state.step as u64, s.quiet, s.heartbeat)?;
+    for note in &data.ds.notes {
+        console.log_only(note);
+    }
+    for note in placement.notes.iter().chain(&restore_notes).chain(&metric_notes) {
+        console.line(note);
+    }
+    header(&mut console, run, config, &data);
+
+    let last_loss = match train_steps(
+        run,
+        meta,
+        config,
+        &mut data,
+        &mut engine,
+        &mut state,
+        &mut console,
+        &mut metrics,
+        s,
+    )? {
+        Steps::Stopped(sig) => return Ok(Outcome::Stopped(sig)),
+        Steps::Done(loss) => loss,
+    };
+    if let Some(sig) = s.stop.requested() {
+        console.line(&format!(
+            "{}: stopping before the export; the final checkpoint is written",
+            signals::name(sig)
+        ));
+        console.line(&format!("continue with: minimind resume {}", run.root.display()));
+        return Ok(Outcome::Stopped(sig));
+    }
+    console.finish();
+    finish(run, meta, config, &data, &mut engine, &state, last_loss, &mut console, wall)?;
+    Ok(Outcome::Completed)
+}
+
+fn open_data(config: &Config, s: &Session) -> Result<Data> {
+    let (b, accum) = (config.train.batch_size, config.train.accumulation_steps);
     let cache_root = config.checkpoint.save_dir.join(".cache");
-    let (ds, tok) = Dataset::open(&config.data, config.model.vocab_size, &cache_root, s.quiet)?;
-    let mut batches = Batches::new(ds.samples(), b, config.seed)?;
-    let steps_per_epoch = batches.per_epoch() / accum;
+    let opts = OpenOptions { cache_root: &cache_root, quiet: s.quiet, heartbeat: s.heartbeat, stop: &s.stop };
+    let (ds, tok) = Dataset::open(&config.data, config.model.vocab_size, &opts)?;
+    let batches = Batches::new(ds.samples(), b, config.seed)?;
     let total = match config.train.max_steps {
         Some(n) => n,
-        None => config.train.epochs * steps_per_epoch,
+        None => config.train.epochs * (batches.per_epoch() / accum),
     };
     if total == 0 {
         bail!(
@@ -76,64 +183,167 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
             batches.per_epoch()
         );
     }
-    let mut meta = run.read_meta()?;
-    meta.skipped_lines = ds.skipped_lines();
-    run.write_meta(&meta)?;
+    Ok(Data { ds, tok, batches, total })
+}
 
-    let mut engine = Engine::new(Cpu::new(), config.model.clone(), b, t);
+/// The engine with the run's starting state: its newest intact checkpoint when resuming (the
+/// data checked against the checkpoint's fingerprints), else `from_weight` or a fresh init.
+fn restore(
+    run: &RunDir,
+    meta: &MetaFile,
+    config: &Config,
+    data: &Data,
+    s: &Session,
+) -> Result<(Engine<Cpu>, TrainerState, Vec<String>)> {
+    let (b, t) = (config.train.batch_size, config.data.max_seq_len);
+    let mut engine = Engine::new(Cpu::new(), config.model.clone(), b, t)?;
+    let now = data.ds.fingerprint();
     let mut state = TrainerState {
         step: 0,
         cursor: Cursor::default(),
         tokens_seen: 0,
+        tokens_real: 0,
         elapsed_s: 0.0,
         model: config.model.clone(),
+        data: Some(now.clone()),
     };
     let mut notes = Vec::new();
-    let checkpoint = if s.resume { latest_checkpoint(run, &engine, &mut notes)? } else { None };
+    let mut data_changes = Vec::new();
+    let checkpoint = match &s.resume {
+        Some(_) => latest_checkpoint(run, &engine, &mut notes)?,
+        None => None,
+    };
     match checkpoint {
         Some(ck) => {
+            match &ck.state.data {
+                Some(then) => {
+                    data_changes = now.changes_since(then, &config.data.path, &config.data.tokenizer)
+                }
+                None => notes.push(format!(
+                    "note: {} predates data fingerprints; the data cannot be checked against it",
+                    ck.dir.display()
+                )),
+            }
+            let allowed = s.resume.as_ref().is_some_and(|r| r.allow_data_change);
+            if !data_changes.is_empty() && !allowed {
+                bail!(
+                    "cannot resume {}: what it trains on changed since {}:\n  {}\n  hint: resume anyway with --allow-data-change (recorded in meta.json), or start a new run",
+                    run.root.display(),
+                    ck.dir.display(),
+                    data_changes.join("\n  ")
+                );
+            }
+            for change in &data_changes {
+                notes.push(format!("warning: {change} (allowed by --allow-data-change)"));
+            }
             engine.set_params(&ck.params);
             engine.set_moments(&ck.exp_avg, &ck.exp_avg_sq);
             engine.step = ck.adam_step;
-            state = ck.state;
+            state = TrainerState { data: Some(now), ..ck.state };
             notes.push(format!("resuming from {} (step {})", ck.dir.display(), state.step));
         }
-        None => match &config.checkpoint.from_weight {
-            Some(w) => {
-                engine.set_params(&load_weights(w, &engine)?);
-                notes.push(format!("starting from weights {}", w.display()));
+        None => {
+            if s.resume.is_some() {
+                notes.push("no complete checkpoint yet: starting from step 0".into());
             }
-            None => engine.init_weights(config.seed),
-        },
+            match &config.checkpoint.from_weight {
+                Some(w) => {
+                    engine.set_params(&load_weights(w, &engine)?);
+                    notes.push(format!("starting from weights {}", w.display()));
+                }
+                None => engine.init_weights(config.seed),
+            }
+        }
     }
-    let mut metrics = MetricsWriter::open(&run.metrics_path(), Some(state.step).filter(|_| s.resume))?;
-    let mut console = Console::new(&run.log_path(), total as u64, state.step as u64, s.quiet)?;
-    for n in notes {
-        console.line(&n);
+    if let Some(r) = &s.resume {
+        let record = ResumeRecord {
+            at: chrono::Local::now().to_rfc3339(),
+            from_step: state.step,
+            overrides: r.overrides.clone(),
+            data_changes,
+        };
+        meta.update(|m| m.resumes.push(record))?;
     }
-    console.line(&format!(
-        "{}: {} parameters, {} steps of {} tokens, {} samples ({} micro-batches per epoch)",
-        run.root.display(),
-        config.derived.parameters,
-        total,
-        b * t * accum,
-        ds.samples(),
-        batches.per_epoch()
-    ));
+    Ok((engine, state, notes))
+}
 
+fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data) {
+    let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, config.train.accumulation_steps);
+    console.line(&format!(
+        "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}); {} samples, {} micro-batches per epoch",
+        run.root.display(),
+        data.total,
+        human((b * t * accum) as f64),
+        data.ds.samples(),
+        data.batches.per_epoch()
+    ));
+    let skipped = data.ds.skipped().describe().map_or(String::new(), |s| format!("; {s}"));
+    console.line(&format!(
+        "data: {}: {} tokens{skipped}",
+        config.data.path.display(),
+        human(data.ds.tokens() as f64)
+    ));
+    let gflops = crate::cost::machine_gflops(config.train.threads).ok();
+    console.line(&format!("cost: {}", Cost::of(config, Some(data.total), gflops).describe()));
+}
+
+/// How the step loop ended.
+enum Steps {
+    /// Every step done; the loss of the last step run in this session, if any ran.
+    Done(Option<f64>),
+    /// Stopped by a signal after writing a checkpoint.
+    Stopped(i32),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_steps(
+    run: &RunDir,
+    meta: &MetaFile,
+    config: &Config,
+    data: &mut Data,
+    engine: &mut Engine<Cpu>,
+    state: &mut TrainerState,
+    console: &mut Console,
+    metrics: &mut MetricsWriter,
+    s: &Session,
+) -> Result<Steps> {
+    let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, config.train.accumulation_steps);
+    let total = data.total;
+    let ck = &config.checkpoint;
     let optim = OptimConfig::from_train(&config.train);
     let (mut ids, mut targets) = (vec![0u32; b * t], vec![0i32; b * t]);
-    let session_start = Instant::now();
+    let session = Instant::now();
     let elapsed_before = state.elapsed_s;
+    let micro_total = total.saturating_sub(state.step) * accum;
+    let mut micro_done = 0usize;
     let (mut last_log, mut last_tokens) = (Instant::now(), state.tokens_seen);
+    let mut last_loss = None;
     while state.step < total {
-        engine.zero_grads();
-        let (mut lm, mut aux) = (0.0, 0.0);
-        for _ in 0..accum {
-            batches.next(&ds, &mut state.cursor, &mut ids, &mut targets);
+        // A stop inside the step abandons it: the data rewinds to where it began.
+        let step_start = state.cursor;
+        let (mut lm, mut aux, mut real) = (0.0, 0.0, 0u64);
+        for micro in 1..=accum {
+            real += data.batches.next(&data.ds, &mut state.cursor, &mut ids, &mut targets) as u64;
             let l = engine.forward_backward(&ids, &targets, 1.0 / accum as f32);
             lm += l.lm / accum as f64;
             aux += l.aux / accum as f64;
+            micro_done += 1;
+            let secs = session.elapsed().as_secs_f64();
+            let progress = Progress {
+                step: state.step,
+                total,
+                micro,
+                accumulation: accum,
+                elapsed_s: elapsed_before + secs,
+                eta_s: secs / micro_done as f64 * (micro_total - micro_done) as f64,
+            };
+            console.progress(&progress, format!("loss {:.4}", lm * accum as f64 / micro as f64));
+            if micro < accum
+                && let Some(sig) = s.stop.requested()
+            {
+                state.cursor = step_start;
+                return stop_here(run, engine, state, ck.keep_last, console, sig);
+            }
         }
         let loss = lm + aux;
         if !loss.is_finite() {
@@ -148,15 +358,19 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
         let grad_norm = engine.optimizer_step(lr as f32, &optim);
         state.step += 1;
         state.tokens_seen += (b * t * accum) as u64;
-        state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
+        state.tokens_real += real;
+        state.elapsed_s = elapsed_before + session.elapsed().as_secs_f64();
+        meta.set_step(state.step);
+        signals::crash_point("panic", state.step);
+        last_loss = Some(loss);
 
-        let ck = &config.checkpoint;
         if state.step.is_multiple_of(ck.log_interval) || state.step == total {
             let dt = last_log.elapsed().as_secs_f64().max(1e-9);
             let row = StepMetrics {
                 step: state.step,
                 epoch: state.cursor.epoch,
-                tokens: state.tokens_seen,
+                tokens: state.tokens_real,
+                tokens_padded: state.tokens_seen,
                 loss,
                 lm_loss: lm,
                 aux_loss: aux,
@@ -169,75 +383,129 @@ fn train_inner(run: &RunDir, config: &Config, s: &Session) -> Result<Outcome> {
             console.line(&row.line(total));
             (last_log, last_tokens) = (Instant::now(), state.tokens_seen);
         }
-        console.progress(state.step as u64, format!("loss {loss:.4}"));
 
-        let signal = match s.stop.load(Ordering::SeqCst) {
-            0 if s.stop_after == Some(state.step) => signal_hook::consts::SIGINT as usize,
-            sig => sig,
-        };
-        if signal != 0 && state.step < total {
-            let dir = checkpoint::save(&run.checkpoints_dir(), &engine, &state, ck.keep_last)?;
-            console.line(&format!(
-                "stopped by signal {signal} after step {}; checkpoint {}",
-                state.step,
-                dir.display()
-            ));
-            console.line(&format!("continue with: minimind resume {}", run.root.display()));
-            console.finish();
-            return Ok(Outcome::Stopped(signal as i32));
+        let signal = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
+        if let Some(sig) = signal
+            && state.step < total
+        {
+            return stop_here(run, engine, state, ck.keep_last, console, sig);
         }
         if state.step.is_multiple_of(ck.save_interval) || state.step == total {
-            checkpoint::save(&run.checkpoints_dir(), &engine, &state, ck.keep_last)?;
+            checkpoint::save(&run.checkpoints_dir(), engine, state, ck.keep_last)?;
         }
     }
+    Ok(Steps::Done(last_loss))
+}
+
+/// Stops for signal `sig`: a checkpoint of the last complete step (none before the first), and
+/// how to continue.
+fn stop_here(
+    run: &RunDir,
+    engine: &Engine<Cpu>,
+    state: &TrainerState,
+    keep_last: usize,
+    console: &mut Console,
+    sig: i32,
+) -> Result<Steps> {
+    let name = signals::name(sig);
+    if state.step == 0 {
+        console.line(&format!("stopped by {name} before the first step completed: nothing to checkpoint"));
+    } else {
+        let dir = checkpoint::save(&run.checkpoints_dir(), engine, state, keep_last)?;
+        console.line(&format!("stopped by {name} after step {}; checkpoint {}", state.step, dir.display()));
+    }
+    console.line(&format!("continue with: minimind resume {}", run.root.display()));
     console.finish();
-    export(run, &engine, &config.data.tokenizer)?;
-    let (eval_ids, eval_targets) =
-        crate::eval::first_rows(&config.data.path, &tok, t, b * FINAL_EVAL_BATCHES)?;
-    let eval = crate::eval::mean_loss(&mut engine, &eval_ids, &eval_targets, b, t);
-    let mut meta = run.read_meta()?;
-    meta.final_eval = Some(FinalEval {
+    Ok(Steps::Stopped(sig))
+}
+
+/// Export, the final evaluation and the summary.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    run: &RunDir,
+    meta: &MetaFile,
+    config: &Config,
+    data: &Data,
+    engine: &mut Engine<Cpu>,
+    state: &TrainerState,
+    last_loss: Option<f64>,
+    console: &mut Console,
+    wall: Instant,
+) -> Result<()> {
+    let (b, t) = (config.train.batch_size, config.data.max_seq_len);
+    export(run, engine, &config.data.tokenizer, state.step)?;
+    let (eval_ids, eval_targets, _) = crate::eval::first_rows(
+        &config.data.path,
+        &data.tok,
+        t,
+        b * FINAL_EVAL_BATCHES,
+        config.data.skip_bad_lines,
+    )?;
+    let eval = crate::eval::mean_loss(engine, &eval_ids, &eval_targets, b, t);
+    let final_eval = FinalEval {
         loss: eval.loss,
         tokens: eval.tokens,
         seq_len: t,
         batch_size: b,
         batches: FINAL_EVAL_BATCHES,
-    });
-    run.write_meta(&meta)?;
+    };
+    meta.update(|m| m.final_eval = Some(final_eval))?;
+    let loss = last_loss.map_or_else(|| "-".to_string(), |l| format!("{l:.4}"));
+    let root = run.root.display();
     console.line(&format!(
-        "done: {} steps; model exported to {} (eval loss {:.4} on the first {} rows)",
+        "done in {} ({} of training in all): {} steps, {} tokens ({} with padding), final loss {loss}, eval loss {:.4} on the first {} rows",
+        duration(wall.elapsed().as_secs_f64()),
+        duration(state.elapsed_s),
         state.step,
-        run.model_dir().display(),
+        human(state.tokens_real as f64),
+        human(state.tokens_seen as f64),
         eval.loss,
         eval_ids.len() / t
     ));
-    Ok(Outcome::Completed)
+    console.line(&format!("model exported to {}; next:", run.model_dir().display()));
+    console.line(&format!("  minimind generate {root} --prompt \"...\"     sample text"));
+    console.line(&format!(
+        "  minimind eval --hf-dir {} --data {} --seq-len {t} --batch-size {b}     loss on data",
+        run.model_dir().display(),
+        config.data.path.display()
+    ));
+    console.line(&format!(
+        "  minimind resume {root} --set train.max_steps={}     train further",
+        state.step * 2
+    ));
+    Ok(())
 }
 
-/// The newest checkpoint that reads back intact; damaged ones are skipped with a note.
-/// Fails when its model shape differs from the run's config.
+/// The newest checkpoint that reads back intact (checksums first); damaged ones are set aside
+/// (renamed `*.damaged`) with a note. Fails when the intact one's model differs from the run's.
 fn latest_checkpoint(
     run: &RunDir,
     engine: &Engine<Cpu>,
     notes: &mut Vec<String>,
 ) -> Result<Option<checkpoint::Loaded>> {
     for (_, dir) in checkpoint::list(&run.checkpoints_dir()).into_iter().rev() {
-        let state: Option<TrainerState> =
-            std::fs::read(dir.join("state.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(st) = &state {
-            let diff = checkpoint::model_diff(&st.model, &engine.config, "checkpoint");
-            if !diff.is_empty() {
-                bail!(
-                    "checkpoint {} was written for another model shape; differing keys:\n  {}",
+        let ck = match checkpoint::load(&dir, &engine.layout) {
+            Ok(ck) => ck,
+            Err(e) => {
+                let aside = dir.with_extension("damaged");
+                let moved = std::fs::rename(&dir, &aside).is_ok();
+                notes.push(format!(
+                    "warning: skipping damaged checkpoint {}: {e:#}{}",
                     dir.display(),
-                    diff.join("\n  ")
-                );
+                    if moved { format!(" (kept as {})", aside.display()) } else { String::new() }
+                ));
+                continue;
             }
+        };
+        let diff = checkpoint::model_diff(&ck.state.model, &engine.config, "checkpoint");
+        if !diff.is_empty() {
+            bail!(
+                "checkpoint {} was written for another model shape; differing keys:\n  {}",
+                dir.display(),
+                diff.join("\n  ")
+            );
         }
-        match checkpoint::load(&dir, &engine.layout) {
-            Ok(ck) => return Ok(Some(ck)),
-            Err(e) => notes.push(format!("warning: skipping damaged checkpoint {}: {e:#}", dir.display())),
-        }
+        return Ok(Some(ck));
     }
     Ok(None)
 }
@@ -259,14 +527,15 @@ pub fn load_weights(path: &Path, engine: &Engine<Cpu>) -> Result<Vec<f32>> {
     hf::read_weights(&bytes, &engine.layout).with_context(|| format!("loading {}", file.display()))
 }
 
-/// `model/`: config.json, model.safetensors and tokenizer.json in the Hugging Face layout.
-fn export(run: &RunDir, engine: &Engine<Cpu>, tokenizer: &Path) -> Result<()> {
+/// `model/`: config.json, model.safetensors and tokenizer.json in the Hugging Face layout, each
+/// written atomically; config.json last, so its presence means the folder is complete.
+fn export(run: &RunDir, engine: &Engine<Cpu>, tokenizer: &Path, step: usize) -> Result<()> {
     let dir = run.model_dir();
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let weights = hf::encode_weights(&engine.layout, &engine.params_host())?;
     crate::run_dir::write_atomic(&dir.join("model.safetensors"), &weights)?;
-    crate::run_dir::write_atomic(&dir.join("config.json"), hf::config_json(&engine.config).as_bytes())?;
-    std::fs::copy(tokenizer, dir.join("tokenizer.json"))
-        .with_context(|| format!("copying {}", tokenizer.display()))?;
-    Ok(())
+    signals::crash_point("export", step);
+    let tok = std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
+    crate::run_dir::write_atomic(&dir.join("tokenizer.json"), &tok)?;
+    crate::run_dir::write_atomic(&dir.join("config.json"), hf::config_json(&engine.config).as_bytes())
 }

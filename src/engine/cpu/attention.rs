@@ -128,6 +128,8 @@ unsafe fn tri_t_rows(
 
 fn check(q: &[f32], k: &[f32], probs: usize, s: AttnShape) {
     let AttnShape { b, t, h, g, d } = s;
+    // AttnShape::new guarantees it; the unsafe blocks below rely on it.
+    assert!(g > 0 && h.is_multiple_of(g), "attention heads");
     assert!(q.len() >= b * t * h * d && k.len() >= b * t * g * d, "attention q/k shape");
     assert!(probs >= b * h * t * t, "attention probs shape");
 }
@@ -209,6 +211,7 @@ pub fn backward(
 ) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
+    assert!(g > 0 && h.is_multiple_of(g), "attention heads");
     assert!(dq.len() >= b * t * hd && dout.len() >= b * t * hd && q.len() >= b * t * hd);
     assert!(dk.len() >= b * t * gd && dv.len() >= b * t * gd);
     assert!(k.len() >= b * t * gd && v.len() >= b * t * gd);

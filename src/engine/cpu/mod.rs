@@ -26,6 +26,8 @@ const SUM_CHUNK: usize = 1 << 15;
 pub struct Cpu {
     /// Reused storage for partial sums (no allocation per step).
     partials: Mutex<Vec<f64>>,
+    /// Reused bitmap of rows already written by `spread_rows`.
+    seen: Mutex<Vec<u64>>,
     /// Per-kernel wall time, when profiling.
     profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
 }
@@ -638,12 +640,27 @@ impl Kernels for Cpu {
             || "spread_rows".to_string(),
             0.0,
             || {
-                // `pos` is a permutation of the slots, so each output row is written exactly once.
+                // The parallel writes below are sound only if every row is in bounds and written
+                // once: check both (a bitmap, O(slots), no allocation once warm).
+                let rows = out.len() / c.max(1);
+                {
+                    let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+                    seen.clear();
+                    seen.resize(rows.div_ceil(64), 0);
+                    for &p in pos {
+                        let p = p as usize;
+                        assert!(p < rows, "spread_rows: row {p} is outside the {rows} output rows");
+                        let (word, bit) = (p / 64, 1u64 << (p % 64));
+                        assert!(seen[word] & bit == 0, "spread_rows: row {p} appears twice in the positions");
+                        seen[word] |= bit;
+                    }
+                }
+                assert_eq!(weights.len(), pos.len(), "spread_rows: one weight per position");
+                assert!(dy.len() >= pos.len().div_ceil(k.max(1)) * c, "spread_rows: dy is too short");
                 let ptr = SendPtr(out.as_mut_ptr());
-                assert!(pos.iter().all(|&p| (p as usize + 1) * c <= out.len()), "spread_rows bounds");
                 (0..pos.len()).into_par_iter().for_each(|i| {
                     let (n, p, w) = (i / k, pos[i] as usize, weights[i]);
-                    // SAFETY: bounds checked above; rows are distinct because `pos` is a permutation.
+                    // SAFETY: checked above: every row is in bounds and no two slots share one.
                     let row = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(p * c), c) };
                     row.iter_mut().zip(&dy[n * c..(n + 1) * c]).for_each(|(o, g)| *o = w * g);
                 });

@@ -1,0 +1,244 @@
+//! What a run will cost before it starts: parameters, memory (weights, gradients, AdamW
+//! moments, activations, the transient buffers of a checkpoint; the peak), FLOPs per optimiser
+//! step and an estimated time, from a matrix-multiply throughput measured once per machine and
+//! thread count and cached. The arithmetic is pure; measuring and reading the machine are the
+//! edges.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::config::{Config, ModelConfig};
+use crate::engine::{Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes};
+use crate::metrics::{duration, human};
+
+/// Share of the measured matrix-multiply throughput a training step reaches on the CPU engine
+/// (BENCHMARKS.md: 84-88% at MiniMind2 shapes; small models reach less).
+const MODEL_EFFICIENCY: f64 = 0.85;
+/// The process beyond the engine: binary, tokenizer, thread stacks, allocator slack.
+const BASELINE_BYTES: f64 = 150e6;
+
+/// Memory a run needs, in bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Memory {
+    pub weights: f64,
+    pub gradients: f64,
+    /// AdamW's two moments.
+    pub moments: f64,
+    pub activations: f64,
+    /// Host copies and encodings alive while a checkpoint is written.
+    pub checkpoint: f64,
+    pub peak: f64,
+}
+
+/// Memory of training `m` on `b x t` micro-batches. Pure.
+pub fn memory(m: &ModelConfig, b: usize, t: usize) -> Memory {
+    let p = 4.0 * m.parameter_count() as f64;
+    let activations = workspace_bytes(m, b, t, keep_attention_probs(m, b, t)) as f64;
+    // Writing a checkpoint holds the encoded weights, the two moments copied to the host and
+    // their encoding at once: 7 floats per parameter (see train::checkpoint::save).
+    let checkpoint = 7.0 * p;
+    Memory {
+        weights: p,
+        gradients: p,
+        moments: 2.0 * p,
+        activations,
+        checkpoint,
+        peak: BASELINE_BYTES + 4.0 * p + activations + checkpoint,
+    }
+}
+
+/// A run's cost, as `plan`, `run --dry-run` and the run header show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cost {
+    pub parameters: u64,
+    pub memory: Memory,
+    pub flops_per_step: f64,
+    /// Optimiser steps of the whole run, when known before tokenising.
+    pub steps: Option<usize>,
+    /// Measured matrix-multiply GFLOP/s of this machine at the run's thread count.
+    pub gflops: Option<f64>,
+}
+
+impl Cost {
+    /// Pure: the cost of `c` over `steps`, timed at `gflops`.
+    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<f64>) -> Cost {
+        let (b, t) = (c.train.batch_size, c.data.max_seq_len);
+        let tokens = (b * t * c.train.accumulation_steps) as f64;
+        Cost {
+            parameters: c.model.parameter_count(),
+            memory: memory(&c.model, b, t),
+            flops_per_step: 3.0 * flops_per_token(&c.model, t) * tokens,
+            steps,
+            gflops,
+        }
+    }
+
+    pub fn step_seconds(&self) -> Option<f64> {
+        self.gflops.map(|g| self.flops_per_step / (g * 1e9 * MODEL_EFFICIENCY))
+    }
+
+    /// `parameters 1.2M, memory 185.3MB peak (...), 1.5G FLOP/step, ~0.01 s/step, ~2s for 200 steps`.
+    pub fn describe(&self) -> String {
+        let m = &self.memory;
+        let mut s = format!(
+            "{} parameters; memory {}B peak (weights {}B, gradients {}B, AdamW moments {}B, activations {}B, checkpoint writing {}B); {} FLOP per step",
+            human(self.parameters as f64),
+            human(m.peak),
+            human(m.weights),
+            human(m.gradients),
+            human(m.moments),
+            human(m.activations),
+            human(m.checkpoint),
+            human(self.flops_per_step),
+        );
+        if let (Some(step), Some(g)) = (self.step_seconds(), self.gflops) {
+            s.push_str(&format!("; about {} per step", duration_fine(step)));
+            if let Some(n) = self.steps {
+                s.push_str(&format!(", {} for {n} steps", duration(step * n as f64)));
+            }
+            s.push_str(&format!(" (at {}FLOP/s measured on this machine)", human(g * 1e9)));
+        }
+        s
+    }
+}
+
+/// Sub-second durations too: 0.25s.
+fn duration_fine(secs: f64) -> String {
+    if secs < 10.0 { format!("{secs:.2}s") } else { duration(secs) }
+}
+
+/// Why a run does not fit in memory, with the keys that shrink it; `None` when it fits. Pure.
+pub fn too_big(cost: &Cost, available: f64) -> Option<String> {
+    if cost.memory.peak <= available {
+        return None;
+    }
+    Some(format!(
+        "this run needs about {}B of memory ({}B of it activations), more than the {}B available",
+        human(cost.memory.peak),
+        human(cost.memory.activations),
+        human(available)
+    ))
+}
+
+/// Memory this process may still use, in bytes: the smaller of the system's MemAvailable and
+/// the cgroup's limit minus its usage.
+pub fn available_memory() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let cgroup = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok();
+    available_from(meminfo.as_deref(), cgroup("memory.max").as_deref(), cgroup("memory.current").as_deref())
+}
+
+/// [`available_memory`] from the files' text. Pure.
+pub fn available_from(meminfo: Option<&str>, max: Option<&str>, current: Option<&str>) -> Option<f64> {
+    let system = meminfo.and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024.0)
+    });
+    let limit = match (max.map(str::trim), current.map(str::trim)) {
+        (Some(max), Some(cur)) if max != "max" => {
+            Some((max.parse::<f64>().ok()? - cur.parse::<f64>().ok()?).max(0.0))
+        }
+        _ => None,
+    };
+    match (system, limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// This machine's matrix-multiply throughput with `threads` threads (0: all cores), in
+/// GFLOP/s: measured once (about a second) and cached per CPU model and thread count.
+pub fn machine_gflops(threads: usize) -> Result<f64> {
+    let threads =
+        if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let key = format!("{}|{threads} threads|{}", crate::run_dir::cpu_model(), env!("CARGO_PKG_VERSION"));
+    let path = cache_file();
+    let mut table: std::collections::BTreeMap<String, f64> = path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(&g) = table.get(&key) {
+        return Ok(g);
+    }
+    let g = measure_gflops(threads)?;
+    table.insert(key, g);
+    if let Some(p) = path
+        && let Some(dir) = p.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        // A cache: failing to keep it only costs a measurement next time.
+        let _ = crate::run_dir::write_atomic(&p, serde_json::to_string_pretty(&table)?.as_bytes());
+    }
+    Ok(g)
+}
+
+/// `$XDG_CACHE_HOME/minimind/throughput.json`, else `~/.cache/minimind/throughput.json`.
+fn cache_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("minimind").join("throughput.json"))
+}
+
+/// Times 1024^3 single-precision matrix products on the CPU engine for about half a second.
+fn measure_gflops(threads: usize) -> Result<f64> {
+    const N: usize = 1024;
+    let pool =
+        crate::train::thread_pool(threads).context("measuring this machine's matrix-multiply throughput")?;
+    pool.install(|| {
+        let k = Cpu::new();
+        let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0.0f32; N * N];
+        k.matmul(&mut c, &a, &b, N, N, N, false, false, false);
+        let start = Instant::now();
+        let mut calls = 0;
+        while calls < 3 || start.elapsed().as_secs_f64() < 0.5 {
+            k.matmul(&mut c, &a, &b, N, N, N, false, false, false);
+            calls += 1;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(2.0 * (N * N * N) as f64 * calls as f64 / secs / 1e9)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_memory_table() {
+        let mi = "MemTotal: 100 kB\nMemAvailable:   2048 kB\n";
+        let table = [
+            (Some(mi), None, None, Some(2048.0 * 1024.0)),
+            (Some(mi), Some("max\n"), Some("5\n"), Some(2048.0 * 1024.0)),
+            (Some(mi), Some("1048576\n"), Some("524288\n"), Some(524288.0)),
+            (None, Some("1000"), Some("1500"), Some(0.0)),
+            (None, None, None, None),
+        ];
+        for (meminfo, max, cur, want) in table {
+            assert_eq!(available_from(meminfo, max, cur), want, "{meminfo:?} {max:?} {cur:?}");
+        }
+    }
+
+    #[test]
+    fn memory_grows_with_the_batch_and_names_the_excess() {
+        let json = r#"{"vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8,
+            "num_attention_heads": 8, "num_key_value_heads": 2}"#;
+        let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
+        let small = memory(&m, 4, 256);
+        let big = memory(&m, 32, 512);
+        assert_eq!(small.weights, 4.0 * m.parameter_count() as f64);
+        assert!(big.activations > 10.0 * small.activations);
+        assert!(big.peak > small.peak);
+        let cost =
+            Cost { parameters: 1, memory: big.clone(), flops_per_step: 1.0, steps: None, gflops: None };
+        assert_eq!(too_big(&cost, big.peak + 1.0), None);
+        assert!(too_big(&cost, 1e9).unwrap().contains("more than the 1.0GB available"));
+    }
+}

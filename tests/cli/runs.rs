@@ -1,0 +1,456 @@
+//! Training runs: what a run folder holds, exact resume, sweeps, interop.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use crate::*;
+
+#[test]
+fn tiny_experiment_trains_and_its_loss_falls() {
+    let s = Scratch::new();
+    let exp = repo().join("experiments/tiny.toml");
+    let o = expect(
+        run_quiet(s.path(), &[exp.to_str().unwrap()])
+            .args(["--set", "train.max_steps=60", "--set", "checkpoint.log_interval=1"])
+            .args(["--set", &format!("checkpoint.save_dir=\"{}\"", s.path().join("runs").display())]),
+        0,
+    );
+    let runs = s.runs();
+    assert_eq!(runs.len(), 1, "{}", stdout(&o));
+    let loss = metric(&runs[0], "loss");
+    assert_eq!(loss.len(), 60);
+    let (first, last) = (loss[0], loss[59]);
+    assert!(first > 8.0, "first loss {first}");
+    assert!(last < 6.0, "loss after 60 steps {last}");
+    // `tokens` counts real tokens, `tokens_padded` every position of every row.
+    let (real, padded) = (metric(&runs[0], "tokens"), metric(&runs[0], "tokens_padded"));
+    assert_eq!(padded[59], (60 * 16 * 128) as f64, "tiny: 60 steps of 16 x 128");
+    assert!(real[59] < padded[59] && real[59] > 0.5 * padded[59], "{} of {}", real[59], padded[59]);
+    // The run folder holds everything DESIGN.md lists.
+    let r = &runs[0];
+    for f in [
+        "config.toml",
+        "meta.json",
+        "metrics.csv",
+        "train.log",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ] {
+        assert!(r.join(f).is_file(), "{f} missing");
+    }
+    let m = meta(r);
+    assert_eq!(m["status"], "completed");
+    for key in [
+        "command_line",
+        "overrides",
+        "host",
+        "cpu_model",
+        "cpu_cores",
+        "crate_version",
+        "started_at",
+        "ended_at",
+        "git",
+    ] {
+        assert!(!m[key].is_null() || key == "git", "meta.json lacks {key}: {m}");
+    }
+    let over = m["overrides"].as_array().unwrap();
+    let lr = over.iter().find(|o| o["key"] == "train.max_steps").unwrap();
+    assert_eq!(lr["source"], "--set train.max_steps=60");
+    assert_eq!(lr["value"], "60");
+    // config.toml is the resolved config: it parses and matches `minimind config`.
+    let saved: toml::Table = toml::from_str(&fs::read_to_string(r.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(saved["train"]["max_steps"].as_integer(), Some(60));
+    assert_eq!(saved["model"]["intermediate_size"].as_integer(), Some(384));
+    // The export loads back in eval with the loss the run recorded.
+    let fe = &m["final_eval"];
+    let o = expect(
+        minimind(s.path())
+            .args(["eval", "--json", "--hf-dir"])
+            .arg(r.join("model"))
+            .args(["--data"])
+            .arg(repo().join("data/songci_2k.jsonl"))
+            .args([
+                "--seq-len",
+                &fe["seq_len"].to_string(),
+                "--batch-size",
+                &fe["batch_size"].to_string(),
+                "--batches",
+                &fe["batches"].to_string(),
+            ]),
+        0,
+    );
+    let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(ev["tokens"], fe["tokens"]);
+    assert!((ev["loss"].as_f64().unwrap() - fe["loss"].as_f64().unwrap()).abs() < 1e-9, "{ev} vs {fe}");
+    // And generates text in the corpus's style (Chinese characters).
+    let o = expect(
+        minimind(s.path()).arg("generate").arg(r).args([
+            "--prompt",
+            "春风",
+            "--max-new-tokens",
+            "24",
+            "--seed",
+            "1",
+        ]),
+        0,
+    );
+    let text = stdout(&o);
+    assert!(text.starts_with("春风"), "{text}");
+    assert!(text.chars().skip(2).filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c)).count() >= 3, "{text}");
+}
+
+#[test]
+fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    // Stopped after step 6 (a checkpoint is written at the stop), then resumed.
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "6"]), 130);
+    let runs = s.runs();
+    let (straight, split) = (&runs[0], &runs[1]);
+    assert_eq!(meta(split)["status"], "stopped");
+    expect(minimind(s.path()).arg("resume").arg(split).arg("--quiet"), 0);
+    assert_eq!(meta(split)["status"], "completed");
+    assert_eq!(metric_rows(straight), metric_rows(split));
+    assert_eq!(metric_rows(split).len(), 13, "header + 12 steps, none repeated");
+    assert_eq!(
+        fs::read(straight.join("model/model.safetensors")).unwrap(),
+        fs::read(split.join("model/model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn resume_after_a_crash_drops_metrics_past_the_checkpoint() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "7"]), 130);
+    let runs = s.runs();
+    // As if killed hard after step 7: the newest checkpoint (step 7) never got written.
+    fs::remove_dir_all(runs[1].join("checkpoints/step-00000007")).unwrap();
+    let o = expect(minimind(s.path()).arg("resume").arg(&runs[1]).arg("--quiet"), 0);
+    assert!(stdout(&o).contains("resuming from") && stdout(&o).contains("step 4"), "{}", stdout(&o));
+    assert_eq!(metric_rows(&runs[0]), metric_rows(&runs[1]));
+}
+
+#[test]
+fn damaged_checkpoint_is_skipped_for_the_previous_one() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "9"]), 130);
+    let runs = s.runs();
+    let newest = runs[1].join("checkpoints/step-00000009/model.safetensors");
+    let bytes = fs::read(&newest).unwrap();
+    fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let o = expect(minimind(s.path()).arg("resume").arg(&runs[1]).arg("--quiet"), 0);
+    let out = stdout(&o);
+    assert!(out.contains("skipping damaged checkpoint") && out.contains("truncated or corrupt"), "{out}");
+    assert!(out.contains("step-00000008") && out.contains("(step 8)"), "{out}");
+    assert_eq!(metric_rows(&runs[0]), metric_rows(&runs[1]));
+}
+
+#[test]
+fn sigint_stops_with_a_checkpoint_and_the_run_resumes() {
+    let s = Scratch::new();
+    s.micro("");
+    s.write(
+        "long.toml",
+        "extends = \"micro.toml\"\nname = \"long\"\n[train]\nmax_steps = 400\n[checkpoint]\nsave_interval = 1000\n",
+    );
+    let mut child = minimind(s.path())
+        .args(["run", "long.toml", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let rows = s
+            .runs()
+            .first()
+            .and_then(|r| fs::read_to_string(r.join("metrics.csv")).ok())
+            .map_or(0, |t| t.lines().count());
+        if rows >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let run = &s.runs()[0];
+    let m = meta(run);
+    assert_eq!(m["status"], "stopped");
+    let stopped_rows = metric_rows(run).len() - 1;
+    assert!(stopped_rows < 400, "the run was not interrupted");
+    let cks: Vec<_> = fs::read_dir(run.join("checkpoints")).unwrap().flatten().collect();
+    assert_eq!(cks.len(), 1, "one checkpoint, written at the stop");
+    expect(minimind(s.path()).arg("resume").arg(run).arg("--quiet"), 0);
+    let rows = metric_rows(run);
+    assert_eq!(rows.len(), 401);
+    let steps: Vec<&str> = rows.iter().skip(1).map(|r| r.split(',').next().unwrap()).collect();
+    let want: Vec<String> = (1..=400).map(|i| i.to_string()).collect();
+    assert_eq!(steps, want, "every step exactly once");
+}
+
+#[test]
+fn resume_auto_continues_the_unfinished_run_or_names_shape_changes() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]), 130);
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "checkpoint.resume=\"auto\""]), 0);
+    let runs = s.runs();
+    assert_eq!(runs.len(), 1, "continued the same folder");
+    assert_eq!(meta(&runs[0])["status"], "completed");
+
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--stop-after", "5"]), 130);
+    let o = expect(
+        &mut run_quiet(
+            s.path(),
+            &["micro.toml", "--set", "checkpoint.resume=\"auto\"", "--set", "model.hidden_size=64"],
+        ),
+        1,
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("differing keys") && err.contains("model.hidden_size (32 in the checkpoint, 64 now)"),
+        "{err}"
+    );
+    assert!(err.contains("model.head_dim"), "{err}");
+}
+
+#[test]
+fn nan_loss_fails_the_run_and_keeps_the_last_checkpoint() {
+    let s = Scratch::new();
+    s.micro("");
+    let o = expect(
+        &mut run_quiet(
+            s.path(),
+            &["micro.toml", "--set", "train.learning_rate=1e30", "--set", "train.grad_clip=0.0"],
+        ),
+        1,
+    );
+    let err = stderr(&o);
+    assert!(err.contains("the loss became"), "{err}");
+    let run = &s.runs()[0];
+    let m = meta(run);
+    assert_eq!(m["status"], "failed");
+    assert!(m["error"].as_str().unwrap().contains("loss became"));
+}
+
+/// Runs micro.toml with its data replaced by `data` and returns stderr (exit 1).
+fn data_error(data: &str, extra: &str) -> String {
+    let s = Scratch::new();
+    s.write("data.jsonl", data);
+    s.micro(extra);
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
+    let err = stderr(&o);
+    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn bad_data_is_reported_with_its_location() {
+    let err = data_error("", "");
+    assert!(err.contains("has no documents"), "{err}");
+    let err = data_error("{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n", "");
+    assert!(err.contains("data.jsonl:3: malformed line: not valid JSON"), "{err}");
+    assert!(err.contains("skip_bad_lines"), "{err}");
+    let err = data_error("{\"text\": \"a\"}\n{\"title\": \"b\"}\n", "");
+    assert!(err.contains("data.jsonl:2: malformed line: no \"text\" field"), "{err}");
+    let err = data_error("{\"text\": \"a\"}\n{\"text\": \"b\"}\n", "");
+    assert!(err.contains("fewer than one batch"), "{err}");
+}
+
+#[test]
+fn bad_lines_can_be_skipped_and_are_counted() {
+    let s = Scratch::new();
+    let mut data: String = SONGCI.lines().take(40).map(|l| format!("{l}\n")).collect();
+    data.push_str("oops\n{\"x\": 1}\n");
+    s.write("data.jsonl", &data);
+    s.micro("");
+    let mut text = fs::read_to_string(s.path().join("micro.toml")).unwrap();
+    text = text
+        .replace("max_seq_len = 32", "max_seq_len = 32\nskip_bad_lines = true")
+        .replace("max_steps = 12", "max_steps = 2");
+    fs::write(s.path().join("micro.toml"), text).unwrap();
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    assert_eq!(meta(&s.runs()[0])["skipped_lines"], 2);
+}
+
+#[test]
+fn bad_tokenizer_and_sequence_length() {
+    let s = Scratch::new();
+    s.write("tok.json", "{ not a tokenizer");
+    s.micro("");
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
+    assert!(stderr(&o).contains("cannot load tokenizer"), "{}", stderr(&o));
+    let s = Scratch::new();
+    s.micro("");
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "data.max_seq_len=128"]), 2);
+    assert!(stderr(&o).contains("above model.max_position_embeddings (64"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_runs_folder_that_cannot_be_created() {
+    let s = Scratch::new();
+    s.micro("");
+    s.write("blocker", "a file, not a folder");
+    let o =
+        expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "checkpoint.save_dir=\"blocker/runs\""]), 1);
+    assert!(stderr(&o).contains("cannot create the runs folder"), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_reproduces_the_pytorch_loss_of_a_fixture() {
+    let fixtures = repo().join("../shared/fixtures/dense_songci");
+    let expected: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let o = expect(
+        minimind(&repo())
+            .args(["eval", "--json", "--hf-dir"])
+            .arg(&fixtures)
+            .arg("--data")
+            .arg(repo().join("../shared/data/zh_songci.jsonl"))
+            .args(["--seq-len", "64", "--batch-size", "4"]),
+        0,
+    );
+    let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let want = expected["lm_loss"].as_f64().unwrap();
+    assert!((ev["loss"].as_f64().unwrap() - want).abs() < 1e-5, "{ev} vs {want}");
+}
+
+#[test]
+fn a_sweep_runs_every_point_in_its_own_folder() {
+    let s = Scratch::new();
+    s.micro(
+        "[sweep]\ngrid = { \"train.learning_rate\" = [1e-3, 3e-3], \"model.use_moe\" = [false, true] }\n",
+    );
+    let text =
+        fs::read_to_string(s.path().join("micro.toml")).unwrap().replace("max_steps = 12", "max_steps = 2");
+    fs::write(s.path().join("micro.toml"), text).unwrap();
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let names: Vec<String> =
+        s.runs().iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    for tag in ["moe=0,lr=1e-3", "moe=0,lr=3e-3", "moe=1,lr=1e-3", "moe=1,lr=3e-3"] {
+        assert!(names.iter().any(|n| n.ends_with(&format!("-micro-{tag}"))), "{tag} in {names:?}");
+    }
+    let moe_run = s.runs().into_iter().find(|p| p.to_string_lossy().ends_with("moe=1,lr=3e-3")).unwrap();
+    let m = meta(&moe_run);
+    assert_eq!(m["sweep_tag"], "moe=1,lr=3e-3");
+    let aux = metric(&moe_run, "aux_loss")[0];
+    assert!(aux > 0.0, "MoE points report an aux loss");
+}
+
+#[test]
+fn from_weight_starts_a_new_run_from_an_export() {
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let first = s.runs()[0].clone();
+    let model = first.join("model");
+    let set = format!("checkpoint.from_weight=\"{}\"", model.display());
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--set", &set]), 0);
+    let second = s.runs()[1].clone();
+    let first_loss = |run: &Path| -> f64 { metric(run, "loss")[0] };
+    assert!(
+        first_loss(&second) < first_loss(&first) - 0.05,
+        "trained weights start lower: {} vs {}",
+        first_loss(&second),
+        first_loss(&first)
+    );
+    let o = expect(
+        &mut run_quiet(s.path(), &["micro.toml", "--set", &set, "--set", "model.num_hidden_layers=2"]),
+        1,
+    );
+    assert!(stderr(&o).contains("model.num_hidden_layers (1 in the weights, 2 now)"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_shipped_experiments_train_on_the_cpu_as_shipped() {
+    let s = Scratch::new();
+    let save = format!("checkpoint.save_dir=\"{}\"", s.path().join("runs").display());
+    // moe_small inherits MiniMind's dtype = "bfloat16" and device = "auto": on the CPU it trains
+    // in float32 with one warning. (Smaller batches here only to keep the test short.)
+    let exp = repo().join("experiments/moe_small.toml");
+    let o = expect(
+        run_quiet(s.path(), &[exp.to_str().unwrap()]).args([
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.accumulation_steps=1",
+            "--set",
+            "data.max_seq_len=32",
+            "--set",
+            &save,
+        ]),
+        0,
+    );
+    let out = stdout(&o);
+    let warning = "warning: train.dtype = \"bfloat16\" (from default): the CPU engine trains in float32";
+    assert_eq!(out.matches(warning).count(), 1, "{out}");
+    assert!(out.contains("train.device = \"auto\": training on the CPU"), "{out}");
+    let m = meta(&s.runs()[0]);
+    assert_eq!(m["device"], serde_json::json!({"requested": "auto", "effective": "cpu"}));
+    assert_eq!(m["dtype"], serde_json::json!({"requested": "bfloat16", "effective": "float32"}));
+    assert_eq!(m["status"], "completed");
+    for f in ["base", "dense_small", "moe_small"] {
+        let o = expect(minimind(&repo()).args(["run", &format!("experiments/{f}.toml"), "--dry-run"]), 0);
+        assert!(stdout(&o).contains(warning), "{f}: {}", stdout(&o));
+    }
+    // What cannot run at all is a config error, located, before any folder exists.
+    let o = expect(
+        &mut run_quiet(s.path(), &[exp.to_str().unwrap(), "--set", "train.device=cuda", "--set", &save]),
+        2,
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("--set train.device=cuda: `train.device`: \"cuda\": this build has only the CPU engine"),
+        "{err}"
+    );
+    assert_eq!(s.runs().len(), 1, "no folder for a run that cannot start");
+}
+
+#[test]
+fn plan_dry_run_and_the_run_header_show_the_cost() {
+    let o = expect(minimind(&repo()).args(["plan", "experiments/base.toml"]), 0);
+    let out = stdout(&o);
+    for column in ["parameters", "tokens/step", "memory", "FLOP/step", "step", "run"] {
+        assert!(out.lines().next().unwrap().contains(column), "{out}");
+    }
+    let row = out.lines().nth(1).unwrap();
+    assert!(row.starts_with("base") && row.contains(" 25.8M ") && row.contains("131.1K"), "{out}");
+    assert!(row.contains("GB") && row.contains('~'), "memory and time: {out}");
+    let o = expect(minimind(&repo()).args(["run", "experiments/base.toml", "--dry-run"]), 0);
+    let out = stdout(&o);
+    assert!(out.contains("cost: 25.8M parameters; memory "), "{out}");
+    for part in [
+        "GB peak (weights 103.3MB",
+        "gradients",
+        "AdamW moments",
+        "activations",
+        "FLOP per step",
+        "per step, ",
+        "for 7 steps",
+    ] {
+        assert!(out.contains(part), "{part}: {out}");
+    }
+    let s = Scratch::new();
+    s.micro("");
+    expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "train.max_steps=1"]), 0);
+    let log = fs::read_to_string(s.runs()[0].join("train.log")).unwrap();
+    assert!(log.contains("cost: 220.3K parameters; memory ") && log.contains("for 1 steps"), "{log}");
+    // A run that cannot fit in memory stops before it starts, naming the keys that shrink it.
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "train.batch_size=4000000"]), 2);
+    let err = stderr(&o);
+    assert!(err.contains("this run needs about") && err.contains("available"), "{err}");
+    assert!(err.contains("hint: lower one of train.batch_size (--set train.batch_size=4000000)"), "{err}");
+    assert!(err.contains("data.max_seq_len (") && err.contains("micro.toml:"), "{err}");
+    assert_eq!(s.runs().len(), 1);
+}

@@ -374,8 +374,8 @@ fn load(file: &Path, set: &[String]) -> Result<Vec<PlannedRun>> {
     Ok(config::load(file, &env.assigns, &sets)?)
 }
 
-/// Steps a run will take when that is known without tokenising: `max_steps`, or epochs over
-/// the documents of an existing token cache or, unpacked, the non-blank lines of the file.
+/// Steps a run will take when that is known without tokenising: `max_steps`, or (rows being
+/// documents when unpacked) epochs over the non-blank lines of the data file.
 fn planned_steps(c: &config::Config) -> Option<usize> {
     if let Some(n) = c.train.max_steps {
         return Some(n);
@@ -383,8 +383,8 @@ fn planned_steps(c: &config::Config) -> Option<usize> {
     if c.data.packing {
         return None;
     }
-    let text = std::fs::read(&c.data.path).ok()?;
-    let docs = text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).count();
+    let file = std::fs::File::open(&c.data.path).ok()?;
+    let docs = crate::data::jsonl::Lines::new(std::io::BufReader::new(file)).count();
     Some(c.train.epochs * (docs / c.train.batch_size) / c.train.accumulation_steps)
 }
 

@@ -421,7 +421,11 @@ struct Progress {
 
 impl Progress {
     fn new(data: &Path, total: u64, quiet: bool, heartbeat: Duration) -> Progress {
-        let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+        let bar = if quiet || !crate::metrics::interactive() {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total)
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("tokenising {bar:30} {bytes}/{total_bytes} ({eta})")
                 .expect("valid template"),

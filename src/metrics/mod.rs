@@ -144,6 +144,13 @@ pub fn say(text: &str) -> bool {
     writeln!(std::io::stdout().lock(), "{text}").is_ok()
 }
 
+/// Whether a progress bar can be shown: stdout and stderr are both terminals (with stdout
+/// redirected, the lines belong in that file, with periodic progress lines among them).
+pub fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
+}
+
 /// A warning on stderr; a closed stderr is not an error.
 pub fn warn(text: &str) {
     let _ = writeln!(std::io::stderr(), "warning: {text}");
@@ -175,6 +182,7 @@ pub fn duration(secs: f64) -> String {
 }
 
 /// Where a training step stands, for the console.
+#[derive(Clone, Copy, Debug)]
 pub struct Progress {
     /// Optimiser steps completed (the one under way is `step + 1`).
     pub step: usize,
@@ -186,16 +194,42 @@ pub struct Progress {
     pub eta_s: f64,
 }
 
-/// What the user sees: a progress bar with ETA on a terminal, plain lines otherwise (and a
-/// progress line at least every `heartbeat` when nothing else was printed); every line also
-/// goes to train.log. A closed stdout is tolerated: lines then only go to the log.
-pub struct Console {
-    bar: indicatif::ProgressBar,
+/// What the console shares with its heartbeat thread.
+struct Shared {
     log: Option<File>,
     log_path: PathBuf,
     stdout_ok: bool,
-    heartbeat: Duration,
     last_line: Instant,
+    /// The latest progress and when it was reported.
+    latest: Option<(Progress, Instant)>,
+}
+
+impl Shared {
+    fn line(&mut self, text: &str, bar: &indicatif::ProgressBar) {
+        self.last_line = Instant::now();
+        if !bar.is_hidden() {
+            bar.println(text);
+        } else if self.stdout_ok && !say(text) {
+            self.stdout_ok = false;
+        }
+        if let Some(f) = &mut self.log
+            && writeln!(f, "{text}").is_err()
+        {
+            warn(&format!("cannot write {}; the console is not logged any more", self.log_path.display()));
+            self.log = None;
+        }
+    }
+}
+
+/// What the user sees: a progress bar with ETA on a terminal; plain lines otherwise, with a
+/// progress line whenever nothing was printed for `heartbeat`, even in the middle of a long
+/// micro-batch (a thread keeps watch). Every line also goes to train.log. A closed stdout is
+/// tolerated: lines then only go to the log.
+pub struct Console {
+    bar: indicatif::ProgressBar,
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+    heartbeat: Duration,
+    watch: Option<(std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
 }
 
 impl Console {
@@ -211,8 +245,11 @@ impl Console {
             .append(true)
             .open(log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let bar =
-            if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps) };
+        let bar = if quiet || !interactive() {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total_steps)
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
@@ -220,70 +257,114 @@ impl Console {
             .expect("valid template"),
         );
         bar.set_position(done);
-        if !bar.is_hidden() {
-            bar.enable_steady_tick(Duration::from_millis(500));
-        }
-        Ok(Console {
-            bar,
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(Shared {
             log: Some(log),
             log_path: log_path.to_path_buf(),
             stdout_ok: true,
-            heartbeat,
             last_line: Instant::now(),
-        })
+            latest: None,
+        }));
+        let watch = if !bar.is_hidden() {
+            bar.enable_steady_tick(Duration::from_millis(500));
+            None
+        } else if heartbeat > Duration::ZERO {
+            Some(watch(shared.clone(), bar.clone(), heartbeat))
+        } else {
+            None
+        };
+        Ok(Console { bar, shared, heartbeat, watch })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Prints a line (above the bar) and appends it to train.log.
     pub fn line(&mut self, text: &str) {
-        self.last_line = Instant::now();
-        if !self.bar.is_hidden() {
-            self.bar.println(text);
-        } else if self.stdout_ok && !say(text) {
-            self.stdout_ok = false;
-        }
-        if let Some(f) = &mut self.log
-            && writeln!(f, "{text}").is_err()
-        {
-            let _ = writeln!(
-                std::io::stderr(),
-                "warning: cannot write {}; the console is not logged any more",
-                self.log_path.display()
-            );
-            self.log = None;
-        }
+        self.lock().line(text, &self.bar);
     }
 
     /// Appends a line to train.log only (it was shown already).
     pub fn log_only(&mut self, text: &str) {
-        if let Some(f) = &mut self.log {
+        if let Some(f) = &mut self.lock().log {
             let _ = writeln!(f, "{text}");
         }
     }
 
-    /// After every micro-batch: the bar on a terminal; elsewhere a line when nothing was
-    /// printed for `heartbeat`.
-    pub fn progress(&mut self, p: &Progress, msg: String) {
+    /// After every micro-batch (and with `micro` 0 before the first), with the loss so far in
+    /// the step: the bar on a terminal; elsewhere a line when nothing was printed for
+    /// `heartbeat`.
+    pub fn progress(&mut self, p: &Progress, loss: f64) {
         if !self.bar.is_hidden() {
             self.bar.set_position(p.step as u64);
-            self.bar.set_message(format!("(micro-batch {}/{}) {msg}", p.micro, p.accumulation));
+            self.bar.set_message(format!("(micro-batch {}/{}) loss {loss:.4}", p.micro, p.accumulation));
             return;
         }
-        if self.last_line.elapsed() >= self.heartbeat {
-            self.line(&format!(
-                "step {}/{}, micro-batch {}/{}: elapsed {}, ETA {}",
-                p.step + 1,
-                p.total,
-                p.micro,
-                p.accumulation,
-                duration(p.elapsed_s),
-                duration(p.eta_s)
-            ));
+        let mut shared = self.lock();
+        shared.latest = Some((*p, Instant::now()));
+        if p.micro > 0 && shared.last_line.elapsed() >= self.heartbeat {
+            let text = progress_line(p, "done", 0.0);
+            shared.line(&text, &self.bar);
         }
     }
 
-    pub fn finish(&self) {
+    pub fn finish(&mut self) {
+        if let Some((thread, stop)) = self.watch.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
         self.bar.finish_and_clear();
     }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `step 3/200, micro-batch 2/8 done: elapsed 1m20s, ETA 14m05s`; `since` seconds after the
+/// progress was reported (the heartbeat's view of a micro-batch under way).
+fn progress_line(p: &Progress, state: &str, since: f64) -> String {
+    format!(
+        "step {}/{}, micro-batch {}/{} {state}: elapsed {}, ETA {}",
+        p.step + 1,
+        p.total,
+        p.micro,
+        p.accumulation,
+        duration(p.elapsed_s + since),
+        duration(if p.eta_s.is_nan() { p.eta_s } else { (p.eta_s - since).max(0.0) })
+    )
+}
+
+/// The heartbeat: every `heartbeat` without a line, a line on the micro-batch under way.
+fn watch(
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+    bar: indicatif::ProgressBar,
+    heartbeat: Duration,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let tick = heartbeat.min(Duration::from_secs(1));
+    let thread = std::thread::spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            if s.last_line.elapsed() < heartbeat {
+                continue;
+            }
+            if let Some((p, at)) = s.latest {
+                // The micro-batch after the last one reported; after a step's last one, the
+                // optimiser step (and maybe a checkpoint) is what runs.
+                let since = at.elapsed().as_secs_f64();
+                let text = if p.micro < p.accumulation {
+                    progress_line(&Progress { micro: p.micro + 1, ..p }, "running", since)
+                } else {
+                    progress_line(&p, "done, updating the weights", since)
+                };
+                s.line(&text, &bar);
+            }
+        }
+    });
+    (thread, stop)
 }
 
 impl StepMetrics {

@@ -318,6 +318,15 @@ fn train_steps(
     let mut micro_done = 0usize;
     let (mut last_log, mut last_tokens) = (Instant::now(), state.tokens_seen);
     let mut last_loss = None;
+    let start = Progress {
+        step: state.step,
+        total,
+        micro: 0,
+        accumulation: accum,
+        elapsed_s: elapsed_before,
+        eta_s: f64::NAN,
+    };
+    console.progress(&start, 0.0);
     while state.step < total {
         // A stop inside the step abandons it: the data rewinds to where it began.
         let step_start = state.cursor;
@@ -337,7 +346,7 @@ fn train_steps(
                 elapsed_s: elapsed_before + secs,
                 eta_s: secs / micro_done as f64 * (micro_total - micro_done) as f64,
             };
-            console.progress(&progress, format!("loss {:.4}", lm * accum as f64 / micro as f64));
+            console.progress(&progress, lm * accum as f64 / micro as f64);
             if micro < accum
                 && let Some(sig) = s.stop.requested()
             {
@@ -487,13 +496,17 @@ fn latest_checkpoint(
         let ck = match checkpoint::load(&dir, &engine.layout) {
             Ok(ck) => ck,
             Err(e) => {
+                // Out of the way, so that the step's next checkpoint is written afresh.
                 let aside = dir.with_extension("damaged");
-                let moved = std::fs::rename(&dir, &aside).is_ok();
-                notes.push(format!(
-                    "warning: skipping damaged checkpoint {}: {e:#}{}",
-                    dir.display(),
-                    if moved { format!(" (kept as {})", aside.display()) } else { String::new() }
-                ));
+                let kept = match std::fs::rename(&dir, &aside) {
+                    Ok(()) => format!(" (kept as {})", aside.display()),
+                    Err(_) => {
+                        std::fs::remove_dir_all(&dir)
+                            .with_context(|| format!("removing the damaged checkpoint {}", dir.display()))?;
+                        " (removed)".to_string()
+                    }
+                };
+                notes.push(format!("warning: skipping damaged checkpoint {}: {e:#}{kept}", dir.display()));
                 continue;
             }
         };

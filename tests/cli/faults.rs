@@ -184,6 +184,26 @@ fn a_second_signal_quits_at_once_and_the_previous_checkpoint_stays_valid() {
 }
 
 #[test]
+fn progress_lines_keep_coming_inside_a_long_micro_batch() {
+    let s = Scratch::new();
+    // Micro-batches of about two seconds, a progress line wanted every half second; no --quiet:
+    // without a terminal there is no bar, only lines.
+    s.write(
+        "slow.toml",
+        &SLOW.replace("batch_size = 4", "batch_size = 16").replace("max_steps = 5", "max_steps = 1"),
+    );
+    let o = expect(minimind(s.path()).args(["run", "slow.toml", "--progress-every", "0.5"]), 0);
+    let out = stdout(&o);
+    let running: Vec<&str> = out.lines().filter(|l| l.contains(" running: elapsed ")).collect();
+    assert!(running.len() >= 2, "{out}");
+    assert!(running.iter().all(|l| l.starts_with("step 1/1, micro-batch ") && l.contains(", ETA ")), "{out}");
+    assert!(
+        out.contains("step 1/1, micro-batch 1/4 running"),
+        "from the start of the first micro-batch: {out}"
+    );
+}
+
+#[test]
 fn sighup_stops_with_a_checkpoint_like_sigint() {
     let s = Scratch::new();
     s.write("slow.toml", SLOW);

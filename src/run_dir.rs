@@ -349,10 +349,12 @@ impl RunDir {
             return Ok(None);
         };
         // Holding the lock, nothing else writes here: temporary files are a dead writer's.
-        for e in fs::read_dir(&self.root).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
-                let _ = fs::remove_file(e.path());
+        for folder in [self.root.clone(), self.model_dir()] {
+            for e in fs::read_dir(folder).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         Ok(Some(RunLock { _file: file }))

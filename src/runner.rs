@@ -117,7 +117,8 @@ pub fn resume(root: &Path, sets: &[Assign], allow_data_change: bool, session: Se
     continue_run(&dir, lock, &config, &layered, &Session { resume: Some(request), ..session })
 }
 
-/// Continues the run in `dir` (locked) with `config`, recording the resume in meta.json.
+/// Continues the run in `dir` (locked) with `config`; the training loop records the resume in
+/// meta.json (and the changed config.toml) once it has accepted the checkpoint and the data.
 fn continue_run(
     dir: &RunDir,
     _lock: RunLock,
@@ -150,12 +151,7 @@ fn continue_run(
             );
         }
     }
-    if session.resume.as_ref().is_some_and(|r| !r.overrides.is_empty()) {
-        dir.write_config(config)?;
-    }
     (meta.device, meta.dtype) = train::choices(&config.train, &placement);
-    meta.status = Status::Running;
-    (meta.ended_at, meta.error, meta.reason) = (None, None, None);
     let meta = MetaFile::new(dir, meta);
     meta.update(|_| {})?;
     train::train(dir, &meta, config, &placement, session)

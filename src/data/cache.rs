@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::jsonl::{Lines, Skipped, parse_line};
 use super::tokenizer::Tok;
 use crate::run_dir::{lock_file, lock_holder};
-use crate::signals::Stop;
+use crate::signals::{Interrupted, Stop};
 
 const FORMAT: u32 = 2;
 const LINES_PER_CHUNK: usize = 4096;
@@ -88,16 +88,28 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+/// SHA-256 of a file, read a megabyte at a time; a stop request interrupts it.
+fn sha256_file(path: &Path, stop: &Stop) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        stop.check()?;
         let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// SHA-256 of bytes in memory, 16 MB at a time; a stop request interrupts it.
+fn sha256_bytes(bytes: &[u8], stop: &Stop) -> Result<String, Interrupted> {
+    let mut h = Sha256::new();
+    for chunk in bytes.chunks(16 << 20) {
+        stop.check()?;
+        h.update(chunk);
     }
     Ok(hex(&h.finalize()))
 }
@@ -126,8 +138,8 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
     fs::create_dir_all(root).with_context(|| format!("cannot create cache folder {}", root.display()))?;
     let mut notes = Vec::new();
     remove_dead_builds(root, None);
-    let data_sha = sha256_file(data)?;
-    let tok_sha = sha256_file(tok_path)?;
+    let data_sha = sha256_file(data, opts.stop)?;
+    let tok_sha = sha256_file(tok_path, opts.stop)?;
     let key = {
         let mut h = Sha256::new();
         h.update(format!("{FORMAT}|{data_sha}|{tok_sha}|skip={}", opts.skip_bad_lines));
@@ -137,7 +149,7 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
     let dir = root.join(&name);
     let vocab = tok.vocab_size();
     if dir.exists()
-        && let Ok(cache) = open_checked(&dir, vocab)
+        && let Ok(cache) = open_checked(&dir, vocab, opts.stop)?
     {
         return Ok(Opened { cache, notes });
     }
@@ -161,7 +173,7 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
     };
     remove_dead_builds(root, Some(&name));
     if dir.exists() {
-        match open_checked(&dir, vocab) {
+        match open_checked(&dir, vocab, opts.stop)? {
             Ok(cache) => return Ok(Opened { cache, notes }),
             Err(why) => {
                 let msg = format!("warning: token cache {} is damaged ({why}); rebuilding it", dir.display());
@@ -173,15 +185,37 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
         }
     }
     build(data, tok, opts, &dir, &data_sha, &tok_sha)?;
-    let cache = open_checked(&dir, vocab).map_err(|why| {
+    let cache = open_checked(&dir, vocab, opts.stop)?.map_err(|why| {
         anyhow::anyhow!("the token cache just built in {} does not verify: {why}", dir.display())
     })?;
     Ok(Opened { cache, notes })
 }
 
 /// Opens a cache and checks it against its header: sizes, checksums, offsets and token ids.
-/// The error says what is wrong.
-fn open_checked(dir: &Path, vocab: usize) -> std::result::Result<TokenCache, String> {
+/// The inner error says what is wrong with it; the outer one is a stop request.
+fn open_checked(
+    dir: &Path,
+    vocab: usize,
+    stop: &Stop,
+) -> Result<std::result::Result<TokenCache, String>, Interrupted> {
+    let mut interrupted = None;
+    let checked = check_cache(dir, vocab, &mut |bytes: &[u8]| {
+        sha256_bytes(bytes, stop).map_err(|e| {
+            interrupted = Some(e);
+            "interrupted".to_string()
+        })
+    });
+    match interrupted {
+        Some(e) => Err(e),
+        None => Ok(checked),
+    }
+}
+
+fn check_cache(
+    dir: &Path,
+    vocab: usize,
+    sha256: &mut dyn FnMut(&[u8]) -> std::result::Result<String, String>,
+) -> std::result::Result<TokenCache, String> {
     let text = fs::read_to_string(dir.join("info.json")).map_err(|e| format!("info.json: {e}"))?;
     let info: CacheInfo = serde_json::from_str(&text).map_err(|e| format!("info.json: {e}"))?;
     if info.format != FORMAT {
@@ -190,7 +224,7 @@ fn open_checked(dir: &Path, vocab: usize) -> std::result::Result<TokenCache, Str
     if info.width != 2 && info.width != 4 {
         return Err(format!("token width {}", info.width));
     }
-    let map = |name: &str, want_len: u64, want_sha: &str| -> std::result::Result<Option<Mmap>, String> {
+    let mut map = |name: &str, want_len: u64, want_sha: &str| -> std::result::Result<Option<Mmap>, String> {
         let path = dir.join(name);
         let f = File::open(&path).map_err(|e| format!("{name}: {e}"))?;
         let len = f.metadata().map_err(|e| format!("{name}: {e}"))?.len();
@@ -204,7 +238,7 @@ fn open_checked(dir: &Path, vocab: usize) -> std::result::Result<TokenCache, Str
             // checksum below is taken over this very mapping.
             Some(unsafe { Mmap::map(&f) }.map_err(|e| format!("{name}: {e}"))?)
         };
-        let sha = hex(&Sha256::digest(bytes.as_deref().unwrap_or(&[])));
+        let sha = sha256(bytes.as_deref().unwrap_or(&[]))?;
         if sha != want_sha {
             return Err(format!("{name} does not match its checksum"));
         }

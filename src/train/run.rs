@@ -86,6 +86,12 @@ pub fn train(
         Some(Interrupted(sig)) => Ok(Outcome::Stopped(*sig)),
         None => Err(e),
     });
+    if let Err(e) = &result
+        && e.downcast_ref::<Refused>().is_some()
+    {
+        // The run did not fail: it was not continued. meta.json stays as it was.
+        return result;
+    }
     let recorded = match &result {
         Ok(Outcome::Completed) => meta.ended(Status::Completed, None, None),
         Ok(Outcome::Stopped(sig)) => {
@@ -103,6 +109,11 @@ pub fn train(
         (Ok(_), Err(e)) => Err(e),
     }
 }
+
+/// A resume refused before it changed anything (the run stays as it was).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 /// The run's data, opened: rows, batches, and how many optimiser steps the run has.
 struct Data {
@@ -128,6 +139,13 @@ fn phases(
     })?;
     let (mut engine, mut state, restore_notes) = restore(run, meta, config, &data, s)?;
     meta.set_step(state.step);
+    meta.update(|m| {
+        m.status = Status::Running;
+        (m.ended_at, m.error, m.reason) = (None, None, None);
+    })?;
+    if s.resume.as_ref().is_some_and(|r| !r.overrides.is_empty()) {
+        run.write_config(config)?;
+    }
     let (mut metrics, metric_notes) =
         MetricsWriter::open(&run.metrics_path(), s.resume.as_ref().map(|_| state.step))?;
     let mut console =
@@ -226,12 +244,13 @@ fn restore(
             }
             let allowed = s.resume.as_ref().is_some_and(|r| r.allow_data_change);
             if !data_changes.is_empty() && !allowed {
-                bail!(
+                return Err(Refused(format!(
                     "cannot resume {}: what it trains on changed since {}:\n  {}\n  hint: resume anyway with --allow-data-change (recorded in meta.json), or start a new run",
                     run.root.display(),
                     ck.dir.display(),
                     data_changes.join("\n  ")
-                );
+                ))
+                .into());
             }
             for change in &data_changes {
                 notes.push(format!("warning: {change} (allowed by --allow-data-change)"));

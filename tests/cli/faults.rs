@@ -359,9 +359,14 @@ fn a_data_change_before_resume_is_refused_unless_allowed() {
     let mut data = fs::read_to_string(s.path().join("data.jsonl")).unwrap();
     data.push_str("{\"text\": \"一首新词\"}\n");
     s.write("data.jsonl", &data);
-    let o = expect(minimind(s.path()).args(["resume", "--quiet"]).arg(&run), 1);
+    let o =
+        expect(minimind(s.path()).args(["resume", "--quiet", "--set", "train.max_steps=13"]).arg(&run), 1);
     let err = stderr(&o);
     assert!(err.contains("what it trains on changed") && err.contains("the data file"), "{err}");
+    // A refused resume changes nothing: the run is still stopped, its config as it was.
+    assert_eq!(meta(&run)["status"], "stopped");
+    assert_eq!(meta(&run)["resumes"].as_array().unwrap().len(), 0);
+    assert!(fs::read_to_string(run.join("config.toml")).unwrap().contains("max_steps = 12"));
     assert!(err.contains("data.jsonl changed (sha256"), "{err}");
     assert!(err.contains("--allow-data-change"), "{err}");
     let o = expect(minimind(s.path()).args(["resume", "--quiet", "--allow-data-change"]).arg(&run), 0);

@@ -143,34 +143,18 @@ impl Meta {
             .collect();
         let path = layered.path().to_path_buf();
         Meta {
-            name: config.name.clone(),
             sweep_tag: tag.map(str::to_string),
             experiment_file: std::path::absolute(&path).unwrap_or(path.clone()),
             command_line,
             overrides,
             git: git_info(path.parent().unwrap_or(Path::new("."))),
-            host: host_name(),
-            cpu_model: cpu_model(),
-            cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            gpu: None,
-            device: Choice::default(),
-            dtype: Choice::default(),
-            crate_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: start.to_rfc3339(),
-            ended_at: None,
-            status: Status::Running,
-            skipped_lines: 0,
-            skipped_line_numbers: Vec::new(),
-            error: None,
-            reason: None,
-            last_step: None,
-            resumes: Vec::new(),
-            final_eval: None,
+            ..Meta::placeholder_for(&config.name)
         }
     }
 
     /// What meta.json says when it has been lost: the run's name from its config, this
-    /// machine, everything else unknown.
+    /// machine, everything else unknown (also the base of a new run's meta.json).
     pub fn placeholder(config: &Config) -> Meta {
         Meta::placeholder_for(&config.name)
     }

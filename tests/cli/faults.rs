@@ -104,6 +104,7 @@ fn kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run() {
         let complete = checkpoints(&run).iter().filter(|c| !c.starts_with('.')).count();
         assert!(complete >= 1, "a complete checkpoint is always on disk: {:?}", checkpoints(&run));
     }
+    eprintln!("{kills} resumes killed at random moments");
     assert!(kills >= 2, "the random kills landed during runs ({kills})");
     if meta(&run)["status"] != "completed" {
         // Killed in the middle of exporting the final model.
@@ -255,7 +256,8 @@ fn a_signal_during_tokenisation_stops_it_within_a_second() {
     let (code, out, err) = p.finish();
     let took = sent.elapsed();
     assert_eq!(code, Some(143), "{out}\n{err}");
-    assert!(took < Duration::from_millis(1500), "stopped {took:?} after the signal");
+    eprintln!("tokenising stopped {took:?} after SIGTERM");
+    assert!(took < Duration::from_secs(1), "stopped {took:?} after the signal");
     assert!(
         !cache_entries(&s)
             .iter()

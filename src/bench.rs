@@ -39,11 +39,11 @@ pub fn run(config: &Config, steps: usize, warmup: usize, profile: bool) -> Resul
         let accum = config.train.accumulation_steps;
         let lr = config.train.learning_rate as f32;
         let step = |engine: &mut Engine<Cpu>| {
-            engine.zero_grads();
+            engine.begin_step();
             for _ in 0..accum {
-                engine.forward_backward(&ids, &targets, 1.0 / accum as f32);
+                engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum);
             }
-            engine.optimizer_step(lr, &optim);
+            engine.update(lr, &optim);
         };
         for _ in 0..warmup {
             step(&mut engine);

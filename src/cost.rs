@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::config::{Config, ModelConfig};
-use crate::engine::{Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes};
+use crate::engine::{Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes};
 use crate::metrics::{duration, human};
 
 /// Model FLOP rate of a training step over the measured 1024³ sgemm rate: about one at
@@ -196,11 +196,28 @@ fn measure_gflops(threads: usize) -> Result<f64> {
         let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut c = vec![0.0f32; N * N];
-        k.matmul(&mut c, &a, &b, N, N, N, false, false, false);
+        k.matmul(
+            &mut c,
+            &a,
+            &b,
+            Gemm { rows: N, cols: N, depth: N, a_transposed: false, b_transposed: false, accumulate: false },
+        );
         let start = Instant::now();
         let mut calls = 0;
         while calls < 3 || start.elapsed().as_secs_f64() < 0.5 {
-            k.matmul(&mut c, &a, &b, N, N, N, false, false, false);
+            k.matmul(
+                &mut c,
+                &a,
+                &b,
+                Gemm {
+                    rows: N,
+                    cols: N,
+                    depth: N,
+                    a_transposed: false,
+                    b_transposed: false,
+                    accumulate: false,
+                },
+            );
             calls += 1;
         }
         let secs = start.elapsed().as_secs_f64();

@@ -95,7 +95,7 @@ pub fn eval_dir(
     let cfg = crate::engine::hf::read_config(&dir.join("config.json"))?;
     let tok_path = tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     let tok = Tok::load(&tok_path)?;
-    let mut engine = Engine::new(crate::engine::cpu::Cpu::new(), cfg, b, t)?;
+    let mut engine = Engine::for_inference(crate::engine::cpu::Cpu::new(), cfg, b, t)?;
     let weights_path = dir.join("model.safetensors");
     let bytes =
         std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;

@@ -1,10 +1,12 @@
 //! The kernel trait: every operation the model needs, over buffers of one device.
 //!
-//! The model (`model.rs`, `moe.rs`) and the optimiser are written once against this trait;
-//! `cpu` implements it with the `gemm` crate and rayon, a CUDA implementation maps the same
-//! calls to cuBLAS and NVRTC kernels on device buffers. Views are borrowed sub-ranges of a
-//! buffer (`&[f32]` on the CPU, a device view on CUDA). Index lists (token ids, targets, MoE
-//! routing) stay on the host: they are small and the CUDA side uploads them once per call.
+//! The model (`model.rs`) and the optimiser are written once against this trait; `cpu`
+//! implements it with the `gemm` crate and rayon, `cuda` with cuBLAS and NVRTC kernels on
+//! device buffers. A training step stays on the device: token ids and targets are uploaded
+//! once per micro-batch into index buffers, losses, the aux loss, the gradient norm and the
+//! clipping coefficient live in a small f64 accumulator buffer the host reads only when it
+//! wants the numbers, MoE routing is backend state, and attention keeps backend-owned state
+//! for backward (probabilities on the CPU, log-sum-exp for a fused attention on CUDA).
 //!
 //! Shapes: `N` rows (= B*T tokens), `C` channels, `H`/`G` query/key-value heads, `D` head dim,
 //! `V` vocabulary. All matrices row-major.
@@ -34,6 +36,74 @@ impl AttnShape {
         }
         Ok(AttnShape { b, t, h, g, d })
     }
+
+    /// The same heads for `b` sequences of `t` tokens.
+    pub fn with_rows(self, b: usize, t: usize) -> Result<AttnShape, String> {
+        AttnShape::new(b, t, self.h, self.g, self.d)
+    }
+}
+
+/// A matrix product `out[rows, cols] (+)= op(a)[rows, depth] · op(b)[depth, cols]`, where
+/// `op(a)` is stored `[depth, rows]` when `a_transposed` and `op(b)` is stored `[cols, depth]`
+/// when `b_transposed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gemm {
+    pub rows: usize,
+    pub cols: usize,
+    pub depth: usize,
+    pub a_transposed: bool,
+    pub b_transposed: bool,
+    /// Add the product to `out` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// `y[rows, out] = x[rows, inp] Wᵀ` for a weight `W[out, inp]` (PyTorch's `Linear`).
+    pub fn linear(rows: usize, out: usize, inp: usize) -> Gemm {
+        Gemm { rows, cols: out, depth: inp, a_transposed: false, b_transposed: true, accumulate: false }
+    }
+
+    /// Backward to the input of [`Gemm::linear`]: `dx[rows, inp] = dy[rows, out] W`.
+    pub fn linear_dx(rows: usize, out: usize, inp: usize) -> Gemm {
+        Gemm { rows, cols: inp, depth: out, a_transposed: false, b_transposed: false, accumulate: false }
+    }
+
+    /// Backward to the weight of [`Gemm::linear`]: `dW[out, inp] += dy[rows, out]ᵀ x[rows, inp]`.
+    pub fn linear_dw(rows: usize, out: usize, inp: usize) -> Gemm {
+        Gemm { rows: out, cols: inp, depth: rows, a_transposed: true, b_transposed: false, accumulate: true }
+    }
+
+    /// The same product, added to `out` (`true`) or overwriting it.
+    pub fn accumulate(self, accumulate: bool) -> Gemm {
+        Gemm { accumulate, ..self }
+    }
+
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.rows * self.cols * self.depth) as f64
+    }
+}
+
+/// Positions of rows for RoPE: row `n` is at `first + n % period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Positions {
+    pub first: usize,
+    pub period: usize,
+}
+
+impl Positions {
+    /// Rows of B sequences of T tokens, each sequence from position 0.
+    pub fn sequences(t: usize) -> Positions {
+        Positions { first: 0, period: t }
+    }
+
+    /// One row at position `pos` (a decoding step).
+    pub fn at(pos: usize) -> Positions {
+        Positions { first: pos, period: 1 }
+    }
+
+    pub fn of(&self, row: usize) -> usize {
+        self.first + row % self.period
+    }
 }
 
 /// AdamW hyper-parameters for one step (PyTorch semantics).
@@ -46,19 +116,41 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// 1-based step number (bias correction).
     pub step: u64,
-    /// Multiplies every gradient first (the clipping coefficient; 1 when not clipping).
-    pub grad_scale: f32,
+}
+
+/// The MoE router's settings, from the model config.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterConfig {
+    /// Routed experts, E.
+    pub experts: usize,
+    /// Experts per token, K.
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    pub alpha: f32,
+    pub seq_aux: bool,
 }
 
 pub trait Kernels: Sync {
-    /// An owned buffer of f32 on the device.
+    /// f32 storage on the device.
     type Buf: Send + Sync;
+    /// i32 storage on the device: token ids and targets (`< 0`: ignored).
+    type Idx: Send + Sync;
+    /// f64 accumulators on the device (losses, norms, the clipping coefficient).
+    type Acc: Send + Sync;
+    /// The routing of one micro-batch through one MoE layer, kept for backward.
+    type Route: Send + Sync;
+    /// What one layer's attention forward keeps for its backward.
+    type Attn: Send + Sync;
     /// A read-only view of part of a buffer.
     type V<'a>: Copy
     where
         Self: 'a;
     /// A writable view of part of a buffer.
     type M<'a>
+    where
+        Self: 'a;
+    /// A read-only view of part of an index buffer.
+    type I<'a>: Copy
     where
         Self: 'a;
 
@@ -69,30 +161,34 @@ pub trait Kernels: Sync {
     fn upload(&self, dst: Self::M<'_>, data: &[f32]);
     fn download(&self, src: Self::V<'_>, out: &mut [f32]);
 
+    fn alloc_idx(&self, len: usize) -> Self::Idx;
+    fn idx<'a>(&self, buf: &'a Self::Idx, r: Range<usize>) -> Self::I<'a>;
+    fn upload_idx(&self, dst: &mut Self::Idx, data: &[i32]);
+
+    fn alloc_acc(&self, len: usize) -> Self::Acc;
+    /// Copies the accumulators to the host (the one place a step waits for the device).
+    fn read_acc(&self, acc: &Self::Acc, out: &mut [f64]);
+    fn zero_acc(&self, acc: &mut Self::Acc, slots: Range<usize>);
+    /// `acc[dst] += (acc[src] / div1) / div2`, in f64, in that order.
+    fn fold_acc(&self, acc: &mut Self::Acc, src: usize, dst: usize, div1: f64, div2: f64);
+
+    fn new_route(&self) -> Self::Route;
+    /// Saved attention state for problems up to `s`; `keep`: hold the forward's
+    /// probabilities (CPU) rather than recompute them in backward.
+    fn new_attn(&self, s: AttnShape, keep: bool) -> Self::Attn;
+    /// Floats of the scratch buffer attention needs for problems up to `s`.
+    fn attn_scratch_len(&self, s: AttnShape, keep: bool) -> usize;
+
     fn fill(&self, out: Self::M<'_>, value: f32);
     /// `out += x`.
     fn add(&self, out: Self::M<'_>, x: Self::V<'_>);
-
-    /// `out[m, n] = (accumulate ? out : 0) + op(a) op(b)` where `op(a)` is `[m, k]` (stored
-    /// `[k, m]` when `ta`) and `op(b)` is `[k, n]` (stored `[n, k]` when `tb`).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &self,
-        out: Self::M<'_>,
-        a: Self::V<'_>,
-        b: Self::V<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-        ta: bool,
-        tb: bool,
-        accumulate: bool,
-    );
+    /// See [`Gemm`].
+    fn matmul(&self, out: Self::M<'_>, a: Self::V<'_>, b: Self::V<'_>, g: Gemm);
 
     /// `out[n] = emb[ids[n]]`, rows of width `c`.
-    fn embed_forward(&self, out: Self::M<'_>, emb: Self::V<'_>, ids: &[u32], c: usize);
+    fn embed_forward(&self, out: Self::M<'_>, emb: Self::V<'_>, ids: Self::I<'_>, c: usize);
     /// `demb[ids[n]] += dout[n]`, in token order (deterministic).
-    fn embed_backward(&self, demb: Self::M<'_>, dout: Self::V<'_>, ids: &[u32], c: usize);
+    fn embed_backward(&self, demb: Self::M<'_>, dout: Self::V<'_>, ids: Self::I<'_>, c: usize);
 
     /// `y = w * x * rstd`, `rstd = 1/sqrt(mean(x^2) + eps)` per row of width `c`.
     #[allow(clippy::too_many_arguments)]
@@ -118,8 +214,8 @@ pub trait Kernels: Sync {
         c: usize,
     );
 
-    /// Rotates, in place, `heads` vectors of size `d` per row; row `n` is at position
-    /// `n % t`. `cos`/`sin` are `[T_max, d]` tables. `inverse` applies the transpose
+    /// Rotates, in place, `heads` vectors of size `d` per row, row `n` at position
+    /// `pos.of(n)`. `cos`/`sin` are `[positions, d]` tables. `inverse` applies the transpose
     /// (the backward pass).
     #[allow(clippy::too_many_arguments)]
     fn rope(
@@ -127,40 +223,50 @@ pub trait Kernels: Sync {
         x: Self::M<'_>,
         cos: Self::V<'_>,
         sin: Self::V<'_>,
-        t: usize,
+        pos: Positions,
         heads: usize,
         d: usize,
         inverse: bool,
     );
 
-    /// Causal GQA attention. `q`: `[N, H*D]`, `k`/`v`: `[N, G*D]`, `out`: `[N, H*D]`,
-    /// `probs`: `[B, H, T, T]` (lower triangle written, kept for backward).
+    /// Causal GQA attention. `q`: `[N, H*D]`, `k`/`v`: `[N, G*D]`, `out`: `[N, H*D]`; `saved`
+    /// receives what backward needs; `scratch` is `attn_scratch_len` floats.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: Self::M<'_>,
-        probs: Self::M<'_>,
+        saved: &mut Self::Attn,
+        scratch: Self::M<'_>,
         q: Self::V<'_>,
         k: Self::V<'_>,
         v: Self::V<'_>,
         s: AttnShape,
     );
-    /// Writes the `probs` that `attention_forward` writes, bit for bit (for a backward pass
-    /// when the forward's were not kept).
-    fn attention_probs(&self, probs: Self::M<'_>, q: Self::V<'_>, k: Self::V<'_>, s: AttnShape);
-    /// Gradients of the above; `dq`/`dk`/`dv` are overwritten; `scratch` is `[B, H, T, T]`.
+    /// Gradients of the above; `dq`/`dk`/`dv` are overwritten.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dq: Self::M<'_>,
         dk: Self::M<'_>,
         dv: Self::M<'_>,
+        saved: &Self::Attn,
         scratch: Self::M<'_>,
         dout: Self::V<'_>,
-        probs: Self::V<'_>,
         q: Self::V<'_>,
         k: Self::V<'_>,
         v: Self::V<'_>,
+        s: AttnShape,
+    );
+    /// One decoding step: `q` `[H*D]` (one token) attends to the first `len` positions of the
+    /// caches `k`/`v` `[positions, G*D]`; `out` `[H*D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: Self::M<'_>,
+        q: Self::V<'_>,
+        k: Self::V<'_>,
+        v: Self::V<'_>,
+        len: usize,
         s: AttnShape,
     );
 
@@ -175,45 +281,70 @@ pub trait Kernels: Sync {
     fn cross_entropy(
         &self,
         logits: Self::M<'_>,
-        losses: &mut [f32],
-        targets: &[i32],
+        losses: Self::M<'_>,
+        targets: Self::I<'_>,
         vocab: usize,
         scale: f32,
     );
+    /// `acc[slot] = sum(x)` in f64, element by element in order.
+    fn sum_to_acc(&self, acc: &mut Self::Acc, slot: usize, x: Self::V<'_>);
 
-    /// `out[i] = x[rows[i]]`, rows of width `c`.
-    fn gather_rows(&self, out: Self::M<'_>, x: Self::V<'_>, rows: &[u32], c: usize);
-    /// `out[n] (+)= sum_j weights[n*k + j] * y[pos[n*k + j]]`, in slot order; `accumulate`
-    /// keeps what `out` holds.
-    #[allow(clippy::too_many_arguments)]
+    /// Routes `b*t` tokens from router logits `[N, E]`: softmax, top-k, weights, the
+    /// expert-sorted order and the aux loss.
+    fn route(&self, route: &mut Self::Route, logits: Self::V<'_>, b: usize, t: usize, rc: RouterConfig);
+    /// Where each expert's rows start in the sorted order (`E + 1` offsets), on the host:
+    /// the expert products need them to size their matrices.
+    fn expert_offsets<'a>(&self, route: &'a Self::Route) -> &'a [usize];
+    /// `acc[slot] += the aux loss` of this routing.
+    fn aux_to_acc(&self, acc: &mut Self::Acc, slot: usize, route: &Self::Route);
+    /// `out[i] = x[token of sorted slot i]`, rows of width `c`.
+    fn gather_rows(&self, out: Self::M<'_>, x: Self::V<'_>, route: &Self::Route, c: usize);
+    /// `out[n] (+)= sum_j w * y[position of slot (n, j)]` in slot order, `w` the routing
+    /// weight (`weighted`) or 1; `accumulate` keeps what `out` holds.
     fn combine_rows(
         &self,
         out: Self::M<'_>,
         y: Self::V<'_>,
-        pos: &[u32],
-        weights: &[f32],
-        k: usize,
+        route: &Self::Route,
+        weighted: bool,
         c: usize,
         accumulate: bool,
     );
-    /// Row dot products: `out[n*k + j] = <dy[n], y[pos[n*k + j]]>`.
-    fn slot_dots(&self, out: &mut [f32], dy: Self::V<'_>, y: Self::V<'_>, pos: &[u32], k: usize, c: usize);
-    /// `out[pos[n*k + j]] = weights[n*k + j] * dy[n]`. `pos` must not repeat a row (it is a
-    /// permutation of the slots); implementations check it.
+    /// Per slot `(n, j)`: `out[n*K + j] = <dy[n], y[position of the slot]>`.
+    fn slot_dots(&self, out: Self::M<'_>, dy: Self::V<'_>, y: Self::V<'_>, route: &Self::Route, c: usize);
+    /// `out[position of slot (n, j)] = weight * dy[n]`.
+    fn spread_rows(&self, out: Self::M<'_>, dy: Self::V<'_>, route: &Self::Route, c: usize);
+    /// Router-logit gradients `[N, E]` from the slot-weight gradients `slot_dw` `[N*K]`, plus
+    /// the aux loss term scaled by `aux_scale`.
     #[allow(clippy::too_many_arguments)]
-    fn spread_rows(
+    fn router_backward(
         &self,
-        out: Self::M<'_>,
-        dy: Self::V<'_>,
-        pos: &[u32],
-        weights: &[f32],
-        k: usize,
-        c: usize,
+        route: &mut Self::Route,
+        slot_dw: Self::V<'_>,
+        dlogits: Self::M<'_>,
+        b: usize,
+        t: usize,
+        rc: RouterConfig,
+        aux_scale: f32,
     );
 
-    /// `sum(x^2)` in f64, independent of the thread count.
-    fn sum_squares(&self, x: Self::V<'_>) -> f64;
-    /// One AdamW step over flat buffers (decoupled decay, bias correction). Consumes the
-    /// gradients: `g` is left at zero, ready for the next step (saves a pass over memory).
-    fn adamw(&self, p: Self::M<'_>, g: Self::M<'_>, m: Self::M<'_>, v: Self::M<'_>, h: AdamW);
+    /// `acc[slot] = sum(x^2)` in f64, independent of the thread count.
+    fn sum_squares_to_acc(&self, acc: &mut Self::Acc, slot: usize, x: Self::V<'_>);
+    /// PyTorch's `clip_grad_norm_` on the device: `acc[norm] = sqrt(acc[sum_sq])`, then
+    /// `acc[coef] = min(max_norm / (norm + 1e-6), 1)`, or 1 when `max_norm` is 0.
+    fn clip_coef(&self, acc: &mut Self::Acc, sum_sq: usize, norm: usize, coef: usize, max_norm: f32);
+    /// One AdamW step over flat buffers (decoupled decay, bias correction), every gradient
+    /// first multiplied by `acc[coef]`. Consumes the gradients: `g` is left at zero, ready for
+    /// the next step (saves a pass over memory).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        p: Self::M<'_>,
+        g: Self::M<'_>,
+        m: Self::M<'_>,
+        v: Self::M<'_>,
+        h: AdamW,
+        acc: &Self::Acc,
+        coef: usize,
+    );
 }

@@ -12,12 +12,12 @@ pub mod layout;
 pub(crate) mod model;
 pub(crate) mod moe;
 
-pub use kernels::{AdamW, Kernels};
+pub use kernels::{AdamW, Gemm, Kernels};
 pub use layout::Layout;
-pub use model::{Losses, keep_attention_probs, rope_tables, workspace_bytes};
+pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
 use crate::config::{ModelConfig, TrainConfig};
-use model::{Model, Workspace};
+use model::{Model, Workspace, acc};
 
 /// Optimiser settings, built from the `[train]` section.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,10 +52,30 @@ pub struct Engine<K: Kernels> {
     adam_m: K::Buf,
     adam_v: K::Buf,
     ws: Workspace<K>,
+    /// The micro-batch's token ids and targets, on the device.
+    ids: K::Idx,
+    targets: K::Idx,
+    /// Losses, norms and the clipping coefficient, on the device (slots in `model::acc`).
+    acc: K::Acc,
+    /// Reused host buffer for ids and targets on their way up (no allocation per step).
+    staging: Vec<i32>,
     /// Optimiser steps taken (AdamW's t).
     pub step: u64,
     /// The gradients are known to be zero (AdamW leaves them so): zeroing can be skipped.
     grads_zero: bool,
+    /// Has gradients and optimiser state (not built by `for_inference`).
+    trainable: bool,
+}
+
+/// The numbers of the optimiser step just taken, read from the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean over the step's micro-batches of their mean loss over kept targets.
+    pub lm: f64,
+    /// Mean over the micro-batches of the summed MoE aux losses.
+    pub aux: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
 }
 
 impl<K: Kernels> Engine<K> {
@@ -65,6 +85,16 @@ impl<K: Kernels> Engine<K> {
     pub fn new(kernels: K, config: ModelConfig, batch: usize, seq: usize) -> anyhow::Result<Self> {
         let keep = model::keep_attention_probs(&config, batch, seq);
         Self::with_attention_probs(kernels, config, batch, seq, keep)
+    }
+
+    /// An engine that only runs forward (evaluation, generation): no gradients or optimiser
+    /// state are allocated.
+    pub fn for_inference(kernels: K, config: ModelConfig, batch: usize, seq: usize) -> anyhow::Result<Self> {
+        let mut e = Self::with_attention_probs(kernels, config, batch, seq, false)?;
+        let k = &e.kernels;
+        (e.grads, e.adam_m, e.adam_v) = (k.alloc(0), k.alloc(0), k.alloc(0));
+        e.trainable = false;
+        Ok(e)
     }
 
     /// As [`Engine::new`], choosing whether backward keeps (`true`) or recomputes the
@@ -87,11 +117,16 @@ impl<K: Kernels> Engine<K> {
             adam_m: kernels.alloc(total),
             adam_v: kernels.alloc(total),
             ws,
+            ids: kernels.alloc_idx(batch * seq),
+            targets: kernels.alloc_idx(batch * seq),
+            acc: kernels.alloc_acc(acc::LEN),
+            staging: Vec::with_capacity(batch * seq),
             kernels,
             config,
             layout,
             step: 0,
             grads_zero: true,
+            trainable: true,
         })
     }
 
@@ -156,59 +191,125 @@ impl<K: Kernels> Engine<K> {
         }
     }
 
-    fn check_batch(&self, ids: &[u32], targets: Option<&[i32]>) {
+    /// Checks a micro-batch and uploads its ids (and targets); returns its rows and how many
+    /// targets are kept.
+    fn load_batch(&mut self, ids: &[u32], targets: Option<&[i32]>) -> (usize, usize) {
         let (b, t) = (self.ws.b, self.ws.t);
         assert!(
             !ids.is_empty() && ids.len().is_multiple_of(t) && ids.len() <= b * t,
             "a micro-batch is up to {b} rows of exactly {t} tokens, got {} tokens",
             ids.len()
         );
-        assert!(ids.iter().all(|&i| (i as usize) < self.config.vocab_size), "token id out of range");
+        let vocab = self.config.vocab_size;
+        assert!(ids.iter().all(|&i| (i as usize) < vocab), "token id out of range");
+        let k = &self.kernels;
+        self.staging.clear();
+        self.staging.extend(ids.iter().map(|&i| i as i32));
+        k.upload_idx(&mut self.ids, &self.staging);
+        let mut kept = 0;
         if let Some(targets) = targets {
             assert_eq!(targets.len(), ids.len(), "one target per token");
-            assert!(targets.iter().all(|&i| i < self.config.vocab_size as i32), "target out of range");
+            assert!(targets.iter().all(|&i| i < vocab as i32), "target out of range");
+            kept = targets.iter().filter(|&&t| t >= 0).count();
+            k.upload_idx(&mut self.targets, targets);
         }
+        (ids.len(), kept)
     }
 
-    /// Forward and backward of one micro-batch; gradients are added (times `grad_scale`).
-    pub fn forward_backward(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32) -> Losses {
-        self.check_batch(ids, Some(targets));
+    /// Starts an optimiser step: gradients and the step's loss totals at zero.
+    pub fn begin_step(&mut self) {
+        self.zero_grads();
+        self.kernels.zero_acc(&mut self.acc, acc::STEP_LM..acc::STEP_AUX + 1);
+    }
+
+    /// Forward and backward of one micro-batch of an optimiser step made of `accumulation`
+    /// of them: gradients are added (times `grad_scale`), the losses added to the step's
+    /// totals on the device. Nothing is read back.
+    pub fn accumulate(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32, accumulation: usize) {
+        assert!(self.trainable, "an inference engine has no gradients");
+        let (n, kept) = self.load_batch(ids, Some(targets));
         self.grads_zero = false;
         let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
-        model.forward_backward(&self.params, &mut self.grads, &mut self.ws, ids, targets, grad_scale)
+        let tv = &self.targets;
+        let iv = self.kernels.idx(&self.ids, 0..n);
+        model.forward_backward(
+            &self.params,
+            &mut self.grads,
+            &mut self.ws,
+            &mut self.acc,
+            iv,
+            tv,
+            n,
+            kept,
+            grad_scale,
+        );
+        let (k, a) = (&self.kernels, accumulation as f64);
+        k.fold_acc(&mut self.acc, acc::MB_LM, acc::STEP_LM, kept.max(1) as f64, a);
+        k.fold_acc(&mut self.acc, acc::MB_AUX, acc::STEP_AUX, 1.0, a);
+    }
+
+    /// Forward and backward of one micro-batch, its losses read back; gradients are added
+    /// (times `grad_scale`).
+    pub fn forward_backward(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32) -> Losses {
+        self.accumulate(ids, targets, grad_scale, 1);
+        let kept = targets.iter().filter(|&&t| t >= 0).count();
+        let a = self.read_acc();
+        Losses { lm: a[acc::MB_LM] / kept.max(1) as f64, aux: a[acc::MB_AUX], targets: kept }
     }
 
     /// Summed loss over kept targets, and their count (no gradients).
     pub fn loss(&mut self, ids: &[u32], targets: &[i32]) -> (f64, usize) {
-        self.check_batch(ids, Some(targets));
+        let (n, kept) = self.load_batch(ids, Some(targets));
         let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
-        model.loss(&self.params, &mut self.ws, ids, targets)
+        let iv = self.kernels.idx(&self.ids, 0..n);
+        model.loss(&self.params, &mut self.ws, &mut self.acc, iv, &self.targets, n);
+        (self.read_acc()[acc::MB_LM], kept)
     }
 
     /// Full logits `[N, V]`.
     pub fn logits(&mut self, ids: &[u32], out: &mut [f32]) {
-        self.check_batch(ids, None);
-        assert_eq!(out.len(), ids.len() * self.config.vocab_size, "logits buffer size");
+        let (n, _) = self.load_batch(ids, None);
+        assert_eq!(out.len(), n * self.config.vocab_size, "logits buffer size");
         let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
-        model.logits(&self.params, &mut self.ws, ids, out);
+        let iv = self.kernels.idx(&self.ids, 0..n);
+        model.logits(&self.params, &mut self.ws, &mut self.acc, iv, n, out);
+    }
+
+    /// A KV cache for decoding up to `capacity` positions of one sequence.
+    pub fn kv_cache(&self, capacity: usize) -> KvCache<K> {
+        KvCache::new(&self.kernels, &self.config, capacity)
+    }
+
+    /// Feeds `token` at the cache's next position; writes the logits `[V]` to `out`. The
+    /// same block forward as training, its attention reading the cache.
+    pub fn decode(&mut self, cache: &mut KvCache<K>, token: u32, out: &mut [f32]) {
+        assert!((token as usize) < self.config.vocab_size, "token id out of range");
+        assert_eq!(out.len(), self.config.vocab_size, "logits buffer size");
+        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        model.decode(&self.params, cache, &mut self.acc, token as i32, out);
+    }
+
+    fn read_acc(&self) -> [f64; acc::LEN] {
+        let mut out = [0.0; acc::LEN];
+        self.kernels.read_acc(&self.acc, &mut out);
+        out
     }
 
     /// Global L2 norm of the gradients.
-    pub fn grad_norm(&self) -> f64 {
+    pub fn grad_norm(&mut self) -> f64 {
         let k = &self.kernels;
-        k.sum_squares(k.view(&self.grads, 0..self.layout.total)).sqrt()
+        k.sum_squares_to_acc(&mut self.acc, acc::SUM_SQ, k.view(&self.grads, 0..self.layout.total));
+        self.read_acc()[acc::SUM_SQ].sqrt()
     }
 
     /// Clips the gradients to `grad_clip` (PyTorch's `clip_grad_norm_`), then one AdamW step
-    /// at `lr`, which consumes them (they are zero afterwards). Returns the norm before
-    /// clipping.
-    pub fn optimizer_step(&mut self, lr: f32, o: &OptimConfig) -> f64 {
-        let norm = self.grad_norm();
+    /// at `lr`, which consumes them (they are zero afterwards); all on the device.
+    pub fn update(&mut self, lr: f32, o: &OptimConfig) {
+        assert!(self.trainable, "an inference engine has no optimiser state");
         let n = self.layout.total;
         let k = &self.kernels;
-        // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; applied
-        // inside the AdamW pass instead of a pass of its own.
-        let coef = if o.grad_clip > 0.0 { (o.grad_clip as f64 / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        k.sum_squares_to_acc(&mut self.acc, acc::SUM_SQ, k.view(&self.grads, 0..n));
+        k.clip_coef(&mut self.acc, acc::SUM_SQ, acc::NORM, acc::COEF, o.grad_clip);
         self.step += 1;
         let h = AdamW {
             lr,
@@ -217,7 +318,6 @@ impl<K: Kernels> Engine<K> {
             eps: o.eps,
             weight_decay: o.weight_decay,
             step: self.step,
-            grad_scale: coef as f32,
         };
         k.adamw(
             k.view_mut(&mut self.params, 0..n),
@@ -225,9 +325,23 @@ impl<K: Kernels> Engine<K> {
             k.view_mut(&mut self.adam_m, 0..n),
             k.view_mut(&mut self.adam_v, 0..n),
             h,
+            &self.acc,
+            acc::COEF,
         );
         self.grads_zero = true;
-        norm
+    }
+
+    /// [`Engine::update`], returning the gradient norm before clipping (read back).
+    pub fn optimizer_step(&mut self, lr: f32, o: &OptimConfig) -> f64 {
+        self.update(lr, o);
+        self.read_acc()[acc::NORM]
+    }
+
+    /// The losses of the step's micro-batches and the gradient norm of its update, read from
+    /// the device (the one wait for it: at log intervals and before checkpoints).
+    pub fn step_stats(&self) -> StepStats {
+        let a = self.read_acc();
+        StepStats { lm: a[acc::STEP_LM], aux: a[acc::STEP_AUX], grad_norm: a[acc::NORM] }
     }
 }
 

@@ -7,16 +7,32 @@
 //! Per layer (pre-norm): `h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`,
 //! `y = h + mlp(n2(h))`; then a final RMSNorm and the tied head `z = n(x) Embᵀ`. The head,
 //! softmax, loss and dz are fused in chunks of rows so the `N x V` logits never exist at once.
+//! One block forward serves training (causal attention over the micro-batch) and decoding
+//! (one token against a KV cache), so the two cannot drift.
 
 use std::ops::Range;
 
-use super::kernels::{AttnShape, Kernels};
+use super::kernels::{AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use super::layout::{Ffn, Layout, Mlp};
-use super::moe::{RouterConfig, Routing};
 use crate::config::ModelConfig;
 
 /// Rows of logits materialised at once by the fused head.
 const HEAD_CHUNK: usize = 1024;
+
+/// Slots of the f64 accumulator buffer (`Kernels::Acc`) the engine keeps on the device.
+pub mod acc {
+    /// The last micro-batch: summed loss over kept targets, and its aux loss.
+    pub const MB_LM: usize = 0;
+    pub const MB_AUX: usize = 1;
+    /// The optimiser step so far: mean loss and aux loss over its micro-batches.
+    pub const STEP_LM: usize = 2;
+    pub const STEP_AUX: usize = 3;
+    /// Gradient sum of squares, norm, and the clipping coefficient AdamW reads.
+    pub const SUM_SQ: usize = 4;
+    pub const NORM: usize = 5;
+    pub const COEF: usize = 6;
+    pub const LEN: usize = 7;
+}
 
 /// Activations of one SwiGLU feed-forward: `gu` `[rows, 2I]` holds each row's gate and up
 /// projections side by side (one GEMM against the adjacent gate/up weights), `act` `[rows, I]`.
@@ -32,7 +48,7 @@ impl<K: Kernels> FfnActs<K> {
 }
 
 pub struct MoeActs<K: Kernels> {
-    route: Routing,
+    route: K::Route,
     /// Router logits `[N, E]`, and their gradient.
     logits: K::Buf,
     dlogits: K::Buf,
@@ -58,6 +74,8 @@ pub struct LayerActs<K: Kernels> {
     k: K::Buf,
     v: K::Buf,
     att: K::Buf,
+    /// What attention forward saved for backward (backend-owned).
+    attn: K::Attn,
     mid: K::Buf,
     xn2: K::Buf,
     rstd2: K::Buf,
@@ -70,14 +88,15 @@ pub struct Workspace<K: Kernels> {
     pub t: usize,
     /// `resid[l]` is the input of layer l; `resid[L]` feeds the final norm. `[N, C]` each.
     resid: Vec<K::Buf>,
-    /// Attention probabilities `[B, H, T, T]`: one per layer when kept for backward, else a
-    /// single buffer that backward refills (see [`keep_attention_probs`]).
-    probs: Vec<K::Buf>,
     layers: Vec<LayerActs<K>>,
+    /// Attention scratch shared by the layers (`Kernels::attn_scratch_len`).
+    attn_scratch: K::Buf,
     xnf: K::Buf,
     rstdf: K::Buf,
     logits: K::Buf,
-    row_loss: Vec<f32>,
+    /// Loss of each row `[N]`.
+    row_loss: K::Buf,
+    /// RoPE tables `[T, D]`.
     cos: K::Buf,
     sin: K::Buf,
     // backward scratch, shared by all layers
@@ -88,14 +107,11 @@ pub struct Workspace<K: Kernels> {
     dk: K::Buf,
     dv: K::Buf,
     datt: K::Buf,
-    dscores: K::Buf,
     dffn: FfnActs<K>,
     dyout: K::Buf,
     dxg: K::Buf,
-    slot_dw: Vec<f32>,
-    dlogits_host: Vec<f32>,
-    logits_host: Vec<f32>,
-    ones: Vec<f32>,
+    /// d(loss)/d(routing weight) per slot `[N*K]`.
+    slot_dw: K::Buf,
 }
 
 /// Loss of one micro-batch.
@@ -117,6 +133,11 @@ pub fn keep_attention_probs(m: &ModelConfig, b: usize, t: usize) -> bool {
     bytes <= 1 << 30
 }
 
+fn shape_of(m: &ModelConfig, b: usize, t: usize) -> AttnShape {
+    AttnShape::new(b, t, m.num_attention_heads, m.num_key_value_heads, m.head_dim)
+        .expect("Engine::new validated the model")
+}
+
 impl<K: Kernels> Workspace<K> {
     /// Buffers for micro-batches of up to `b x t`; `keep_probs` as [`keep_attention_probs`].
     pub fn new(k: &K, m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
@@ -124,6 +145,7 @@ impl<K: Kernels> Workspace<K> {
         let (c, i, d) = (m.hidden_size, m.intermediate_size, m.head_dim);
         let (hd, gd) = (m.num_attention_heads * d, m.num_key_value_heads * d);
         let slots = if m.use_moe { n * m.num_experts_per_tok } else { 0 };
+        let shape = shape_of(m, b, t);
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
                 xn1: k.alloc(n * c),
@@ -132,12 +154,13 @@ impl<K: Kernels> Workspace<K> {
                 k: k.alloc(n * gd),
                 v: k.alloc(n * gd),
                 att: k.alloc(n * hd),
+                attn: k.new_attn(shape, keep_probs),
                 mid: k.alloc(n * c),
                 xn2: k.alloc(n * c),
                 rstd2: k.alloc(n),
                 mlp: if m.use_moe {
                     MlpActs::Moe(Box::new(MoeActs {
-                        route: Routing::default(),
+                        route: k.new_route(),
                         logits: k.alloc(n * m.n_routed_experts),
                         dlogits: k.alloc(n * m.n_routed_experts),
                         xg: k.alloc(slots * c),
@@ -150,25 +173,19 @@ impl<K: Kernels> Workspace<K> {
                 },
             })
             .collect();
-        let (cos, sin) = rope_tables(m, t);
-        let mut cos_buf = k.alloc(cos.len());
-        let mut sin_buf = k.alloc(sin.len());
-        k.upload(k.view_mut(&mut cos_buf, 0..cos.len()), &cos);
-        k.upload(k.view_mut(&mut sin_buf, 0..sin.len()), &sin);
+        let (cos, sin) = rope_buffers(k, m, t);
         Workspace {
             b,
             t,
             resid: (0..=m.num_hidden_layers).map(|_| k.alloc(n * c)).collect(),
-            probs: (0..if keep_probs { m.num_hidden_layers } else { 1 })
-                .map(|_| k.alloc(b * m.num_attention_heads * t * t))
-                .collect(),
             layers,
+            attn_scratch: k.alloc(k.attn_scratch_len(shape, keep_probs)),
             xnf: k.alloc(n * c),
             rstdf: k.alloc(n),
             logits: k.alloc(HEAD_CHUNK.min(n) * m.vocab_size),
-            row_loss: vec![0.0; n],
-            cos: cos_buf,
-            sin: sin_buf,
+            row_loss: k.alloc(n),
+            cos,
+            sin,
             dresid: k.alloc(n * c),
             dtmp: k.alloc(n * c),
             dxn: k.alloc(n * c),
@@ -176,21 +193,28 @@ impl<K: Kernels> Workspace<K> {
             dk: k.alloc(n * gd),
             dv: k.alloc(n * gd),
             datt: k.alloc(n * hd),
-            dscores: k.alloc(b * m.num_attention_heads * t * t),
             dffn: FfnActs::new(k, n.max(slots), i),
             dyout: k.alloc(slots * c),
             dxg: k.alloc(slots * c),
-            slot_dw: vec![0.0; slots],
-            dlogits_host: vec![0.0; if m.use_moe { n * m.n_routed_experts } else { 0 }],
-            logits_host: vec![0.0; if m.use_moe { n * m.n_routed_experts } else { 0 }],
-            ones: vec![1.0; slots],
+            slot_dw: k.alloc(slots),
         }
     }
 }
 
-/// Bytes [`Workspace::new`] allocates for `b x t` micro-batches, plus the MoE routing buffers
-/// that fill on the first step: the activation memory a run needs. Mirrors `new` line for line
-/// (a test checks it against the allocator). Pure.
+/// The RoPE tables for positions `0..t`, uploaded.
+fn rope_buffers<K: Kernels>(k: &K, m: &ModelConfig, t: usize) -> (K::Buf, K::Buf) {
+    let (cos, sin) = rope_tables(m, t);
+    let mut cos_buf = k.alloc(cos.len());
+    let mut sin_buf = k.alloc(sin.len());
+    k.upload(k.view_mut(&mut cos_buf, 0..cos.len()), &cos);
+    k.upload(k.view_mut(&mut sin_buf, 0..sin.len()), &sin);
+    (cos_buf, sin_buf)
+}
+
+/// Bytes [`Workspace::new`] allocates for `b x t` micro-batches with the CPU backend, plus the
+/// MoE routing buffers that fill on the first step and the engine's index buffers: the
+/// activation memory a run needs. Mirrors `new` line for line (a test checks it against the
+/// allocator). Pure.
 pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> u64 {
     let (n, l) = ((b * t) as u64, m.num_hidden_layers as u64);
     let (c, i, d) = (m.hidden_size as u64, m.intermediate_size as u64, m.head_dim as u64);
@@ -204,13 +228,12 @@ pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, keep_probs: bool) ->
     } else {
         ffn(n)
     };
-    let layer = 3 * n * c + 2 * n + 2 * n * hd + 2 * n * gd + mlp;
     let probs = (b * m.num_attention_heads * t * t) as u64;
-    let kept_probs = if keep_probs { l } else { 1 } * probs;
-    let moe_host = if m.use_moe { 2 * n * e + 2 * slots } else { 0 };
+    let (saved, scratch) = if keep_probs { (probs, probs) } else { (0, 2 * probs) };
+    let layer = 3 * n * c + 2 * n + 2 * n * hd + 2 * n * gd + saved + mlp;
     let floats = l * layer
         + (l + 1) * n * c
-        + kept_probs
+        + scratch
         + n * c
         + 2 * n
         + (HEAD_CHUNK as u64).min(n) * m.vocab_size as u64
@@ -218,10 +241,11 @@ pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, keep_probs: bool) ->
         + 3 * n * c
         + 2 * n * hd
         + 2 * n * gd
-        + probs
         + ffn(n.max(slots))
         + 2 * slots * c
-        + moe_host;
+        + slots
+        // the engine's token ids and targets (i32)
+        + 2 * n;
     4 * floats
 }
 
@@ -254,6 +278,46 @@ pub(crate) fn router_config(m: &ModelConfig) -> RouterConfig {
     }
 }
 
+/// A KV cache for decoding one sequence, with what a one-token forward needs: a workspace of
+/// one row and RoPE tables for every position up to `capacity`.
+pub struct KvCache<K: Kernels> {
+    /// Per layer: keys (after RoPE) and values `[capacity, G*D]`.
+    layers: Vec<(K::Buf, K::Buf)>,
+    ws: Workspace<K>,
+    cos: K::Buf,
+    sin: K::Buf,
+    ids: K::Idx,
+    pub capacity: usize,
+    /// Positions filled so far.
+    pub len: usize,
+}
+
+impl<K: Kernels> KvCache<K> {
+    pub fn new(k: &K, m: &ModelConfig, capacity: usize) -> Self {
+        let gd = m.num_key_value_heads * m.head_dim;
+        let (cos, sin) = rope_buffers(k, m, capacity);
+        KvCache {
+            layers: (0..m.num_hidden_layers)
+                .map(|_| (k.alloc(capacity * gd), k.alloc(capacity * gd)))
+                .collect(),
+            ws: Workspace::new(k, m, 1, 1, false),
+            cos,
+            sin,
+            ids: k.alloc_idx(1),
+            capacity,
+            len: 0,
+        }
+    }
+}
+
+/// Where a block's attention reads its keys and values.
+enum Attention<'w, K: Kernels> {
+    /// Causal over the rows of B sequences of T tokens (training, evaluation).
+    Causal { shape: AttnShape, scratch: &'w mut K::Buf },
+    /// One token at `pos`, against (and appended to) a layer's KV cache.
+    Cached { k: &'w mut K::Buf, v: &'w mut K::Buf, pos: usize },
+}
+
 /// The model's computation: configuration, layout and kernels, no state of its own.
 pub struct Model<'a, K: Kernels> {
     pub k: &'a K,
@@ -278,7 +342,7 @@ impl<K: Kernels> Model<'_, K> {
         inp: usize,
         accumulate: bool,
     ) {
-        self.k.matmul(y, x, w, rows, out, inp, false, true, accumulate);
+        self.k.matmul(y, x, w, Gemm::linear(rows, out, inp).accumulate(accumulate));
     }
 
     /// Backward to the input: `dx[rows, inp] (+)= dy[rows, out] W`.
@@ -293,110 +357,159 @@ impl<K: Kernels> Model<'_, K> {
         inp: usize,
         accumulate: bool,
     ) {
-        self.k.matmul(dx, dy, w, rows, inp, out, false, false, accumulate);
+        self.k.matmul(dx, dy, w, Gemm::linear_dx(rows, out, inp).accumulate(accumulate));
     }
 
     /// Backward to the weight: `dW[out, inp] += dy[rows, out]ᵀ x[rows, inp]`.
-    #[allow(clippy::too_many_arguments)]
     fn linear_dw(&self, dw: K::M<'_>, dy: K::V<'_>, x: K::V<'_>, rows: usize, out: usize, inp: usize) {
-        self.k.matmul(dw, dy, x, out, inp, rows, true, false, true);
+        self.k.matmul(dw, dy, x, Gemm::linear_dw(rows, out, inp));
     }
 
-    /// Forward through the blocks and the final norm; leaves `ws.xnf` = normed output.
-    /// Returns the summed aux loss of the MoE layers.
-    fn trunk_forward(&self, p: &K::Buf, ws: &mut Workspace<K>, ids: &[u32]) -> f64 {
+    /// Forward through the blocks and the final norm for the `n` rows of `ids`; leaves
+    /// `ws.xnf` = normed output and adds the MoE layers' aux losses to `acc[MB_AUX]`.
+    fn trunk_forward(&self, p: &K::Buf, ws: &mut Workspace<K>, acc: &mut K::Acc, ids: K::I<'_>, n: usize) {
+        let k = self.k;
+        let c = self.m.hidden_size;
+        let (b, t) = (n / ws.t, ws.t);
+        k.zero_acc(acc, acc::MB_AUX..acc::MB_AUX + 1);
+        k.embed_forward(k.view_mut(&mut ws.resid[0], 0..n * c), self.w(p, &self.layout.embed), ids, c);
+        let shape = shape_of(self.m, b, t);
+        for l in 0..self.layout.layers.len() {
+            let (before, after) = ws.resid.split_at_mut(l + 1);
+            let attention = Attention::Causal { shape, scratch: &mut ws.attn_scratch };
+            let (cos, sin) = (&ws.cos, &ws.sin);
+            self.block_forward(
+                p,
+                l,
+                &mut ws.layers[l],
+                &before[l],
+                &mut after[0],
+                n,
+                attention,
+                (cos, sin),
+                acc,
+            );
+        }
+        self.final_norm(p, ws, n);
+    }
+
+    /// `xnf = norm(last block's output)` over `n` rows.
+    fn final_norm(&self, p: &K::Buf, ws: &mut Workspace<K>, n: usize) {
+        let k = self.k;
+        let c = self.m.hidden_size;
+        k.rmsnorm_forward(
+            k.view_mut(&mut ws.xnf, 0..n * c),
+            k.view_mut(&mut ws.rstdf, 0..n),
+            k.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
+            self.w(p, &self.layout.norm),
+            c,
+            self.m.rms_norm_eps as f32,
+        );
+    }
+
+    /// One block over `n` rows: `out = mid + mlp(n2(mid))`, `mid = x + o(attn(...))`.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        p: &K::Buf,
+        l: usize,
+        a: &mut LayerActs<K>,
+        x: &K::Buf,
+        out: &mut K::Buf,
+        n: usize,
+        attention: Attention<'_, K>,
+        (cos, sin): (&K::Buf, &K::Buf),
+        acc: &mut K::Acc,
+    ) {
         let k = self.k;
         let m = self.m;
-        let n = ids.len();
-        let b = n / ws.t;
-        let t = ws.t;
+        let lp = &self.layout.layers[l];
         let (c, d) = (m.hidden_size, m.head_dim);
         let (h, g) = (m.num_attention_heads, m.num_key_value_heads);
         let (hd, gd) = (h * d, g * d);
         let eps = m.rms_norm_eps as f32;
         let nc = 0..n * c;
-        k.embed_forward(k.view_mut(&mut ws.resid[0], nc.clone()), self.w(p, &self.layout.embed), ids, c);
-        let mut aux = 0.0;
-        let kept = ws.probs.len();
-        for (l, lp) in self.layout.layers.iter().enumerate() {
-            let (before, after) = ws.resid.split_at_mut(l + 1);
-            let x = &before[l];
-            let out = &mut after[0];
-            let a = &mut ws.layers[l];
-            k.rmsnorm_forward(
-                k.view_mut(&mut a.xn1, nc.clone()),
-                k.view_mut(&mut a.rstd1, 0..n),
-                k.view(x, nc.clone()),
-                self.w(p, &lp.ln1),
-                c,
-                eps,
-            );
-            let xn1 = k.view(&a.xn1, nc.clone());
-            self.linear(k.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
-            self.linear(k.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
-            self.linear(k.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
-            let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
-            k.rope(k.view_mut(&mut a.q, 0..n * hd), cos, sin, t, h, d, false);
-            k.rope(k.view_mut(&mut a.k, 0..n * gd), cos, sin, t, g, d, false);
-            let shape = AttnShape::new(b, t, h, g, d).expect("Engine::new validated the model");
-            k.attention_forward(
-                k.view_mut(&mut a.att, 0..n * hd),
-                k.view_mut(&mut ws.probs[l.min(kept - 1)], 0..b * h * t * t),
-                k.view(&a.q, 0..n * hd),
-                k.view(&a.k, 0..n * gd),
-                k.view(&a.v, 0..n * gd),
-                shape,
-            );
-            self.linear(
-                k.view_mut(&mut a.mid, nc.clone()),
-                k.view(&a.att, 0..n * hd),
-                self.w(p, &lp.o),
-                n,
-                c,
-                hd,
-                false,
-            );
-            k.add(k.view_mut(&mut a.mid, nc.clone()), k.view(x, nc.clone()));
-            k.rmsnorm_forward(
-                k.view_mut(&mut a.xn2, nc.clone()),
-                k.view_mut(&mut a.rstd2, 0..n),
-                k.view(&a.mid, nc.clone()),
-                self.w(p, &lp.ln2),
-                c,
-                eps,
-            );
-            match (&lp.mlp, &mut a.mlp) {
-                (Mlp::Dense(f), MlpActs::Dense(fa)) => {
-                    self.ffn_forward(p, f, fa, 0..n, &a.xn2, 0..n, out, false);
-                }
-                (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
-                    aux += self.moe_forward(
-                        p,
-                        router,
-                        experts,
-                        shared,
-                        ma,
-                        &a.xn2,
-                        out,
-                        b,
-                        t,
-                        &mut ws.logits_host,
-                    );
-                }
-                _ => unreachable!("layout and workspace built from the same config"),
-            }
-            k.add(k.view_mut(out, nc.clone()), k.view(&a.mid, nc.clone()));
-        }
-        let last = &ws.resid[m.num_hidden_layers];
         k.rmsnorm_forward(
-            k.view_mut(&mut ws.xnf, nc.clone()),
-            k.view_mut(&mut ws.rstdf, 0..n),
-            k.view(last, nc),
-            self.w(p, &self.layout.norm),
+            k.view_mut(&mut a.xn1, nc.clone()),
+            k.view_mut(&mut a.rstd1, 0..n),
+            k.view(x, nc.clone()),
+            self.w(p, &lp.ln1),
             c,
             eps,
         );
-        aux
+        let xn1 = k.view(&a.xn1, nc.clone());
+        // MoE's aux loss is per sequence: B sequences of T tokens (one token when decoding).
+        let (b, t) = match &attention {
+            Attention::Causal { shape, .. } => (shape.b, shape.t),
+            Attention::Cached { .. } => (1, 1),
+        };
+        let table = k.len(cos);
+        let (cos, sin) = (k.view(cos, 0..table), k.view(sin, 0..table));
+        self.linear(k.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
+        match attention {
+            Attention::Causal { shape, scratch } => {
+                self.linear(k.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
+                self.linear(k.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
+                let pos = Positions::sequences(shape.t);
+                k.rope(k.view_mut(&mut a.q, 0..n * hd), cos, sin, pos, h, d, false);
+                k.rope(k.view_mut(&mut a.k, 0..n * gd), cos, sin, pos, g, d, false);
+                let scratch_len = k.len(scratch);
+                k.attention_forward(
+                    k.view_mut(&mut a.att, 0..n * hd),
+                    &mut a.attn,
+                    k.view_mut(scratch, 0..scratch_len),
+                    k.view(&a.q, 0..n * hd),
+                    k.view(&a.k, 0..n * gd),
+                    k.view(&a.v, 0..n * gd),
+                    shape,
+                );
+            }
+            Attention::Cached { k: kc, v: vc, pos } => {
+                let row = pos * gd..(pos + 1) * gd;
+                self.linear(k.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), 1, gd, c, false);
+                self.linear(k.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), 1, gd, c, false);
+                k.rope(k.view_mut(&mut a.q, 0..hd), cos, sin, Positions::at(pos), h, d, false);
+                k.rope(k.view_mut(kc, row), cos, sin, Positions::at(pos), g, d, false);
+                let shape = shape_of(m, 1, 1);
+                let cached = 0..(pos + 1) * gd;
+                k.attention_decode(
+                    k.view_mut(&mut a.att, 0..hd),
+                    k.view(&a.q, 0..hd),
+                    k.view(kc, cached.clone()),
+                    k.view(vc, cached),
+                    pos + 1,
+                    shape,
+                );
+            }
+        }
+        self.linear(
+            k.view_mut(&mut a.mid, nc.clone()),
+            k.view(&a.att, 0..n * hd),
+            self.w(p, &lp.o),
+            n,
+            c,
+            hd,
+            false,
+        );
+        k.add(k.view_mut(&mut a.mid, nc.clone()), k.view(x, nc.clone()));
+        k.rmsnorm_forward(
+            k.view_mut(&mut a.xn2, nc.clone()),
+            k.view_mut(&mut a.rstd2, 0..n),
+            k.view(&a.mid, nc.clone()),
+            self.w(p, &lp.ln2),
+            c,
+            eps,
+        );
+        match (&lp.mlp, &mut a.mlp) {
+            (Mlp::Dense(f), MlpActs::Dense(fa)) => {
+                self.ffn_forward(p, f, fa, 0..n, &a.xn2, 0..n, out, false);
+            }
+            (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
+                self.moe_forward(p, router, experts, shared, ma, &a.xn2, out, b, t, acc);
+            }
+            _ => unreachable!("layout and workspace built from the same config"),
+        }
+        k.add(k.view_mut(out, nc.clone()), k.view(&a.mid, nc));
     }
 
     /// `out[out_rows] (+)= ffn(x[x_rows])`, keeping activations in `fa[act_rows]`.
@@ -435,7 +548,8 @@ impl<K: Kernels> Model<'_, K> {
         );
     }
 
-    /// MoE forward for one layer: route, gather, one GEMM chain per expert, combine, shared.
+    /// MoE forward for one layer: route, gather, one GEMM chain per expert, combine, shared;
+    /// the routing's aux loss goes to `acc[MB_AUX]`.
     #[allow(clippy::too_many_arguments)]
     fn moe_forward(
         &self,
@@ -448,11 +562,11 @@ impl<K: Kernels> Model<'_, K> {
         out: &mut K::Buf,
         b: usize,
         t: usize,
-        logits_host: &mut [f32],
-    ) -> f64 {
+        acc: &mut K::Acc,
+    ) {
         let k = self.k;
         let m = self.m;
-        let (n, c, e, kk) = (b * t, m.hidden_size, m.n_routed_experts, m.num_experts_per_tok);
+        let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
         self.linear(
             k.view_mut(&mut ma.logits, 0..n * e),
             k.view(xn, 0..n * c),
@@ -462,61 +576,80 @@ impl<K: Kernels> Model<'_, K> {
             c,
             false,
         );
-        k.download(k.view(&ma.logits, 0..n * e), &mut logits_host[..n * e]);
-        ma.route.route(&logits_host[..n * e], b, t, router_config(m));
-        let slots = n * kk;
-        k.gather_rows(k.view_mut(&mut ma.xg, 0..slots * c), k.view(xn, 0..n * c), &ma.route.rows, c);
-        for (x, f) in experts.iter().enumerate() {
-            let rows = ma.route.offsets[x]..ma.route.offsets[x + 1];
-            self.ffn_forward(p, f, &mut ma.experts, rows.clone(), &ma.xg, rows.clone(), &mut ma.yout, false);
+        k.route(&mut ma.route, k.view(&ma.logits, 0..n * e), b, t, router_config(m));
+        k.aux_to_acc(acc, acc::MB_AUX, &ma.route);
+        let slots = n * m.num_experts_per_tok;
+        k.gather_rows(k.view_mut(&mut ma.xg, 0..slots * c), k.view(xn, 0..n * c), &ma.route, c);
+        for x in 0..experts.len() {
+            let offsets = k.expert_offsets(&ma.route);
+            let rows = offsets[x]..offsets[x + 1];
+            self.ffn_forward(
+                p,
+                &experts[x],
+                &mut ma.experts,
+                rows.clone(),
+                &ma.xg,
+                rows,
+                &mut ma.yout,
+                false,
+            );
         }
-        k.combine_rows(
-            k.view_mut(out, 0..n * c),
-            k.view(&ma.yout, 0..slots * c),
-            &ma.route.pos,
-            &ma.route.weight,
-            kk,
-            c,
-            false,
-        );
+        k.combine_rows(k.view_mut(out, 0..n * c), k.view(&ma.yout, 0..slots * c), &ma.route, true, c, false);
         // The shared experts add on top of the routed output.
         for (f, fa) in shared.iter().zip(ma.shared.iter_mut()) {
             self.ffn_forward(p, f, fa, 0..n, xn, 0..n, out, true);
         }
-        ma.route.aux_loss as f64
     }
 
-    /// One micro-batch: forward, loss, backward; gradients are *added* to `grads`.
-    /// `targets[n]` is the id row n should predict (< 0: ignored). `grad_scale` multiplies
-    /// every gradient (1/accumulation_steps).
+    /// One micro-batch of `n` rows: forward, loss, backward; gradients are *added* to
+    /// `grads`. `targets[n]` is the id row n should predict (< 0: ignored), `kept` how many
+    /// are not. `grad_scale` multiplies every gradient (1/accumulation_steps). The summed
+    /// loss goes to `acc[MB_LM]`, the aux loss to `acc[MB_AUX]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
         p: &K::Buf,
         grads: &mut K::Buf,
         ws: &mut Workspace<K>,
-        ids: &[u32],
-        targets: &[i32],
+        acc: &mut K::Acc,
+        ids: K::I<'_>,
+        targets: &K::Idx,
+        n: usize,
+        kept: usize,
         grad_scale: f32,
-    ) -> Losses {
-        let aux = self.trunk_forward(p, ws, ids);
-        let kept = targets.iter().filter(|&&t| t >= 0).count();
-        let lm = self.head(p, Some(grads), ws, targets, grad_scale / kept.max(1) as f32);
-        self.trunk_backward(p, grads, ws, ids, grad_scale);
-        Losses { lm: lm / kept.max(1) as f64, aux, targets: kept }
+    ) {
+        self.trunk_forward(p, ws, acc, ids, n);
+        self.head(p, Some(grads), ws, acc, targets, n, grad_scale / kept.max(1) as f32);
+        self.trunk_backward(p, grads, ws, ids, n, grad_scale);
     }
 
-    /// Forward only: summed loss over kept targets and their count (for eval).
-    pub fn loss(&self, p: &K::Buf, ws: &mut Workspace<K>, ids: &[u32], targets: &[i32]) -> (f64, usize) {
-        self.trunk_forward(p, ws, ids);
-        let kept = targets.iter().filter(|&&t| t >= 0).count();
-        (self.head(p, None, ws, targets, 1.0), kept)
+    /// Forward only: the summed loss over kept targets into `acc[MB_LM]` (for eval).
+    pub fn loss(
+        &self,
+        p: &K::Buf,
+        ws: &mut Workspace<K>,
+        acc: &mut K::Acc,
+        ids: K::I<'_>,
+        targets: &K::Idx,
+        n: usize,
+    ) {
+        self.trunk_forward(p, ws, acc, ids, n);
+        self.head(p, None, ws, acc, targets, n, 1.0);
     }
 
     /// Forward only, full logits `[N, V]` into `out`.
-    pub fn logits(&self, p: &K::Buf, ws: &mut Workspace<K>, ids: &[u32], out: &mut [f32]) {
+    pub fn logits(
+        &self,
+        p: &K::Buf,
+        ws: &mut Workspace<K>,
+        acc: &mut K::Acc,
+        ids: K::I<'_>,
+        n: usize,
+        out: &mut [f32],
+    ) {
         let k = self.k;
-        let (n, c, v) = (ids.len(), self.m.hidden_size, self.m.vocab_size);
-        self.trunk_forward(p, ws, ids);
+        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
+        self.trunk_forward(p, ws, acc, ids, n);
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             self.linear(
@@ -532,18 +665,56 @@ impl<K: Kernels> Model<'_, K> {
         }
     }
 
+    /// Feeds `token` at the next position of `cache` and writes the logits `[V]` to `out`.
+    pub fn decode(&self, p: &K::Buf, cache: &mut KvCache<K>, acc: &mut K::Acc, token: i32, out: &mut [f32]) {
+        let k = self.k;
+        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
+        let pos = cache.len;
+        assert!(pos < cache.capacity, "the KV cache holds {} positions", cache.capacity);
+        k.upload_idx(&mut cache.ids, &[token]);
+        let ws = &mut cache.ws;
+        k.embed_forward(
+            k.view_mut(&mut ws.resid[0], 0..c),
+            self.w(p, &self.layout.embed),
+            k.idx(&cache.ids, 0..1),
+            c,
+        );
+        for l in 0..self.layout.layers.len() {
+            let (before, after) = ws.resid.split_at_mut(l + 1);
+            let (kc, vc) = &mut cache.layers[l];
+            let attention = Attention::Cached { k: kc, v: vc, pos };
+            let tables = (&cache.cos, &cache.sin);
+            self.block_forward(p, l, &mut ws.layers[l], &before[l], &mut after[0], 1, attention, tables, acc);
+        }
+        self.final_norm(p, ws, 1);
+        self.linear(
+            k.view_mut(&mut ws.logits, 0..v),
+            k.view(&ws.xnf, 0..c),
+            self.w(p, &self.layout.embed),
+            1,
+            v,
+            c,
+            false,
+        );
+        k.download(k.view(&ws.logits, 0..v), &mut out[..v]);
+        cache.len += 1;
+    }
+
     /// The fused head: per chunk of rows, logits, loss, and (when training) dz, dEmb and
-    /// d(xnf) into `ws.dxn`. Returns the summed loss.
+    /// d(xnf) into `ws.dxn`. The summed loss goes to `acc[MB_LM]`.
+    #[allow(clippy::too_many_arguments)]
     fn head(
         &self,
         p: &K::Buf,
         mut grads: Option<&mut K::Buf>,
         ws: &mut Workspace<K>,
-        targets: &[i32],
+        acc: &mut K::Acc,
+        targets: &K::Idx,
+        n: usize,
         dz_scale: f32,
-    ) -> f64 {
+    ) {
         let k = self.k;
-        let (n, c, v) = (targets.len(), self.m.hidden_size, self.m.vocab_size);
+        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
         let emb = &self.layout.embed;
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
@@ -559,8 +730,8 @@ impl<K: Kernels> Model<'_, K> {
             );
             k.cross_entropy(
                 k.view_mut(&mut ws.logits, 0..rows * v),
-                &mut ws.row_loss[r0..r0 + rows],
-                &targets[r0..r0 + rows],
+                k.view_mut(&mut ws.row_loss, r0..r0 + rows),
+                k.idx(targets, r0..r0 + rows),
                 v,
                 dz_scale,
             );
@@ -570,7 +741,7 @@ impl<K: Kernels> Model<'_, K> {
                 self.linear_dw(k.view_mut(g, emb.clone()), dz, k.view(&ws.xnf, xr), rows, v, c);
             }
         }
-        ws.row_loss[..n].iter().map(|&l| l as f64).sum()
+        k.sum_to_acc(acc, acc::MB_LM, k.view(&ws.row_loss, 0..n));
     }
 
     fn trunk_backward(
@@ -578,12 +749,12 @@ impl<K: Kernels> Model<'_, K> {
         p: &K::Buf,
         grads: &mut K::Buf,
         ws: &mut Workspace<K>,
-        ids: &[u32],
+        ids: K::I<'_>,
+        n: usize,
         grad_scale: f32,
     ) {
         let k = self.k;
         let m = self.m;
-        let n = ids.len();
         let (t, b) = (ws.t, n / ws.t);
         let (c, d) = (m.hidden_size, m.head_dim);
         let (h, g) = (m.num_attention_heads, m.num_key_value_heads);
@@ -600,6 +771,7 @@ impl<K: Kernels> Model<'_, K> {
             k.view(&ws.rstdf, 0..n),
             c,
         );
+        let shape = shape_of(m, b, t);
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let a = &mut ws.layers[l];
             // mlp: dresid = d(out); d(xn2) into dtmp.
@@ -624,8 +796,6 @@ impl<K: Kernels> Model<'_, K> {
                         dyout: &mut ws.dyout,
                         dxg: &mut ws.dxg,
                         slot_dw: &mut ws.slot_dw,
-                        dlogits: &mut ws.dlogits_host,
-                        ones: &ws.ones,
                     };
                     let moe = MoeParams { router, experts, shared };
                     self.moe_backward(
@@ -657,34 +827,23 @@ impl<K: Kernels> Model<'_, K> {
             let dmid = k.view(&ws.dresid, nc.clone());
             self.linear_dx(k.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
             self.linear_dw(k.view_mut(grads, lp.o.clone()), dmid, k.view(&a.att, 0..n * hd), n, c, hd);
-            let shape = AttnShape::new(b, t, h, g, d).expect("Engine::new validated the model");
-            let bhtt = 0..b * h * t * t;
-            let probs = if ws.probs.len() == lay.layers.len() {
-                &ws.probs[l]
-            } else {
-                k.attention_probs(
-                    k.view_mut(&mut ws.probs[0], bhtt.clone()),
-                    k.view(&a.q, 0..n * hd),
-                    k.view(&a.k, 0..n * gd),
-                    shape,
-                );
-                &ws.probs[0]
-            };
+            let scratch_len = k.len(&ws.attn_scratch);
             k.attention_backward(
                 k.view_mut(&mut ws.dq, 0..n * hd),
                 k.view_mut(&mut ws.dk, 0..n * gd),
                 k.view_mut(&mut ws.dv, 0..n * gd),
-                k.view_mut(&mut ws.dscores, 0..b * h * t * t),
+                &a.attn,
+                k.view_mut(&mut ws.attn_scratch, 0..scratch_len),
                 k.view(&ws.datt, 0..n * hd),
-                k.view(probs, bhtt),
                 k.view(&a.q, 0..n * hd),
                 k.view(&a.k, 0..n * gd),
                 k.view(&a.v, 0..n * gd),
                 shape,
             );
             let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
-            k.rope(k.view_mut(&mut ws.dq, 0..n * hd), cos, sin, t, h, d, true);
-            k.rope(k.view_mut(&mut ws.dk, 0..n * gd), cos, sin, t, g, d, true);
+            let pos = Positions::sequences(t);
+            k.rope(k.view_mut(&mut ws.dq, 0..n * hd), cos, sin, pos, h, d, true);
+            k.rope(k.view_mut(&mut ws.dk, 0..n * gd), cos, sin, pos, g, d, true);
             let xn1 = k.view(&a.xn1, nc.clone());
             let (dq, dk, dv) =
                 (k.view(&ws.dq, 0..n * hd), k.view(&ws.dk, 0..n * gd), k.view(&ws.dv, 0..n * gd));
@@ -765,32 +924,31 @@ impl<K: Kernels> Model<'_, K> {
     ) {
         let k = self.k;
         let m = self.m;
-        let (n, c, e, kk) = (b * t, m.hidden_size, m.n_routed_experts, m.num_experts_per_tok);
-        let slots = n * kk;
-        let route = &ma.route;
+        let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
+        let slots = n * m.num_experts_per_tok;
         let dyv = k.view(dy, 0..n * c);
         // d(weight of slot) = <dy, expert output>; each routed expert sees weight * dy.
-        k.slot_dots(&mut s.slot_dw[..slots], dyv, k.view(&ma.yout, 0..slots * c), &route.pos, kk, c);
-        k.spread_rows(k.view_mut(s.dyout, 0..slots * c), dyv, &route.pos, &route.weight, kk, c);
+        k.slot_dots(k.view_mut(s.slot_dw, 0..slots), dyv, k.view(&ma.yout, 0..slots * c), &ma.route, c);
+        k.spread_rows(k.view_mut(s.dyout, 0..slots * c), dyv, &ma.route, c);
         for (x, f) in moe.experts.iter().enumerate() {
-            let rows = route.offsets[x]..route.offsets[x + 1];
+            let offsets = k.expert_offsets(&ma.route);
+            let rows = offsets[x]..offsets[x + 1];
             self.ffn_backward(p, grads, f, &ma.experts, s.dffn, rows, &ma.xg, s.dyout, s.dxg, false);
         }
         // Back to token order, slots summed in a fixed order.
-        k.combine_rows(
-            k.view_mut(dx, 0..n * c),
-            k.view(s.dxg, 0..slots * c),
-            &route.pos,
-            &s.ones[..slots],
-            kk,
-            c,
-            false,
-        );
+        k.combine_rows(k.view_mut(dx, 0..n * c), k.view(s.dxg, 0..slots * c), &ma.route, false, c, false);
         for (f, fa) in moe.shared.iter().zip(&ma.shared) {
             self.ffn_backward(p, grads, f, fa, s.dffn, 0..n, xn, dy, dx, true);
         }
-        ma.route.backward(&s.slot_dw[..slots], &mut s.dlogits[..n * e], b, t, router_config(m), grad_scale);
-        k.upload(k.view_mut(&mut ma.dlogits, 0..n * e), &s.dlogits[..n * e]);
+        k.router_backward(
+            &mut ma.route,
+            k.view(s.slot_dw, 0..slots),
+            k.view_mut(&mut ma.dlogits, 0..n * e),
+            b,
+            t,
+            router_config(m),
+            grad_scale,
+        );
         let dl = k.view(&ma.dlogits, 0..n * e);
         self.linear_dw(k.view_mut(grads, moe.router.clone()), dl, k.view(xn, 0..n * c), n, e, c);
         self.linear_dx(k.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
@@ -810,7 +968,5 @@ struct MoeScratch<'s, K: Kernels> {
     dffn: &'s mut FfnActs<K>,
     dyout: &'s mut K::Buf,
     dxg: &'s mut K::Buf,
-    slot_dw: &'s mut [f32],
-    dlogits: &'s mut [f32],
-    ones: &'s [f32],
+    slot_dw: &'s mut K::Buf,
 }

@@ -1,10 +1,12 @@
-//! Mixture-of-experts routing on the host: softmax router, top-k, weight normalisation,
-//! counting-sort dispatch and the load-balancing aux loss, with their backward. Pure
-//! functions over small arrays (`N x E` scores); the expert GEMMs run in `model.rs`.
+//! Mixture-of-experts routing, the CPU backend's: softmax router, top-k, weight
+//! normalisation, counting-sort dispatch and the load-balancing aux loss, with their backward.
+//! Pure functions over small arrays (`N x E` scores); the expert GEMMs run in `model.rs`.
 //!
 //! Shapes: N tokens (B sequences of T), E routed experts, K experts per token.
 
 #![allow(clippy::needless_range_loop)] // index loops read like the maths
+
+pub use super::kernels::RouterConfig;
 
 /// Routing of one micro-batch through one MoE layer. Buffers keep their capacity between
 /// steps (no allocation once warm).
@@ -22,6 +24,8 @@ pub struct Routing {
     pub rows: Vec<u32>,
     /// Start of each expert's block in sorted order `[E + 1]`.
     pub offsets: Vec<usize>,
+    /// Experts per token, K.
+    pub k: usize,
     /// d(aux)/d(scores) for the whole micro-batch, before the loss scale: `[B, E]` with
     /// `seq_aux` (one per sequence), `[1, E]` without.
     pub aux_grad: Vec<f32>,
@@ -32,20 +36,12 @@ pub struct Routing {
     ds: Vec<f32>,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct RouterConfig {
-    pub experts: usize,
-    pub top_k: usize,
-    pub norm_topk_prob: bool,
-    pub alpha: f32,
-    pub seq_aux: bool,
-}
-
 impl Routing {
     /// Routes `n = b*t` tokens from router logits `[N, E]`.
     pub fn route(&mut self, logits: &[f32], b: usize, t: usize, rc: RouterConfig) {
         let (e, k) = (rc.experts, rc.top_k);
         let n = b * t;
+        self.k = k;
         self.scores.clear();
         self.scores.extend_from_slice(&logits[..n * e]);
         self.expert.resize(n * k, 0);

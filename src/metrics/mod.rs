@@ -291,13 +291,12 @@ impl Console {
         }
     }
 
-    /// After every micro-batch (and with `micro` 0 before the first), with the loss so far in
-    /// the step: the bar on a terminal; elsewhere a line when nothing was printed for
-    /// `heartbeat`.
-    pub fn progress(&mut self, p: &Progress, loss: f64) {
+    /// After every micro-batch (and with `micro` 0 before the first): the bar on a terminal;
+    /// elsewhere a line when nothing was printed for `heartbeat`.
+    pub fn progress(&mut self, p: &Progress) {
         if !self.bar.is_hidden() {
             self.bar.set_position(p.step as u64);
-            self.bar.set_message(format!("(micro-batch {}/{}) loss {loss:.4}", p.micro, p.accumulation));
+            self.bar.set_message(format!("(micro-batch {}/{})", p.micro, p.accumulation));
             return;
         }
         let mut shared = self.lock();

@@ -345,16 +345,15 @@ fn train_steps(
         elapsed_s: elapsed_before,
         eta_s: f64::NAN,
     };
-    console.progress(&start, 0.0);
+    console.progress(&start);
     while state.step < total {
         // A stop inside the step abandons it: the data rewinds to where it began.
         let step_start = state.cursor;
-        let (mut lm, mut aux, mut real) = (0.0, 0.0, 0u64);
+        let mut real = 0u64;
+        engine.begin_step();
         for micro in 1..=accum {
             real += data.batches.next(&data.ds, &mut state.cursor, &mut ids, &mut targets) as u64;
-            let l = engine.forward_backward(&ids, &targets, 1.0 / accum as f32);
-            lm += l.lm / accum as f64;
-            aux += l.aux / accum as f64;
+            engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum);
             micro_done += 1;
             let secs = session.elapsed().as_secs_f64();
             let progress = Progress {
@@ -365,7 +364,7 @@ fn train_steps(
                 elapsed_s: elapsed_before + secs,
                 eta_s: secs / micro_done as f64 * (micro_total - micro_done) as f64,
             };
-            console.progress(&progress, lm * accum as f64 / micro as f64);
+            console.progress(&progress);
             if micro < accum
                 && let Some(sig) = s.stop.requested()
             {
@@ -373,26 +372,29 @@ fn train_steps(
                 return stop_here(run, engine, state, ck.keep_last, console, sig);
             }
         }
-        let loss = lm + aux;
-        if !loss.is_finite() {
-            let last = checkpoint::list(&run.checkpoints_dir()).pop();
-            bail!(
-                "the loss became {loss} at step {}; training stopped{}\n  hint: lower train.learning_rate or check the data",
-                state.step + 1,
-                last.map_or(String::new(), |(_, p)| format!(" (last good checkpoint: {})", p.display()))
-            );
-        }
         let lr = lr_at(&config.train, state.step, total);
-        let grad_norm = engine.optimizer_step(lr as f32, &optim);
+        engine.update(lr as f32, &optim);
         state.step += 1;
         state.tokens_seen += (b * t * accum) as u64;
         state.tokens_real += real;
         state.elapsed_s = elapsed_before + session.elapsed().as_secs_f64();
         meta.set_step(state.step);
         signals::crash_point("panic", state.step);
-        last_loss = Some(loss);
 
-        if state.step.is_multiple_of(ck.log_interval) || state.step == total {
+        // The device's numbers are read only when something needs them: a metrics row, a
+        // checkpoint (never of non-finite weights) or a stop.
+        let log_now = state.step.is_multiple_of(ck.log_interval) || state.step == total;
+        let save_now = state.step.is_multiple_of(ck.save_interval) || state.step == total;
+        let signal = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
+        let stop_now = signal.is_some() && state.step < total;
+        if !(log_now || save_now || stop_now) {
+            continue;
+        }
+        let stats = engine.step_stats();
+        let loss = stats.lm + stats.aux;
+        check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
+        last_loss = Some(loss);
+        if log_now {
             let dt = last_log.elapsed().as_secs_f64().max(1e-9);
             let row = StepMetrics {
                 step: state.step,
@@ -400,10 +402,10 @@ fn train_steps(
                 tokens: state.tokens_real,
                 tokens_padded: state.tokens_seen,
                 loss,
-                lm_loss: lm,
-                aux_loss: aux,
+                lm_loss: stats.lm,
+                aux_loss: stats.aux,
                 lr,
-                grad_norm,
+                grad_norm: stats.grad_norm,
                 tokens_per_s: (state.tokens_seen - last_tokens) as f64 / dt,
                 elapsed_s: state.elapsed_s,
             };
@@ -411,18 +413,29 @@ fn train_steps(
             console.line(&row.line(total));
             (last_log, last_tokens) = (Instant::now(), state.tokens_seen);
         }
-
-        let signal = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
-        if let Some(sig) = signal
-            && state.step < total
-        {
+        if let Some(sig) = signal.filter(|_| stop_now) {
             return stop_here(run, engine, state, ck.keep_last, console, sig);
         }
-        if state.step.is_multiple_of(ck.save_interval) || state.step == total {
+        if save_now {
             checkpoint::save(&run.checkpoints_dir(), engine, state, ck.keep_last)?;
         }
     }
     Ok(Steps::Done(last_loss))
+}
+
+/// Fails the run when the step's loss or gradient norm is not finite; the last checkpoint (of
+/// finite weights) stays. The numbers are read every `log_interval` steps and before every
+/// checkpoint, so a NaN is caught by then.
+fn check_finite(run: &RunDir, loss: f64, grad_norm: f64, step: usize, log_interval: usize) -> Result<()> {
+    if loss.is_finite() && grad_norm.is_finite() {
+        return Ok(());
+    }
+    let last = checkpoint::list(&run.checkpoints_dir()).pop();
+    let when = if log_interval == 1 { format!("at step {step}") } else { format!("by step {step}") };
+    bail!(
+        "training diverged {when}: the loss became {loss}, the gradient norm {grad_norm}; training stopped{}\n  hint: lower train.learning_rate or check the data",
+        last.map_or(String::new(), |(_, p)| format!(" (last good checkpoint: {})", p.display()))
+    )
 }
 
 /// Stops for signal `sig`: a checkpoint of the last complete step (none before the first), and

@@ -234,11 +234,15 @@ fn nan_loss_fails_the_run_and_keeps_the_last_checkpoint() {
         1,
     );
     let err = stderr(&o);
-    assert!(err.contains("the loss became"), "{err}");
+    // Step 1's update blows the weights up: its gradient norm is already NaN, caught before
+    // anything is saved.
+    assert!(err.contains("training diverged at step 2: the loss became"), "{err}");
+    assert!(err.contains("the gradient norm NaN"), "{err}");
     let run = &s.runs()[0];
     let m = meta(run);
     assert_eq!(m["status"], "failed");
     assert!(m["error"].as_str().unwrap().contains("loss became"));
+    assert!(fs::read_dir(run.join("checkpoints")).unwrap().next().is_none(), "no checkpoint of NaN weights");
 }
 
 /// Runs micro.toml with its data replaced by `data` and returns stderr (exit 1).

@@ -291,3 +291,33 @@ pub fn backward(
         }
     });
 }
+
+/// One decoding step: query `q` `[H*D]` (the newest token) attends to the first `len` cached
+/// positions of `k`/`v` `[positions, G*D]`; `out` `[H*D]`. One task per query head.
+pub fn decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, s: AttnShape) {
+    let AttnShape { h, g, d, .. } = s;
+    assert!(g > 0 && h.is_multiple_of(g), "attention heads");
+    let gd = g * d;
+    assert!(q.len() >= h * d && out.len() >= h * d && k.len() >= len * gd && v.len() >= len * gd);
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(d).take(h).enumerate().for_each(|(hi, o)| {
+        let gi = hi / (h / g);
+        let qh = &q[hi * d..(hi + 1) * d];
+        let mut max = f32::NEG_INFINITY;
+        let scores: Vec<f32> = (0..len)
+            .map(|p| {
+                let kr = &k[p * gd + gi * d..p * gd + (gi + 1) * d];
+                let s = kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(s);
+                s
+            })
+            .collect();
+        let weights: Vec<f32> = scores.iter().map(|s| exp(s - max)).collect();
+        let sum: f32 = weights.iter().sum();
+        o.fill(0.0);
+        for (p, w) in weights.iter().enumerate() {
+            let vr = &v[p * gd + gi * d..p * gd + (gi + 1) * d];
+            o.iter_mut().zip(vr).for_each(|(o, v)| *o += w / sum * v);
+        }
+    });
+}

@@ -15,7 +15,8 @@ use std::sync::Mutex;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernels::{AdamW, AttnShape, Kernels};
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::moe::Routing;
 
 /// Rows handed to one rayon task by row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
@@ -189,12 +190,13 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// AdamW over one chunk (see `Kernels::adamw`); `c = [step_size, bc2_sqrt, decay]`.
-    fn adamw_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamW, c: [f32; 3]) {
-        let [step_size, bc2_sqrt, decay] = c;
+    /// AdamW over one chunk (see `Kernels::adamw`); `c = [step_size, bc2_sqrt, decay,
+    /// grad_scale]`.
+    fn adamw_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamW, c: [f32; 4]) {
+        let [step_size, bc2_sqrt, decay, grad_scale] = c;
         let (b1, b2) = (h.beta1, h.beta2);
         for i in 0..p.len() {
-            let g = std::mem::take(&mut g[i]) * h.grad_scale;
+            let g = std::mem::take(&mut g[i]) * grad_scale;
             p[i] *= decay;
             m[i] += (1.0 - b1) * (g - m[i]);
             v[i] = b2 * v[i] + (1.0 - b2) * g * g;
@@ -279,8 +281,15 @@ impl Cpu {
 
 impl Kernels for Cpu {
     type Buf = Vec<f32>;
+    type Idx = Vec<i32>;
+    type Acc = Vec<f64>;
+    type Route = Routing;
+    /// The forward's probabilities `[B, H, T, T]` when kept, else none (backward recomputes
+    /// them into the scratch).
+    type Attn = Option<Vec<f32>>;
     type V<'a> = &'a [f32];
     type M<'a> = &'a mut [f32];
+    type I<'a> = &'a [i32];
 
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
@@ -295,22 +304,45 @@ impl Kernels for Cpu {
         &mut buf[r]
     }
     fn upload(&self, dst: &mut [f32], data: &[f32]) {
-        self.timed(
-            || "upload".to_string(),
-            0.0,
-            || {
-                dst.copy_from_slice(data);
-            },
-        )
+        self.timed(|| "upload".to_string(), 0.0, || dst.copy_from_slice(data))
     }
     fn download(&self, src: &[f32], out: &mut [f32]) {
-        self.timed(
-            || "download".to_string(),
-            0.0,
-            || {
-                out.copy_from_slice(src);
-            },
-        )
+        self.timed(|| "download".to_string(), 0.0, || out.copy_from_slice(src))
+    }
+
+    fn alloc_idx(&self, len: usize) -> Vec<i32> {
+        vec![0; len]
+    }
+    fn idx<'a>(&self, buf: &'a Vec<i32>, r: Range<usize>) -> &'a [i32] {
+        &buf[r]
+    }
+    fn upload_idx(&self, dst: &mut Vec<i32>, data: &[i32]) {
+        dst[..data.len()].copy_from_slice(data);
+    }
+
+    fn alloc_acc(&self, len: usize) -> Vec<f64> {
+        vec![0.0; len]
+    }
+    fn read_acc(&self, acc: &Vec<f64>, out: &mut [f64]) {
+        out.copy_from_slice(&acc[..out.len()]);
+    }
+    fn zero_acc(&self, acc: &mut Vec<f64>, slots: Range<usize>) {
+        acc[slots].fill(0.0);
+    }
+    fn fold_acc(&self, acc: &mut Vec<f64>, src: usize, dst: usize, div1: f64, div2: f64) {
+        acc[dst] += acc[src] / div1 / div2;
+    }
+
+    fn new_route(&self) -> Routing {
+        Routing::default()
+    }
+    fn new_attn(&self, s: AttnShape, keep: bool) -> Option<Vec<f32>> {
+        keep.then(|| vec![0.0; s.b * s.h * s.t * s.t])
+    }
+    fn attn_scratch_len(&self, s: AttnShape, keep: bool) -> usize {
+        // Backward's dS, and the recomputed probabilities when they were not kept.
+        let probs = s.b * s.h * s.t * s.t;
+        if keep { probs } else { 2 * probs }
     }
 
     fn fill(&self, out: &mut [f32], value: f32) {
@@ -333,21 +365,11 @@ impl Kernels for Cpu {
             },
         )
     }
-    fn matmul(
-        &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
-        m: usize,
-        n: usize,
-        k: usize,
-        ta: bool,
-        tb: bool,
-        accumulate: bool,
-    ) {
+    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
+        let Gemm { rows: m, cols: n, depth: k, a_transposed: ta, b_transposed: tb, accumulate } = g;
         self.timed(
             || format!("matmul {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
-            2.0 * (m * n * k) as f64,
+            g.flops(),
             || {
                 assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shapes");
                 let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
@@ -375,7 +397,7 @@ impl Kernels for Cpu {
         )
     }
 
-    fn embed_forward(&self, out: &mut [f32], emb: &[f32], ids: &[u32], c: usize) {
+    fn embed_forward(&self, out: &mut [f32], emb: &[f32], ids: &[i32], c: usize) {
         self.timed(
             || "embed_forward".to_string(),
             0.0,
@@ -388,7 +410,7 @@ impl Kernels for Cpu {
         )
     }
 
-    fn embed_backward(&self, demb: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
+    fn embed_backward(&self, demb: &mut [f32], dout: &[f32], ids: &[i32], c: usize) {
         self.timed(
             || "embed_backward".to_string(),
             0.0,
@@ -459,7 +481,16 @@ impl Kernels for Cpu {
         )
     }
 
-    fn rope(&self, x: &mut [f32], cos: &[f32], sin: &[f32], t: usize, heads: usize, d: usize, inverse: bool) {
+    fn rope(
+        &self,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        pos: Positions,
+        heads: usize,
+        d: usize,
+        inverse: bool,
+    ) {
         self.timed(
             || "rope".to_string(),
             0.0,
@@ -467,8 +498,8 @@ impl Kernels for Cpu {
                 let half = d / 2;
                 let width = heads * d;
                 x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
-                    let pos = n % t;
-                    let (cs, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+                    let p = pos.of(n);
+                    let (cs, sn) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
                     for v in row.chunks_mut(d) {
                         let (lo, hi) = v.split_at_mut(half);
                         for j in 0..half {
@@ -490,7 +521,8 @@ impl Kernels for Cpu {
     fn attention_forward(
         &self,
         out: &mut [f32],
-        probs: &mut [f32],
+        saved: &mut Option<Vec<f32>>,
+        scratch: &mut [f32],
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -500,13 +532,10 @@ impl Kernels for Cpu {
             || "attention_forward".to_string(),
             0.0,
             || {
+                let probs = saved.as_deref_mut().unwrap_or(scratch);
                 attention::forward(out, probs, q, k, v, s);
             },
         )
-    }
-
-    fn attention_probs(&self, probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape) {
-        self.timed(|| "attention_probs".to_string(), 0.0, || attention::probs(probs, q, k, s))
     }
 
     fn attention_backward(
@@ -514,21 +543,34 @@ impl Kernels for Cpu {
         dq: &mut [f32],
         dk: &mut [f32],
         dv: &mut [f32],
+        saved: &Option<Vec<f32>>,
         scratch: &mut [f32],
         dout: &[f32],
-        probs: &[f32],
         q: &[f32],
         k: &[f32],
         v: &[f32],
         s: AttnShape,
     ) {
+        let bhtt = s.b * s.h * s.t * s.t;
+        let (probs, dscores): (&[f32], &mut [f32]) = match saved {
+            Some(p) => (p, scratch),
+            None => {
+                let (p, ds) = scratch.split_at_mut(bhtt);
+                self.timed(|| "attention_probs".to_string(), 0.0, || attention::probs(p, q, k, s));
+                (p, ds)
+            }
+        };
         self.timed(
             || "attention_backward".to_string(),
             0.0,
             || {
-                attention::backward(dq, dk, dv, scratch, dout, probs, q, k, v, s);
+                attention::backward(dq, dk, dv, dscores, dout, probs, q, k, v, s);
             },
         )
+    }
+
+    fn attention_decode(&self, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, s: AttnShape) {
+        self.timed(|| "attention_decode".to_string(), 0.0, || attention::decode(out, q, k, v, len, s))
     }
 
     fn swiglu_forward(&self, act: &mut [f32], gu: &[f32], i: usize) {
@@ -582,12 +624,28 @@ impl Kernels for Cpu {
         )
     }
 
-    fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[u32], c: usize) {
+    fn sum_to_acc(&self, acc: &mut Vec<f64>, slot: usize, x: &[f32]) {
+        acc[slot] = x.iter().map(|&l| l as f64).sum();
+    }
+
+    fn route(&self, route: &mut Routing, logits: &[f32], b: usize, t: usize, rc: RouterConfig) {
+        self.timed(|| "moe_route".to_string(), 0.0, || route.route(logits, b, t, rc))
+    }
+
+    fn expert_offsets<'a>(&self, route: &'a Routing) -> &'a [usize] {
+        &route.offsets
+    }
+
+    fn aux_to_acc(&self, acc: &mut Vec<f64>, slot: usize, route: &Routing) {
+        acc[slot] += route.aux_loss as f64;
+    }
+
+    fn gather_rows(&self, out: &mut [f32], x: &[f32], route: &Routing, c: usize) {
         self.timed(
             || "gather_rows".to_string(),
             0.0,
             || {
-                out.par_chunks_mut(c).zip(rows.par_iter()).for_each(|(o, &r)| {
+                out.par_chunks_mut(c).zip(route.rows.par_iter()).for_each(|(o, &r)| {
                     let r = r as usize;
                     o.copy_from_slice(&x[r * c..(r + 1) * c]);
                 });
@@ -599,12 +657,12 @@ impl Kernels for Cpu {
         &self,
         out: &mut [f32],
         y: &[f32],
-        pos: &[u32],
-        weights: &[f32],
-        k: usize,
+        route: &Routing,
+        weighted: bool,
         c: usize,
         accumulate: bool,
     ) {
+        let (k, pos, weights) = (route.k, &route.pos, &route.weight);
         self.timed(
             || "combine_rows".to_string(),
             0.0,
@@ -614,15 +672,22 @@ impl Kernels for Cpu {
                         o.fill(0.0);
                     }
                     for j in 0..k {
-                        let (p, w) = (pos[n * k + j] as usize, weights[n * k + j]);
-                        o.iter_mut().zip(&y[p * c..(p + 1) * c]).for_each(|(o, y)| *o += w * y);
+                        let p = pos[n * k + j] as usize;
+                        let y = &y[p * c..(p + 1) * c];
+                        if weighted {
+                            let w = weights[n * k + j];
+                            o.iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
+                        } else {
+                            o.iter_mut().zip(y).for_each(|(o, y)| *o += y);
+                        }
                     }
                 });
             },
         )
     }
 
-    fn slot_dots(&self, out: &mut [f32], dy: &[f32], y: &[f32], pos: &[u32], k: usize, c: usize) {
+    fn slot_dots(&self, out: &mut [f32], dy: &[f32], y: &[f32], route: &Routing, c: usize) {
+        let (k, pos) = (route.k, &route.pos);
         self.timed(
             || "slot_dots".to_string(),
             0.0,
@@ -635,7 +700,8 @@ impl Kernels for Cpu {
         )
     }
 
-    fn spread_rows(&self, out: &mut [f32], dy: &[f32], pos: &[u32], weights: &[f32], k: usize, c: usize) {
+    fn spread_rows(&self, out: &mut [f32], dy: &[f32], route: &Routing, c: usize) {
+        let (k, pos, weights) = (route.k, &route.pos, &route.weight);
         self.timed(
             || "spread_rows".to_string(),
             0.0,
@@ -668,8 +734,25 @@ impl Kernels for Cpu {
         )
     }
 
-    fn sum_squares(&self, x: &[f32]) -> f64 {
+    fn router_backward(
+        &self,
+        route: &mut Routing,
+        slot_dw: &[f32],
+        dlogits: &mut [f32],
+        b: usize,
+        t: usize,
+        rc: RouterConfig,
+        aux_scale: f32,
+    ) {
         self.timed(
+            || "moe_router_backward".to_string(),
+            0.0,
+            || route.backward(slot_dw, dlogits, b, t, rc, aux_scale),
+        )
+    }
+
+    fn sum_squares_to_acc(&self, acc: &mut Vec<f64>, slot: usize, x: &[f32]) {
+        acc[slot] = self.timed(
             || "sum_squares".to_string(),
             0.0,
             || {
@@ -683,10 +766,26 @@ impl Kernels for Cpu {
                     lanes.iter().sum()
                 })
             },
-        )
+        );
     }
 
-    fn adamw(&self, p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamW) {
+    fn clip_coef(&self, acc: &mut Vec<f64>, sum_sq: usize, norm: usize, coef: usize, max_norm: f32) {
+        let n = acc[sum_sq].sqrt();
+        acc[norm] = n;
+        // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
+        acc[coef] = if max_norm > 0.0 { (max_norm as f64 / (n + 1e-6)).min(1.0) } else { 1.0 };
+    }
+
+    fn adamw(
+        &self,
+        p: &mut [f32],
+        g: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        h: AdamW,
+        acc: &Vec<f64>,
+        coef: usize,
+    ) {
         self.timed(
             || "adamw".to_string(),
             0.0,
@@ -696,7 +795,7 @@ impl Kernels for Cpu {
                 let step_size = (h.lr as f64 / bc1) as f32;
                 let bc2_sqrt = bc2.sqrt() as f32;
                 let decay = 1.0 - h.lr * h.weight_decay;
-                let c = [step_size, bc2_sqrt, decay];
+                let c = [step_size, bc2_sqrt, decay, acc[coef] as f32];
                 p.par_chunks_mut(SUM_CHUNK)
                     .zip(g.par_chunks_mut(SUM_CHUNK))
                     .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))

@@ -1,12 +1,13 @@
-//! `minimind bench`: training throughput of the configured model on synthetic tokens.
+//! `minimind bench`: training throughput of the configured model on synthetic tokens, on the
+//! run's device.
 
 use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::config::Config;
-use crate::engine::cpu::{Cpu, KernelTime};
-use crate::engine::{Engine, OptimConfig, SplitMix64, flops_per_token};
+use crate::config::{Config, Device, Dtype};
+use crate::engine::backend::{self, Task};
+use crate::engine::{Engine, KernelTime, Kernels, OptimConfig, SplitMix64, flops_per_token};
 
 /// What one benchmark measured.
 #[derive(Clone, Debug)]
@@ -18,18 +19,40 @@ pub struct BenchReport {
     /// Model FLOPs (3x forward) per second.
     pub gflops: f64,
     pub threads: usize,
+    /// The device, as the backend names it.
+    pub device: String,
     /// Per-kernel times over the timed steps, when profiling.
     pub profile: Vec<(String, KernelTime)>,
 }
 
-/// Runs `warmup` untimed steps, then `steps` timed ones: forward, backward, clip, AdamW.
-pub fn run(config: &Config, steps: usize, warmup: usize, profile: bool) -> Result<BenchReport> {
+/// Runs `warmup` untimed steps, then `steps` timed ones: forward, backward, clip, AdamW, on
+/// `device` in `dtype`.
+pub fn run(
+    config: &Config,
+    device: Device,
+    dtype: Dtype,
+    steps: usize,
+    warmup: usize,
+    profile: bool,
+) -> Result<BenchReport> {
     let pool = crate::train::thread_pool(config.train.threads)?;
-    pool.install(|| {
+    pool.install(|| backend::run(device, dtype, profile, Bench { config, steps, warmup })?)
+}
+
+struct Bench<'a> {
+    config: &'a Config,
+    steps: usize,
+    warmup: usize,
+}
+
+impl Task for Bench<'_> {
+    type Out = Result<BenchReport>;
+
+    fn run<K: Kernels>(self, kernels: K) -> Result<BenchReport> {
+        let config = self.config;
         let (b, t) = (config.train.batch_size, config.data.max_seq_len);
         let m = &config.model;
-        let cpu = if profile { Cpu::profiled() } else { Cpu::new() };
-        let mut engine = Engine::new(cpu, m.clone(), b, t)?;
+        let mut engine = Engine::new(kernels, m.clone(), b, t)?;
         engine.init_weights(config.seed);
         let mut rng = SplitMix64::new(config.seed);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % m.vocab_size as u64) as u32).collect();
@@ -38,33 +61,39 @@ pub fn run(config: &Config, steps: usize, warmup: usize, profile: bool) -> Resul
         let optim = OptimConfig::from_train(&config.train);
         let accum = config.train.accumulation_steps;
         let lr = config.train.learning_rate as f32;
-        let step = |engine: &mut Engine<Cpu>| {
+        let step = |engine: &mut Engine<K>| {
             engine.begin_step();
             for _ in 0..accum {
                 engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum);
             }
             engine.update(lr, &optim);
         };
-        for _ in 0..warmup {
+        for _ in 0..self.warmup {
             step(&mut engine);
         }
+        // Waits for the device (a read of the step's numbers) so the clock times the work.
+        engine.step_stats();
+        engine.kernels.check()?;
         engine.kernels.reset_profile();
         let start = Instant::now();
-        for _ in 0..steps {
+        for _ in 0..self.steps {
             step(&mut engine);
         }
+        engine.step_stats();
+        engine.kernels.check()?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens_per_step = b * t * accum;
-        let tokens_per_s = (steps * tokens_per_step) as f64 / seconds;
+        let tokens_per_s = (self.steps * tokens_per_step) as f64 / seconds;
         let gflops = 3.0 * flops_per_token(m, t) * tokens_per_s / 1e9;
         Ok(BenchReport {
-            steps,
+            steps: self.steps,
             tokens_per_step,
             seconds,
             tokens_per_s,
             gflops,
             threads: rayon::current_num_threads(),
+            device: engine.kernels.describe(),
             profile: engine.kernels.profile(),
         })
-    })
+    }
 }

@@ -318,13 +318,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Bench { file, steps, set, profile } => {
             for run in load(&file, &set)? {
                 let c = &run.config;
-                for note in runner::preflight(c, &run.layered)?.notes {
+                let placement = runner::preflight(c, &run.layered)?;
+                for note in &placement.notes {
                     println!("{note}");
                 }
-                let r = crate::bench::run(c, steps.max(1), 2, profile)?;
+                let r = crate::bench::run(c, placement.device, placement.dtype, steps.max(1), 2, profile)?;
                 println!(
-                    "{}: hidden {} layers {} moe {} batch {} seq {} accumulation {} threads {}",
+                    "{} on {}: hidden {} layers {} moe {} batch {} seq {} accumulation {} threads {}",
                     run.tag.as_deref().unwrap_or(&c.name),
+                    r.device,
                     c.model.hidden_size,
                     c.model.num_hidden_layers,
                     c.model.use_moe,

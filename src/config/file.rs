@@ -171,16 +171,68 @@ pub enum Dtype {
     Float16,
 }
 
-/// Where the engine runs.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+/// Where the engine runs: `auto`, `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     /// CUDA when a driver and GPU are present, else CPU.
     Auto,
     /// The CPU engine (gemm + rayon).
     Cpu,
-    /// The first NVIDIA GPU.
-    Cuda,
+    /// The NVIDIA GPU with this ordinal.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{other}`: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Device, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Device {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Device".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Where the engine runs: `auto` (CUDA when a driver and a GPU are found, else the CPU), `cpu`, `cuda` (the first GPU) or `cuda:N`.",
+            "type": "string",
+            "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"
+        })
+    }
 }
 
 /// How long and how fast to train.
@@ -214,7 +266,7 @@ pub struct TrainSection {
     pub min_lr_ratio: f64,
     /// Precision of matrix products. MiniMind: bfloat16 (the CPU engine needs float32).
     pub dtype: Dtype,
-    /// Where to train. MiniMind's `--device`.
+    /// Where to train: auto, cpu, cuda, cuda:N. MiniMind's `--device`.
     pub device: Device,
     /// CPU threads for the engine; 0 = all cores.
     pub threads: usize,

@@ -106,6 +106,14 @@ impl Positions {
     }
 }
 
+/// Calls, seconds and FLOPs of one kernel (matrix products keyed by shape).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelTime {
+    pub calls: u64,
+    pub seconds: f64,
+    pub flops: f64,
+}
+
 /// AdamW hyper-parameters for one step (PyTorch semantics).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -131,6 +139,21 @@ pub struct RouterConfig {
 }
 
 pub trait Kernels: Sync {
+    /// The precision of the matrix products (the CPU: always float32).
+    fn dtype(&self) -> crate::config::Dtype;
+    /// One line naming the device, for run headers and meta.json.
+    fn describe(&self) -> String;
+    /// The first error the device reported since the last check (kernels queue work and
+    /// report failures here rather than from each call).
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Calls, seconds and FLOPs per kernel, when the backend was built to profile.
+    fn profile(&self) -> Vec<(String, KernelTime)> {
+        Vec::new()
+    }
+    fn reset_profile(&self) {}
+
     /// f32 storage on the device.
     type Buf: Send + Sync;
     /// i32 storage on the device: token ids and targets (`< 0`: ignored).
@@ -330,9 +353,12 @@ pub trait Kernels: Sync {
 
     /// `acc[slot] = sum(x^2)` in f64, independent of the thread count.
     fn sum_squares_to_acc(&self, acc: &mut Self::Acc, slot: usize, x: Self::V<'_>);
-    /// PyTorch's `clip_grad_norm_` on the device: `acc[norm] = sqrt(acc[sum_sq])`, then
-    /// `acc[coef] = min(max_norm / (norm + 1e-6), 1)`, or 1 when `max_norm` is 0.
-    fn clip_coef(&self, acc: &mut Self::Acc, sum_sq: usize, norm: usize, coef: usize, max_norm: f32);
+    /// PyTorch's `clip_grad_norm_` on the device, on gradients scaled by `1 / inv_scale` (a
+    /// loss scale; 1 without one): `acc[norm] = sqrt(acc[sum_sq]) * inv_scale`, then
+    /// `acc[coef] = min(max_norm / (norm + 1e-6), 1) * inv_scale` (the clip factor 1 when
+    /// `max_norm` is 0), the factor AdamW applies to every gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn clip_coef(&self, acc: &mut Self::Acc, sum_sq: usize, norm: usize, coef: usize, max_norm: f32, inv_scale: f64);
     /// One AdamW step over flat buffers (decoupled decay, bias correction), every gradient
     /// first multiplied by `acc[coef]`. Consumes the gradients: `g` is left at zero, ready for
     /// the next step (saves a pass over memory).

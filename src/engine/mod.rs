@@ -5,14 +5,18 @@
 //! Shape legend: B batch, T time, N = B*T, C channels, H query heads, G key/value heads,
 //! D head dim, I feed-forward width, V vocabulary, E experts, K experts per token.
 
+pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod gpu;
 pub mod hf;
 pub mod kernels;
 pub mod layout;
 pub(crate) mod model;
 pub(crate) mod moe;
 
-pub use kernels::{AdamW, Gemm, Kernels};
+pub use kernels::{AdamW, Gemm, KernelTime, Kernels};
 pub use layout::Layout;
 pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
@@ -309,7 +313,7 @@ impl<K: Kernels> Engine<K> {
         let n = self.layout.total;
         let k = &self.kernels;
         k.sum_squares_to_acc(&mut self.acc, acc::SUM_SQ, k.view(&self.grads, 0..n));
-        k.clip_coef(&mut self.acc, acc::SUM_SQ, acc::NORM, acc::COEF, o.grad_clip);
+        k.clip_coef(&mut self.acc, acc::SUM_SQ, acc::NORM, acc::COEF, o.grad_clip, 1.0);
         self.step += 1;
         let h = AdamW {
             lr,

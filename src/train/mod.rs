@@ -32,49 +32,71 @@ fn dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-pub fn device_name(d: Device) -> &'static str {
-    match d {
-        Device::Auto => "auto",
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-    }
-}
 
-/// Decides device and dtype. Until the CUDA engine lands, `auto` means the CPU, and on the CPU
-/// bfloat16/float16 train in float32 (as MiniMind does on a CPU) with one warning naming the
-/// key and where it was set. A combination that cannot run is a config error at its origin.
-/// `origin` says where a key's value came from.
+/// Decides device and dtype: `auto` is the first GPU when a driver and a GPU are found, else
+/// the CPU (saying why); on the CPU bfloat16/float16 train in float32 (as MiniMind does on a
+/// CPU) with one warning naming the key and where it was set. A GPU that cannot be used is a
+/// config error at the origin of `train.device`. `origin` says where a key's value came from.
 pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placement, ConfigError> {
     let mut notes = Vec::new();
-    match t.device {
-        Device::Cuda => {
-            return Err(ConfigError::new(
-                origin("train.device"),
-                Some("train.device"),
-                "\"cuda\": this build has only the CPU engine",
-            )
-            .hint("set train.device = \"auto\" (the GPU once the CUDA engine lands, the CPU until then) or \"cpu\""));
+    let device = match t.device {
+        Device::Cpu => Device::Cpu,
+        Device::Auto => match crate::engine::gpu::probe() {
+            Ok(gpus) => {
+                notes.push(format!("train.device = \"auto\": training on cuda:0 ({})", gpus.names[0]));
+                Device::Cuda(0)
+            }
+            Err(why) => {
+                let why = why.lines().next().unwrap_or_default().to_string();
+                notes.push(format!("train.device = \"auto\": training on the CPU; {why}"));
+                Device::Cpu
+            }
+        },
+        Device::Cuda(n) => {
+            let err = |msg: String| {
+                ConfigError::new(origin("train.device"), Some("train.device"), msg)
+                    .hint("set train.device = \"auto\" (a GPU when there is one, else the CPU) or \"cpu\"")
+            };
+            match crate::engine::gpu::probe() {
+                Err(why) => return Err(err(format!("\"{}\": {why}", t.device))),
+                Ok(gpus) if n >= gpus.names.len() => {
+                    let list: Vec<String> =
+                        gpus.names.iter().enumerate().map(|(i, name)| format!("cuda:{i} {name}")).collect();
+                    return Err(err(format!(
+                        "\"{}\": this machine has {} GPU(s): {}",
+                        t.device,
+                        gpus.names.len(),
+                        list.join(", ")
+                    )));
+                }
+                Ok(gpus) => {
+                    notes.push(format!("training on cuda:{n} ({})", gpus.names[n]));
+                    Device::Cuda(n)
+                }
+            }
         }
-        Device::Auto => {
-            notes.push("train.device = \"auto\": training on the CPU (this build has no CUDA engine)".into())
+    };
+    let dtype = match device {
+        Device::Cuda(_) => t.dtype,
+        _ => {
+            if t.dtype != Dtype::Float32 {
+                notes.push(format!(
+                    "warning: train.dtype = \"{}\" (from {}): the CPU engine trains in float32, as MiniMind does on a CPU",
+                    dtype_name(t.dtype),
+                    origin("train.dtype")
+                ));
+            }
+            Dtype::Float32
         }
-        Device::Cpu => {}
-    }
-    if t.dtype != Dtype::Float32 {
-        notes.push(format!(
-            "warning: train.dtype = \"{}\" (from {}): the CPU engine trains in float32, as MiniMind does on a CPU",
-            dtype_name(t.dtype),
-            origin("train.dtype")
-        ));
-    }
-    Ok(Placement { device: Device::Cpu, dtype: Dtype::Float32, notes })
+    };
+    Ok(Placement { device, dtype, notes })
 }
 
 /// How meta.json records a placement: requested and effective, for device and dtype.
 pub fn choices(t: &TrainConfig, p: &Placement) -> (crate::run_dir::Choice, crate::run_dir::Choice) {
     use crate::run_dir::Choice;
     (
-        Choice { requested: device_name(t.device).into(), effective: device_name(p.device).into() },
+        Choice { requested: t.device.to_string(), effective: p.device.to_string() },
         Choice { requested: dtype_name(t.dtype).into(), effective: dtype_name(p.dtype).into() },
     )
 }

@@ -15,8 +15,8 @@ use super::schedule::lr_at;
 use crate::config::Config;
 use crate::cost::Cost;
 use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok};
-use crate::engine::cpu::Cpu;
-use crate::engine::{Engine, OptimConfig, hf};
+use crate::engine::backend::{self, Task};
+use crate::engine::{Engine, Kernels, OptimConfig, hf};
 use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics, duration, human};
 use crate::run_dir::{FinalEval, MetaFile, Override, ResumeRecord, RunDir, Status};
 use crate::signals::{self, Interrupted, Stop};
@@ -70,8 +70,10 @@ pub fn train(
         let why = format!("{} twice: quit at once (the previous checkpoint stays valid)", signals::name(sig));
         let _ = hook.ended(Status::Stopped, Some(why), None);
     })));
+    let task = Training { run, meta, config, placement, s };
     let phases = std::panic::AssertUnwindSafe(|| {
-        super::thread_pool(config.train.threads)?.install(|| phases(run, meta, config, placement, s))
+        super::thread_pool(config.train.threads)?
+            .install(|| backend::run(placement.device, placement.dtype, false, task)?)
     });
     let result = std::panic::catch_unwind(phases).unwrap_or_else(|panic| {
         let what = panic
@@ -123,7 +125,24 @@ struct Data {
     total: usize,
 }
 
-fn phases(
+/// A training session, run on whichever backend the placement chose.
+struct Training<'a> {
+    run: &'a RunDir,
+    meta: &'a MetaFile,
+    config: &'a Config,
+    placement: &'a Placement,
+    s: &'a Session,
+}
+
+impl Task for Training<'_> {
+    type Out = Result<Outcome>;
+    fn run<K: Kernels>(self, kernels: K) -> Result<Outcome> {
+        phases(kernels, self.run, self.meta, self.config, self.placement, self.s)
+    }
+}
+
+fn phases<K: Kernels>(
+    kernels: K,
     run: &RunDir,
     meta: &MetaFile,
     config: &Config,
@@ -137,7 +156,7 @@ fn phases(
         m.skipped_lines = skipped.count;
         m.skipped_line_numbers = skipped.first.clone();
     })?;
-    let (mut engine, mut state, restore_notes) = restore(run, meta, config, &data, s)?;
+    let (mut engine, mut state, restore_notes) = restore(kernels, run, meta, config, &data, s)?;
     meta.set_step(state.step);
     meta.update(|m| {
         m.status = Status::Running;
@@ -206,15 +225,16 @@ fn open_data(config: &Config, s: &Session) -> Result<Data> {
 
 /// The engine with the run's starting state: its newest intact checkpoint when resuming (the
 /// data checked against the checkpoint's fingerprints), else `from_weight` or a fresh init.
-fn restore(
+fn restore<K: Kernels>(
+    kernels: K,
     run: &RunDir,
     meta: &MetaFile,
     config: &Config,
     data: &Data,
     s: &Session,
-) -> Result<(Engine<Cpu>, TrainerState, Vec<String>)> {
+) -> Result<(Engine<K>, TrainerState, Vec<String>)> {
     let (b, t) = (config.train.batch_size, config.data.max_seq_len);
-    let mut engine = Engine::new(Cpu::new(), config.model.clone(), b, t)?;
+    let mut engine = Engine::new(kernels, config.model.clone(), b, t)?;
     let now = data.ds.fingerprint();
     let mut state = TrainerState {
         step: 0,
@@ -315,12 +335,12 @@ enum Steps {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_steps(
+fn train_steps<K: Kernels>(
     run: &RunDir,
     meta: &MetaFile,
     config: &Config,
     data: &mut Data,
-    engine: &mut Engine<Cpu>,
+    engine: &mut Engine<K>,
     state: &mut TrainerState,
     console: &mut Console,
     metrics: &mut MetricsWriter,
@@ -440,9 +460,9 @@ fn check_finite(run: &RunDir, loss: f64, grad_norm: f64, step: usize, log_interv
 
 /// Stops for signal `sig`: a checkpoint of the last complete step (none before the first), and
 /// how to continue.
-fn stop_here(
+fn stop_here<K: Kernels>(
     run: &RunDir,
-    engine: &Engine<Cpu>,
+    engine: &Engine<K>,
     state: &TrainerState,
     keep_last: usize,
     console: &mut Console,
@@ -462,12 +482,12 @@ fn stop_here(
 
 /// Export, the final evaluation and the summary.
 #[allow(clippy::too_many_arguments)]
-fn finish(
+fn finish<K: Kernels>(
     run: &RunDir,
     meta: &MetaFile,
     config: &Config,
     data: &Data,
-    engine: &mut Engine<Cpu>,
+    engine: &mut Engine<K>,
     state: &TrainerState,
     last_loss: Option<f64>,
     console: &mut Console,
@@ -519,9 +539,9 @@ fn finish(
 
 /// The newest checkpoint that reads back intact (checksums first); damaged ones are set aside
 /// (renamed `*.damaged`) with a note. Fails when the intact one's model differs from the run's.
-fn latest_checkpoint(
+fn latest_checkpoint<K: Kernels>(
     run: &RunDir,
-    engine: &Engine<Cpu>,
+    engine: &Engine<K>,
     notes: &mut Vec<String>,
 ) -> Result<Option<checkpoint::Loaded>> {
     for (_, dir) in checkpoint::list(&run.checkpoints_dir()).into_iter().rev() {
@@ -557,7 +577,7 @@ fn latest_checkpoint(
 
 /// Weights from an exported model folder (config.json + model.safetensors) or a
 /// `.safetensors` file.
-pub fn load_weights(path: &Path, engine: &Engine<Cpu>) -> Result<Vec<f32>> {
+pub fn load_weights<K: Kernels>(path: &Path, engine: &Engine<K>) -> Result<Vec<f32>> {
     let file = if path.is_dir() {
         let cfg = hf::read_config(&path.join("config.json"))?;
         let diff = checkpoint::model_diff(&cfg, &engine.config, "weights");
@@ -574,7 +594,7 @@ pub fn load_weights(path: &Path, engine: &Engine<Cpu>) -> Result<Vec<f32>> {
 
 /// `model/`: config.json, model.safetensors and tokenizer.json in the Hugging Face layout, each
 /// written atomically; config.json last, so its presence means the folder is complete.
-fn export(run: &RunDir, engine: &Engine<Cpu>, tokenizer: &Path, step: usize) -> Result<()> {
+fn export<K: Kernels>(run: &RunDir, engine: &Engine<K>, tokenizer: &Path, step: usize) -> Result<()> {
     let dir = run.model_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let weights = hf::encode_weights(&engine.layout, &engine.params_host())?;

@@ -33,13 +33,7 @@ pub struct Cpu {
     profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
 }
 
-/// Calls, seconds and FLOPs of one kernel (matrix products keyed by shape).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KernelTime {
-    pub calls: u64,
-    pub seconds: f64,
-    pub flops: f64,
-}
+pub use super::kernels::KernelTime;
 
 impl Cpu {
     pub fn new() -> Cpu {
@@ -51,21 +45,6 @@ impl Cpu {
         Cpu { profile: Some(Mutex::new(BTreeMap::new())), ..Cpu::default() }
     }
 
-    /// The recorded times, largest first.
-    pub fn profile(&self) -> Vec<(String, KernelTime)> {
-        let Some(p) = &self.profile else {
-            return Vec::new();
-        };
-        let mut v: Vec<_> = p.lock().unwrap_or_else(|e| e.into_inner()).clone().into_iter().collect();
-        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
-        v
-    }
-
-    pub fn reset_profile(&self) {
-        if let Some(p) = &self.profile {
-            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-    }
 
     fn timed<R>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> R) -> R {
         let Some(p) = &self.profile else { return f() };
@@ -280,6 +259,30 @@ impl Cpu {
 }
 
 impl Kernels for Cpu {
+    fn dtype(&self) -> crate::config::Dtype {
+        crate::config::Dtype::Float32
+    }
+
+    fn describe(&self) -> String {
+        format!("CPU ({} threads)", rayon::current_num_threads())
+    }
+
+    /// The recorded times, largest first.
+    fn profile(&self) -> Vec<(String, KernelTime)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = p.lock().unwrap_or_else(|e| e.into_inner()).clone().into_iter().collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        v
+    }
+
+    fn reset_profile(&self) {
+        if let Some(p) = &self.profile {
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
     type Buf = Vec<f32>;
     type Idx = Vec<i32>;
     type Acc = Vec<f64>;
@@ -769,11 +772,12 @@ impl Kernels for Cpu {
         );
     }
 
-    fn clip_coef(&self, acc: &mut Vec<f64>, sum_sq: usize, norm: usize, coef: usize, max_norm: f32) {
-        let n = acc[sum_sq].sqrt();
+    fn clip_coef(&self, acc: &mut Vec<f64>, sum_sq: usize, norm: usize, coef: usize, max_norm: f32, inv_scale: f64) {
+        let n = acc[sum_sq].sqrt() * inv_scale;
         acc[norm] = n;
         // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
-        acc[coef] = if max_norm > 0.0 { (max_norm as f64 / (n + 1e-6)).min(1.0) } else { 1.0 };
+        let clip = if max_norm > 0.0 { (max_norm as f64 / (n + 1e-6)).min(1.0) } else { 1.0 };
+        acc[coef] = clip * inv_scale;
     }
 
     fn adamw(

@@ -1,0 +1,642 @@
+// The CUDA engine's kernels (everything but the matrix products, which go to cuBLAS).
+// Compiled at run time with NVRTC for the device's architecture, once per process.
+//
+// Each kernel mirrors a method of the `Kernels` trait (src/engine/kernels.rs), whose CPU
+// implementation (src/engine/cpu/) is the reference; `minimind selftest --device cuda` checks
+// one against the other. Shapes: N rows, C channels, H/G query/key-value heads, D head dim,
+// V vocabulary, E experts, K experts per token. Row-major throughout.
+
+typedef long long i64;
+#define INF __int_as_float(0x7f800000)
+
+// ---------------------------------------------------------------------------------------
+// Reductions inside a block (blockDim.x a power of two, at most 1024).
+
+__device__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = threadIdx.x < warps ? shared[threadIdx.x] : 0.0f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    v = shared[0];
+    __syncthreads();
+    return v;
+}
+
+__device__ float block_max(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffff, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = threadIdx.x < warps ? shared[threadIdx.x] : -INF;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffff, v, o));
+    if (threadIdx.x == 0) shared[0] = v;
+    __syncthreads();
+    v = shared[0];
+    __syncthreads();
+    return v;
+}
+
+__device__ double block_sum_f64(double v, double* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = threadIdx.x < warps ? shared[threadIdx.x] : 0.0;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+    return v;  // valid in thread 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise
+
+extern "C" __global__ void fill_f32(float* x, float value, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) x[i] = value;
+}
+
+extern "C" __global__ void add_f32(float* out, const float* x, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) out[i] += x[i];
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedding: out[n] = emb[ids[n]]; backward adds in token order (one thread per column, so
+// the result does not depend on scheduling).
+
+extern "C" __global__ void embed_forward(float* out, const float* emb, const int* ids, int n, int c) {
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const float* src = emb + (i64)ids[row] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)row * c + j] = src[j];
+}
+
+extern "C" __global__ void embed_backward(float* demb, const float* dout, const int* ids, int n, int c) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    for (int row = 0; row < n; row++) demb[(i64)ids[row] * c + j] += dout[(i64)row * c + j];
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm: one block per row.
+
+extern "C" __global__ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int n, int c, float eps) {
+    __shared__ float shared[32];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const float* xr = x + (i64)row * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) ss += xr[j] * xr[j];
+    ss = block_sum(ss, shared);
+    float r = rsqrtf(ss / c + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) y[(i64)row * c + j] = w[j] * (xr[j] * r);
+}
+
+// dx += r w dy - r^3 (sum_j dy w x) / c * x, per row.
+extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
+    __shared__ float shared[32];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const float* dyr = dy + (i64)row * c;
+    const float* xr = x + (i64)row * c;
+    float gx = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) gx += dyr[j] * w[j] * xr[j];
+    gx = block_sum(gx, shared);
+    float r = rstd[row];
+    float k = r * r * r * gx / c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dx[(i64)row * c + j] += r * w[j] * dyr[j] - k * xr[j];
+}
+
+// dw[j] += sum_n dy x r, one thread per column walking the rows in order.
+extern "C" __global__ void rmsnorm_backward_dw(float* dw, const float* dy, const float* x, const float* rstd, int n, int c) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float acc = 0.0f;
+    for (int row = 0; row < n; row++) acc += dy[(i64)row * c + j] * x[(i64)row * c + j] * rstd[row];
+    dw[j] += acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE over `heads` vectors of size d per row; row n at position first + n % period.
+
+extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, int n, int heads, int d, int first, int period, int inverse) {
+    int half = d / 2;
+    i64 total = (i64)n * heads * half;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        int j = i % half;
+        i64 vec = i / half;
+        int row = vec / heads;
+        int p = first + row % period;
+        float* v = x + vec * d;
+        const float* cs = cosb + (i64)p * d;
+        const float* sn = sinb + (i64)p * d;
+        float a = v[j], b = v[j + half];
+        if (inverse) {
+            v[j] = a * cs[j] + b * sn[half + j];
+            v[j + half] = b * cs[half + j] - a * sn[j];
+        } else {
+            v[j] = a * cs[j] - b * sn[j];
+            v[j + half] = b * cs[half + j] + a * sn[half + j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal GQA attention, flash style: the [T, T] scores never exist. Forward: one warp per
+// (batch, head, query row), online softmax over the keys 0..=row, writing the output and the
+// row's log-sum-exp. q/out [B*T, H*D], k/v [B*T, G*D], lse [B*H*T]. D <= 256.
+
+#define MAX_D 256
+
+extern "C" __global__ void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= b * h * t) return;
+    int row = warp % t, hi = (warp / t) % h, bi = warp / (t * h);
+    int gi = hi / (h / g);
+    int hd = h * d, gd = g * d;
+    float scale = rsqrtf((float)d);
+    const float* qr = q + ((i64)bi * t + row) * hd + hi * d;
+    float qv[MAX_D / 32], acc[MAX_D / 32];
+    int per = (d + 31) / 32;
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        qv[e] = j < d ? qr[j] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = -INF, l = 0.0f;
+    for (int s = 0; s <= row; s++) {
+        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        float dot = 0.0f;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) dot += qv[e] * kr[j];
+        }
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+        float sc = dot * scale;
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), p = __expf(sc - mn);
+        l = l * corr + p;
+        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
+        }
+        m = mn;
+    }
+    float* orow = out + ((i64)bi * t + row) * hd + hi * d;
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        if (j < d) orow[j] = acc[e] / l;
+    }
+    if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m + logf(l);
+}
+
+// Backward, step 1: per query row, delta = sum_s P dP (= rowsum(dO * O)) and dq. One warp per
+// (batch, head, row); P is recomputed from the saved log-sum-exp.
+extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= b * h * t) return;
+    int row = warp % t, hi = (warp / t) % h, bi = warp / (t * h);
+    int gi = hi / (h / g);
+    int hd = h * d, gd = g * d;
+    float scale = rsqrtf((float)d);
+    i64 qoff = ((i64)bi * t + row) * hd + hi * d;
+    float L = lse[((i64)bi * h + hi) * t + row];
+    float qv[MAX_D / 32], dov[MAX_D / 32], acc[MAX_D / 32];
+    int per = (d + 31) / 32;
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        qv[e] = j < d ? q[qoff + j] : 0.0f;
+        dov[e] = j < d ? dout[qoff + j] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    // delta = sum_s P_s (dO . v_s)
+    float dl = 0.0f;
+    for (int s = 0; s <= row; s++) {
+        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        float qk = 0.0f, dv = 0.0f;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) { qk += qv[e] * kr[j]; dv += dov[e] * vr[j]; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            qk += __shfl_xor_sync(0xffffffff, qk, o);
+            dv += __shfl_xor_sync(0xffffffff, dv, o);
+        }
+        dl += __expf(qk * scale - L) * dv;
+    }
+    for (int s = 0; s <= row; s++) {
+        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        float qk = 0.0f, dv = 0.0f;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) { qk += qv[e] * kr[j]; dv += dov[e] * vr[j]; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            qk += __shfl_xor_sync(0xffffffff, qk, o);
+            dv += __shfl_xor_sync(0xffffffff, dv, o);
+        }
+        float ds = __expf(qk * scale - L) * (dv - dl);
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) acc[e] += scale * ds * kr[j];
+        }
+    }
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        if (j < d) dq[qoff + j] = acc[e];
+    }
+    if (lane == 0) delta[((i64)bi * h + hi) * t + row] = dl;
+}
+
+// Backward, step 2: per key row s of kv head gi, dk and dv gather from the query rows r >= s
+// of the group's heads, in a fixed order (no atomics). One warp per (batch, kv head, row).
+extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= b * g * t) return;
+    int s = warp % t, gi = (warp / t) % g, bi = warp / (t * g);
+    int hd = h * d, gd = g * d, per_group = h / g;
+    float scale = rsqrtf((float)d);
+    i64 koff = ((i64)bi * t + s) * gd + gi * d;
+    float kv[MAX_D / 32], vv[MAX_D / 32], dka[MAX_D / 32], dva[MAX_D / 32];
+    int per = (d + 31) / 32;
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        kv[e] = j < d ? k[koff + j] : 0.0f;
+        vv[e] = j < d ? v[koff + j] : 0.0f;
+        dka[e] = 0.0f;
+        dva[e] = 0.0f;
+    }
+    for (int hh = 0; hh < per_group; hh++) {
+        int hi = gi * per_group + hh;
+        for (int r = s; r < t; r++) {
+            i64 qoff = ((i64)bi * t + r) * hd + hi * d;
+            float qk = 0.0f, dpv = 0.0f;
+            for (int e = 0; e < per; e++) {
+                int j = lane + 32 * e;
+                if (j < d) { qk += q[qoff + j] * kv[e]; dpv += dout[qoff + j] * vv[e]; }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                qk += __shfl_xor_sync(0xffffffff, qk, o);
+                dpv += __shfl_xor_sync(0xffffffff, dpv, o);
+            }
+            i64 li = ((i64)bi * h + hi) * t + r;
+            float p = __expf(qk * scale - lse[li]);
+            float ds = p * (dpv - delta[li]);
+            for (int e = 0; e < per; e++) {
+                int j = lane + 32 * e;
+                if (j < d) {
+                    dka[e] += scale * ds * q[qoff + j];
+                    dva[e] += p * dout[qoff + j];
+                }
+            }
+        }
+    }
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        if (j < d) { dk[koff + j] = dka[e]; dv[koff + j] = dva[e]; }
+    }
+}
+
+// One decoding step: one warp per query head against `len` cached positions.
+extern "C" __global__ void attention_decode(float* out, const float* q, const float* k, const float* v, int len, int h, int g, int d) {
+    int hi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (hi >= h) return;
+    int gi = hi / (h / g);
+    int gd = g * d;
+    float scale = rsqrtf((float)d);
+    float qv[MAX_D / 32], acc[MAX_D / 32];
+    int per = (d + 31) / 32;
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        qv[e] = j < d ? q[hi * d + j] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = -INF, l = 0.0f;
+    for (int s = 0; s < len; s++) {
+        const float* kr = k + (i64)s * gd + gi * d;
+        float dot = 0.0f;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) dot += qv[e] * kr[j];
+        }
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+        float sc = dot * scale;
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), p = __expf(sc - mn);
+        l = l * corr + p;
+        const float* vr = v + (i64)s * gd + gi * d;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
+        }
+        m = mn;
+    }
+    for (int e = 0; e < per; e++) {
+        int j = lane + 32 * e;
+        if (j < d) out[hi * d + j] = acc[e] / l;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: gu rows are [gate (i) | up (i)].
+
+extern "C" __global__ void swiglu_forward(float* act, const float* gu, i64 rows, int i) {
+    i64 total = rows * i;
+    for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
+        i64 r = x / i;
+        int j = x % i;
+        float gv = gu[r * 2 * i + j], uv = gu[r * 2 * i + i + j];
+        act[x] = gv / (1.0f + __expf(-gv)) * uv;
+    }
+}
+
+extern "C" __global__ void swiglu_backward(float* dgu, const float* dact, const float* gu, i64 rows, int i) {
+    i64 total = rows * i;
+    for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
+        i64 r = x / i;
+        int j = x % i;
+        float gv = gu[r * 2 * i + j], uv = gu[r * 2 * i + i + j];
+        float sig = 1.0f / (1.0f + __expf(-gv));
+        float da = dact[x];
+        dgu[r * 2 * i + i + j] = da * gv * sig;
+        dgu[r * 2 * i + j] = da * uv * sig * (1.0f + gv * (1.0f - sig));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy, one block per row, in place: the row becomes scale * (softmax - onehot).
+
+extern "C" __global__ void cross_entropy(float* logits, float* losses, const int* targets, int rows, int vocab, float scale) {
+    __shared__ float shared[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    float* z = logits + (i64)row * vocab;
+    int target = targets[row];
+    if (target < 0) {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = 0.0f;
+        if (threadIdx.x == 0) losses[row] = 0.0f;
+        return;
+    }
+    float m = -INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, z[j]);
+    m = block_max(m, shared);
+    float zt = z[target] - m;
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += __expf(z[j] - m);
+    sum = block_sum(sum, shared);
+    float inv = scale / sum;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = __expf(z[j] - m) * inv;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        z[target] -= scale;
+        losses[row] = logf(sum) - zt;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The f64 accumulators.
+
+// acc[slot] = sum(x), one block.
+extern "C" __global__ void sum_to_acc(double* acc, int slot, const float* x, i64 n) {
+    __shared__ double shared[32];
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += (double)x[i];
+    s = block_sum_f64(s, shared);
+    if (threadIdx.x == 0) acc[slot] = s;
+}
+
+// partial[block] = sum of squares of this block's elements (grid-stride).
+extern "C" __global__ void sum_squares_partial(double* partial, const float* x, i64 n) {
+    __shared__ double shared[32];
+    double s = 0.0;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        double v = (double)x[i];
+        s += v * v;
+    }
+    s = block_sum_f64(s, shared);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// acc[slot] = sum(partial[0..parts]), in order.
+extern "C" __global__ void sum_partials(double* acc, int slot, const double* partial, int parts) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < parts; i++) s += partial[i];
+        acc[slot] = s;
+    }
+}
+
+extern "C" __global__ void zero_acc(double* acc, int from, int to) {
+    int i = from + threadIdx.x;
+    if (i < to) acc[i] = 0.0;
+}
+
+extern "C" __global__ void fold_acc(double* acc, int src, int dst, double div1, double div2) {
+    if (threadIdx.x == 0) acc[dst] += acc[src] / div1 / div2;
+}
+
+// PyTorch's clip_grad_norm_, on unscaled gradients (inv_scale undoes a loss scale).
+extern "C" __global__ void clip_coef(double* acc, int sum_sq, int norm, int coef, float max_norm, double inv_scale) {
+    if (threadIdx.x != 0) return;
+    double nrm = sqrt(acc[sum_sq]) * inv_scale;
+    acc[norm] = nrm;
+    double c = max_norm > 0.0f ? fmin((double)max_norm / (nrm + 1e-6), 1.0) : 1.0;
+    acc[coef] = c * inv_scale;
+}
+
+// AdamW over flat buffers; the gradients are consumed (left at zero).
+extern "C" __global__ void adamw(float* p, float* g, float* m, float* v, i64 n, float beta1, float beta2, float eps,
+                                 float step_size, float bc2_sqrt, float decay, const double* acc, int coef) {
+    float scale = (float)acc[coef];
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float gi = g[i] * scale;
+        g[i] = 0.0f;
+        float pi = p[i] * decay;
+        float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mixture of experts. Routing: softmax scores, top-k (highest first, ties to the lower
+// index), normalised weights; then a stable counting sort of the N*K slots by expert.
+
+extern "C" __global__ void moe_topk(float* scores, int* expert, float* weight, const float* logits, int n, int e, int k, int norm_topk) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= n) return;
+    const float* z = logits + (i64)tok * e;
+    float* s = scores + (i64)tok * e;
+    float m = -INF;
+    for (int x = 0; x < e; x++) m = fmaxf(m, z[x]);
+    float sum = 0.0f;
+    for (int x = 0; x < e; x++) { s[x] = __expf(z[x] - m); sum += s[x]; }
+    for (int x = 0; x < e; x++) s[x] /= sum;
+    float wsum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int x = 0; x < e; x++) {
+            bool taken = false;
+            for (int q = 0; q < j; q++) taken |= expert[(i64)tok * k + q] == x;
+            if (!taken && (best < 0 || s[x] > s[best])) best = x;
+        }
+        expert[(i64)tok * k + j] = best;
+        weight[(i64)tok * k + j] = s[best];
+        wsum += s[best];
+    }
+    if (k > 1 && norm_topk)
+        for (int j = 0; j < k; j++) weight[(i64)tok * k + j] /= wsum + 1e-20f;
+}
+
+// One block: each thread owns a contiguous run of slots, counts it per expert, then writes it
+// in order after an exclusive prefix over (expert, thread): stable in slot order. The shared
+// memory holds blockDim.x * e counters.
+extern "C" __global__ void moe_dispatch(int* pos, int* rows, int* offsets, const int* expert, int slots, int e, int k) {
+    extern __shared__ int counts[];  // [e][blockDim.x]
+    int tid = threadIdx.x, nt = blockDim.x;
+    int per = (slots + nt - 1) / nt;
+    int lo = min(tid * per, slots), hi = min(lo + per, slots);
+    for (int x = 0; x < e; x++) counts[x * nt + tid] = 0;
+    for (int i = lo; i < hi; i++) counts[expert[i] * nt + tid]++;
+    __syncthreads();
+    if (tid == 0) {
+        int run = 0;
+        for (int x = 0; x < e; x++) {
+            offsets[x] = run;
+            for (int q = 0; q < nt; q++) {
+                int c = counts[x * nt + q];
+                counts[x * nt + q] = run;
+                run += c;
+            }
+        }
+        offsets[e] = run;
+    }
+    __syncthreads();
+    for (int i = lo; i < hi; i++) {
+        int x = expert[i];
+        int p = counts[x * nt + tid]++;
+        pos[i] = p;
+        rows[p] = i / k;
+    }
+}
+
+// The aux loss and its (constant per sequence and expert) gradient wrt the scores:
+// seq_aux: c[b,e] = count(e in sequence b) * E / (T*K), aux = alpha mean_b sum_e c * mean_t s,
+// grad = alpha c / (B*T); else over all tokens. One thread per (row of aux_grad, expert);
+// then thread 0 of block 0 sums the terms in order into acc[slot] (after a grid-wide pass in
+// a second launch, moe_aux_sum).
+extern "C" __global__ void moe_aux_terms(float* aux_grad, double* terms, const float* scores, const int* expert, int b, int t, int e, int k, float alpha, int seq_aux) {
+    int id = blockIdx.x * blockDim.x + threadIdx.x;
+    int groups = seq_aux ? b : 1;
+    if (id >= groups * e) return;
+    int grp = id / e, x = id % e;
+    int tokens = seq_aux ? t : b * t;
+    i64 first = seq_aux ? (i64)grp * t : 0;
+    int count = 0;
+    for (i64 slot = first * k; slot < (first + tokens) * k; slot++) count += expert[slot] == x;
+    double mean_s = 0.0;
+    for (i64 tok = first; tok < first + tokens; tok++) mean_s += (double)scores[tok * e + x];
+    mean_s /= tokens;
+    float c = seq_aux ? count * (float)e / (t * k) : count / (float)(tokens * k) * e;
+    aux_grad[id] = alpha * c / (seq_aux ? (float)(b * t) : (float)tokens);
+    terms[id] = (double)c * mean_s;
+}
+
+extern "C" __global__ void moe_aux_sum(double* acc, int slot, const double* terms, int count, double divisor, float alpha) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double total = 0.0;
+    for (int i = 0; i < count; i++) total += terms[i];
+    acc[slot] += (double)((float)(total / divisor) * alpha);
+}
+
+// out[i] = x[rows[i]], rows of width c.
+extern "C" __global__ void gather_rows(float* out, const float* x, const int* rows, int count, int c) {
+    int i = blockIdx.x;
+    if (i >= count) return;
+    const float* src = x + (i64)rows[i] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)i * c + j] = src[j];
+}
+
+// out[n] (+)= sum_j w * y[pos[n*k + j]], in slot order.
+extern "C" __global__ void combine_rows(float* out, const float* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate) {
+    int row = blockIdx.x;
+    if (row >= n) return;
+    for (int col = threadIdx.x; col < c; col += blockDim.x) {
+        float acc = accumulate ? out[(i64)row * c + col] : 0.0f;
+        for (int j = 0; j < k; j++) {
+            int p = pos[(i64)row * k + j];
+            float w = weighted ? weight[(i64)row * k + j] : 1.0f;
+            acc += w * y[(i64)p * c + col];
+        }
+        out[(i64)row * c + col] = acc;
+    }
+}
+
+// out[s] = <dy[s / k], y[pos[s]]>, one block per slot.
+extern "C" __global__ void slot_dots(float* out, const float* dy, const float* y, const int* pos, int slots, int k, int c) {
+    __shared__ float shared[32];
+    int s = blockIdx.x;
+    if (s >= slots) return;
+    const float* a = dy + (i64)(s / k) * c;
+    const float* b = y + (i64)pos[s] * c;
+    float acc = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) acc += a[j] * b[j];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) out[s] = acc;
+}
+
+// out[pos[s]] = weight[s] * dy[s / k].
+extern "C" __global__ void spread_rows(float* out, const float* dy, const int* pos, const float* weight, int slots, int k, int c) {
+    int s = blockIdx.x;
+    if (s >= slots) return;
+    const float* src = dy + (i64)(s / k) * c;
+    float w = weight[s];
+    float* dst = out + (i64)pos[s] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = w * src[j];
+}
+
+// Router-logit gradients from the slot-weight gradients, plus the aux term; one thread per
+// token. MAX_E experts at most.
+#define MAX_E 256
+extern "C" __global__ void moe_router_backward(float* dlogits, const float* scores, const int* expert, const float* weight, const float* slot_dw, const float* aux_grad,
+                                              int n, int t, int e, int k, int norm_topk, int seq_aux, int has_aux, float aux_scale) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= n) return;
+    float ds[MAX_E];
+    const float* s = scores + (i64)tok * e;
+    for (int x = 0; x < e; x++) ds[x] = 0.0f;
+    const int* chosen = expert + (i64)tok * k;
+    const float* dw = slot_dw + (i64)tok * k;
+    if (k > 1 && norm_topk) {
+        float sum = 1e-20f, dot = 0.0f;
+        for (int j = 0; j < k; j++) sum += s[chosen[j]];
+        for (int j = 0; j < k; j++) dot += dw[j] * weight[(i64)tok * k + j];
+        for (int j = 0; j < k; j++) ds[chosen[j]] += (dw[j] - dot) / sum;
+    } else {
+        for (int j = 0; j < k; j++) ds[chosen[j]] += dw[j];
+    }
+    if (has_aux) {
+        const float* ag = aux_grad + (seq_aux ? (i64)(tok / t) * e : 0);
+        for (int x = 0; x < e; x++) ds[x] += ag[x] * aux_scale;
+    }
+    float dot = 0.0f;
+    for (int x = 0; x < e; x++) dot += ds[x] * s[x];
+    for (int x = 0; x < e; x++) dlogits[(i64)tok * e + x] = s[x] * (ds[x] - dot);
+}

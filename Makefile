@@ -17,8 +17,12 @@ run: build
 sweep: build
 	$(BIN) run $(SWEEP)
 
+# The CPU suite, then the `cuda` feature: its build, its kernels compiled with NVRTC (found on
+# LD_LIBRARY_PATH; .ci/run installs it) and the CLI's behaviour without a GPU.
 test:
 	$(CARGO) test
+	$(CARGO) test --features cuda --lib cuda
+	$(CARGO) test --features cuda --test cli cuda
 
 bench: build
 	$(BIN) bench $(EXP)
@@ -29,4 +33,5 @@ schema:
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test
+	$(CARGO) clippy --all-targets --features cuda -- -D warnings
+	$(MAKE) test

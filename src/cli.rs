@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Assign, ConfigError, ConfigErrors, PlannedRun};
+use crate::config::{self, Assign, ConfigError, ConfigErrors, Device, PlannedRun};
 use crate::cost::{self, Cost};
 use crate::metrics::{human, say};
 use crate::run_dir;
@@ -121,6 +121,9 @@ enum Command {
         /// Print `{"loss": ..., "tokens": ...}`.
         #[arg(long)]
         json: bool,
+        /// Where to run: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: Device,
     },
     /// Sample text from a trained model: a run folder (its export, or its newest checkpoint) or a model folder.
     Generate {
@@ -144,6 +147,9 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Where to run: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: Device,
     },
     /// Show the expanded runs: tag, overrides, parameters, tokens per step, memory, FLOPs, time.
     Plan {
@@ -172,6 +178,15 @@ enum Command {
     },
     /// Print the JSON schema of experiment files.
     Schema,
+    /// Check a device's kernels against the CPU's, then the PyTorch fixtures on it.
+    Selftest {
+        /// The device to check: cpu (against itself on one thread) or cuda / cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// The PyTorch reference fixtures (dense_tiny, moe_tiny, dense_songci).
+        #[arg(long, default_value = "../shared/fixtures")]
+        fixtures: PathBuf,
+    },
     /// Training throughput of the configured model on synthetic tokens.
     Bench {
         /// Experiment file (TOML).
@@ -264,7 +279,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let outcome = runner::resume(&run_dir, &sets, allow_data_change, session)?;
             Ok(ExitCode::from(runner::exit_code(outcome)))
         }
-        Command::Eval { hf_dir, data, seq_len, batch_size, batches, tokenizer, skip_bad_lines, json } => {
+        Command::Eval {
+            hf_dir,
+            data,
+            seq_len,
+            batch_size,
+            batches,
+            tokenizer,
+            skip_bad_lines,
+            json,
+            device,
+        } => {
+            let device = device_arg(device)?;
             let (r, skipped) = crate::eval::eval_dir(
                 &hf_dir,
                 &data,
@@ -273,6 +299,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 batch_size,
                 batches,
                 skip_bad_lines,
+                device,
             )?;
             if let Some(s) = skipped.describe() {
                 crate::metrics::warn(&s);
@@ -284,9 +311,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { dir, prompt, max_new_tokens, temperature, top_p, top_k, seed } => {
+        Command::Generate { dir, prompt, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+            let device = device_arg(device)?;
             let opts = crate::generate::Sampling { max_new_tokens, temperature, top_p, top_k, seed };
-            crate::generate::run(&dir, &prompt, &opts)?;
+            crate::generate::run(&dir, &prompt, &opts, device)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, set } => {
@@ -346,11 +374,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Selftest { device, fixtures } => {
+            let device = device_arg(device)?;
+            crate::selftest::run(device, &fixtures)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             print!("{}", config::schema_json());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The device a `--device` argument resolves to here; a GPU that cannot be used is a usage
+/// error (exit 2).
+fn device_arg(requested: Device) -> Result<Device, ConfigError> {
+    crate::train::choose_device(requested)
+        .map(|(device, _)| device)
+        .map_err(|why| ConfigError::new(config::Origin::Arg(format!("--device {requested}")), None, why))
 }
 
 /// Every `--set` argument parsed; all bad ones reported together.

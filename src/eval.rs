@@ -8,9 +8,11 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Device, Dtype};
 use crate::data::jsonl::{Lines, parse_line};
 use crate::data::{Skipped, Tok, encode_row};
-use crate::engine::{Engine, Kernels};
+use crate::engine::backend::{self, Task};
+use crate::engine::{Engine, Kernels, Layout};
 
 /// An evaluation result, as `--json` prints it and meta.json records it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -79,7 +81,9 @@ pub fn mean_loss<K: Kernels>(
     EvalResult { loss: sum / count.max(1) as f64, tokens: count }
 }
 
-/// `minimind eval`: a Hugging Face style folder on the first `batches x b` rows of `data`.
+/// `minimind eval`: a Hugging Face style folder on the first `batches x b` rows of `data`,
+/// on `device` (float32).
+#[allow(clippy::too_many_arguments)]
 pub fn eval_dir(
     dir: &Path,
     data: &Path,
@@ -88,6 +92,7 @@ pub fn eval_dir(
     b: usize,
     batches: usize,
     skip_bad_lines: bool,
+    device: Device,
 ) -> Result<(EvalResult, Skipped)> {
     if t < 2 || b == 0 || batches == 0 {
         bail!("--seq-len must be at least 2, --batch-size and --batches at least 1");
@@ -95,13 +100,34 @@ pub fn eval_dir(
     let cfg = crate::engine::hf::read_config(&dir.join("config.json"))?;
     let tok_path = tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
     let tok = Tok::load(&tok_path)?;
-    let mut engine = Engine::for_inference(crate::engine::cpu::Cpu::new(), cfg, b, t)?;
     let weights_path = dir.join("model.safetensors");
     let bytes =
         std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
-    let weights = crate::engine::hf::read_weights(&bytes, &engine.layout)
+    let weights = crate::engine::hf::read_weights(&bytes, &Layout::new(&cfg))
         .with_context(|| format!("loading {}", weights_path.display()))?;
-    engine.set_params(&weights);
     let (ids, targets, skipped) = first_rows(data, &tok, t, b * batches, skip_bad_lines)?;
-    Ok((mean_loss(&mut engine, &ids, &targets, b, t), skipped))
+    let task = Eval { cfg, weights: &weights, ids: &ids, targets: &targets, b, t };
+    let result = backend::run(device, Dtype::Float32, false, task)??;
+    Ok((result, skipped))
+}
+
+/// The evaluation, on whichever backend runs it.
+struct Eval<'a> {
+    cfg: crate::config::ModelConfig,
+    weights: &'a [f32],
+    ids: &'a [u32],
+    targets: &'a [i32],
+    b: usize,
+    t: usize,
+}
+
+impl Task for Eval<'_> {
+    type Out = Result<EvalResult>;
+    fn run<K: Kernels>(self, kernels: K) -> Result<EvalResult> {
+        let mut engine = Engine::for_inference(kernels, self.cfg, self.b, self.t)?;
+        engine.set_params(self.weights);
+        let r = mean_loss(&mut engine, self.ids, self.targets, self.b, self.t);
+        engine.kernels.check()?;
+        Ok(r)
+    }
 }

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::ModelConfig;
+use crate::config::{Device, Dtype, ModelConfig};
 use crate::data::Tok;
-use crate::engine::cpu::Cpu;
+use crate::engine::backend::{self, Task};
 use crate::engine::layout::Layout;
-use crate::engine::{Engine, SplitMix64, hf};
+use crate::engine::{Engine, Kernels, SplitMix64, hf};
 
 #[derive(Clone, Debug)]
 pub struct Sampling {
@@ -66,47 +66,67 @@ fn load(dir: &Path) -> Result<Loaded> {
     )
 }
 
-pub fn run(dir: &Path, prompt: &str, s: &Sampling) -> Result<()> {
-    let Loaded { cfg, tok, params } = load(dir)?;
-    let mut prompt_ids = vec![tok.bos];
-    prompt_ids.extend(tok.encode(prompt)?);
-    let max_len = (prompt_ids.len() + s.max_new_tokens).min(cfg.max_position_embeddings);
-    if prompt_ids.len() >= max_len {
-        bail!("the prompt has {} tokens, as many as the model's max_position_embeddings", prompt_ids.len());
-    }
-    let vocab = cfg.vocab_size;
-    let mut engine = Engine::for_inference(Cpu::new(), cfg, 1, 1)?;
-    engine.set_params(&params);
-    let mut cache = engine.kv_cache(max_len);
-    let mut rng = SplitMix64::new(s.seed);
-    let mut logits = vec![0.0; vocab];
-    for &id in &prompt_ids {
-        engine.decode(&mut cache, id, &mut logits);
-    }
-    print!("{prompt}");
-    let mut out_ids: Vec<u32> = Vec::new();
-    let mut printed = 0;
-    let stdout = std::io::stdout();
-    while out_ids.len() < s.max_new_tokens {
-        let next = sample(&mut logits, s, &mut rng);
-        if next == tok.eos {
-            break;
+/// Samples a continuation of `prompt` on `device`, streaming it to stdout.
+pub fn run(dir: &Path, prompt: &str, s: &Sampling, device: Device) -> Result<()> {
+    let loaded = load(dir)?;
+    backend::run(device, Dtype::Float32, false, Generate { loaded, prompt, s })?
+}
+
+/// Generation, on whichever backend runs it.
+struct Generate<'a> {
+    loaded: Loaded,
+    prompt: &'a str,
+    s: &'a Sampling,
+}
+
+impl Task for Generate<'_> {
+    type Out = Result<()>;
+    fn run<K: Kernels>(self, kernels: K) -> Result<()> {
+        let Generate { loaded: Loaded { cfg, tok, params }, prompt, s } = self;
+        let mut prompt_ids = vec![tok.bos];
+        prompt_ids.extend(tok.encode(prompt)?);
+        let max_len = (prompt_ids.len() + s.max_new_tokens).min(cfg.max_position_embeddings);
+        if prompt_ids.len() >= max_len {
+            bail!(
+                "the prompt has {} tokens, as many as the model's max_position_embeddings",
+                prompt_ids.len()
+            );
         }
-        out_ids.push(next);
-        let text = tok.decode(&out_ids)?;
-        // Print only whole characters (a byte-level token may end mid-character).
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            print!("{}", &text[printed..]);
-            let _ = stdout.lock().flush();
-            printed = text.len();
+        let vocab = cfg.vocab_size;
+        let mut engine = Engine::for_inference(kernels, cfg, 1, 1)?;
+        engine.set_params(&params);
+        let mut cache = engine.kv_cache(max_len);
+        let mut rng = SplitMix64::new(s.seed);
+        let mut logits = vec![0.0; vocab];
+        for &id in &prompt_ids {
+            engine.decode(&mut cache, id, &mut logits);
         }
-        if cache.len >= max_len {
-            break;
+        engine.kernels.check()?;
+        print!("{prompt}");
+        let mut out_ids: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        let stdout = std::io::stdout();
+        while out_ids.len() < s.max_new_tokens {
+            let next = sample(&mut logits, s, &mut rng);
+            if next == tok.eos {
+                break;
+            }
+            out_ids.push(next);
+            let text = tok.decode(&out_ids)?;
+            // Print only whole characters (a byte-level token may end mid-character).
+            if !text.ends_with('\u{FFFD}') && text.len() > printed {
+                print!("{}", &text[printed..]);
+                let _ = stdout.lock().flush();
+                printed = text.len();
+            }
+            if cache.len >= max_len {
+                break;
+            }
+            engine.decode(&mut cache, next, &mut logits);
         }
-        engine.decode(&mut cache, next, &mut logits);
+        println!();
+        engine.kernels.check()
     }
-    println!();
-    Ok(())
 }
 
 /// Temperature, top-k, top-p, then a draw. Temperature 0 is greedy.

@@ -12,5 +12,6 @@ pub mod generate;
 pub mod metrics;
 pub mod run_dir;
 pub mod runner;
+pub mod selftest;
 pub mod signals;
 pub mod train;

@@ -16,6 +16,8 @@ pub enum Origin {
     Env(String),
     /// A `--set key=value` argument, as given.
     Set(String),
+    /// A command-line argument other than `--set`, as given.
+    Arg(String),
     /// A sweep point of a file.
     Sweep { path: PathBuf, tag: String },
     /// Computed from other values.
@@ -37,6 +39,7 @@ impl fmt::Display for Origin {
             Origin::FileOnly(path) => write!(f, "{}", path.display()),
             Origin::Env(var) => write!(f, "environment variable {var}"),
             Origin::Set(arg) => write!(f, "--set {arg}"),
+            Origin::Arg(arg) => write!(f, "{arg}"),
             Origin::Sweep { path, tag } => write!(f, "sweep point {tag} of {}", path.display()),
             Origin::Derived => write!(f, "derived"),
         }

@@ -148,6 +148,10 @@ pub trait Kernels: Sync {
     fn check(&self) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Device memory free now, in bytes (`None`: the host's memory, checked elsewhere).
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
     /// Calls, seconds and FLOPs per kernel, when the backend was built to profile.
     fn profile(&self) -> Vec<(String, KernelTime)> {
         Vec::new()
@@ -358,7 +362,15 @@ pub trait Kernels: Sync {
     /// `acc[coef] = min(max_norm / (norm + 1e-6), 1) * inv_scale` (the clip factor 1 when
     /// `max_norm` is 0), the factor AdamW applies to every gradient.
     #[allow(clippy::too_many_arguments)]
-    fn clip_coef(&self, acc: &mut Self::Acc, sum_sq: usize, norm: usize, coef: usize, max_norm: f32, inv_scale: f64);
+    fn clip_coef(
+        &self,
+        acc: &mut Self::Acc,
+        sum_sq: usize,
+        norm: usize,
+        coef: usize,
+        max_norm: f32,
+        inv_scale: f64,
+    );
     /// One AdamW step over flat buffers (decoupled decay, bias correction), every gradient
     /// first multiplied by `acc[coef]`. Consumes the gradients: `g` is left at zero, ready for
     /// the next step (saves a pass over memory).

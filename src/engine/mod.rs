@@ -6,6 +6,7 @@
 //! D head dim, I feed-forward width, V vocabulary, E experts, K experts per token.
 
 pub mod backend;
+pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -15,13 +16,15 @@ pub mod kernels;
 pub mod layout;
 pub(crate) mod model;
 pub(crate) mod moe;
+pub mod scaler;
 
 pub use kernels::{AdamW, Gemm, KernelTime, Kernels};
 pub use layout::Layout;
 pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{Dtype, ModelConfig, TrainConfig};
 use model::{Model, Workspace, acc};
+pub use scaler::LossScaler;
 
 /// Optimiser settings, built from the `[train]` section.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,6 +72,10 @@ pub struct Engine<K: Kernels> {
     grads_zero: bool,
     /// Has gradients and optimiser state (not built by `for_inference`).
     trainable: bool,
+    /// Dynamic loss scaling, when the kernels compute in float16.
+    pub scaler: Option<LossScaler>,
+    /// The last update was skipped (float16: gradients not finite).
+    skipped: bool,
 }
 
 /// The numbers of the optimiser step just taken, read from the device.
@@ -80,6 +87,8 @@ pub struct StepStats {
     pub aux: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// float16: the update was skipped (its gradients overflowed) and the loss scale halved.
+    pub skipped: bool,
 }
 
 impl<K: Kernels> Engine<K> {
@@ -115,6 +124,7 @@ impl<K: Kernels> Engine<K> {
         let layout = Layout::new(&config);
         let total = layout.total;
         let ws = Workspace::new(&kernels, &config, batch, seq, keep);
+        let kernels_dtype = kernels.dtype();
         Ok(Engine {
             params: kernels.alloc(total),
             grads: kernels.alloc(total),
@@ -131,6 +141,8 @@ impl<K: Kernels> Engine<K> {
             step: 0,
             grads_zero: true,
             trainable: true,
+            scaler: (kernels_dtype == Dtype::Float16).then(LossScaler::default),
+            skipped: false,
         })
     }
 
@@ -231,6 +243,8 @@ impl<K: Kernels> Engine<K> {
     /// totals on the device. Nothing is read back.
     pub fn accumulate(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32, accumulation: usize) {
         assert!(self.trainable, "an inference engine has no gradients");
+        // float16: the gradients carry the loss scale until the update divides it out.
+        let grad_scale = grad_scale * self.scaler.map_or(1.0, |s| s.scale);
         let (n, kept) = self.load_batch(ids, Some(targets));
         self.grads_zero = false;
         let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
@@ -313,7 +327,22 @@ impl<K: Kernels> Engine<K> {
         let n = self.layout.total;
         let k = &self.kernels;
         k.sum_squares_to_acc(&mut self.acc, acc::SUM_SQ, k.view(&self.grads, 0..n));
-        k.clip_coef(&mut self.acc, acc::SUM_SQ, acc::NORM, acc::COEF, o.grad_clip, 1.0);
+        let mut inv_scale = 1.0;
+        if let Some(mut scaler) = self.scaler {
+            // GradScaler: a step with overflowed gradients is skipped (a read per step, as
+            // PyTorch's). Only float16 pays it. The gradients carry the scale that was in
+            // effect while they accumulated (`self.scaler` until it is replaced below).
+            let finite = self.read_acc()[acc::SUM_SQ].is_finite();
+            self.skipped = !scaler.update(!finite);
+            inv_scale = 1.0 / self.scaler.map_or(1.0, |s| s.scale) as f64;
+            self.scaler = Some(scaler);
+            if self.skipped {
+                k.fill(k.view_mut(&mut self.grads, 0..n), 0.0);
+                self.grads_zero = true;
+                return;
+            }
+        }
+        k.clip_coef(&mut self.acc, acc::SUM_SQ, acc::NORM, acc::COEF, o.grad_clip, inv_scale);
         self.step += 1;
         let h = AdamW {
             lr,
@@ -345,7 +374,8 @@ impl<K: Kernels> Engine<K> {
     /// the device (the one wait for it: at log intervals and before checkpoints).
     pub fn step_stats(&self) -> StepStats {
         let a = self.read_acc();
-        StepStats { lm: a[acc::STEP_LM], aux: a[acc::STEP_AUX], grad_norm: a[acc::NORM] }
+        let grad_norm = if self.skipped { f64::NAN } else { a[acc::NORM] };
+        StepStats { lm: a[acc::STEP_LM], aux: a[acc::STEP_AUX], grad_norm, skipped: self.skipped }
     }
 }
 

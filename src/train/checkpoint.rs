@@ -38,6 +38,9 @@ pub struct TrainerState {
     /// The data, tokenizer and tokens trained on (absent in checkpoints of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Fingerprint>,
+    /// float16's dynamic loss scale (none in other precisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::engine::LossScaler>,
 }
 
 pub fn dir_name(step: usize) -> String {
@@ -119,7 +122,8 @@ pub fn save<K: Kernels>(
             Some([("adam_step".to_string(), engine.step.to_string())].into()),
         )?;
         drop((m, v));
-        let state_json = serde_json::to_vec_pretty(state)?;
+        let state_json =
+            serde_json::to_vec_pretty(&TrainerState { loss_scale: engine.scaler, ..state.clone() })?;
         let mut marker = String::new();
         for (name, bytes) in FILES.iter().zip([&model, &optim, &state_json]) {
             write_synced(&tmp.join(name), bytes)?;

@@ -32,48 +32,22 @@ fn dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-
 /// Decides device and dtype: `auto` is the first GPU when a driver and a GPU are found, else
 /// the CPU (saying why); on the CPU bfloat16/float16 train in float32 (as MiniMind does on a
 /// CPU) with one warning naming the key and where it was set. A GPU that cannot be used is a
 /// config error at the origin of `train.device`. `origin` says where a key's value came from.
 pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placement, ConfigError> {
     let mut notes = Vec::new();
-    let device = match t.device {
-        Device::Cpu => Device::Cpu,
-        Device::Auto => match crate::engine::gpu::probe() {
-            Ok(gpus) => {
-                notes.push(format!("train.device = \"auto\": training on cuda:0 ({})", gpus.names[0]));
-                Device::Cuda(0)
+    let device = match choose_device(t.device) {
+        Ok((device, what)) => {
+            if t.device != Device::Cpu {
+                notes.push(format!("train.device = \"{}\": training on {what}", t.device));
             }
-            Err(why) => {
-                let why = why.lines().next().unwrap_or_default().to_string();
-                notes.push(format!("train.device = \"auto\": training on the CPU; {why}"));
-                Device::Cpu
-            }
-        },
-        Device::Cuda(n) => {
-            let err = |msg: String| {
-                ConfigError::new(origin("train.device"), Some("train.device"), msg)
-                    .hint("set train.device = \"auto\" (a GPU when there is one, else the CPU) or \"cpu\"")
-            };
-            match crate::engine::gpu::probe() {
-                Err(why) => return Err(err(format!("\"{}\": {why}", t.device))),
-                Ok(gpus) if n >= gpus.names.len() => {
-                    let list: Vec<String> =
-                        gpus.names.iter().enumerate().map(|(i, name)| format!("cuda:{i} {name}")).collect();
-                    return Err(err(format!(
-                        "\"{}\": this machine has {} GPU(s): {}",
-                        t.device,
-                        gpus.names.len(),
-                        list.join(", ")
-                    )));
-                }
-                Ok(gpus) => {
-                    notes.push(format!("training on cuda:{n} ({})", gpus.names[n]));
-                    Device::Cuda(n)
-                }
-            }
+            device
+        }
+        Err(why) => {
+            return Err(ConfigError::new(origin("train.device"), Some("train.device"), why)
+                .hint("set train.device = \"auto\" (a GPU when there is one, else the CPU) or \"cpu\""));
         }
     };
     let dtype = match device {
@@ -90,6 +64,32 @@ pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placeme
         }
     };
     Ok(Placement { device, dtype, notes })
+}
+
+/// The device `requested` resolves to on this machine and what it is ("cuda:0 (NVIDIA
+/// H200)", "the CPU; this build has no CUDA engine ..."); or why a requested GPU cannot be
+/// used. Shared by training, `eval` and `generate`.
+pub fn choose_device(requested: Device) -> Result<(Device, String), String> {
+    match requested {
+        Device::Cpu => Ok((Device::Cpu, "the CPU".into())),
+        Device::Auto => Ok(match crate::engine::gpu::probe() {
+            Ok(gpus) => (Device::Cuda(0), format!("cuda:0 ({})", gpus.names[0])),
+            Err(why) => (Device::Cpu, format!("the CPU; {}", why.lines().next().unwrap_or_default())),
+        }),
+        Device::Cuda(n) => match crate::engine::gpu::probe() {
+            Err(why) => Err(format!("\"{requested}\": {why}")),
+            Ok(gpus) if n >= gpus.names.len() => {
+                let list: Vec<String> =
+                    gpus.names.iter().enumerate().map(|(i, name)| format!("cuda:{i} {name}")).collect();
+                Err(format!(
+                    "\"{requested}\": this machine has {} GPU(s): {}",
+                    gpus.names.len(),
+                    list.join(", ")
+                ))
+            }
+            Ok(gpus) => Ok((Device::Cuda(n), format!("cuda:{n} ({})", gpus.names[n]))),
+        },
+    }
 }
 
 /// How meta.json records a placement: requested and effective, for device and dtype.

@@ -156,8 +156,12 @@ fn phases<K: Kernels>(
         m.skipped_lines = skipped.count;
         m.skipped_line_numbers = skipped.first.clone();
     })?;
+    let device = kernels.describe();
     let (mut engine, mut state, restore_notes) = restore(kernels, run, meta, config, &data, s)?;
     meta.set_step(state.step);
+    if matches!(placement.device, crate::config::Device::Cuda(_)) {
+        meta.update(|m| m.gpu = Some(device.clone()))?;
+    }
     meta.update(|m| {
         m.status = Status::Running;
         (m.ended_at, m.error, m.reason) = (None, None, None);
@@ -234,6 +238,18 @@ fn restore<K: Kernels>(
     s: &Session,
 ) -> Result<(Engine<K>, TrainerState, Vec<String>)> {
     let (b, t) = (config.train.batch_size, config.data.max_seq_len);
+    if let Some(free) = kernels.free_memory() {
+        let m = crate::cost::memory(&config.model, b, t);
+        let need = m.weights + m.gradients + m.moments + m.activations;
+        if need > free as f64 {
+            bail!(
+                "this run needs about {}B of device memory, {} has {}B free\n  hint: lower train.batch_size ({b}) or data.max_seq_len ({t})",
+                human(need),
+                kernels.describe(),
+                human(free as f64)
+            );
+        }
+    }
     let mut engine = Engine::new(kernels, config.model.clone(), b, t)?;
     let now = data.ds.fingerprint();
     let mut state = TrainerState {
@@ -244,6 +260,7 @@ fn restore<K: Kernels>(
         elapsed_s: 0.0,
         model: config.model.clone(),
         data: Some(now.clone()),
+        loss_scale: None,
     };
     let mut notes = Vec::new();
     let mut data_changes = Vec::new();
@@ -278,6 +295,9 @@ fn restore<K: Kernels>(
             engine.set_params(&ck.params);
             engine.set_moments(&ck.exp_avg, &ck.exp_avg_sq);
             engine.step = ck.adam_step;
+            if engine.scaler.is_some() {
+                engine.scaler = ck.state.loss_scale.or(engine.scaler);
+            }
             state = TrainerState { data: Some(now), ..ck.state };
             notes.push(format!("resuming from {} (step {})", ck.dir.display(), state.step));
         }
@@ -411,8 +431,17 @@ fn train_steps<K: Kernels>(
             continue;
         }
         let stats = engine.step_stats();
+        engine.kernels.check()?;
         let loss = stats.lm + stats.aux;
-        check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
+        if stats.skipped {
+            let scale = engine.scaler.map_or(1.0, |s| s.scale);
+            console.line(&format!(
+                "step {}: float16 gradients overflowed: update skipped, loss scale now {scale}",
+                state.step
+            ));
+        } else {
+            check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
+        }
         last_loss = Some(loss);
         if log_now {
             let dt = last_log.elapsed().as_secs_f64().max(1e-9);

@@ -458,3 +458,44 @@ fn plan_dry_run_and_the_run_header_show_the_cost() {
     assert!(err.contains("data.max_seq_len (") && err.contains("micro.toml:"), "{err}");
     assert_eq!(s.runs().len(), 1);
 }
+
+/// CI and development machines have no GPU: asking for one is one clear line and exit 2, in
+/// the default build (no CUDA engine) and in the `cuda` build (no driver), never a panic.
+#[test]
+fn cuda_without_a_gpu_is_one_clear_line() {
+    let s = Scratch::new();
+    s.micro("");
+    let why = if cfg!(feature = "cuda") { "no CUDA driver found" } else { "this build has no CUDA engine" };
+    let clear = |o: &std::process::Output, origin: &str| {
+        let err = stderr(o);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with(&format!("error: {origin}")) && first.contains(why), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    for device in ["cuda", "cuda:3"] {
+        let o =
+            expect(&mut run_quiet(s.path(), &["micro.toml", "--set", &format!("train.device={device}")]), 2);
+        clear(&o, &format!("--set train.device={device}: `train.device`"));
+    }
+    assert!(s.runs().is_empty(), "nothing created");
+    let o = expect(minimind(s.path()).args(["selftest", "--device", "cuda"]), 2);
+    clear(&o, "--device cuda:0");
+    let o = expect(
+        minimind(s.path())
+            .args(["eval", "--device", "cuda:1", "--hf-dir", ".", "--data", "data.jsonl"])
+            .args(["--seq-len", "8", "--batch-size", "1"]),
+        2,
+    );
+    clear(&o, "--device cuda:1");
+    // auto falls back to the CPU and says why.
+    let o = expect(
+        &mut run_quiet(s.path(), &["micro.toml", "--set", "train.device=auto", "--set", "train.max_steps=1"]),
+        0,
+    );
+    assert!(
+        stdout(&o).contains(&format!("train.device = \"auto\": training on the CPU; {why}")),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(meta(&s.runs()[0])["device"], serde_json::json!({"requested": "auto", "effective": "cpu"}));
+}

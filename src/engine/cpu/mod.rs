@@ -45,7 +45,6 @@ impl Cpu {
         Cpu { profile: Some(Mutex::new(BTreeMap::new())), ..Cpu::default() }
     }
 
-
     fn timed<R>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> R) -> R {
         let Some(p) = &self.profile else { return f() };
         let start = std::time::Instant::now();
@@ -772,7 +771,15 @@ impl Kernels for Cpu {
         );
     }
 
-    fn clip_coef(&self, acc: &mut Vec<f64>, sum_sq: usize, norm: usize, coef: usize, max_norm: f32, inv_scale: f64) {
+    fn clip_coef(
+        &self,
+        acc: &mut Vec<f64>,
+        sum_sq: usize,
+        norm: usize,
+        coef: usize,
+        max_norm: f32,
+        inv_scale: f64,
+    ) {
         let n = acc[sum_sq].sqrt() * inv_scale;
         acc[norm] = n;
         // PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.

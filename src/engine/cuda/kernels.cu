@@ -68,8 +68,8 @@ extern "C" __global__ void add_f32(float* out, const float* x, i64 n) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Embedding: out[n] = emb[ids[n]]; backward adds in token order (one thread per column, so
-// the result does not depend on scheduling).
+// Embedding: out[n] = emb[ids[n]]; backward adds each token's row with atomics (one block per
+// token: repeated ids meet in an order the hardware picks).
 
 extern "C" __global__ void embed_forward(float* out, const float* emb, const int* ids, int n, int c) {
     int row = blockIdx.x;
@@ -79,9 +79,10 @@ extern "C" __global__ void embed_forward(float* out, const float* emb, const int
 }
 
 extern "C" __global__ void embed_backward(float* demb, const float* dout, const int* ids, int n, int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    for (int row = 0; row < n; row++) demb[(i64)ids[row] * c + j] += dout[(i64)row * c + j];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    float* dst = demb + (i64)ids[row] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) atomicAdd(dst + j, dout[(i64)row * c + j]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -115,12 +116,21 @@ extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dy, const
     for (int j = threadIdx.x; j < c; j += blockDim.x) dx[(i64)row * c + j] += r * w[j] * dyr[j] - k * xr[j];
 }
 
-// dw[j] += sum_n dy x r, one thread per column walking the rows in order.
-extern "C" __global__ void rmsnorm_backward_dw(float* dw, const float* dy, const float* x, const float* rstd, int n, int c) {
+// dw[j] += sum_n dy x r in two passes: block b sums rows b, b + gridDim, ... per column into
+// partial[b][j]; then one thread per column adds the partials in order.
+extern "C" __global__ void rmsnorm_backward_dw_partial(float* partial, const float* dy, const float* x, const float* rstd, int n, int c) {
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int row = blockIdx.x; row < n; row += gridDim.x) acc += dy[(i64)row * c + j] * x[(i64)row * c + j] * rstd[row];
+        partial[(i64)blockIdx.x * c + j] = acc;
+    }
+}
+
+extern "C" __global__ void rmsnorm_backward_dw_sum(float* dw, const float* partial, int parts, int c) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c) return;
     float acc = 0.0f;
-    for (int row = 0; row < n; row++) acc += dy[(i64)row * c + j] * x[(i64)row * c + j] * rstd[row];
+    for (int b = 0; b < parts; b++) acc += partial[(i64)b * c + j];
     dw[j] += acc;
 }
 

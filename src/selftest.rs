@@ -1,0 +1,113 @@
+//! `minimind selftest`: the conformance suite (`engine::conformance`) on a device, one line per
+//! kernel with its worst error, then the PyTorch fixtures through the engine on that device.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use crate::config::{Device, Dtype};
+use crate::engine::conformance::{self, Check, FixtureTolerance};
+use crate::engine::cpu::Cpu;
+use crate::metrics::say;
+
+/// Kernel tolerances against the CPU: the GPU sums in other orders and uses its own `exp`.
+fn gpu_tolerance(kernel: &str) -> f64 {
+    if kernel.starts_with("attention") || kernel.contains("router") || kernel.contains("cross_entropy") {
+        1e-4
+    } else {
+        2e-5
+    }
+}
+
+/// Runs the suite on `device`; `fixtures` is the folder of PyTorch fixtures (skipped with a
+/// note when it is not there). Fails when any check fails.
+pub fn run(device: Device, fixtures: &Path) -> Result<()> {
+    let many = crate::train::thread_pool(0)?;
+    let one = crate::train::thread_pool(1)?;
+    let mut checks: Vec<Check> = Vec::new();
+    match device {
+        Device::Cpu | Device::Auto => {
+            say("kernels: the CPU on every core against the CPU on one thread (must agree bit for bit)");
+            let (s, r) = (Cpu::new(), Cpu::new());
+            checks.extend(conformance::kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0));
+        }
+        Device::Cuda(ordinal) => cuda_kernels(ordinal, &many, &mut checks)?,
+    }
+    print(&checks);
+    let mut all = checks;
+    let names = ["dense_tiny", "moe_tiny", "dense_songci"];
+    if names.iter().all(|n| fixtures.join(n).is_dir()) {
+        let runs: Vec<(Dtype, FixtureTolerance)> = match device {
+            Device::Cuda(_) => vec![
+                (Dtype::Float32, FixtureTolerance::FLOAT32),
+                (Dtype::Bfloat16, FixtureTolerance::BFLOAT16),
+            ],
+            _ => vec![(Dtype::Float32, FixtureTolerance::FLOAT32)],
+        };
+        for (dtype, tol) in runs {
+            say(&format!("fixtures ({}), {dtype:?} on {device}:", fixtures.display()));
+            let mut checks = Vec::new();
+            for name in names {
+                let dir = fixtures.join(name);
+                let task = FixtureTask { dir: &dir, tol };
+                let found = many.install(|| crate::engine::backend::run(device, dtype, false, task))??;
+                checks.extend(found);
+            }
+            print(&checks);
+            all.extend(checks);
+        }
+    } else {
+        say(&format!("fixtures: not found in {} (give --fixtures DIR); skipped", fixtures.display()));
+    }
+    let failed: Vec<&Check> = all.iter().filter(|c| !c.passed()).collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} checks failed: {}",
+            failed.len(),
+            all.len(),
+            failed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    say(&format!("all {} checks passed", all.len()));
+    Ok(())
+}
+
+fn print(checks: &[Check]) {
+    for c in checks {
+        say(&format!(
+            "  {:<44} worst error {:>9.2e}  (tolerance {:.0e})  {}",
+            c.name,
+            c.worst,
+            c.tolerance,
+            if c.passed() { "ok" } else { "FAIL" }
+        ));
+    }
+}
+
+struct FixtureTask<'a> {
+    dir: &'a Path,
+    tol: FixtureTolerance,
+}
+
+impl crate::engine::backend::Task for FixtureTask<'_> {
+    type Out = Result<Vec<Check>>;
+    fn run<K: crate::engine::Kernels>(self, kernels: K) -> Result<Vec<Check>> {
+        conformance::fixture(kernels, self.dir, self.tol)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_kernels(ordinal: usize, pool: &rayon::ThreadPool, checks: &mut Vec<Check>) -> Result<()> {
+    use crate::engine::Kernels;
+    let gpu = crate::engine::cuda::Cuda::new(ordinal, Dtype::Float32)?;
+    say(&format!("kernels: {} (float32, TF32 off) against the CPU", gpu.describe()));
+    let cpu = Cpu::new();
+    checks.extend(conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &gpu_tolerance));
+    gpu.check()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_kernels(_: usize, _: &rayon::ThreadPool, _: &mut Vec<Check>) -> Result<()> {
+    let _ = gpu_tolerance;
+    bail!("this build has no CUDA engine (build it with `cargo build --release --features cuda`)")
+}

@@ -247,7 +247,7 @@ impl<K: Kernels> Engine<K> {
         let grad_scale = grad_scale * self.scaler.map_or(1.0, |s| s.scale);
         let (n, kept) = self.load_batch(ids, Some(targets));
         self.grads_zero = false;
-        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         let tv = &self.targets;
         let iv = self.kernels.idx(&self.ids, 0..n);
         model.forward_backward(
@@ -278,7 +278,7 @@ impl<K: Kernels> Engine<K> {
     /// Summed loss over kept targets, and their count (no gradients).
     pub fn loss(&mut self, ids: &[u32], targets: &[i32]) -> (f64, usize) {
         let (n, kept) = self.load_batch(ids, Some(targets));
-        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         let iv = self.kernels.idx(&self.ids, 0..n);
         model.loss(&self.params, &mut self.ws, &mut self.acc, iv, &self.targets, n);
         (self.read_acc()[acc::MB_LM], kept)
@@ -288,7 +288,7 @@ impl<K: Kernels> Engine<K> {
     pub fn logits(&mut self, ids: &[u32], out: &mut [f32]) {
         let (n, _) = self.load_batch(ids, None);
         assert_eq!(out.len(), n * self.config.vocab_size, "logits buffer size");
-        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         let iv = self.kernels.idx(&self.ids, 0..n);
         model.logits(&self.params, &mut self.ws, &mut self.acc, iv, n, out);
     }
@@ -303,7 +303,7 @@ impl<K: Kernels> Engine<K> {
     pub fn decode(&mut self, cache: &mut KvCache<K>, token: u32, out: &mut [f32]) {
         assert!((token as usize) < self.config.vocab_size, "token id out of range");
         assert_eq!(out.len(), self.config.vocab_size, "logits buffer size");
-        let model = Model { k: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         model.decode(&self.params, cache, &mut self.acc, token as i32, out);
     }
 

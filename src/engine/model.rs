@@ -42,8 +42,8 @@ pub struct FfnActs<K: Kernels> {
 }
 
 impl<K: Kernels> FfnActs<K> {
-    fn new(k: &K, rows: usize, i: usize) -> Self {
-        FfnActs { gu: k.alloc(rows * 2 * i), act: k.alloc(rows * i) }
+    fn new(ops: &K, rows: usize, i: usize) -> Self {
+        FfnActs { gu: ops.alloc(rows * 2 * i), act: ops.alloc(rows * i) }
     }
 }
 
@@ -140,7 +140,7 @@ fn shape_of(m: &ModelConfig, b: usize, t: usize) -> AttnShape {
 
 impl<K: Kernels> Workspace<K> {
     /// Buffers for micro-batches of up to `b x t`; `keep_probs` as [`keep_attention_probs`].
-    pub fn new(k: &K, m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
+    pub fn new(ops: &K, m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
         let n = b * t;
         let (c, i, d) = (m.hidden_size, m.intermediate_size, m.head_dim);
         let (hd, gd) = (m.num_attention_heads * d, m.num_key_value_heads * d);
@@ -148,66 +148,66 @@ impl<K: Kernels> Workspace<K> {
         let shape = shape_of(m, b, t);
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
-                xn1: k.alloc(n * c),
-                rstd1: k.alloc(n),
-                q: k.alloc(n * hd),
-                k: k.alloc(n * gd),
-                v: k.alloc(n * gd),
-                att: k.alloc(n * hd),
-                attn: k.new_attn(shape, keep_probs),
-                mid: k.alloc(n * c),
-                xn2: k.alloc(n * c),
-                rstd2: k.alloc(n),
+                xn1: ops.alloc(n * c),
+                rstd1: ops.alloc(n),
+                q: ops.alloc(n * hd),
+                k: ops.alloc(n * gd),
+                v: ops.alloc(n * gd),
+                att: ops.alloc(n * hd),
+                attn: ops.new_attn(shape, keep_probs),
+                mid: ops.alloc(n * c),
+                xn2: ops.alloc(n * c),
+                rstd2: ops.alloc(n),
                 mlp: if m.use_moe {
                     MlpActs::Moe(Box::new(MoeActs {
-                        route: k.new_route(),
-                        logits: k.alloc(n * m.n_routed_experts),
-                        dlogits: k.alloc(n * m.n_routed_experts),
-                        xg: k.alloc(slots * c),
-                        experts: FfnActs::new(k, slots, i),
-                        yout: k.alloc(slots * c),
-                        shared: (0..m.n_shared_experts).map(|_| FfnActs::new(k, n, i)).collect(),
+                        route: ops.new_route(),
+                        logits: ops.alloc(n * m.n_routed_experts),
+                        dlogits: ops.alloc(n * m.n_routed_experts),
+                        xg: ops.alloc(slots * c),
+                        experts: FfnActs::new(ops, slots, i),
+                        yout: ops.alloc(slots * c),
+                        shared: (0..m.n_shared_experts).map(|_| FfnActs::new(ops, n, i)).collect(),
                     }))
                 } else {
-                    MlpActs::Dense(FfnActs::new(k, n, i))
+                    MlpActs::Dense(FfnActs::new(ops, n, i))
                 },
             })
             .collect();
-        let (cos, sin) = rope_buffers(k, m, t);
+        let (cos, sin) = rope_buffers(ops, m, t);
         Workspace {
             b,
             t,
-            resid: (0..=m.num_hidden_layers).map(|_| k.alloc(n * c)).collect(),
+            resid: (0..=m.num_hidden_layers).map(|_| ops.alloc(n * c)).collect(),
             layers,
-            attn_scratch: k.alloc(k.attn_scratch_len(shape, keep_probs)),
-            xnf: k.alloc(n * c),
-            rstdf: k.alloc(n),
-            logits: k.alloc(HEAD_CHUNK.min(n) * m.vocab_size),
-            row_loss: k.alloc(n),
+            attn_scratch: ops.alloc(ops.attn_scratch_len(shape, keep_probs)),
+            xnf: ops.alloc(n * c),
+            rstdf: ops.alloc(n),
+            logits: ops.alloc(HEAD_CHUNK.min(n) * m.vocab_size),
+            row_loss: ops.alloc(n),
             cos,
             sin,
-            dresid: k.alloc(n * c),
-            dtmp: k.alloc(n * c),
-            dxn: k.alloc(n * c),
-            dq: k.alloc(n * hd),
-            dk: k.alloc(n * gd),
-            dv: k.alloc(n * gd),
-            datt: k.alloc(n * hd),
-            dffn: FfnActs::new(k, n.max(slots), i),
-            dyout: k.alloc(slots * c),
-            dxg: k.alloc(slots * c),
-            slot_dw: k.alloc(slots),
+            dresid: ops.alloc(n * c),
+            dtmp: ops.alloc(n * c),
+            dxn: ops.alloc(n * c),
+            dq: ops.alloc(n * hd),
+            dk: ops.alloc(n * gd),
+            dv: ops.alloc(n * gd),
+            datt: ops.alloc(n * hd),
+            dffn: FfnActs::new(ops, n.max(slots), i),
+            dyout: ops.alloc(slots * c),
+            dxg: ops.alloc(slots * c),
+            slot_dw: ops.alloc(slots),
         }
     }
 }
 
 /// The RoPE tables for positions `0..t`, uploaded.
-fn rope_buffers<K: Kernels>(k: &K, m: &ModelConfig, t: usize) -> (K::Buf, K::Buf) {
+fn rope_buffers<K: Kernels>(ops: &K, m: &ModelConfig, t: usize) -> (K::Buf, K::Buf) {
     let (cos, sin) = rope_tables(m, t);
-    let mut cos_buf = k.alloc(cos.len());
-    let mut sin_buf = k.alloc(sin.len());
-    k.upload(k.view_mut(&mut cos_buf, 0..cos.len()), &cos);
-    k.upload(k.view_mut(&mut sin_buf, 0..sin.len()), &sin);
+    let mut cos_buf = ops.alloc(cos.len());
+    let mut sin_buf = ops.alloc(sin.len());
+    ops.upload(ops.view_mut(&mut cos_buf, 0..cos.len()), &cos);
+    ops.upload(ops.view_mut(&mut sin_buf, 0..sin.len()), &sin);
     (cos_buf, sin_buf)
 }
 
@@ -293,17 +293,17 @@ pub struct KvCache<K: Kernels> {
 }
 
 impl<K: Kernels> KvCache<K> {
-    pub fn new(k: &K, m: &ModelConfig, capacity: usize) -> Self {
+    pub fn new(ops: &K, m: &ModelConfig, capacity: usize) -> Self {
         let gd = m.num_key_value_heads * m.head_dim;
-        let (cos, sin) = rope_buffers(k, m, capacity);
+        let (cos, sin) = rope_buffers(ops, m, capacity);
         KvCache {
             layers: (0..m.num_hidden_layers)
-                .map(|_| (k.alloc(capacity * gd), k.alloc(capacity * gd)))
+                .map(|_| (ops.alloc(capacity * gd), ops.alloc(capacity * gd)))
                 .collect(),
-            ws: Workspace::new(k, m, 1, 1, false),
+            ws: Workspace::new(ops, m, 1, 1, false),
             cos,
             sin,
-            ids: k.alloc_idx(1),
+            ids: ops.alloc_idx(1),
             capacity,
             len: 0,
         }
@@ -320,14 +320,15 @@ enum Attention<'w, K: Kernels> {
 
 /// The model's computation: configuration, layout and kernels, no state of its own.
 pub struct Model<'a, K: Kernels> {
-    pub k: &'a K,
+    /// The kernels (`ops`: `k` is the key projection, `K` the experts per token).
+    pub ops: &'a K,
     pub m: &'a ModelConfig,
     pub layout: &'a Layout,
 }
 
 impl<K: Kernels> Model<'_, K> {
     fn w<'b>(&self, p: &'b K::Buf, r: &Range<usize>) -> K::V<'b> {
-        self.k.view(p, r.clone())
+        self.ops.view(p, r.clone())
     }
 
     /// `y[rows, out] (+)= x[rows, inp] Wᵀ`, W in PyTorch's `[out, inp]` layout.
@@ -342,7 +343,7 @@ impl<K: Kernels> Model<'_, K> {
         inp: usize,
         accumulate: bool,
     ) {
-        self.k.matmul(y, x, w, Gemm::linear(rows, out, inp).accumulate(accumulate));
+        self.ops.matmul(y, x, w, Gemm::linear(rows, out, inp).accumulate(accumulate));
     }
 
     /// Backward to the input: `dx[rows, inp] (+)= dy[rows, out] W`.
@@ -357,22 +358,22 @@ impl<K: Kernels> Model<'_, K> {
         inp: usize,
         accumulate: bool,
     ) {
-        self.k.matmul(dx, dy, w, Gemm::linear_dx(rows, out, inp).accumulate(accumulate));
+        self.ops.matmul(dx, dy, w, Gemm::linear_dx(rows, out, inp).accumulate(accumulate));
     }
 
     /// Backward to the weight: `dW[out, inp] += dy[rows, out]ᵀ x[rows, inp]`.
     fn linear_dw(&self, dw: K::M<'_>, dy: K::V<'_>, x: K::V<'_>, rows: usize, out: usize, inp: usize) {
-        self.k.matmul(dw, dy, x, Gemm::linear_dw(rows, out, inp));
+        self.ops.matmul(dw, dy, x, Gemm::linear_dw(rows, out, inp));
     }
 
     /// Forward through the blocks and the final norm for the `n` rows of `ids`; leaves
     /// `ws.xnf` = normed output and adds the MoE layers' aux losses to `acc[MB_AUX]`.
     fn trunk_forward(&self, p: &K::Buf, ws: &mut Workspace<K>, acc: &mut K::Acc, ids: K::I<'_>, n: usize) {
-        let k = self.k;
+        let ops = self.ops;
         let c = self.m.hidden_size;
         let (b, t) = (n / ws.t, ws.t);
-        k.zero_acc(acc, acc::MB_AUX..acc::MB_AUX + 1);
-        k.embed_forward(k.view_mut(&mut ws.resid[0], 0..n * c), self.w(p, &self.layout.embed), ids, c);
+        ops.zero_acc(acc, acc::MB_AUX..acc::MB_AUX + 1);
+        ops.embed_forward(ops.view_mut(&mut ws.resid[0], 0..n * c), self.w(p, &self.layout.embed), ids, c);
         let shape = shape_of(self.m, b, t);
         for l in 0..self.layout.layers.len() {
             let (before, after) = ws.resid.split_at_mut(l + 1);
@@ -395,12 +396,12 @@ impl<K: Kernels> Model<'_, K> {
 
     /// `xnf = norm(last block's output)` over `n` rows.
     fn final_norm(&self, p: &K::Buf, ws: &mut Workspace<K>, n: usize) {
-        let k = self.k;
+        let ops = self.ops;
         let c = self.m.hidden_size;
-        k.rmsnorm_forward(
-            k.view_mut(&mut ws.xnf, 0..n * c),
-            k.view_mut(&mut ws.rstdf, 0..n),
-            k.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
+        ops.rmsnorm_forward(
+            ops.view_mut(&mut ws.xnf, 0..n * c),
+            ops.view_mut(&mut ws.rstdf, 0..n),
+            ops.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
             self.w(p, &self.layout.norm),
             c,
             self.m.rms_norm_eps as f32,
@@ -421,7 +422,7 @@ impl<K: Kernels> Model<'_, K> {
         (cos, sin): (&K::Buf, &K::Buf),
         acc: &mut K::Acc,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let m = self.m;
         let lp = &self.layout.layers[l];
         let (c, d) = (m.hidden_size, m.head_dim);
@@ -429,73 +430,73 @@ impl<K: Kernels> Model<'_, K> {
         let (hd, gd) = (h * d, g * d);
         let eps = m.rms_norm_eps as f32;
         let nc = 0..n * c;
-        k.rmsnorm_forward(
-            k.view_mut(&mut a.xn1, nc.clone()),
-            k.view_mut(&mut a.rstd1, 0..n),
-            k.view(x, nc.clone()),
+        ops.rmsnorm_forward(
+            ops.view_mut(&mut a.xn1, nc.clone()),
+            ops.view_mut(&mut a.rstd1, 0..n),
+            ops.view(x, nc.clone()),
             self.w(p, &lp.ln1),
             c,
             eps,
         );
-        let xn1 = k.view(&a.xn1, nc.clone());
+        let xn1 = ops.view(&a.xn1, nc.clone());
         // MoE's aux loss is per sequence: B sequences of T tokens (one token when decoding).
         let (b, t) = match &attention {
             Attention::Causal { shape, .. } => (shape.b, shape.t),
             Attention::Cached { .. } => (1, 1),
         };
-        let table = k.len(cos);
-        let (cos, sin) = (k.view(cos, 0..table), k.view(sin, 0..table));
-        self.linear(k.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
+        let table = ops.len(cos);
+        let (cos, sin) = (ops.view(cos, 0..table), ops.view(sin, 0..table));
+        self.linear(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
         match attention {
             Attention::Causal { shape, scratch } => {
-                self.linear(k.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
-                self.linear(k.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
+                self.linear(ops.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
+                self.linear(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
                 let pos = Positions::sequences(shape.t);
-                k.rope(k.view_mut(&mut a.q, 0..n * hd), cos, sin, pos, h, d, false);
-                k.rope(k.view_mut(&mut a.k, 0..n * gd), cos, sin, pos, g, d, false);
-                let scratch_len = k.len(scratch);
-                k.attention_forward(
-                    k.view_mut(&mut a.att, 0..n * hd),
+                ops.rope(ops.view_mut(&mut a.q, 0..n * hd), cos, sin, pos, h, d, false);
+                ops.rope(ops.view_mut(&mut a.k, 0..n * gd), cos, sin, pos, g, d, false);
+                let scratch_len = ops.len(scratch);
+                ops.attention_forward(
+                    ops.view_mut(&mut a.att, 0..n * hd),
                     &mut a.attn,
-                    k.view_mut(scratch, 0..scratch_len),
-                    k.view(&a.q, 0..n * hd),
-                    k.view(&a.k, 0..n * gd),
-                    k.view(&a.v, 0..n * gd),
+                    ops.view_mut(scratch, 0..scratch_len),
+                    ops.view(&a.q, 0..n * hd),
+                    ops.view(&a.k, 0..n * gd),
+                    ops.view(&a.v, 0..n * gd),
                     shape,
                 );
             }
             Attention::Cached { k: kc, v: vc, pos } => {
                 let row = pos * gd..(pos + 1) * gd;
-                self.linear(k.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), 1, gd, c, false);
-                self.linear(k.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), 1, gd, c, false);
-                k.rope(k.view_mut(&mut a.q, 0..hd), cos, sin, Positions::at(pos), h, d, false);
-                k.rope(k.view_mut(kc, row), cos, sin, Positions::at(pos), g, d, false);
+                self.linear(ops.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), 1, gd, c, false);
+                self.linear(ops.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), 1, gd, c, false);
+                ops.rope(ops.view_mut(&mut a.q, 0..hd), cos, sin, Positions::at(pos), h, d, false);
+                ops.rope(ops.view_mut(kc, row), cos, sin, Positions::at(pos), g, d, false);
                 let shape = shape_of(m, 1, 1);
                 let cached = 0..(pos + 1) * gd;
-                k.attention_decode(
-                    k.view_mut(&mut a.att, 0..hd),
-                    k.view(&a.q, 0..hd),
-                    k.view(kc, cached.clone()),
-                    k.view(vc, cached),
+                ops.attention_decode(
+                    ops.view_mut(&mut a.att, 0..hd),
+                    ops.view(&a.q, 0..hd),
+                    ops.view(kc, cached.clone()),
+                    ops.view(vc, cached),
                     pos + 1,
                     shape,
                 );
             }
         }
         self.linear(
-            k.view_mut(&mut a.mid, nc.clone()),
-            k.view(&a.att, 0..n * hd),
+            ops.view_mut(&mut a.mid, nc.clone()),
+            ops.view(&a.att, 0..n * hd),
             self.w(p, &lp.o),
             n,
             c,
             hd,
             false,
         );
-        k.add(k.view_mut(&mut a.mid, nc.clone()), k.view(x, nc.clone()));
-        k.rmsnorm_forward(
-            k.view_mut(&mut a.xn2, nc.clone()),
-            k.view_mut(&mut a.rstd2, 0..n),
-            k.view(&a.mid, nc.clone()),
+        ops.add(ops.view_mut(&mut a.mid, nc.clone()), ops.view(x, nc.clone()));
+        ops.rmsnorm_forward(
+            ops.view_mut(&mut a.xn2, nc.clone()),
+            ops.view_mut(&mut a.rstd2, 0..n),
+            ops.view(&a.mid, nc.clone()),
             self.w(p, &lp.ln2),
             c,
             eps,
@@ -509,7 +510,7 @@ impl<K: Kernels> Model<'_, K> {
             }
             _ => unreachable!("layout and workspace built from the same config"),
         }
-        k.add(k.view_mut(out, nc.clone()), k.view(&a.mid, nc));
+        ops.add(ops.view_mut(out, nc.clone()), ops.view(&a.mid, nc));
     }
 
     /// `out[out_rows] (+)= ffn(x[x_rows])`, keeping activations in `fa[act_rows]`.
@@ -525,7 +526,7 @@ impl<K: Kernels> Model<'_, K> {
         out: &mut K::Buf,
         accumulate: bool,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let (c, i) = (self.m.hidden_size, self.m.intermediate_size);
         let rows = act_rows.len();
         if rows == 0 {
@@ -533,13 +534,13 @@ impl<K: Kernels> Model<'_, K> {
         }
         let ar = act_rows.start * i..act_rows.end * i;
         let gr = 2 * act_rows.start * i..2 * act_rows.end * i;
-        let xv = k.view(x, x_rows.start * c..x_rows.end * c);
+        let xv = ops.view(x, x_rows.start * c..x_rows.end * c);
         // [gate | up] = x [W_g; W_u]ᵀ: the two weights are adjacent in the flat buffer.
-        self.linear(k.view_mut(&mut fa.gu, gr.clone()), xv, self.w(p, &f.gate_up()), rows, 2 * i, c, false);
-        k.swiglu_forward(k.view_mut(&mut fa.act, ar.clone()), k.view(&fa.gu, gr), i);
+        self.linear(ops.view_mut(&mut fa.gu, gr.clone()), xv, self.w(p, &f.gate_up()), rows, 2 * i, c, false);
+        ops.swiglu_forward(ops.view_mut(&mut fa.act, ar.clone()), ops.view(&fa.gu, gr), i);
         self.linear(
-            k.view_mut(out, x_rows.start * c..x_rows.end * c),
-            k.view(&fa.act, ar),
+            ops.view_mut(out, x_rows.start * c..x_rows.end * c),
+            ops.view(&fa.act, ar),
             self.w(p, &f.down),
             rows,
             c,
@@ -564,24 +565,24 @@ impl<K: Kernels> Model<'_, K> {
         t: usize,
         acc: &mut K::Acc,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let m = self.m;
         let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
         self.linear(
-            k.view_mut(&mut ma.logits, 0..n * e),
-            k.view(xn, 0..n * c),
+            ops.view_mut(&mut ma.logits, 0..n * e),
+            ops.view(xn, 0..n * c),
             self.w(p, router),
             n,
             e,
             c,
             false,
         );
-        k.route(&mut ma.route, k.view(&ma.logits, 0..n * e), b, t, router_config(m));
-        k.aux_to_acc(acc, acc::MB_AUX, &ma.route);
+        ops.route(&mut ma.route, ops.view(&ma.logits, 0..n * e), b, t, router_config(m));
+        ops.aux_to_acc(acc, acc::MB_AUX, &ma.route);
         let slots = n * m.num_experts_per_tok;
-        k.gather_rows(k.view_mut(&mut ma.xg, 0..slots * c), k.view(xn, 0..n * c), &ma.route, c);
+        ops.gather_rows(ops.view_mut(&mut ma.xg, 0..slots * c), ops.view(xn, 0..n * c), &ma.route, c);
         for x in 0..experts.len() {
-            let offsets = k.expert_offsets(&ma.route);
+            let offsets = ops.expert_offsets(&ma.route);
             let rows = offsets[x]..offsets[x + 1];
             self.ffn_forward(
                 p,
@@ -594,7 +595,14 @@ impl<K: Kernels> Model<'_, K> {
                 false,
             );
         }
-        k.combine_rows(k.view_mut(out, 0..n * c), k.view(&ma.yout, 0..slots * c), &ma.route, true, c, false);
+        ops.combine_rows(
+            ops.view_mut(out, 0..n * c),
+            ops.view(&ma.yout, 0..slots * c),
+            &ma.route,
+            true,
+            c,
+            false,
+        );
         // The shared experts add on top of the routed output.
         for (f, fa) in shared.iter().zip(ma.shared.iter_mut()) {
             self.ffn_forward(p, f, fa, 0..n, xn, 0..n, out, true);
@@ -647,36 +655,36 @@ impl<K: Kernels> Model<'_, K> {
         n: usize,
         out: &mut [f32],
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let (c, v) = (self.m.hidden_size, self.m.vocab_size);
         self.trunk_forward(p, ws, acc, ids, n);
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             self.linear(
-                k.view_mut(&mut ws.logits, 0..rows * v),
-                k.view(&ws.xnf, r0 * c..(r0 + rows) * c),
+                ops.view_mut(&mut ws.logits, 0..rows * v),
+                ops.view(&ws.xnf, r0 * c..(r0 + rows) * c),
                 self.w(p, &self.layout.embed),
                 rows,
                 v,
                 c,
                 false,
             );
-            k.download(k.view(&ws.logits, 0..rows * v), &mut out[r0 * v..(r0 + rows) * v]);
+            ops.download(ops.view(&ws.logits, 0..rows * v), &mut out[r0 * v..(r0 + rows) * v]);
         }
     }
 
     /// Feeds `token` at the next position of `cache` and writes the logits `[V]` to `out`.
     pub fn decode(&self, p: &K::Buf, cache: &mut KvCache<K>, acc: &mut K::Acc, token: i32, out: &mut [f32]) {
-        let k = self.k;
+        let ops = self.ops;
         let (c, v) = (self.m.hidden_size, self.m.vocab_size);
         let pos = cache.len;
         assert!(pos < cache.capacity, "the KV cache holds {} positions", cache.capacity);
-        k.upload_idx(&mut cache.ids, &[token]);
+        ops.upload_idx(&mut cache.ids, &[token]);
         let ws = &mut cache.ws;
-        k.embed_forward(
-            k.view_mut(&mut ws.resid[0], 0..c),
+        ops.embed_forward(
+            ops.view_mut(&mut ws.resid[0], 0..c),
             self.w(p, &self.layout.embed),
-            k.idx(&cache.ids, 0..1),
+            ops.idx(&cache.ids, 0..1),
             c,
         );
         for l in 0..self.layout.layers.len() {
@@ -688,15 +696,15 @@ impl<K: Kernels> Model<'_, K> {
         }
         self.final_norm(p, ws, 1);
         self.linear(
-            k.view_mut(&mut ws.logits, 0..v),
-            k.view(&ws.xnf, 0..c),
+            ops.view_mut(&mut ws.logits, 0..v),
+            ops.view(&ws.xnf, 0..c),
             self.w(p, &self.layout.embed),
             1,
             v,
             c,
             false,
         );
-        k.download(k.view(&ws.logits, 0..v), &mut out[..v]);
+        ops.download(ops.view(&ws.logits, 0..v), &mut out[..v]);
         cache.len += 1;
     }
 
@@ -713,35 +721,35 @@ impl<K: Kernels> Model<'_, K> {
         n: usize,
         dz_scale: f32,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let (c, v) = (self.m.hidden_size, self.m.vocab_size);
         let emb = &self.layout.embed;
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             let xr = r0 * c..(r0 + rows) * c;
             self.linear(
-                k.view_mut(&mut ws.logits, 0..rows * v),
-                k.view(&ws.xnf, xr.clone()),
+                ops.view_mut(&mut ws.logits, 0..rows * v),
+                ops.view(&ws.xnf, xr.clone()),
                 self.w(p, emb),
                 rows,
                 v,
                 c,
                 false,
             );
-            k.cross_entropy(
-                k.view_mut(&mut ws.logits, 0..rows * v),
-                k.view_mut(&mut ws.row_loss, r0..r0 + rows),
-                k.idx(targets, r0..r0 + rows),
+            ops.cross_entropy(
+                ops.view_mut(&mut ws.logits, 0..rows * v),
+                ops.view_mut(&mut ws.row_loss, r0..r0 + rows),
+                ops.idx(targets, r0..r0 + rows),
                 v,
                 dz_scale,
             );
             if let Some(g) = grads.as_deref_mut() {
-                let dz = k.view(&ws.logits, 0..rows * v);
-                self.linear_dx(k.view_mut(&mut ws.dxn, xr.clone()), dz, self.w(p, emb), rows, v, c, false);
-                self.linear_dw(k.view_mut(g, emb.clone()), dz, k.view(&ws.xnf, xr), rows, v, c);
+                let dz = ops.view(&ws.logits, 0..rows * v);
+                self.linear_dx(ops.view_mut(&mut ws.dxn, xr.clone()), dz, self.w(p, emb), rows, v, c, false);
+                self.linear_dw(ops.view_mut(g, emb.clone()), dz, ops.view(&ws.xnf, xr), rows, v, c);
             }
         }
-        k.sum_to_acc(acc, acc::MB_LM, k.view(&ws.row_loss, 0..n));
+        ops.sum_to_acc(acc, acc::MB_LM, ops.view(&ws.row_loss, 0..n));
     }
 
     fn trunk_backward(
@@ -753,7 +761,7 @@ impl<K: Kernels> Model<'_, K> {
         n: usize,
         grad_scale: f32,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let m = self.m;
         let (t, b) = (ws.t, n / ws.t);
         let (c, d) = (m.hidden_size, m.head_dim);
@@ -761,14 +769,14 @@ impl<K: Kernels> Model<'_, K> {
         let (hd, gd) = (h * d, g * d);
         let nc = 0..n * c;
         let lay = self.layout;
-        k.fill(k.view_mut(&mut ws.dresid, nc.clone()), 0.0);
-        k.rmsnorm_backward(
-            k.view_mut(&mut ws.dresid, nc.clone()),
-            k.view_mut(grads, lay.norm.clone()),
-            k.view(&ws.dxn, nc.clone()),
-            k.view(&ws.resid[m.num_hidden_layers], nc.clone()),
+        ops.fill(ops.view_mut(&mut ws.dresid, nc.clone()), 0.0);
+        ops.rmsnorm_backward(
+            ops.view_mut(&mut ws.dresid, nc.clone()),
+            ops.view_mut(grads, lay.norm.clone()),
+            ops.view(&ws.dxn, nc.clone()),
+            ops.view(&ws.resid[m.num_hidden_layers], nc.clone()),
             self.w(p, &lay.norm),
-            k.view(&ws.rstdf, 0..n),
+            ops.view(&ws.rstdf, 0..n),
             c,
         );
         let shape = shape_of(m, b, t);
@@ -814,56 +822,56 @@ impl<K: Kernels> Model<'_, K> {
                 }
                 _ => unreachable!("layout and workspace built from the same config"),
             }
-            k.rmsnorm_backward(
-                k.view_mut(&mut ws.dresid, nc.clone()),
-                k.view_mut(grads, lp.ln2.clone()),
-                k.view(&ws.dtmp, nc.clone()),
-                k.view(&a.mid, nc.clone()),
+            ops.rmsnorm_backward(
+                ops.view_mut(&mut ws.dresid, nc.clone()),
+                ops.view_mut(grads, lp.ln2.clone()),
+                ops.view(&ws.dtmp, nc.clone()),
+                ops.view(&a.mid, nc.clone()),
                 self.w(p, &lp.ln2),
-                k.view(&a.rstd2, 0..n),
+                ops.view(&a.rstd2, 0..n),
                 c,
             );
             // attention: mid = x + att Woᵀ.
-            let dmid = k.view(&ws.dresid, nc.clone());
-            self.linear_dx(k.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
-            self.linear_dw(k.view_mut(grads, lp.o.clone()), dmid, k.view(&a.att, 0..n * hd), n, c, hd);
-            let scratch_len = k.len(&ws.attn_scratch);
-            k.attention_backward(
-                k.view_mut(&mut ws.dq, 0..n * hd),
-                k.view_mut(&mut ws.dk, 0..n * gd),
-                k.view_mut(&mut ws.dv, 0..n * gd),
+            let dmid = ops.view(&ws.dresid, nc.clone());
+            self.linear_dx(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
+            self.linear_dw(ops.view_mut(grads, lp.o.clone()), dmid, ops.view(&a.att, 0..n * hd), n, c, hd);
+            let scratch_len = ops.len(&ws.attn_scratch);
+            ops.attention_backward(
+                ops.view_mut(&mut ws.dq, 0..n * hd),
+                ops.view_mut(&mut ws.dk, 0..n * gd),
+                ops.view_mut(&mut ws.dv, 0..n * gd),
                 &a.attn,
-                k.view_mut(&mut ws.attn_scratch, 0..scratch_len),
-                k.view(&ws.datt, 0..n * hd),
-                k.view(&a.q, 0..n * hd),
-                k.view(&a.k, 0..n * gd),
-                k.view(&a.v, 0..n * gd),
+                ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
+                ops.view(&ws.datt, 0..n * hd),
+                ops.view(&a.q, 0..n * hd),
+                ops.view(&a.k, 0..n * gd),
+                ops.view(&a.v, 0..n * gd),
                 shape,
             );
-            let (cos, sin) = (k.view(&ws.cos, 0..t * d), k.view(&ws.sin, 0..t * d));
+            let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
             let pos = Positions::sequences(t);
-            k.rope(k.view_mut(&mut ws.dq, 0..n * hd), cos, sin, pos, h, d, true);
-            k.rope(k.view_mut(&mut ws.dk, 0..n * gd), cos, sin, pos, g, d, true);
-            let xn1 = k.view(&a.xn1, nc.clone());
+            ops.rope(ops.view_mut(&mut ws.dq, 0..n * hd), cos, sin, pos, h, d, true);
+            ops.rope(ops.view_mut(&mut ws.dk, 0..n * gd), cos, sin, pos, g, d, true);
+            let xn1 = ops.view(&a.xn1, nc.clone());
             let (dq, dk, dv) =
-                (k.view(&ws.dq, 0..n * hd), k.view(&ws.dk, 0..n * gd), k.view(&ws.dv, 0..n * gd));
-            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), n, hd, c, false);
-            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), n, gd, c, true);
-            self.linear_dx(k.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), n, gd, c, true);
-            self.linear_dw(k.view_mut(grads, lp.q.clone()), dq, xn1, n, hd, c);
-            self.linear_dw(k.view_mut(grads, lp.k.clone()), dk, xn1, n, gd, c);
-            self.linear_dw(k.view_mut(grads, lp.v.clone()), dv, xn1, n, gd, c);
-            k.rmsnorm_backward(
-                k.view_mut(&mut ws.dresid, nc.clone()),
-                k.view_mut(grads, lp.ln1.clone()),
-                k.view(&ws.dtmp, nc.clone()),
-                k.view(&ws.resid[l], nc.clone()),
+                (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));
+            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), n, hd, c, false);
+            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), n, gd, c, true);
+            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), n, gd, c, true);
+            self.linear_dw(ops.view_mut(grads, lp.q.clone()), dq, xn1, n, hd, c);
+            self.linear_dw(ops.view_mut(grads, lp.k.clone()), dk, xn1, n, gd, c);
+            self.linear_dw(ops.view_mut(grads, lp.v.clone()), dv, xn1, n, gd, c);
+            ops.rmsnorm_backward(
+                ops.view_mut(&mut ws.dresid, nc.clone()),
+                ops.view_mut(grads, lp.ln1.clone()),
+                ops.view(&ws.dtmp, nc.clone()),
+                ops.view(&ws.resid[l], nc.clone()),
                 self.w(p, &lp.ln1),
-                k.view(&a.rstd1, 0..n),
+                ops.view(&a.rstd1, 0..n),
                 c,
             );
         }
-        k.embed_backward(k.view_mut(grads, lay.embed.clone()), k.view(&ws.dresid, nc), ids, c);
+        ops.embed_backward(ops.view_mut(grads, lay.embed.clone()), ops.view(&ws.dresid, nc), ids, c);
     }
 
     /// Backward of `out[rows] (+)= ffn(x[rows])`: weight gradients added, `dx[rows]`
@@ -882,7 +890,7 @@ impl<K: Kernels> Model<'_, K> {
         dx: &mut K::Buf,
         accumulate: bool,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let (c, i) = (self.m.hidden_size, self.m.intermediate_size);
         let r = rows.len();
         if r == 0 {
@@ -890,20 +898,20 @@ impl<K: Kernels> Model<'_, K> {
         }
         let (ar, cr) = (rows.start * i..rows.end * i, rows.start * c..rows.end * c);
         let gr = 2 * rows.start * i..2 * rows.end * i;
-        let dyv = k.view(dy, cr.clone());
+        let dyv = ops.view(dy, cr.clone());
         // da = dy W_d; dW_d += dyᵀ a
-        self.linear_dx(k.view_mut(&mut dffn.act, ar.clone()), dyv, self.w(p, &f.down), r, c, i, false);
-        self.linear_dw(k.view_mut(grads, f.down.clone()), dyv, k.view(&fa.act, ar.clone()), r, c, i);
-        k.swiglu_backward(
-            k.view_mut(&mut dffn.gu, gr.clone()),
-            k.view(&dffn.act, ar),
-            k.view(&fa.gu, gr.clone()),
+        self.linear_dx(ops.view_mut(&mut dffn.act, ar.clone()), dyv, self.w(p, &f.down), r, c, i, false);
+        self.linear_dw(ops.view_mut(grads, f.down.clone()), dyv, ops.view(&fa.act, ar.clone()), r, c, i);
+        ops.swiglu_backward(
+            ops.view_mut(&mut dffn.gu, gr.clone()),
+            ops.view(&dffn.act, ar),
+            ops.view(&fa.gu, gr.clone()),
             i,
         );
         // dx = [dg | du] [W_g; W_u]; d[W_g; W_u] += [dg | du]ᵀ x
-        let dgu = k.view(&dffn.gu, gr);
-        self.linear_dx(k.view_mut(dx, cr.clone()), dgu, self.w(p, &f.gate_up()), r, 2 * i, c, accumulate);
-        self.linear_dw(k.view_mut(grads, f.gate_up()), dgu, k.view(x, cr), r, 2 * i, c);
+        let dgu = ops.view(&dffn.gu, gr);
+        self.linear_dx(ops.view_mut(dx, cr.clone()), dgu, self.w(p, &f.gate_up()), r, 2 * i, c, accumulate);
+        self.linear_dw(ops.view_mut(grads, f.gate_up()), dgu, ops.view(x, cr), r, 2 * i, c);
     }
 
     /// MoE backward for one layer: `dy` is d(layer mlp output); `dx` gets d(xn) (overwritten).
@@ -922,36 +930,43 @@ impl<K: Kernels> Model<'_, K> {
         t: usize,
         grad_scale: f32,
     ) {
-        let k = self.k;
+        let ops = self.ops;
         let m = self.m;
         let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
         let slots = n * m.num_experts_per_tok;
-        let dyv = k.view(dy, 0..n * c);
+        let dyv = ops.view(dy, 0..n * c);
         // d(weight of slot) = <dy, expert output>; each routed expert sees weight * dy.
-        k.slot_dots(k.view_mut(s.slot_dw, 0..slots), dyv, k.view(&ma.yout, 0..slots * c), &ma.route, c);
-        k.spread_rows(k.view_mut(s.dyout, 0..slots * c), dyv, &ma.route, c);
+        ops.slot_dots(ops.view_mut(s.slot_dw, 0..slots), dyv, ops.view(&ma.yout, 0..slots * c), &ma.route, c);
+        ops.spread_rows(ops.view_mut(s.dyout, 0..slots * c), dyv, &ma.route, c);
         for (x, f) in moe.experts.iter().enumerate() {
-            let offsets = k.expert_offsets(&ma.route);
+            let offsets = ops.expert_offsets(&ma.route);
             let rows = offsets[x]..offsets[x + 1];
             self.ffn_backward(p, grads, f, &ma.experts, s.dffn, rows, &ma.xg, s.dyout, s.dxg, false);
         }
         // Back to token order, slots summed in a fixed order.
-        k.combine_rows(k.view_mut(dx, 0..n * c), k.view(s.dxg, 0..slots * c), &ma.route, false, c, false);
+        ops.combine_rows(
+            ops.view_mut(dx, 0..n * c),
+            ops.view(s.dxg, 0..slots * c),
+            &ma.route,
+            false,
+            c,
+            false,
+        );
         for (f, fa) in moe.shared.iter().zip(&ma.shared) {
             self.ffn_backward(p, grads, f, fa, s.dffn, 0..n, xn, dy, dx, true);
         }
-        k.router_backward(
+        ops.router_backward(
             &mut ma.route,
-            k.view(s.slot_dw, 0..slots),
-            k.view_mut(&mut ma.dlogits, 0..n * e),
+            ops.view(s.slot_dw, 0..slots),
+            ops.view_mut(&mut ma.dlogits, 0..n * e),
             b,
             t,
             router_config(m),
             grad_scale,
         );
-        let dl = k.view(&ma.dlogits, 0..n * e);
-        self.linear_dw(k.view_mut(grads, moe.router.clone()), dl, k.view(xn, 0..n * c), n, e, c);
-        self.linear_dx(k.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
+        let dl = ops.view(&ma.dlogits, 0..n * e);
+        self.linear_dw(ops.view_mut(grads, moe.router.clone()), dl, ops.view(xn, 0..n * c), n, e, c);
+        self.linear_dx(ops.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
     }
 }
 

@@ -407,10 +407,10 @@ impl Kernels for Cuda {
     }
     fn upload(&self, dst: DViewMut<'_>, data: &[f32]) {
         assert_eq!(dst.len, data.len(), "upload size");
-        // SAFETY: `dst` covers `data.len()` floats of a live allocation; synchronous below, so
-        // `data` outlives the copy.
+        // SAFETY: `dst` covers `data.len()` floats of a live allocation. From pageable host
+        // memory the copy is staged before the call returns, so `data` may go afterwards.
         let r = unsafe { result::memcpy_htod_async(dst.ptr, data, self.stream.cu_stream()) };
-        if let Err(e) = r.and_then(|()| self.stream.synchronize()) {
+        if let Err(e) = r {
             self.fail(|| format!("copying to the GPU: {e}"));
         }
     }
@@ -434,9 +434,10 @@ impl Kernels for Cuda {
     fn upload_idx(&self, dst: &mut CudaSlice<i32>, data: &[i32]) {
         assert!(data.len() <= dst.len(), "index upload size");
         let ptr = self.ptr(dst);
-        // SAFETY: as in `upload`; the host data outlives the (synchronised) copy.
+        // SAFETY: the buffer holds `data.len()` ids. From pageable host memory the copy is
+        // staged before the call returns, so `data` may change afterwards; no wait for it.
         let r = unsafe { result::memcpy_htod_async(ptr, data, self.stream.cu_stream()) };
-        if let Err(e) = r.and_then(|()| self.stream.synchronize()) {
+        if let Err(e) = r {
             self.fail(|| format!("copying ids to the GPU: {e}"));
         }
     }

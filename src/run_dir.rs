@@ -113,6 +113,11 @@ pub struct Meta {
     /// Each resume of this run: when, from which step, with which changes.
     #[serde(default)]
     pub resumes: Vec<ResumeRecord>,
+    /// The lowest validation loss measured, and at which step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_step: Option<usize>,
     /// Loss of the final weights on the first `batches x batch_size` rows of the data, in
     /// file order: what `minimind eval` must reproduce on the exported model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,6 +188,8 @@ impl Meta {
             reason: None,
             last_step: None,
             resumes: Vec::new(),
+            best_val_loss: None,
+            best_val_step: None,
             final_eval: None,
         }
     }

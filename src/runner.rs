@@ -25,6 +25,8 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "checkpoint.log_interval",
     "checkpoint.save_interval",
     "checkpoint.keep_last",
+    "checkpoint.eval_interval",
+    "checkpoint.eval_batches",
     "data.num_workers",
 ];
 

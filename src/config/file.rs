@@ -132,6 +132,13 @@ pub struct DataSection {
     /// Threads used to tokenise the data when building the token cache; 0 = all cores.
     /// MiniMind's `--num_workers`.
     pub num_workers: usize,
+    /// Validation data: a second JSON-lines file (relative to this file); its first
+    /// `checkpoint.eval_batches x train.batch_size` documents, encoded as `minimind eval` does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_path: Option<String>,
+    /// Validation data held out of `path`: this share of its documents, chosen by the seed and
+    /// never trained on (0: none). Needs `packing = false`. Typical: 0.01.
+    pub val_fraction: f64,
 }
 
 impl Default for DataSection {
@@ -143,6 +150,8 @@ impl Default for DataSection {
             packing: false,
             skip_bad_lines: false,
             num_workers: 0,
+            val_path: None,
+            val_fraction: 0.0,
         }
     }
 }
@@ -315,6 +324,12 @@ pub struct CheckpointSection {
     pub save_interval: usize,
     /// Complete checkpoints kept; older ones are deleted. Typical: 3.
     pub keep_last: usize,
+    /// Optimiser steps between validation losses (with validation data; also at the end).
+    /// Unset: only at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_interval: Option<usize>,
+    /// Micro-batches of validation data per validation loss. Typical: 4.
+    pub eval_batches: usize,
     /// Start from these weights: an exported model folder or a `.safetensors` file (relative
     /// to this file). MiniMind's `--from_weight`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -332,6 +347,8 @@ impl Default for CheckpointSection {
             log_interval: 100,
             save_interval: 100,
             keep_last: 3,
+            eval_interval: None,
+            eval_batches: 4,
             from_weight: None,
             resume: Resume::Never,
             save_dir: "runs".into(),

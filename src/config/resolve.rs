@@ -83,6 +83,10 @@ pub struct DataConfig {
     pub packing: bool,
     pub skip_bad_lines: bool,
     pub num_workers: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_path: Option<PathBuf>,
+    #[serde(default)]
+    pub val_fraction: f64,
 }
 
 /// Optimisation settings; nothing to derive, so the file's form is the resolved form.
@@ -96,6 +100,10 @@ pub struct CheckpointConfig {
     pub save_interval: usize,
     pub keep_last: usize,
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_interval: Option<usize>,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub from_weight: Option<PathBuf>,
     pub resume: Resume,
     pub save_dir: PathBuf,
@@ -108,6 +116,10 @@ pub struct Derived {
     pub parameters: u64,
     /// Tokens per optimiser step: batch_size * accumulation_steps * max_seq_len.
     pub tokens_per_step: u64,
+}
+
+fn default_eval_batches() -> usize {
+    4
 }
 
 /// Fills derived values, makes paths absolute and checks cross-field rules; reports every
@@ -181,6 +193,10 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
     positive(&mut problems, "checkpoint.log_interval", c.log_interval);
     positive(&mut problems, "checkpoint.save_interval", c.save_interval);
     positive(&mut problems, "checkpoint.keep_last", c.keep_last);
+    positive(&mut problems, "checkpoint.eval_batches", c.eval_batches);
+    if let Some(n) = c.eval_interval {
+        positive(&mut problems, "checkpoint.eval_interval", n);
+    }
     let from_weight = match &c.from_weight {
         Some(p) => problems.take(existing_path(l, "checkpoint.from_weight", p)),
         None => None,
@@ -191,6 +207,8 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
         log_interval: c.log_interval,
         save_interval: c.save_interval,
         keep_last: c.keep_last,
+        eval_interval: c.eval_interval,
+        eval_batches: c.eval_batches,
         from_weight,
         resume: c.resume,
         save_dir: absolute(&l.base_dir_of("checkpoint.save_dir").join(&c.save_dir)),
@@ -336,6 +354,31 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors
     }
     let path = problems.take(existing_path(l, "data.path", &d.path));
     let tokenizer = problems.take(existing_path(l, "data.tokenizer", &d.tokenizer));
+    let val_path = match &d.val_path {
+        Some(p) => problems.take(existing_path(l, "data.val_path", p)),
+        None => None,
+    };
+    let frac = d.val_fraction;
+    let err = |key: &str, msg: String| ConfigError::new(l.origin_of(key), Some(key), msg);
+    if !(0.0..1.0).contains(&frac) {
+        problems.push(err("data.val_fraction", format!("{frac} must be in [0, 1)")));
+    } else if frac > 0.0 && d.val_path.is_some() {
+        problems.push(err(
+            "data.val_fraction",
+            format!("{frac} holds data out, but data.val_path (from {}) already gives validation data: choose one", l.origin_of("data.val_path")),
+        ));
+    } else if frac > 0.0 && d.packing {
+        problems.push(
+            err(
+                "data.val_fraction",
+                format!(
+                    "{frac} holds documents out, which packed rows (data.packing = true, from {}) cannot do",
+                    l.origin_of("data.packing")
+                ),
+            )
+            .hint("set data.val_path to a file of validation documents instead"),
+        );
+    }
     problems.finish()?;
     Ok(DataConfig {
         path: path.expect("checked"),
@@ -344,6 +387,8 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors
         packing: d.packing,
         skip_bad_lines: d.skip_bad_lines,
         num_workers: d.num_workers,
+        val_path,
+        val_fraction: frac,
     })
 }
 

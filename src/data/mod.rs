@@ -196,30 +196,43 @@ pub struct Cursor {
     pub batch: usize,
 }
 
-/// Shuffled micro-batches: epoch e visits the rows in a permutation drawn from (seed, e);
-/// the last partial batch of an epoch is dropped so every micro-batch has B rows.
+/// Shuffled micro-batches: epoch e visits the training rows in a permutation drawn from
+/// (seed, e); the last partial batch of an epoch is dropped so every micro-batch has B rows.
 pub struct Batches {
     seed: u64,
     b: usize,
-    samples: usize,
+    /// The rows trained on (all of them, or all but the held-out validation rows).
+    rows: Vec<u32>,
     epoch: Option<usize>,
     order: Vec<u32>,
     scratch: Vec<u32>,
 }
 
 impl Batches {
+    /// Over all `samples` rows.
     pub fn new(samples: usize, b: usize, seed: u64) -> Result<Batches> {
+        Batches::over((0..samples as u32).collect(), b, seed)
+    }
+
+    /// Over the given rows only (in this order before shuffling).
+    pub fn over(rows: Vec<u32>, b: usize, seed: u64) -> Result<Batches> {
+        let samples = rows.len();
         if samples < b {
             bail!(
-                "the data has {samples} row(s), fewer than one batch of train.batch_size = {b}\n  hint: lower train.batch_size or add data"
+                "the data has {samples} training row(s), fewer than one batch of train.batch_size = {b}\n  hint: lower train.batch_size or add data"
             );
         }
-        Ok(Batches { seed, b, samples, epoch: None, order: Vec::new(), scratch: Vec::new() })
+        Ok(Batches { seed, b, rows, epoch: None, order: Vec::new(), scratch: Vec::new() })
+    }
+
+    /// Rows trained on.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
     }
 
     /// Micro-batches per epoch.
     pub fn per_epoch(&self) -> usize {
-        self.samples / self.b
+        self.rows.len() / self.b
     }
 
     /// Fills the micro-batch at `cursor` and advances it; returns its real (non-pad) tokens.
@@ -229,13 +242,13 @@ impl Batches {
             cursor.batch = 0;
         }
         if self.epoch != Some(cursor.epoch) {
-            permutation(self.samples, self.seed, cursor.epoch, &mut self.order);
+            permutation(self.rows.len(), self.seed, cursor.epoch, &mut self.order);
             self.epoch = Some(cursor.epoch);
         }
         let t = ds.t;
         let mut real = 0;
         for r in 0..self.b {
-            let sample = self.order[cursor.batch * self.b + r] as usize;
+            let sample = self.rows[self.order[cursor.batch * self.b + r] as usize] as usize;
             real += ds.fill(
                 sample,
                 &mut ids[r * t..(r + 1) * t],
@@ -246,6 +259,23 @@ impl Batches {
         cursor.batch += 1;
         real
     }
+}
+
+/// Splits `samples` rows into (training rows, validation rows): `fraction` of them, chosen by
+/// `seed`, held out. Both in ascending order. Pure.
+pub fn hold_out(samples: usize, fraction: f64, seed: u64) -> (Vec<u32>, Vec<u32>) {
+    let held = (samples as f64 * fraction).round() as usize;
+    if held == 0 {
+        return ((0..samples as u32).collect(), Vec::new());
+    }
+    let mut order = Vec::new();
+    // A stream of its own: the held-out rows do not depend on the epochs' shuffles.
+    permutation(samples, seed ^ 0x5EED_0F_DA7A, u32::MAX as usize, &mut order);
+    let mut val = order[..held.min(samples)].to_vec();
+    let mut train = order[held.min(samples)..].to_vec();
+    val.sort_unstable();
+    train.sort_unstable();
+    (train, val)
 }
 
 /// Fisher-Yates permutation of `0..n` from (seed, epoch).
@@ -262,6 +292,18 @@ pub fn permutation(n: usize, seed: u64, epoch: usize, out: &mut Vec<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_out_rows_are_disjoint_seeded_and_complete() {
+        let (train, val) = hold_out(1000, 0.05, 3);
+        assert_eq!((train.len(), val.len()), (950, 50));
+        let mut all: Vec<u32> = train.iter().chain(&val).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<u32>>());
+        assert_eq!(hold_out(1000, 0.05, 3), (train, val.clone()), "the same seed, the same rows");
+        assert_ne!(hold_out(1000, 0.05, 4).1, val, "another seed, other rows");
+        assert_eq!(hold_out(10, 0.0, 1), ((0..10).collect(), Vec::new()));
+    }
 
     #[test]
     fn permutations_are_deterministic_per_epoch() {

@@ -28,12 +28,15 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Validation loss, at the steps where it was measured (empty elsewhere).
+    #[serde(default)]
+    pub val_loss: Option<f64>,
     /// Token positions (padding included) per second since the previous row.
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "step",
     "epoch",
     "tokens",
@@ -43,6 +46,7 @@ const HEADER: [&str; 11] = [
     "aux_loss",
     "lr",
     "grad_norm",
+    "val_loss",
     "tokens_per_s",
     "elapsed_s",
 ];
@@ -369,8 +373,9 @@ fn watch(
 impl StepMetrics {
     /// The console form of a row.
     pub fn line(&self, total: usize) -> String {
+        let val = self.val_loss.map_or_else(String::new, |v| format!(" val {v:.4}"));
         format!(
-            "step {}/{} epoch {} loss {:.4} (lm {:.4} aux {:.4}) lr {:.3e} grad_norm {:.3} {:.0} tok/s",
+            "step {}/{} epoch {} loss {:.4} (lm {:.4} aux {:.4}){val} lr {:.3e} grad_norm {:.3} {:.0} tok/s",
             self.step,
             total,
             self.epoch,
@@ -403,7 +408,7 @@ mod tests {
     #[test]
     fn metrics_rows_to_keep() {
         let header = HEADER.join(",");
-        let row = |s: usize| format!("{s},0,{},{},4.0,4.0,0.0,0.001,1.0,100.0,1.0", s * 10, s * 12);
+        let row = |s: usize| format!("{s},0,{},{},4.0,4.0,0.0,0.001,1.0,,100.0,1.0", s * 10, s * 12);
         let full = format!("{header}\n{}\n{}\n{}\n", row(1), row(2), row(3));
         let (kept, notes) = rows_to_keep(&full, 2);
         assert_eq!(kept.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2]);

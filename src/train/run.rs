@@ -14,7 +14,7 @@ use super::checkpoint::{self, TrainerState};
 use super::schedule::lr_at;
 use crate::config::Config;
 use crate::cost::Cost;
-use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok};
+use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok, hold_out};
 use crate::engine::backend::{self, Task};
 use crate::engine::{Engine, Kernels, OptimConfig, hf};
 use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics, duration, human};
@@ -117,12 +117,15 @@ pub fn train(
 #[error("{0}")]
 struct Refused(String);
 
-/// The run's data, opened: rows, batches, and how many optimiser steps the run has.
+/// The run's data, opened: rows, batches, the validation rows, and how many optimiser steps
+/// the run has.
 struct Data {
     ds: Dataset,
     tok: Tok,
     batches: Batches,
     total: usize,
+    /// Validation rows `(ids, targets)`, `rows x T` each, encoded as `minimind eval` does.
+    val: Option<(Vec<u32>, Vec<i32>)>,
 }
 
 /// A training session, run on whichever backend the placement chose.
@@ -213,7 +216,8 @@ fn open_data(config: &Config, s: &Session) -> Result<Data> {
     let cache_root = config.checkpoint.save_dir.join(".cache");
     let opts = OpenOptions { cache_root: &cache_root, quiet: s.quiet, heartbeat: s.heartbeat, stop: &s.stop };
     let (ds, tok) = Dataset::open(&config.data, config.model.vocab_size, &opts)?;
-    let batches = Batches::new(ds.samples(), b, config.seed)?;
+    let (train_rows, held_out) = hold_out(ds.samples(), config.data.val_fraction, config.seed);
+    let batches = Batches::over(train_rows, b, config.seed)?;
     let total = match config.train.max_steps {
         Some(n) => n,
         None => config.train.epochs * (batches.per_epoch() / accum),
@@ -224,7 +228,28 @@ fn open_data(config: &Config, s: &Session) -> Result<Data> {
             batches.per_epoch()
         );
     }
-    Ok(Data { ds, tok, batches, total })
+    let rows = config.checkpoint.eval_batches * b;
+    let t = config.data.max_seq_len;
+    let val = if !held_out.is_empty() {
+        let held = &held_out[..rows.min(held_out.len())];
+        let (mut ids, mut targets, mut scratch) =
+            (vec![0; held.len() * t], vec![0; held.len() * t], Vec::new());
+        for (r, &row) in held.iter().enumerate() {
+            ds.fill(
+                row as usize,
+                &mut ids[r * t..(r + 1) * t],
+                &mut targets[r * t..(r + 1) * t],
+                &mut scratch,
+            );
+        }
+        Some((ids, targets))
+    } else if let Some(path) = &config.data.val_path {
+        let (ids, targets, _) = crate::eval::first_rows(path, &tok, t, rows, config.data.skip_bad_lines)?;
+        Some((ids, targets))
+    } else {
+        None
+    };
+    Ok(Data { ds, tok, batches, total, val })
 }
 
 /// The engine with the run's starting state: its newest intact checkpoint when resuming (the
@@ -329,11 +354,15 @@ fn restore<K: Kernels>(
 fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data) {
     let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, config.train.accumulation_steps);
     console.line(&format!(
-        "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}); {} samples, {} micro-batches per epoch",
+        "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}); {} samples{}, {} micro-batches per epoch",
         run.root.display(),
         data.total,
         human((b * t * accum) as f64),
         data.ds.samples(),
+        match data.ds.samples() - data.batches.rows() {
+            0 => String::new(),
+            held => format!(", {held} held out for validation"),
+        },
         data.batches.per_epoch()
     ));
     let skipped = data.ds.skipped().describe().map_or(String::new(), |s| format!("; {s}"));
@@ -423,7 +452,9 @@ fn train_steps<K: Kernels>(
 
         // The device's numbers are read only when something needs them: a metrics row, a
         // checkpoint (never of non-finite weights) or a stop.
-        let log_now = state.step.is_multiple_of(ck.log_interval) || state.step == total;
+        let eval_now = data.val.is_some()
+            && (ck.eval_interval.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total);
+        let log_now = state.step.is_multiple_of(ck.log_interval) || state.step == total || eval_now;
         let save_now = state.step.is_multiple_of(ck.save_interval) || state.step == total;
         let signal = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
         let stop_now = signal.is_some() && state.step < total;
@@ -443,6 +474,18 @@ fn train_steps<K: Kernels>(
             check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
         }
         last_loss = Some(loss);
+        let val_loss = match (&data.val, eval_now) {
+            (Some((ids, targets)), true) => Some(crate::eval::mean_loss(engine, ids, targets, b, t).loss),
+            _ => None,
+        };
+        if let Some(v) = val_loss {
+            let step = state.step;
+            meta.update(|m| {
+                if m.best_val_loss.is_none_or(|best| v < best) {
+                    (m.best_val_loss, m.best_val_step) = (Some(v), Some(step));
+                }
+            })?;
+        }
         if log_now {
             let dt = last_log.elapsed().as_secs_f64().max(1e-9);
             let row = StepMetrics {
@@ -455,6 +498,7 @@ fn train_steps<K: Kernels>(
                 aux_loss: stats.aux,
                 lr,
                 grad_norm: stats.grad_norm,
+                val_loss,
                 tokens_per_s: (state.tokens_seen - last_tokens) as f64 / dt,
                 elapsed_s: state.elapsed_s,
             };

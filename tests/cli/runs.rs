@@ -499,3 +499,69 @@ fn cuda_without_a_gpu_is_one_clear_line() {
     );
     assert_eq!(meta(&s.runs()[0])["device"], serde_json::json!({"requested": "auto", "effective": "cpu"}));
 }
+
+#[test]
+fn validation_loss_is_what_eval_says_of_the_same_weights_on_the_same_rows() {
+    let s = Scratch::new();
+    let val: String = SONGCI.lines().rev().take(20).map(|l| format!("{l}\n")).collect();
+    s.write("val.jsonl", &val);
+    s.micro("");
+    let text = fs::read_to_string(s.path().join("micro.toml"))
+        .unwrap()
+        .replace("max_seq_len = 32", "max_seq_len = 32\nval_path = \"val.jsonl\"")
+        .replace("keep_last = 2", "keep_last = 2\neval_interval = 2\neval_batches = 2")
+        .replace("max_steps = 12", "max_steps = 6");
+    fs::write(s.path().join("micro.toml"), text).unwrap();
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let run = s.runs()[0].clone();
+    let csv = fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    let col = lines.next().unwrap().split(',').position(|h| h == "val_loss").unwrap();
+    let vals: Vec<&str> = lines.map(|l| l.split(',').nth(col).unwrap()).collect();
+    assert_eq!(
+        vals.iter().map(|v| v.is_empty()).collect::<Vec<_>>(),
+        [true, false, true, false, true, false]
+    );
+    let last: f64 = vals[5].parse().unwrap();
+    let o = expect(
+        minimind(s.path())
+            .args([
+                "eval",
+                "--json",
+                "--data",
+                "val.jsonl",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--batches",
+                "2",
+            ])
+            .arg("--hf-dir")
+            .arg(run.join("model")),
+        0,
+    );
+    let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(ev["loss"].as_f64().unwrap(), last, "the same weights, rows and arithmetic");
+    let best = vals
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<f64>().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(meta(&run)["best_val_loss"].as_f64(), Some(best));
+    // Both kinds of validation data at once is an error naming both keys.
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "data.val_fraction=0.1"]), 2);
+    let err = stderr(&o);
+    assert!(err.contains("`data.val_fraction`") && err.contains("data.val_path (from"), "{err}");
+    // Held out of the training data instead: a validation loss too, on documents not trained on.
+    s.write(
+        "held.toml",
+        &MICRO
+            .replace("max_seq_len = 32", "max_seq_len = 32\nval_fraction = 0.1")
+            .replace("max_steps = 12", "max_steps = 2"),
+    );
+    let o = expect(&mut run_quiet(s.path(), &["held.toml"]), 0);
+    assert!(stdout(&o).contains("2000 samples, 200 held out for validation"), "{}", stdout(&o));
+    let held = s.runs().into_iter().last().unwrap();
+    assert!(meta(&held)["best_val_loss"].as_f64().unwrap() > 0.0);
+}

@@ -270,7 +270,7 @@ pub fn hold_out(samples: usize, fraction: f64, seed: u64) -> (Vec<u32>, Vec<u32>
     }
     let mut order = Vec::new();
     // A stream of its own: the held-out rows do not depend on the epochs' shuffles.
-    permutation(samples, seed ^ 0x5EED_0F_DA7A, u32::MAX as usize, &mut order);
+    permutation(samples, seed ^ 0x005E_ED0F_DA7A, u32::MAX as usize, &mut order);
     let mut val = order[..held.min(samples)].to_vec();
     let mut train = order[held.min(samples)..].to_vec();
     val.sort_unstable();

@@ -72,13 +72,19 @@ enum Command {
         /// Without a progress bar, print a progress line when nothing was printed for this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         progress_every: f64,
+        /// A sweep's points run this many at a time on this machine (the cores split between them).
+        #[arg(short = 'j', long = "jobs", value_name = "N")]
+        jobs: Option<usize>,
+        /// Where a sweep's points run: local (this machine) or slurm (one job array).
+        #[arg(long, value_enum)]
+        launcher: Option<config::LauncherKind>,
         #[command(flatten)]
         aids: TestingAids,
     },
-    /// Continue an interrupted run exactly, from its last complete checkpoint.
+    /// Continue an interrupted run (or a sweep) exactly, from its last complete checkpoint(s).
     #[command(after_help = RESUME_EXAMPLES)]
     Resume {
-        /// The run folder (runs/<timestamp>-<name>).
+        /// The run folder (runs/<timestamp>-<name>), or a sweep folder.
         run_dir: PathBuf,
         /// Change a key that affects neither the model nor the data order (max_steps, intervals, threads, ...).
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -243,32 +249,45 @@ fn session(quiet: bool, progress_every: f64, aids: TestingAids, stop: crate::sig
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { files, set, dry_run, quiet, progress_every, aids } => {
-            let mut runs = Vec::new();
+        Command::Run { files, set, dry_run, quiet, progress_every, jobs, launcher, aids } => {
+            if jobs == Some(0) {
+                return Err(ConfigError::new(config::Origin::Arg("-j 0".into()), None, "a sweep runs at least one point at a time").into());
+            }
+            let mut experiments = Vec::new();
             for file in &files {
-                runs.extend(load(file, &set)?);
+                experiments.push(load(file, &set)?);
             }
             if dry_run {
-                print_dry_run(&runs)?;
+                for runs in &experiments {
+                    print_dry_run(runs)?;
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let stop = crate::signals::install()?;
-            let mut failed = 0;
-            for run in &runs {
-                let session = session(quiet, progress_every, aids.clone(), stop.clone());
-                match runner::start(run, std::env::args().collect(), session) {
-                    Ok((_, Outcome::Completed)) => {}
-                    Ok((_, outcome)) => return Ok(ExitCode::from(runner::exit_code(outcome))),
-                    Err(e) if runs.len() > 1 => {
-                        failed += 1;
-                        let tag = run.tag.as_deref().unwrap_or(&run.config.name);
-                        let _ = writeln!(std::io::stderr(), "error: run {tag}: {e:#}");
+            let session = session(quiet, progress_every, aids, stop);
+            let mut failed = Vec::new();
+            for runs in &experiments {
+                let result = match runs.as_slice() {
+                    [run] if run.tag.is_none() => runner::start(run, std::env::args().collect(), session.clone()).map(|(_, o)| o),
+                    points => {
+                        let file_launcher = &points[0].layered.merged.launcher;
+                        let l = crate::sweep::launcher(file_launcher, jobs, launcher);
+                        let sweep = crate::sweep::Sweep::create(points, l, std::env::args().collect())?;
+                        runner::run_sweep(&sweep, &session)
+                    }
+                };
+                match result {
+                    Ok(Outcome::Completed) => {}
+                    Ok(outcome) => return Ok(ExitCode::from(runner::exit_code(outcome))),
+                    Err(e) if experiments.len() > 1 => {
+                        let _ = writeln!(std::io::stderr(), "error: {}: {e:#}", runs[0].config.name);
+                        failed.push(runs[0].config.name.clone());
                     }
                     Err(e) => return Err(e),
                 }
             }
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} runs failed", runs.len());
+            if !failed.is_empty() {
+                anyhow::bail!("{} of {} experiments failed: {}", failed.len(), experiments.len(), failed.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }

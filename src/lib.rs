@@ -14,4 +14,6 @@ pub mod run_dir;
 pub mod runner;
 pub mod selftest;
 pub mod signals;
+pub mod slurm;
+pub mod sweep;
 pub mod train;

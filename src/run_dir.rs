@@ -31,6 +31,8 @@ fn candidate(base: &str, n: usize) -> String {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// A sweep point that has not started.
+    Queued,
     Running,
     Completed,
     Failed,

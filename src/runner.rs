@@ -94,6 +94,10 @@ pub fn start(
 /// `minimind resume RUN_DIR [--set k=v]...`: continues from the last complete checkpoint,
 /// `sets` limited to [`RESUMABLE_KEYS`].
 pub fn resume(root: &Path, sets: &[Assign], allow_data_change: bool, session: Session) -> Result<Outcome> {
+    if crate::sweep::is_sweep(root) {
+        anyhow::ensure!(sets.is_empty(), "--set applies to one run folder, not to a sweep folder");
+        return resume_sweep(root, &session);
+    }
     let dir = RunDir::open(root)?;
     let lock = dir.lock()?;
     let refused: Vec<&Assign> = sets.iter().filter(|a| !RESUMABLE_KEYS.contains(&a.key.as_str())).collect();
@@ -154,9 +158,59 @@ fn continue_run(
         }
     }
     (meta.device, meta.dtype) = train::choices(&config.train, &placement);
+    // A sweep point that never ran starts now: a first start, not a resume; its --set values
+    // (the sweep's thread split) are overrides of the run.
+    let queued = meta.status == Status::Queued;
+    let first_start;
+    let session = if queued {
+        let request = session.resume.clone().unwrap_or_default();
+        meta.overrides.extend(request.overrides);
+        dir.write_config(config)?;
+        first_start = Session { resume: None, ..session.clone() };
+        &first_start
+    } else {
+        session
+    };
     let meta = MetaFile::new(dir, meta);
     meta.update(|_| {})?;
-    train::train(dir, &meta, config, &placement, session)
+    let outcome = train::train(dir, &meta, config, &placement, session);
+    // A sweep's index follows its points.
+    if let Some(parent) = dir.root.parent()
+        && crate::sweep::is_sweep(parent)
+        && let Ok(sweep) = crate::sweep::Sweep::open(parent)
+    {
+        let _ = sweep.refresh_index();
+    }
+    outcome
+}
+
+/// Runs a sweep's points: `jobs` at a time here, or as a Slurm job array.
+pub fn run_sweep(sweep: &crate::sweep::Sweep, session: &Session) -> Result<Outcome> {
+    use crate::sweep::Ended;
+    let launcher = &sweep.file.launcher;
+    crate::metrics::say(&format!("sweep {}: {} point(s)", sweep.root.display(), sweep.file.points.len()));
+    if launcher.kind == crate::config::LauncherKind::Slurm {
+        crate::slurm::submit(sweep)?;
+        return Ok(Outcome::Completed);
+    }
+    let ended = crate::sweep::run_local(sweep, launcher.jobs, &session.stop)?;
+    let rows = sweep.refresh_index()?;
+    crate::sweep::print_index(&rows);
+    match ended {
+        Ended::Stopped(sig) => {
+            crate::metrics::say(&format!("continue with: minimind resume {}", sweep.root.display()));
+            Ok(Outcome::Stopped(sig))
+        }
+        Ended::Done { failed: 0 } => Ok(Outcome::Completed),
+        Ended::Done { failed } => bail!("{failed} of {} points failed (see index.csv)", rows.len()),
+    }
+}
+
+/// `minimind resume SWEEP_DIR`: completed points are skipped, interrupted ones resume from
+/// their checkpoints, the rest start.
+fn resume_sweep(root: &Path, session: &Session) -> Result<Outcome> {
+    let sweep = crate::sweep::Sweep::open(root)?;
+    run_sweep(&sweep, session)
 }
 
 /// The newest unfinished run of this experiment (and sweep point) in `save_dir` that no live

@@ -33,6 +33,8 @@ pub struct ExperimentFile {
     /// A grid (and/or zip) of values for dotted keys; one run per point.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep: Option<SweepSection>,
+    /// Where a sweep's points run: on this machine, or as a Slurm job array.
+    pub launcher: LauncherSection,
 }
 
 impl Default for ExperimentFile {
@@ -46,6 +48,7 @@ impl Default for ExperimentFile {
             train: TrainSection::default(),
             checkpoint: CheckpointSection::default(),
             sweep: None,
+            launcher: LauncherSection::default(),
         }
     }
 }
@@ -366,4 +369,54 @@ pub struct SweepSection {
     /// Paired values: lists of equal length, the i-th values taken together; combined with
     /// the grid as one more axis.
     pub zip: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+/// Where a sweep's points run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LauncherKind {
+    /// Processes on this machine, `jobs` at a time.
+    Local,
+    /// One Slurm job array, one array task per point (`sbatch`).
+    Slurm,
+}
+
+/// How a sweep's points are launched (`minimind run -j N` and `--launcher` override it).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LauncherSection {
+    /// `local` or `slurm`.
+    pub kind: LauncherKind,
+    /// Local: points run at once (the cores are split between them). Typical: 2.
+    pub jobs: usize,
+    /// Slurm: the partition (`sbatch --partition`); the cluster's default when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Slurm: the time limit per point (`--time`, such as "02:00:00").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// Slurm: CPU cores per point (`--cpus-per-task`).
+    pub cpus_per_task: usize,
+    /// Slurm: GPUs per point (`--gpus-per-task`); 0 for CPU training.
+    pub gpus_per_task: usize,
+    /// Slurm: memory per point (`--mem`, such as "16G"); the cluster's default when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mem: Option<String>,
+    /// Slurm: more `#SBATCH` lines, written as given (such as "--account=ml").
+    pub extra_sbatch: Vec<String>,
+}
+
+impl Default for LauncherSection {
+    fn default() -> Self {
+        LauncherSection {
+            kind: LauncherKind::Local,
+            jobs: 1,
+            partition: None,
+            time: None,
+            cpus_per_task: 2,
+            gpus_per_task: 0,
+            mem: None,
+            extra_sbatch: Vec::new(),
+        }
+    }
 }

@@ -30,7 +30,7 @@ pub fn is_leaf(key: &str) -> bool {
 
 /// Keys a sweep may vary: every leaf but the file plumbing.
 pub fn is_sweepable(key: &str) -> bool {
-    is_leaf(key) && key != "extends" && !key.starts_with("sweep.")
+    is_leaf(key) && key != "extends" && !key.starts_with("sweep.") && !key.starts_with("launcher.")
 }
 
 fn resolve<'a>(root: &'a Value, node: &'a Value) -> &'a Value {

@@ -277,8 +277,8 @@ fn check_keys(
             if key == "derived" || key == "model.head_dim" {
                 continue;
             }
-            if key == "extends" || key == "sweep" {
-                let msg = "a run's config.toml is the resolved config: it has no `extends` or `[sweep]`";
+            if key == "extends" || key == "sweep" || key == "launcher" {
+                let msg = "a run's config.toml is the resolved config: it has no `extends`, `[sweep]` or `[launcher]`";
                 problems.push(ConfigError::new(origin, Some(&key), msg));
                 continue;
             }

@@ -13,7 +13,7 @@ mod sweep;
 use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
-pub use file::ExperimentFile;
+pub use file::{ExperimentFile, LauncherKind, LauncherSection};
 pub use load::{Assign, EnvLayer, Layered, env_name, parse_env, parse_set};
 pub use resolve::{
     CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, ModelProblem, Resume,

@@ -194,6 +194,8 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
     positive(&mut problems, "checkpoint.save_interval", c.save_interval);
     positive(&mut problems, "checkpoint.keep_last", c.keep_last);
     positive(&mut problems, "checkpoint.eval_batches", c.eval_batches);
+    positive(&mut problems, "launcher.jobs", f.launcher.jobs);
+    positive(&mut problems, "launcher.cpus_per_task", f.launcher.cpus_per_task);
     if let Some(n) = c.eval_interval {
         positive(&mut problems, "checkpoint.eval_interval", n);
     }

@@ -39,6 +39,7 @@ pub struct ResumeRequest {
 }
 
 /// Knobs of one session that are not part of the experiment.
+#[derive(Clone)]
 pub struct Session {
     /// Continue from the run's last complete checkpoint.
     pub resume: Option<ResumeRequest>,

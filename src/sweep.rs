@@ -1,0 +1,390 @@
+//! A sweep as one thing: `runs/<stamp>-<name>/` holds `sweep.toml` (every point's resolved
+//! config), `index.csv` (one row per point, rebuilt from the point folders under a lock) and
+//! the points' run folders. Points run as `minimind resume <point>` processes: on this machine
+//! `jobs` at a time, or as one Slurm job array; so starting, stopping, resuming and reporting a
+//! point are the run folder's own, and `minimind resume SWEEP_DIR` continues the sweep.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, LauncherKind, LauncherSection, PlannedRun};
+use crate::metrics::say;
+use crate::run_dir::{Meta, RunDir, Status, lock_file, write_atomic};
+use crate::signals::Stop;
+
+/// `sweep.toml`: what the sweep is, enough to run or re-create any point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SweepFile {
+    pub name: String,
+    pub experiment_file: PathBuf,
+    pub created_at: String,
+    pub command_line: Vec<String>,
+    pub launcher: LauncherSection,
+    /// The Slurm job id, once submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
+    pub points: Vec<Point>,
+}
+
+/// One point: its tag, its folder (relative to the sweep) and its resolved config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    pub index: usize,
+    pub tag: String,
+    pub folder: String,
+    pub config: Config,
+}
+
+/// A sweep folder.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    pub root: PathBuf,
+    pub file: SweepFile,
+}
+
+/// One row of `index.csv`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IndexRow {
+    pub index: usize,
+    pub tag: String,
+    pub run_dir: String,
+    /// queued, running, completed, failed, stopped, or missing (its folder was deleted).
+    pub status: String,
+    pub steps: usize,
+    pub final_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub error: String,
+}
+
+const FILE: &str = "sweep.toml";
+const INDEX: &str = "index.csv";
+
+/// True when `dir` is a sweep folder.
+pub fn is_sweep(dir: &Path) -> bool {
+    dir.join(FILE).is_file()
+}
+
+impl Sweep {
+    /// Creates the sweep folder for `runs` (the points of one experiment) under their
+    /// `save_dir`: sweep.toml, a queued run folder per point, index.csv.
+    pub fn create(runs: &[PlannedRun], launcher: LauncherSection, command_line: Vec<String>) -> Result<Sweep> {
+        let first = runs.first().context("a sweep without points")?;
+        let now = chrono::Local::now();
+        let save_dir = first.config.checkpoint.save_dir.clone();
+        let name = crate::run_dir::folder_name(&now, &first.config.name, None);
+        let (sweep_dir, _lock) = RunDir::create(&save_dir, &name)?;
+        // A sweep folder is not a run folder: drop what RunDir::create made for one.
+        let _ = std::fs::remove_dir(sweep_dir.checkpoints_dir());
+        let root = sweep_dir.root.clone();
+        let mut points = Vec::new();
+        for (index, run) in runs.iter().enumerate() {
+            let tag = run.tag.clone().unwrap_or_else(|| format!("point{index}"));
+            let mut config = run.config.clone();
+            config.checkpoint.save_dir = root.clone();
+            points.push(Point { index, tag: tag.clone(), folder: tag, config });
+        }
+        let file = SweepFile {
+            name: first.config.name.clone(),
+            experiment_file: std::path::absolute(first.layered.path()).unwrap_or_else(|_| first.layered.path().into()),
+            created_at: now.to_rfc3339(),
+            command_line,
+            launcher,
+            slurm_job: None,
+            points,
+        };
+        let sweep = Sweep { root, file };
+        sweep.save()?;
+        for (p, run) in sweep.file.points.iter().zip(runs) {
+            sweep.create_point(p, Some(run))?;
+        }
+        sweep.refresh_index()?;
+        Ok(sweep)
+    }
+
+    pub fn open(root: &Path) -> Result<Sweep> {
+        let path = root.join(FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Sweep { root: root.to_path_buf(), file })
+    }
+
+    pub fn save(&self) -> Result<()> {
+        let text = toml::to_string(&self.file).context("serialising sweep.toml")?;
+        write_atomic(&self.root.join(FILE), text.as_bytes())
+    }
+
+    pub fn point_dir(&self, p: &Point) -> PathBuf {
+        self.root.join(&p.folder)
+    }
+
+    /// A queued run folder for point `p` (config.toml, meta.json); `planned` adds the
+    /// overrides and sources a fresh sweep knows.
+    fn create_point(&self, p: &Point, planned: Option<&PlannedRun>) -> Result<()> {
+        let dir = RunDir { root: self.point_dir(p) };
+        std::fs::create_dir_all(dir.checkpoints_dir())
+            .with_context(|| format!("creating {}", dir.checkpoints_dir().display()))?;
+        dir.write_config(&p.config)?;
+        let now = chrono::Local::now();
+        let mut meta = match planned {
+            Some(run) => Meta::gather(&p.config, Some(&p.tag), &run.layered, self.file.command_line.clone(), &now),
+            None => Meta { sweep_tag: Some(p.tag.clone()), ..Meta::placeholder(&p.config) },
+        };
+        meta.status = Status::Queued;
+        dir.write_meta(&meta)
+    }
+
+    /// Rebuilds index.csv from the point folders (under a lock, so concurrent points and the
+    /// driver never interleave) and returns its rows. A point whose folder is gone is reported
+    /// `missing`, not trusted.
+    pub fn refresh_index(&self) -> Result<Vec<IndexRow>> {
+        let _lock = lock_file(&self.root.join(".index.lock"), true)?;
+        let rows: Vec<IndexRow> = self.file.points.iter().map(|p| index_row(p, &self.point_dir(p))).collect();
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        write_atomic(&self.root.join(INDEX), &w.into_inner().map_err(|e| e.into_error())?)?;
+        Ok(rows)
+    }
+
+    /// Re-creates the folders of points that were deleted (they run again from the start),
+    /// saying which.
+    fn restore_missing(&self) -> Result<()> {
+        for p in &self.file.points {
+            let dir = self.point_dir(p);
+            if !dir.join("config.toml").is_file() {
+                say(&format!("{}: its run folder {} was deleted; it runs again from the start", p.tag, dir.display()));
+                self.create_point(p, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The index row of point `p` from its folder. Pure but for reading the folder.
+fn index_row(p: &Point, dir: &Path) -> IndexRow {
+    let mut row = IndexRow {
+        index: p.index,
+        tag: p.tag.clone(),
+        run_dir: p.folder.clone(),
+        status: "missing".into(),
+        steps: 0,
+        final_loss: None,
+        best_val_loss: None,
+        tokens_per_s: None,
+        error: String::new(),
+    };
+    let run = RunDir { root: dir.to_path_buf() };
+    let Ok(meta) = run.read_meta() else {
+        row.error = if dir.exists() { "meta.json unreadable".into() } else { "run folder was deleted".into() };
+        return row;
+    };
+    row.status = status_name(meta.status).into();
+    if meta.status == Status::Running && run.try_lock().ok().flatten().is_some() {
+        // Nobody holds it: the process that ran it is gone.
+        row.status = "stopped".into();
+        row.error = "its process died (kill -9, crash or lost node); resume continues it".into();
+    }
+    row.steps = meta.last_step.unwrap_or(0);
+    row.best_val_loss = meta.best_val_loss;
+    if let Some(e) = meta.error {
+        row.error = e.lines().next().unwrap_or_default().to_string();
+    }
+    if let Ok(rows) = crate::metrics::read(&run.metrics_path())
+        && let Some(last) = rows.last()
+    {
+        row.steps = row.steps.max(last.step);
+        row.final_loss = Some(last.loss);
+        row.tokens_per_s = Some(last.tokens_per_s);
+    }
+    row
+}
+
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Queued => "queued",
+        Status::Running => "running",
+        Status::Completed => "completed",
+        Status::Failed => "failed",
+        Status::Stopped => "stopped",
+    }
+}
+
+/// How a local sweep ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every point ran; how many failed.
+    Done { failed: usize },
+    /// Stopped by this signal; the running points wrote checkpoints.
+    Stopped(i32),
+}
+
+/// Threads per point when `jobs` points share this machine: the cores split evenly, unless
+/// the config sets its own. Pure.
+pub fn threads_per_point(cores: usize, jobs: usize, configured: usize) -> usize {
+    if configured > 0 { configured } else { (cores / jobs.max(1)).max(1) }
+}
+
+/// Runs the points that have not completed, `jobs` at a time, each as `minimind resume
+/// <point>` (a child process in its own process group, so a Ctrl-C reaches only this driver,
+/// which forwards it once). Progress lines go to stdout; each point logs to its train.log.
+pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
+    if jobs == 0 {
+        bail!("-j 0: a sweep runs at least one point at a time");
+    }
+    sweep.restore_missing()?;
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = sweep.refresh_index()?;
+    let mut pending: Vec<&Point> =
+        sweep.file.points.iter().filter(|p| rows[p.index].status != "completed").collect();
+    let done = sweep.file.points.len() - pending.len();
+    if done > 0 {
+        say(&format!("{done} point(s) already completed; {} to run", pending.len()));
+    }
+    pending.reverse();
+    let children: Arc<Mutex<Vec<(u32, String)>>> = Arc::default();
+    let forward = children.clone();
+    // A second signal quits this driver at once: pass it on, so the points quit too.
+    crate::signals::on_quit(Some(Box::new(move |sig| {
+        for (pid, _) in forward.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            // SAFETY: signals a child this process started.
+            unsafe { libc::kill(*pid as i32, sig) };
+        }
+    })));
+    let mut running: Vec<(Child, &Point)> = Vec::new();
+    let mut failed = 0;
+    let mut forwarded = None;
+    let mut last_refresh = Instant::now();
+    let total = sweep.file.points.len();
+    loop {
+        if let Some(sig) = stop.requested()
+            && forwarded.is_none()
+        {
+            forwarded = Some(sig);
+            pending.clear();
+            for (child, p) in &running {
+                say(&format!("{}: stopping (checkpoint of its last complete step)", p.tag));
+                // SAFETY: signals a child this process started.
+                unsafe { libc::kill(child.id() as i32, sig) };
+            }
+        }
+        while running.len() < jobs
+            && let Some(p) = pending.pop()
+        {
+            let threads = threads_per_point(cores, jobs, p.config.train.threads);
+            let mut cmd = Command::new(&exe);
+            cmd.arg("resume").arg(sweep.point_dir(p)).args(["--quiet", "--progress-every", "60"]);
+            if p.config.train.threads == 0 {
+                cmd.args(["--set", &format!("train.threads={threads}")]);
+            }
+            let child = spawn_point(&mut cmd)?;
+            say(&format!("[{}/{total}] {} started ({threads} thread(s), pid {})", p.index + 1, p.tag, child.id()));
+            children.lock().unwrap_or_else(|e| e.into_inner()).push((child.id(), p.tag.clone()));
+            running.push((child, p));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut i = 0;
+        while i < running.len() {
+            let Some(status) = running[i].0.try_wait().context("waiting for a point")? else {
+                i += 1;
+                continue;
+            };
+            let (child, p) = running.remove(i);
+            children.lock().unwrap_or_else(|e| e.into_inner()).retain(|(pid, _)| *pid != child.id());
+            let rows = sweep.refresh_index()?;
+            let row = &rows[p.index];
+            let line = match status.code() {
+                Some(0) => format!(
+                    "[{}/{total}] {} completed: {} steps, loss {}{}",
+                    p.index + 1,
+                    p.tag,
+                    row.steps,
+                    row.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    row.best_val_loss.map_or(String::new(), |v| format!(", best val {v:.4}"))
+                ),
+                Some(c) if c > 128 => format!("[{}/{total}] {} stopped after step {}", p.index + 1, p.tag, row.steps),
+                _ => {
+                    failed += 1;
+                    format!("[{}/{total}] {} FAILED: {}", p.index + 1, p.tag, row.error)
+                }
+            };
+            say(&line);
+        }
+        if last_refresh.elapsed() > Duration::from_secs(5) {
+            sweep.refresh_index()?;
+            last_refresh = Instant::now();
+        }
+    }
+    crate::signals::on_quit(None);
+    sweep.refresh_index()?;
+    Ok(match forwarded {
+        Some(sig) => Ended::Stopped(sig),
+        None => Ended::Done { failed },
+    })
+}
+
+/// Starts a point's process in a process group of its own, output discarded (it logs to its
+/// run folder).
+fn spawn_point(cmd: &mut Command) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MINIMIND_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.spawn().context("starting a sweep point")
+}
+
+/// Prints the index as a table.
+pub fn print_index(rows: &[IndexRow]) {
+    say(&format!("{:<4} {:<28} {:<10} {:>6} {:>9} {:>9} {:>9}  error", "#", "point", "status", "steps", "loss", "best val", "tok/s"));
+    let num = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for r in rows {
+        say(&format!(
+            "{:<4} {:<28} {:<10} {:>6} {:>9} {:>9} {:>9}  {}",
+            r.index,
+            r.tag,
+            r.status,
+            r.steps,
+            num(r.final_loss, 4),
+            num(r.best_val_loss, 4),
+            num(r.tokens_per_s, 0),
+            r.error
+        ));
+    }
+}
+
+/// The launcher a sweep uses: its file's, overridden by `-j` and `--launcher`.
+pub fn launcher(from_file: &LauncherSection, jobs: Option<usize>, kind: Option<LauncherKind>) -> LauncherSection {
+    let mut l = from_file.clone();
+    if let Some(j) = jobs {
+        l.jobs = j;
+    }
+    if let Some(k) = kind {
+        l.kind = k;
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_table() {
+        for (cores, jobs, configured, want) in [(16, 2, 0, 8), (2, 2, 0, 1), (2, 4, 0, 1), (16, 2, 3, 3), (1, 1, 0, 1)] {
+            assert_eq!(threads_per_point(cores, jobs, configured), want, "{cores} cores, -j {jobs}, {configured}");
+        }
+    }
+}

@@ -15,7 +15,7 @@ run: build
 	$(BIN) run $(EXP)
 
 sweep: build
-	$(BIN) run $(SWEEP)
+	$(BIN) run $(SWEEP) -j 2
 
 # The CPU suite, then the `cuda` feature: its build, its kernels compiled with NVRTC (found on
 # LD_LIBRARY_PATH; .ci/run installs it) and the CLI's behaviour without a GPU.

@@ -29,6 +29,7 @@ Examples:
   minimind run experiments/dense_small.toml --set train.learning_rate=1e-3 --set model.use_moe=true
   MINIMIND_TRAIN__BATCH_SIZE=8 minimind run experiments/dense_small.toml
   minimind run experiments/sweeps/lr_moe.toml --dry-run
+  minimind run experiments/sweeps/lr_moe.toml -j 2 --launcher local
 
 Layering, lowest to highest: defaults < `extends` chain < the file < MINIMIND_<SECTION>__<KEY>
 environment variables < --set < the sweep point. SIGINT/SIGTERM/SIGHUP stop after the current
@@ -72,7 +73,8 @@ enum Command {
         /// Without a progress bar, print a progress line when nothing was printed for this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         progress_every: f64,
-        /// A sweep's points run this many at a time on this machine (the cores split between them).
+        /// A sweep's points run this many at a time on this machine: the cores split between them, and
+        /// with GPUs one point per GPU.
         #[arg(short = 'j', long = "jobs", value_name = "N")]
         jobs: Option<usize>,
         /// Where a sweep's points run: local (this machine) or slurm (one job array).
@@ -184,6 +186,44 @@ enum Command {
     },
     /// Print the JSON schema of experiment files.
     Schema,
+    /// Runs and sweeps under a folder: status, steps, losses, throughput, start, duration.
+    Ls {
+        /// The folder to look in.
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The config keys that differ between runs, then their metrics, best validation loss first.
+    Compare {
+        /// Run folders and sweep folders.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+    /// One line per run of a metric: an SVG or PNG picture.
+    Plot {
+        /// Run folders and sweep folders.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The picture to write: FILE.svg or FILE.png.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// What to plot.
+        #[arg(long, value_enum, default_value = "loss")]
+        metric: crate::report::Metric,
+        /// Along which axis.
+        #[arg(long, value_enum, default_value = "step")]
+        x: crate::report::XAxis,
+        /// A logarithmic y axis.
+        #[arg(long)]
+        log_y: bool,
+    },
+    /// A sweep's points: their state from the run folders and, for Slurm, from the queue.
+    Status {
+        /// The sweep folder.
+        sweep_dir: PathBuf,
+    },
     /// Check a device's kernels against the CPU's, then the PyTorch fixtures on it.
     Selftest {
         /// The device to check: cpu (against itself on one thread) or cuda / cuda:N.
@@ -251,7 +291,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { files, set, dry_run, quiet, progress_every, jobs, launcher, aids } => {
             if jobs == Some(0) {
-                return Err(ConfigError::new(config::Origin::Arg("-j 0".into()), None, "a sweep runs at least one point at a time").into());
+                return Err(ConfigError::new(
+                    config::Origin::Arg("-j 0".into()),
+                    None,
+                    "a sweep runs at least one point at a time",
+                )
+                .into());
             }
             let mut experiments = Vec::new();
             for file in &files {
@@ -268,7 +313,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut failed = Vec::new();
             for runs in &experiments {
                 let result = match runs.as_slice() {
-                    [run] if run.tag.is_none() => runner::start(run, std::env::args().collect(), session.clone()).map(|(_, o)| o),
+                    [run] if run.tag.is_none() => {
+                        runner::start(run, std::env::args().collect(), session.clone()).map(|(_, o)| o)
+                    }
                     points => {
                         let file_launcher = &points[0].layered.merged.launcher;
                         let l = crate::sweep::launcher(file_launcher, jobs, launcher);
@@ -287,7 +334,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
             if !failed.is_empty() {
-                anyhow::bail!("{} of {} experiments failed: {}", failed.len(), experiments.len(), failed.join(", "));
+                anyhow::bail!(
+                    "{} of {} experiments failed: {}",
+                    failed.len(),
+                    experiments.len(),
+                    failed.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -390,6 +442,32 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     print_profile(&r);
                 }
                 println!("tokens_per_s={:.1}", r.tokens_per_s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls { dir, json } => {
+            crate::report::ls(&dir, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare { runs } => {
+            crate::report::compare(&runs)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { runs, output, metric, x, log_y } => {
+            crate::report::plot(&runs, &output, metric, x, log_y)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { sweep_dir } => {
+            let sweep = crate::sweep::Sweep::open(&sweep_dir)?;
+            let rows = sweep.refresh_index()?;
+            crate::sweep::print_index(&rows);
+            if let Some(job) = &sweep.file.slurm_job {
+                let queue = crate::slurm::queue(job);
+                say(&format!("Slurm job {job}:"));
+                for r in &rows {
+                    let state = queue.get(&r.index).map_or("not in the queue", String::as_str);
+                    say(&format!("  {:<4} {:<28} {state}", r.index, r.tag));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

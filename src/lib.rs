@@ -10,6 +10,7 @@ pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod metrics;
+pub mod report;
 pub mod run_dir;
 pub mod runner;
 pub mod selftest;

@@ -196,6 +196,10 @@ pub fn run_sweep(sweep: &crate::sweep::Sweep, session: &Session) -> Result<Outco
     let ended = crate::sweep::run_local(sweep, launcher.jobs, &session.stop)?;
     let rows = sweep.refresh_index()?;
     crate::sweep::print_index(&rows);
+    // The picture is a convenience: failing to draw it does not fail the sweep.
+    if let Err(e) = crate::report::plot_sweep_loss(&sweep.root) {
+        crate::metrics::say(&format!("warning: no loss.svg: {e:#}"));
+    }
     match ended {
         Ended::Stopped(sig) => {
             crate::metrics::say(&format!("continue with: minimind resume {}", sweep.root.display()));

@@ -73,7 +73,11 @@ pub fn is_sweep(dir: &Path) -> bool {
 impl Sweep {
     /// Creates the sweep folder for `runs` (the points of one experiment) under their
     /// `save_dir`: sweep.toml, a queued run folder per point, index.csv.
-    pub fn create(runs: &[PlannedRun], launcher: LauncherSection, command_line: Vec<String>) -> Result<Sweep> {
+    pub fn create(
+        runs: &[PlannedRun],
+        launcher: LauncherSection,
+        command_line: Vec<String>,
+    ) -> Result<Sweep> {
         let first = runs.first().context("a sweep without points")?;
         let now = chrono::Local::now();
         let save_dir = first.config.checkpoint.save_dir.clone();
@@ -91,7 +95,8 @@ impl Sweep {
         }
         let file = SweepFile {
             name: first.config.name.clone(),
-            experiment_file: std::path::absolute(first.layered.path()).unwrap_or_else(|_| first.layered.path().into()),
+            experiment_file: std::path::absolute(first.layered.path())
+                .unwrap_or_else(|_| first.layered.path().into()),
             created_at: now.to_rfc3339(),
             command_line,
             launcher,
@@ -132,7 +137,9 @@ impl Sweep {
         dir.write_config(&p.config)?;
         let now = chrono::Local::now();
         let mut meta = match planned {
-            Some(run) => Meta::gather(&p.config, Some(&p.tag), &run.layered, self.file.command_line.clone(), &now),
+            Some(run) => {
+                Meta::gather(&p.config, Some(&p.tag), &run.layered, self.file.command_line.clone(), &now)
+            }
             None => Meta { sweep_tag: Some(p.tag.clone()), ..Meta::placeholder(&p.config) },
         };
         meta.status = Status::Queued;
@@ -159,7 +166,11 @@ impl Sweep {
         for p in &self.file.points {
             let dir = self.point_dir(p);
             if !dir.join("config.toml").is_file() {
-                say(&format!("{}: its run folder {} was deleted; it runs again from the start", p.tag, dir.display()));
+                say(&format!(
+                    "{}: its run folder {} was deleted; it runs again from the start",
+                    p.tag,
+                    dir.display()
+                ));
                 self.create_point(p, None)?;
             }
         }
@@ -182,7 +193,8 @@ fn index_row(p: &Point, dir: &Path) -> IndexRow {
     };
     let run = RunDir { root: dir.to_path_buf() };
     let Ok(meta) = run.read_meta() else {
-        row.error = if dir.exists() { "meta.json unreadable".into() } else { "run folder was deleted".into() };
+        row.error =
+            if dir.exists() { "meta.json unreadable".into() } else { "run folder was deleted".into() };
         return row;
     };
     row.status = status_name(meta.status).into();
@@ -231,6 +243,42 @@ pub fn threads_per_point(cores: usize, jobs: usize, configured: usize) -> usize 
     if configured > 0 { configured } else { (cores / jobs.max(1)).max(1) }
 }
 
+/// Where a local sweep starts a point, given this machine's GPU count and the GPUs its running
+/// points hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// As its config says: the CPU, or a GPU it pins (`cuda:N`, N > 0), or a GPU that is not
+    /// here (the point then fails with its own located error).
+    AsConfigured,
+    /// A GPU of its own: the point sees only GPU `k` (CUDA_VISIBLE_DEVICES), as its cuda:0.
+    Gpu(usize),
+    /// Every GPU is busy: the point waits for one.
+    Wait,
+}
+
+/// One point per GPU: `auto` and `cuda` / `cuda:0` mean "a GPU", so they get the lowest free
+/// one; a point pinned to `cuda:N` (N > 0) keeps it. Pure.
+pub fn gpu_slot(device: crate::config::Device, gpus: usize, busy: &[usize]) -> Slot {
+    use crate::config::Device;
+    match device {
+        Device::Cpu => Slot::AsConfigured,
+        Device::Auto | Device::Cuda(0) if gpus > 0 => {
+            (0..gpus).find(|k| !busy.contains(k)).map_or(Slot::Wait, Slot::Gpu)
+        }
+        Device::Cuda(n) if n > 0 && n < gpus && busy.contains(&n) => Slot::Wait,
+        _ => Slot::AsConfigured,
+    }
+}
+
+/// The GPU a point in this slot holds while it runs.
+fn held_gpu(device: crate::config::Device, slot: Slot, gpus: usize) -> Option<usize> {
+    match (slot, device) {
+        (Slot::Gpu(k), _) => Some(k),
+        (Slot::AsConfigured, crate::config::Device::Cuda(n)) if n < gpus => Some(n),
+        _ => None,
+    }
+}
+
 /// Runs the points that have not completed, `jobs` at a time, each as `minimind resume
 /// <point>` (a child process in its own process group, so a Ctrl-C reaches only this driver,
 /// which forwards it once). Progress lines go to stdout; each point logs to its train.log.
@@ -241,6 +289,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
     sweep.restore_missing()?;
     let exe = std::env::current_exe().context("finding this program's path")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpus = crate::engine::gpu::probe().map_or(0, |g| g.names.len());
     let rows = sweep.refresh_index()?;
     let mut pending: Vec<&Point> =
         sweep.file.points.iter().filter(|p| rows[p.index].status != "completed").collect();
@@ -258,7 +307,8 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
             unsafe { libc::kill(*pid as i32, sig) };
         }
     })));
-    let mut running: Vec<(Child, &Point)> = Vec::new();
+    // Each running point with the GPU it holds, if any.
+    let mut running: Vec<(Child, &Point, Option<usize>)> = Vec::new();
     let mut failed = 0;
     let mut forwarded = None;
     let mut last_refresh = Instant::now();
@@ -269,25 +319,37 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
         {
             forwarded = Some(sig);
             pending.clear();
-            for (child, p) in &running {
+            for (child, p, _) in &running {
                 say(&format!("{}: stopping (checkpoint of its last complete step)", p.tag));
                 // SAFETY: signals a child this process started.
                 unsafe { libc::kill(child.id() as i32, sig) };
             }
         }
         while running.len() < jobs
-            && let Some(p) = pending.pop()
+            && let Some(&p) = pending.last()
         {
+            let device = p.config.train.device;
+            let busy: Vec<usize> = running.iter().filter_map(|r| r.2).collect();
+            let slot = gpu_slot(device, gpus, &busy);
+            if slot == Slot::Wait {
+                break;
+            }
+            pending.pop();
             let threads = threads_per_point(cores, jobs, p.config.train.threads);
             let mut cmd = Command::new(&exe);
             cmd.arg("resume").arg(sweep.point_dir(p)).args(["--quiet", "--progress-every", "60"]);
             if p.config.train.threads == 0 {
                 cmd.args(["--set", &format!("train.threads={threads}")]);
             }
+            let mut place = format!("{threads} thread(s)");
+            if let Slot::Gpu(k) = slot {
+                cmd.env("CUDA_VISIBLE_DEVICES", k.to_string());
+                place = format!("GPU {k}");
+            }
             let child = spawn_point(&mut cmd)?;
-            say(&format!("[{}/{total}] {} started ({threads} thread(s), pid {})", p.index + 1, p.tag, child.id()));
+            say(&format!("[{}/{total}] {} started ({place}, pid {})", p.index + 1, p.tag, child.id()));
             children.lock().unwrap_or_else(|e| e.into_inner()).push((child.id(), p.tag.clone()));
-            running.push((child, p));
+            running.push((child, p, held_gpu(device, slot, gpus)));
         }
         if running.is_empty() {
             break;
@@ -299,7 +361,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 i += 1;
                 continue;
             };
-            let (child, p) = running.remove(i);
+            let (child, p, _) = running.remove(i);
             children.lock().unwrap_or_else(|e| e.into_inner()).retain(|(pid, _)| *pid != child.id());
             let rows = sweep.refresh_index()?;
             let row = &rows[p.index];
@@ -312,7 +374,9 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                     row.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
                     row.best_val_loss.map_or(String::new(), |v| format!(", best val {v:.4}"))
                 ),
-                Some(c) if c > 128 => format!("[{}/{total}] {} stopped after step {}", p.index + 1, p.tag, row.steps),
+                Some(c) if c > 128 => {
+                    format!("[{}/{total}] {} stopped after step {}", p.index + 1, p.tag, row.steps)
+                }
                 _ => {
                     failed += 1;
                     format!("[{}/{total}] {} FAILED: {}", p.index + 1, p.tag, row.error)
@@ -348,7 +412,10 @@ fn spawn_point(cmd: &mut Command) -> Result<Child> {
 
 /// Prints the index as a table.
 pub fn print_index(rows: &[IndexRow]) {
-    say(&format!("{:<4} {:<28} {:<10} {:>6} {:>9} {:>9} {:>9}  error", "#", "point", "status", "steps", "loss", "best val", "tok/s"));
+    say(&format!(
+        "{:<4} {:<28} {:<10} {:>6} {:>9} {:>9} {:>9}  error",
+        "#", "point", "status", "steps", "loss", "best val", "tok/s"
+    ));
     let num = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for r in rows {
         say(&format!(
@@ -366,7 +433,11 @@ pub fn print_index(rows: &[IndexRow]) {
 }
 
 /// The launcher a sweep uses: its file's, overridden by `-j` and `--launcher`.
-pub fn launcher(from_file: &LauncherSection, jobs: Option<usize>, kind: Option<LauncherKind>) -> LauncherSection {
+pub fn launcher(
+    from_file: &LauncherSection,
+    jobs: Option<usize>,
+    kind: Option<LauncherKind>,
+) -> LauncherSection {
     let mut l = from_file.clone();
     if let Some(j) = jobs {
         l.jobs = j;
@@ -383,8 +454,37 @@ mod tests {
 
     #[test]
     fn threads_table() {
-        for (cores, jobs, configured, want) in [(16, 2, 0, 8), (2, 2, 0, 1), (2, 4, 0, 1), (16, 2, 3, 3), (1, 1, 0, 1)] {
-            assert_eq!(threads_per_point(cores, jobs, configured), want, "{cores} cores, -j {jobs}, {configured}");
+        for (cores, jobs, configured, want) in
+            [(16, 2, 0, 8), (2, 2, 0, 1), (2, 4, 0, 1), (16, 2, 3, 3), (1, 1, 0, 1)]
+        {
+            assert_eq!(
+                threads_per_point(cores, jobs, configured),
+                want,
+                "{cores} cores, -j {jobs}, {configured}"
+            );
         }
+    }
+
+    #[test]
+    fn one_point_per_gpu() {
+        use crate::config::Device::{Auto, Cpu, Cuda};
+        let table: [(crate::config::Device, usize, &[usize], Slot); 10] = [
+            (Cpu, 2, &[], Slot::AsConfigured),
+            (Auto, 0, &[], Slot::AsConfigured),
+            (Auto, 2, &[], Slot::Gpu(0)),
+            (Auto, 2, &[0], Slot::Gpu(1)),
+            (Cuda(0), 2, &[1], Slot::Gpu(0)),
+            (Auto, 2, &[0, 1], Slot::Wait),
+            (Cuda(1), 2, &[0], Slot::AsConfigured),
+            (Cuda(1), 2, &[1], Slot::Wait),
+            (Cuda(0), 0, &[], Slot::AsConfigured),
+            (Cuda(3), 2, &[0, 1], Slot::AsConfigured),
+        ];
+        for (device, gpus, busy, want) in table {
+            assert_eq!(gpu_slot(device, gpus, busy), want, "{device} with {gpus} GPU(s), busy {busy:?}");
+        }
+        assert_eq!(held_gpu(Cuda(1), Slot::AsConfigured, 2), Some(1));
+        assert_eq!(held_gpu(Auto, Slot::Gpu(1), 2), Some(1));
+        assert_eq!(held_gpu(Cpu, Slot::AsConfigured, 2), None);
     }
 }

@@ -4,6 +4,7 @@
 mod config;
 mod faults;
 mod runs;
+mod sweeps;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -328,29 +328,6 @@ fn eval_reproduces_the_pytorch_loss_of_a_fixture() {
 }
 
 #[test]
-fn a_sweep_runs_every_point_in_its_own_folder() {
-    let s = Scratch::new();
-    s.micro(
-        "[sweep]\ngrid = { \"train.learning_rate\" = [1e-3, 3e-3], \"model.use_moe\" = [false, true] }\n",
-    );
-    let text =
-        fs::read_to_string(s.path().join("micro.toml")).unwrap().replace("max_steps = 12", "max_steps = 2");
-    fs::write(s.path().join("micro.toml"), text).unwrap();
-    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
-    let names: Vec<String> =
-        s.runs().iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect();
-    assert_eq!(names.len(), 4, "{names:?}");
-    for tag in ["moe=0,lr=1e-3", "moe=0,lr=3e-3", "moe=1,lr=1e-3", "moe=1,lr=3e-3"] {
-        assert!(names.iter().any(|n| n.ends_with(&format!("-micro-{tag}"))), "{tag} in {names:?}");
-    }
-    let moe_run = s.runs().into_iter().find(|p| p.to_string_lossy().ends_with("moe=1,lr=3e-3")).unwrap();
-    let m = meta(&moe_run);
-    assert_eq!(m["sweep_tag"], "moe=1,lr=3e-3");
-    let aux = metric(&moe_run, "aux_loss")[0];
-    assert!(aux > 0.0, "MoE points report an aux loss");
-}
-
-#[test]
 fn from_weight_starts_a_new_run_from_an_export() {
     let s = Scratch::new();
     s.micro("");

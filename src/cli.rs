@@ -100,6 +100,12 @@ enum Command {
         /// Without a progress bar, print a progress line when nothing was printed for this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         progress_every: f64,
+        /// A sweep folder: run its points this many at a time from now on (saved in sweep.toml).
+        #[arg(short = 'j', long = "jobs", value_name = "N")]
+        jobs: Option<usize>,
+        /// A sweep folder: where its points run from now on (saved in sweep.toml).
+        #[arg(long, value_enum)]
+        launcher: Option<config::LauncherKind>,
         #[command(flatten)]
         aids: TestingAids,
     },
@@ -343,8 +349,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { run_dir, set, allow_data_change, quiet, progress_every, aids } => {
+        Command::Resume { run_dir, set, allow_data_change, quiet, progress_every, jobs, launcher, aids } => {
             let sets = parse_sets(&set)?;
+            if jobs.is_some() || launcher.is_some() {
+                relaunch(&run_dir, jobs, launcher)?;
+            }
             let stop = crate::signals::install()?;
             let session = session(quiet, progress_every, aids, stop);
             let outcome = runner::resume(&run_dir, &sets, allow_data_change, session)?;
@@ -489,6 +498,29 @@ fn device_arg(requested: Device) -> Result<Device, ConfigError> {
     crate::train::choose_device(requested)
         .map(|(device, _)| device)
         .map_err(|why| ConfigError::new(config::Origin::Arg(format!("--device {requested}")), None, why))
+}
+
+/// `resume SWEEP_DIR -j N --launcher K`: the sweep's launcher from now on, saved in sweep.toml.
+fn relaunch(dir: &std::path::Path, jobs: Option<usize>, kind: Option<config::LauncherKind>) -> Result<()> {
+    if jobs == Some(0) {
+        return Err(ConfigError::new(
+            config::Origin::Arg("-j 0".into()),
+            None,
+            "a sweep runs at least one point at a time",
+        )
+        .into());
+    }
+    if !crate::sweep::is_sweep(dir) {
+        return Err(ConfigError::new(
+            config::Origin::Arg("-j / --launcher".into()),
+            None,
+            format!("{} is a run folder: -j and --launcher apply to a sweep folder", dir.display()),
+        )
+        .into());
+    }
+    let mut sweep = crate::sweep::Sweep::open(dir)?;
+    sweep.file.launcher = crate::sweep::launcher(&sweep.file.launcher, jobs, kind);
+    sweep.save()
 }
 
 /// Every `--set` argument parsed; all bad ones reported together.

@@ -90,7 +90,8 @@ pub fn submit(sweep: &Sweep) -> Result<()> {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!(
-                "sbatch not found: the Slurm launcher needs a Slurm client on this machine\n  hint: run here with --launcher local"
+                "sbatch not found: the Slurm launcher needs a Slurm client on this machine\n  hint: to run the sweep here: minimind resume {} --launcher local",
+                sweep.root.display()
             )
         }
         Err(e) => return Err(e).context("running sbatch"),

@@ -162,6 +162,23 @@ fn bad_sweep_input() {
         stderr(&o)
     );
     assert!(s.runs().is_empty(), "nothing created");
+    // No Slurm client here: one clear error, exit 1; the sweep then runs here instead.
+    let empty = s.path().join("no-slurm-bin");
+    fs::create_dir_all(&empty).unwrap();
+    let o = expect(run_quiet(s.path(), &["micro.toml", "--launcher", "slurm"]).env("PATH", &empty), 1);
+    assert!(
+        stderr(&o).contains("sbatch not found") && stderr(&o).contains("--launcher local"),
+        "{}",
+        stderr(&o)
+    );
+    let sweep = sweeps(&s)[0].clone();
+    let o = expect(
+        minimind(s.path()).arg("resume").arg(&sweep).args(["--launcher", "local", "-j", "2", "--quiet"]),
+        0,
+    );
+    assert!(index(&sweep).iter().all(|r| r.1 == "completed"), "{}", stdout(&o));
+    let o = expect(minimind(s.path()).arg("resume").arg(sweep.join("moe=0,lr=1e-3")).args(["-j", "2"]), 2);
+    assert!(stderr(&o).contains("-j and --launcher apply to a sweep folder"), "{}", stderr(&o));
 }
 
 #[test]

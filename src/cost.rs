@@ -33,20 +33,22 @@ pub struct Memory {
     pub peak: f64,
 }
 
-/// Memory of training `m` on `b x t` micro-batches. Pure.
-pub fn memory(m: &ModelConfig, b: usize, t: usize) -> Memory {
+/// Memory of training `m` on `b x t` micro-batches, `accumulation` of them per step (beyond
+/// one, each micro-batch's gradients are computed apart and then added). Pure.
+pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memory {
     let p = 4.0 * m.parameter_count() as f64;
+    let gradients = if accumulation > 1 { 2.0 * p } else { p };
     let activations = workspace_bytes(m, b, t, keep_attention_probs(m, b, t)) as f64;
     // Writing a checkpoint holds the encoded weights, the two moments copied to the host and
     // their encoding at once: 7 floats per parameter (see train::checkpoint::save).
     let checkpoint = 7.0 * p;
     Memory {
         weights: p,
-        gradients: p,
+        gradients,
         moments: 2.0 * p,
         activations,
         checkpoint,
-        peak: BASELINE_BYTES + 4.0 * p + activations + checkpoint,
+        peak: BASELINE_BYTES + 3.0 * p + gradients + activations + checkpoint,
     }
 }
 
@@ -69,7 +71,7 @@ impl Cost {
         let tokens = (b * t * c.train.accumulation_steps) as f64;
         Cost {
             parameters: c.model.parameter_count(),
-            memory: memory(&c.model, b, t),
+            memory: memory(&c.model, b, t, c.train.accumulation_steps),
             flops_per_step: 3.0 * flops_per_token(&c.model, t) * tokens,
             steps,
             gflops,
@@ -249,8 +251,8 @@ mod tests {
         let json = r#"{"vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 2}"#;
         let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
-        let small = memory(&m, 4, 256);
-        let big = memory(&m, 32, 512);
+        let small = memory(&m, 4, 256, 1);
+        let big = memory(&m, 32, 512, 1);
         assert_eq!(small.weights, 4.0 * m.parameter_count() as f64);
         assert!(big.activations > 10.0 * small.activations);
         assert!(big.peak > small.peak);

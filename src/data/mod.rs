@@ -154,6 +154,16 @@ impl Dataset {
         self.cache.info.tokens
     }
 
+    /// How many of row `i`'s tokens are real (not padding): what [`Dataset::fill`] returns,
+    /// without building the row.
+    pub fn real_tokens(&self, i: usize) -> usize {
+        if self.packing {
+            return self.t;
+        }
+        let len = self.cache.offset(i + 1) - self.cache.offset(i);
+        len.min(self.t - 2) + 2
+    }
+
     /// Writes row `i` into `ids`/`targets` (length T); returns how many of its tokens are real
     /// (not padding).
     pub fn fill(&self, i: usize, ids: &mut [u32], targets: &mut [i32], scratch: &mut Vec<u32>) -> usize {
@@ -237,18 +247,11 @@ impl Batches {
 
     /// Fills the micro-batch at `cursor` and advances it; returns its real (non-pad) tokens.
     pub fn next(&mut self, ds: &Dataset, cursor: &mut Cursor, ids: &mut [u32], targets: &mut [i32]) -> usize {
-        if cursor.batch >= self.per_epoch() {
-            cursor.epoch += 1;
-            cursor.batch = 0;
-        }
-        if self.epoch != Some(cursor.epoch) {
-            permutation(self.rows.len(), self.seed, cursor.epoch, &mut self.order);
-            self.epoch = Some(cursor.epoch);
-        }
+        self.settle(cursor);
         let t = ds.t;
         let mut real = 0;
         for r in 0..self.b {
-            let sample = self.rows[self.order[cursor.batch * self.b + r] as usize] as usize;
+            let sample = self.sample(cursor, r);
             real += ds.fill(
                 sample,
                 &mut ids[r * t..(r + 1) * t],
@@ -258,6 +261,38 @@ impl Batches {
         }
         cursor.batch += 1;
         real
+    }
+
+    /// Passes over the micro-batch at `cursor` (another rank trains it); returns its real
+    /// tokens, as [`Batches::next`] would.
+    pub fn skip(&mut self, ds: &Dataset, cursor: &mut Cursor) -> usize {
+        self.settle(cursor);
+        let real = (0..self.b).map(|r| ds.real_tokens(self.sample(cursor, r))).sum();
+        cursor.batch += 1;
+        real
+    }
+
+    /// The rows of the micro-batch at `cursor` (which does not move), as sample indices.
+    pub fn samples_at(&mut self, cursor: Cursor) -> Vec<usize> {
+        let mut c = cursor;
+        self.settle(&mut c);
+        (0..self.b).map(|r| self.sample(&c, r)).collect()
+    }
+
+    /// Moves a cursor past the end of an epoch to the next one, and draws that epoch's order.
+    fn settle(&mut self, cursor: &mut Cursor) {
+        if cursor.batch >= self.per_epoch() {
+            cursor.epoch += 1;
+            cursor.batch = 0;
+        }
+        if self.epoch != Some(cursor.epoch) {
+            permutation(self.rows.len(), self.seed, cursor.epoch, &mut self.order);
+            self.epoch = Some(cursor.epoch);
+        }
+    }
+
+    fn sample(&self, cursor: &Cursor, r: usize) -> usize {
+        self.rows[self.order[cursor.batch * self.b + r] as usize] as usize
     }
 }
 

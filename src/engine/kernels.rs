@@ -183,6 +183,22 @@ pub trait Kernels: Sync {
 
     fn alloc(&self, len: usize) -> Self::Buf;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// The buffer's floats, when they live in host memory (the CPU): collectives then work on
+    /// them in place; other devices stage through [`Kernels::download`].
+    fn host_floats<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
+        None
+    }
+    /// A communicator of the device's own over `world`'s ranks (NCCL on CUDA), if it has one.
+    #[allow(clippy::type_complexity)]
+    fn device_comm(
+        &self,
+        _world: &crate::dist::World,
+    ) -> Option<anyhow::Result<Box<dyn super::comm::Communicator<Self>>>>
+    where
+        Self: Sized,
+    {
+        None
+    }
     fn view<'a>(&self, buf: &'a Self::Buf, r: Range<usize>) -> Self::V<'a>;
     fn view_mut<'a>(&self, buf: &'a mut Self::Buf, r: Range<usize>) -> Self::M<'a>;
     fn upload(&self, dst: Self::M<'_>, data: &[f32]);

@@ -6,6 +6,7 @@
 //! D head dim, I feed-forward width, V vocabulary, E experts, K experts per token.
 
 pub mod backend;
+pub mod comm;
 pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -56,6 +57,10 @@ pub struct Engine<K: Kernels> {
     pub layout: Layout,
     params: K::Buf,
     grads: K::Buf,
+    /// A micro-batch's own gradients when it is not the step's first: computed from zero and
+    /// then added to `grads`, as PyTorch accumulates `.grad`, so that a step's gradient is the
+    /// same sum however its micro-batches are split over ranks. Allocated on first use.
+    micro_grads: Option<K::Buf>,
     adam_m: K::Buf,
     adam_v: K::Buf,
     ws: Workspace<K>,
@@ -128,6 +133,7 @@ impl<K: Kernels> Engine<K> {
         Ok(Engine {
             params: kernels.alloc(total),
             grads: kernels.alloc(total),
+            micro_grads: None,
             adam_m: kernels.alloc(total),
             adam_v: kernels.alloc(total),
             ws,
@@ -246,22 +252,24 @@ impl<K: Kernels> Engine<K> {
         // float16: the gradients carry the loss scale until the update divides it out.
         let grad_scale = grad_scale * self.scaler.map_or(1.0, |s| s.scale);
         let (n, kept) = self.load_batch(ids, Some(targets));
+        let first = self.grads_zero;
         self.grads_zero = false;
-        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
+        let (k, total) = (&self.kernels, self.layout.total);
+        let model = Model { ops: k, m: &self.config, layout: &self.layout };
         let tv = &self.targets;
-        let iv = self.kernels.idx(&self.ids, 0..n);
-        model.forward_backward(
-            &self.params,
-            &mut self.grads,
-            &mut self.ws,
-            &mut self.acc,
-            iv,
-            tv,
-            n,
-            kept,
-            grad_scale,
-        );
-        let (k, a) = (&self.kernels, accumulation as f64);
+        let iv = k.idx(&self.ids, 0..n);
+        let into = if first {
+            &mut self.grads
+        } else {
+            let micro = self.micro_grads.get_or_insert_with(|| k.alloc(total));
+            k.fill(k.view_mut(micro, 0..total), 0.0);
+            micro
+        };
+        model.forward_backward(&self.params, into, &mut self.ws, &mut self.acc, iv, tv, n, kept, grad_scale);
+        if let Some(micro) = self.micro_grads.as_ref().filter(|_| !first) {
+            k.add(k.view_mut(&mut self.grads, 0..total), k.view(micro, 0..total));
+        }
+        let a = accumulation as f64;
         k.fold_acc(&mut self.acc, acc::MB_LM, acc::STEP_LM, kept.max(1) as f64, a);
         k.fold_acc(&mut self.acc, acc::MB_AUX, acc::STEP_AUX, 1.0, a);
     }
@@ -311,6 +319,27 @@ impl<K: Kernels> Engine<K> {
         let mut out = [0.0; acc::LEN];
         self.kernels.read_acc(&self.acc, &mut out);
         out
+    }
+
+    /// Sums the gradients over the ranks, bucket by bucket: after it every rank holds the
+    /// step's whole gradient (each rank's micro-batches already carry `1 / (A x W)`).
+    pub fn reduce_grads(&mut self, comm: &mut dyn comm::Communicator<K>) {
+        // Also for a world of one: a forced communicator (`--comm`) is exercised all the same.
+        let total = self.layout.total;
+        for start in (0..total).step_by(comm::BUCKET) {
+            comm.all_reduce_sum(&self.kernels, &mut self.grads, start..(start + comm::BUCKET).min(total));
+        }
+        self.grads_zero = false;
+    }
+
+    /// Rank 0's weights and AdamW moments (and step), on every rank.
+    pub fn broadcast_state(&mut self, comm: &mut dyn comm::Communicator<K>) {
+        let total = self.layout.total;
+        for buf in [&mut self.params, &mut self.adam_m, &mut self.adam_v] {
+            for start in (0..total).step_by(comm::BUCKET) {
+                comm.broadcast(&self.kernels, buf, start..(start + comm::BUCKET).min(total));
+            }
+        }
     }
 
     /// Global L2 norm of the gradients.

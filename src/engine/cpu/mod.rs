@@ -299,6 +299,9 @@ impl Kernels for Cpu {
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
+    fn host_floats<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
+        Some(buf.as_mut_slice())
+    }
     fn view<'a>(&self, buf: &'a Vec<f32>, r: Range<usize>) -> &'a [f32] {
         &buf[r]
     }

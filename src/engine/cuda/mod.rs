@@ -319,6 +319,8 @@ impl Cuda {
 }
 
 /// Library versions, for meta.json ("?" when a library does not say).
+mod nccl;
+
 mod versions {
     fn dotted(v: i32) -> String {
         // CUDA encodes 12.8 as 12080, cuBLAS 12.8.4 as 120804.
@@ -396,6 +398,12 @@ impl Kernels for Cuda {
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
+    }
+    fn device_comm(
+        &self,
+        world: &crate::dist::World,
+    ) -> Option<Result<Box<dyn crate::engine::comm::Communicator<Cuda>>>> {
+        Some(nccl::open(self.stream.clone(), world).map(|c| Box::new(c) as _))
     }
     fn view<'a>(&self, buf: &'a CudaSlice<f32>, r: Range<usize>) -> DView<'a> {
         assert!(r.start <= r.end && r.end <= buf.len(), "view {r:?} of {} floats", buf.len());

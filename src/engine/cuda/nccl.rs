@@ -1,0 +1,66 @@
+//! NCCL, the CUDA engine's own communicator: gradients summed on the GPUs, on the engine's
+//! stream (so an all-reduce follows the backward that wrote the gradients, with no host
+//! synchronisation). Its unique id goes from rank 0 to the others over MPI.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+
+use super::Cuda;
+use crate::dist::World;
+use crate::engine::comm::Communicator;
+
+pub struct Nccl {
+    comm: Comm,
+}
+
+/// Joins `world`'s ranks in an NCCL communicator on `stream` (this rank's GPU).
+pub fn open(stream: Arc<CudaStream>, world: &World) -> Result<Nccl> {
+    // SAFETY: probing only tries to load the library (cudarc panics on a missing one).
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        bail!(
+            "NCCL (libnccl.so) not found, so the GPUs cannot sum gradients themselves\n  hint: add the folder of libnccl.so to LD_LIBRARY_PATH (PyTorch's wheels ship it in nvidia/nccl/lib; link libnccl.so.2 as libnccl.so)"
+        );
+    }
+    let mut bytes = Vec::new();
+    if world.is_owner() {
+        let id = Id::new().map_err(|e| anyhow::anyhow!("creating the NCCL id: {e:?}"))?;
+        bytes = id.internal().iter().map(|&c| c as u8).collect();
+    }
+    world.comm.broadcast_bytes(&mut bytes);
+    let mut internal = [0 as std::ffi::c_char; 128];
+    for (to, from) in internal.iter_mut().zip(&bytes) {
+        *to = *from as std::ffi::c_char;
+    }
+    let comm = Comm::from_rank(stream, world.rank(), world.size(), Id::uninit(internal))
+        .map_err(|e| anyhow::anyhow!("joining the NCCL communicator of {} ranks: {e:?}", world.size()))?;
+    Ok(Nccl { comm })
+}
+
+impl Communicator<Cuda> for Nccl {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+    fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut CudaSlice<f32>, range: Range<usize>) {
+        let mut view = buf.slice_mut(range);
+        if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
+            k.fail(|| format!("NCCL all-reduce: {e:?}"));
+        }
+    }
+    fn broadcast(&mut self, k: &Cuda, buf: &mut CudaSlice<f32>, range: Range<usize>) {
+        let mut view = buf.slice_mut(range);
+        if let Err(e) = self.comm.broadcast_in_place(&mut view, 0) {
+            k.fail(|| format!("NCCL broadcast: {e:?}"));
+        }
+    }
+    fn barrier(&self) {}
+    fn describe(&self) -> String {
+        format!("NCCL all-reduce on the GPUs, {} rank(s)", self.comm.world_size())
+    }
+}

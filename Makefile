@@ -17,10 +17,12 @@ run: build
 sweep: build
 	$(BIN) run $(SWEEP) -j 2
 
-# The CPU suite, then the `cuda` feature: its build, its kernels compiled with NVRTC (found on
-# LD_LIBRARY_PATH; .ci/run installs it) and the CLI's behaviour without a GPU.
+# The CPU suite; the `mpi` build's (the same tests, plus two MPI ranks on this machine: needs
+# Open MPI and libclang, see README); then the `cuda` feature: its build, its kernels compiled
+# with NVRTC (found on LD_LIBRARY_PATH; .ci/run installs it) and the CLI's behaviour without a GPU.
 test:
 	$(CARGO) test
+	$(CARGO) test --features mpi
 	$(CARGO) test --features cuda --lib cuda
 	$(CARGO) test --features cuda --test cli cuda
 
@@ -33,5 +35,5 @@ schema:
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --all-targets --features cuda -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	$(MAKE) test

@@ -51,6 +51,12 @@ struct TestingAids {
     /// Testing aid: kill this process with SIGKILL at a named point (checkpoint, export, optionally :STEP).
     #[arg(long, hide = true)]
     crash_at: Option<String>,
+    /// Testing aid: which communicator carries the gradients (device: NCCL even for one rank).
+    #[arg(long, hide = true, value_enum, default_value = "auto")]
+    comm: crate::engine::comm::CommChoice,
+    /// Testing aid: append each micro-batch's sample indices to FILE.<rank>.
+    #[arg(long, hide = true)]
+    trace_samples: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +86,9 @@ enum Command {
         /// Where a sweep's points run: local (this machine) or slurm (one job array).
         #[arg(long, value_enum)]
         launcher: Option<config::LauncherKind>,
+        /// Data parallel: train with N local ranks (started through mpirun; needs the `mpi` build).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
         #[command(flatten)]
         aids: TestingAids,
     },
@@ -106,6 +115,9 @@ enum Command {
         /// A sweep folder: where its points run from now on (saved in sweep.toml).
         #[arg(long, value_enum)]
         launcher: Option<config::LauncherKind>,
+        /// Data parallel: continue with N local ranks (any number that divides a step's micro-batches).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
         #[command(flatten)]
         aids: TestingAids,
     },
@@ -172,6 +184,9 @@ enum Command {
         /// Override a key: `section.key=value` (TOML value syntax); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Data parallel: the ranks that will train it (for the global batch).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        nproc: usize,
     },
     /// Print the fully resolved config as TOML.
     Config {
@@ -267,35 +282,59 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, if trains { libc::SIG_IGN } else { libc::SIG_DFL });
     }
-    match dispatch(cli) {
+    // The ranks of a data-parallel launch find each other before anything else (MPI ends
+    // when `world` is dropped, after the command).
+    let world = if trains { crate::dist::World::init() } else { Ok(crate::dist::World::single()) };
+    let world = match world {
+        Ok(w) => w,
+        Err(e) => return fail(&e, None),
+    };
+    match dispatch(cli, &world) {
         Ok(code) => code,
-        Err(e) => {
+        Err(e) => fail(&e, Some(&world)),
+    }
+}
+
+/// Prints the error chain; exit 2 for a bad config or usage, else 1. A rank of a
+/// data-parallel run ends every rank (the others would wait for it forever).
+fn fail(e: &anyhow::Error, world: Option<&crate::dist::World>) -> ExitCode {
+    let code = if e.chain().any(|c| c.is::<ConfigError>() || c.is::<ConfigErrors>()) { 2 } else { 1 };
+    match world.filter(|w| w.size() > 1) {
+        Some(w) => {
+            let _ = writeln!(std::io::stderr(), "error: rank {}: {e:#}", w.rank());
+            w.comm.abort(code)
+        }
+        None => {
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
-            if e.chain().any(|c| c.is::<ConfigError>() || c.is::<ConfigErrors>()) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            ExitCode::from(code as u8)
         }
     }
 }
 
-fn session(quiet: bool, progress_every: f64, aids: TestingAids, stop: crate::signals::Stop) -> Session {
+fn session(
+    quiet: bool,
+    progress_every: f64,
+    aids: TestingAids,
+    stop: crate::signals::Stop,
+    world: &crate::dist::World,
+) -> Session {
     if let Some(point) = aids.crash_at {
         crate::signals::set_crash_point(point);
     }
     Session {
-        resume: None,
-        stop,
         stop_after: aids.stop_after,
         quiet,
         heartbeat: Duration::from_secs_f64(progress_every.max(0.0)),
+        comm: aids.comm,
+        trace: aids.trace_samples,
+        world: world.clone(),
+        ..Session::new(stop)
     }
 }
 
-fn dispatch(cli: Cli) -> Result<ExitCode> {
+fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { files, set, dry_run, quiet, progress_every, jobs, launcher, aids } => {
+        Command::Run { files, set, dry_run, quiet, progress_every, jobs, launcher, nproc, aids } => {
             if jobs == Some(0) {
                 return Err(ConfigError::new(
                     config::Origin::Arg("-j 0".into()),
@@ -314,8 +353,41 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            if let Some(n) = nproc.filter(|&n| n > 1) {
+                match experiments.as_slice() {
+                    [runs] if runs.len() == 1 && runs[0].tag.is_none() => {
+                        check_nproc(n, world, Some(&runs[0].config.train))?;
+                        return launch_ranks(n);
+                    }
+                    _ => {
+                        return Err(usage(
+                            &format!("--nproc {n}"),
+                            "--nproc trains one run: give one experiment file that is not a sweep",
+                        )
+                        .into());
+                    }
+                }
+            }
             let stop = crate::signals::install()?;
-            let session = session(quiet, progress_every, aids, stop);
+            let session = session(quiet, progress_every, aids, stop, world);
+            if world.size() > 1 {
+                // Every rank resolved the same command; rank 0 creates the run and tells the
+                // others, which check their own resolution against it.
+                let [runs] = experiments.as_slice() else {
+                    return Err(
+                        usage("the launch", "a data-parallel launch trains one experiment file").into()
+                    );
+                };
+                let [run] = runs.as_slice() else {
+                    return Err(usage("the launch", "a data-parallel launch trains one run, not a sweep (give a sweep's points several tasks with launcher.tasks_per_point)").into());
+                };
+                let outcome = if world.is_owner() {
+                    runner::start(run, std::env::args().collect(), session)?.1
+                } else {
+                    crate::train::follow(&session, Some(&run.config))?
+                };
+                return Ok(ExitCode::from(runner::exit_code(outcome)));
+            }
             let mut failed = Vec::new();
             for runs in &experiments {
                 let result = match runs.as_slice() {
@@ -349,14 +421,46 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { run_dir, set, allow_data_change, quiet, progress_every, jobs, launcher, aids } => {
+        Command::Resume {
+            run_dir,
+            set,
+            allow_data_change,
+            quiet,
+            progress_every,
+            jobs,
+            launcher,
+            nproc,
+            aids,
+        } => {
             let sets = parse_sets(&set)?;
+            if let Some(n) = nproc.filter(|&n| n > 1) {
+                if crate::sweep::is_sweep(&run_dir) {
+                    return Err(usage(
+                        &format!("--nproc {n}"),
+                        "--nproc continues one run folder, not a sweep",
+                    )
+                    .into());
+                }
+                check_nproc(n, world, None)?;
+                return launch_ranks(n);
+            }
             if jobs.is_some() || launcher.is_some() {
                 relaunch(&run_dir, jobs, launcher)?;
             }
             let stop = crate::signals::install()?;
-            let session = session(quiet, progress_every, aids, stop);
-            let outcome = runner::resume(&run_dir, &sets, allow_data_change, session)?;
+            let session = session(quiet, progress_every, aids, stop, world);
+            if world.size() > 1 && crate::sweep::is_sweep(&run_dir) {
+                return Err(usage(
+                    "the launch",
+                    "a data-parallel launch continues one run folder, not a sweep",
+                )
+                .into());
+            }
+            let outcome = if world.is_owner() {
+                runner::resume(&run_dir, &sets, allow_data_change, session)?
+            } else {
+                crate::train::follow(&session, None)?
+            };
             Ok(ExitCode::from(runner::exit_code(outcome)))
         }
         Command::Eval {
@@ -397,8 +501,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             crate::generate::run(&dir, &prompt, &opts, device)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan { file, set } => {
-            print_plan(&load(&file, &set)?)?;
+        Command::Plan { file, set, nproc } => {
+            print_plan(&load(&file, &set)?, nproc.max(1))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { file, set, sources } => {
@@ -492,6 +596,50 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// A usage error (exit 2) about `what` was given.
+fn usage(what: &str, why: &str) -> ConfigError {
+    ConfigError::new(config::Origin::Arg(what.into()), None, why)
+}
+
+/// Whether `--nproc n` can start here: an MPI build, not inside a launch already, and with the
+/// CUDA engine a GPU per rank.
+fn check_nproc(n: usize, world: &crate::dist::World, train: Option<&config::TrainConfig>) -> Result<()> {
+    let what = format!("--nproc {n}");
+    if !cfg!(feature = "mpi") {
+        return Err(usage(&what, "this build has no MPI, so it cannot start ranks")
+            .hint("build with `cargo build --release --features mpi` (Debian: apt install libopenmpi-dev openmpi-bin clang libclang-dev)")
+            .into());
+    }
+    if world.size() > 1 {
+        return Err(usage(
+            &what,
+            &format!("this process is already one of {} ranks started by {}", world.size(), world.launcher),
+        )
+        .into());
+    }
+    if let Some(t) = train
+        && let Ok((Device::Cuda(_), _)) = crate::train::choose_device(t.device)
+        && let Ok(gpus) = crate::engine::gpu::probe()
+        && gpus.names.len() < n
+    {
+        return Err(usage(
+            &what,
+            &format!("each rank trains on a GPU of its own and this machine has {}", gpus.names.len()),
+        )
+        .hint(format!("--nproc {} at most, or train.device = \"cpu\"", gpus.names.len()))
+        .into());
+    }
+    Ok(())
+}
+
+/// Runs this command line, without `--nproc`, as `n` ranks under mpirun.
+fn launch_ranks(n: usize) -> Result<ExitCode> {
+    let stop = crate::signals::install()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = crate::dist::nproc::launch(n, &crate::dist::nproc::without_nproc(&args), &stop)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
 /// The device a `--device` argument resolves to here; a GPU that cannot be used is a usage
 /// error (exit 2).
 fn device_arg(requested: Device) -> Result<Device, ConfigError> {
@@ -565,10 +713,12 @@ fn cost_of(c: &config::Config) -> Cost {
     Cost::of(c, planned_steps(c), cost::machine_gflops(c.train.threads).ok())
 }
 
-fn print_plan(runs: &[PlannedRun]) -> Result<()> {
+/// The runs' costs; `ranks` data-parallel ranks multiply each step's batch (the global batch,
+/// `batch_size x accumulation_steps x ranks` rows) and its tokens.
+fn print_plan(runs: &[PlannedRun], ranks: usize) -> Result<()> {
     say(&format!(
-        "{:<24} {:>10} {:>11} {:>10} {:>11} {:>10} {:>10}  overrides",
-        "run", "parameters", "tokens/step", "memory", "FLOP/step", "step", "run"
+        "{:<24} {:>10} {:>14} {:>11} {:>10} {:>11} {:>10} {:>10}  overrides",
+        "run", "parameters", "global batch", "tokens/step", "memory", "FLOP/step", "step", "run"
     ));
     for run in runs {
         let c = &run.config;
@@ -576,11 +726,18 @@ fn print_plan(runs: &[PlannedRun]) -> Result<()> {
         let point: Vec<String> =
             run.layered.assigns.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
         let step = cost.step_seconds();
+        let (b, a) = (c.train.batch_size, c.train.accumulation_steps);
+        let batch = if ranks > 1 {
+            format!("{b}x{a}x{ranks}={}", b * a * ranks)
+        } else {
+            format!("{b}x{a}={}", b * a)
+        };
         say(&format!(
-            "{:<24} {:>10} {:>11} {:>10} {:>11} {:>10} {:>10}  {}",
+            "{:<24} {:>10} {:>14} {:>11} {:>10} {:>11} {:>10} {:>10}  {}",
             run.tag.as_deref().unwrap_or(&c.name),
             human(cost.parameters as f64),
-            human(c.derived.tokens_per_step as f64),
+            batch,
+            human((c.derived.tokens_per_step * ranks as u64) as f64),
             format!("{}B", human(cost.memory.peak)),
             human(cost.flops_per_step),
             step.map_or("?".into(), |s| format!("~{}", seconds(s))),
@@ -592,6 +749,11 @@ fn print_plan(runs: &[PlannedRun]) -> Result<()> {
         ));
     }
     say(&format!("{} run(s); time estimated from this machine's measured matrix-multiply speed", runs.len()));
+    if ranks > 1 {
+        say(&format!(
+            "global batch: batch_size x accumulation_steps x {ranks} ranks rows per step; step time is one rank's"
+        ));
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod cost;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod eval;
 pub mod generate;

@@ -124,6 +124,10 @@ pub struct Meta {
     /// file order: what `minimind eval` must reproduce on the exported model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_eval: Option<FinalEval>,
+    /// The ranks that trained the run (the latest session's): how many, on which hosts, the
+    /// launcher, and the global batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<crate::dist::WorldInfo>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -193,6 +197,7 @@ impl Meta {
             best_val_loss: None,
             best_val_step: None,
             final_eval: None,
+            world: None,
         }
     }
 }
@@ -449,6 +454,8 @@ pub struct MetaFile {
     dir: RunDir,
     meta: std::sync::Arc<std::sync::Mutex<Meta>>,
     step: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// False on the ranks other than 0 of a data-parallel run: rank 0 owns meta.json.
+    writes: bool,
 }
 
 impl MetaFile {
@@ -459,13 +466,22 @@ impl MetaFile {
             dir: dir.clone(),
             meta: std::sync::Arc::new(std::sync::Mutex::new(meta)),
             step: std::sync::Arc::new(step.into()),
+            writes: true,
         }
+    }
+
+    /// A rank's view of a run that rank 0 records: updates change only this copy.
+    pub fn unwritten(dir: &RunDir, meta: Meta) -> MetaFile {
+        MetaFile { writes: false, ..MetaFile::new(dir, meta) }
     }
 
     /// Changes meta.json and writes it.
     pub fn update(&self, f: impl FnOnce(&mut Meta)) -> Result<()> {
         let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut meta);
+        if !self.writes {
+            return Ok(());
+        }
         self.dir.write_meta(&meta)
     }
 

@@ -67,6 +67,16 @@ pub fn on_quit(hook: Option<QuitHook>) {
     *QUIT_HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
 }
 
+/// What a first signal records at once, besides asking to stop (data parallel: a launcher
+/// that saw a signal or a dead rank kills every rank a moment later, maybe while this one
+/// waits for the others in a collective, so the stop cannot wait for the end of the step).
+static FIRST_HOOK: Mutex<Option<QuitHook>> = Mutex::new(None);
+
+/// Sets the hook a first signal runs; `None` clears it.
+pub fn on_first_signal(hook: Option<QuitHook>) {
+    *FIRST_HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
 /// Routes SIGINT, SIGTERM and SIGHUP to the returned flag, acknowledging each on stderr.
 pub fn install() -> Result<Stop> {
     let stop = Stop::default();
@@ -80,6 +90,9 @@ pub fn install() -> Result<Stop> {
                 let mut err = std::io::stderr();
                 if flag.requested().is_none() {
                     flag.request(sig);
+                    if let Some(hook) = FIRST_HOOK.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        hook(sig);
+                    }
                     let again = if sig == SIGINT { "Ctrl-C" } else { "send it" };
                     let _ = writeln!(
                         err,

@@ -26,6 +26,9 @@ pub fn script(
     s.push_str(&format!("#SBATCH --array={}\n", ids.join(",")));
     s.push_str(&format!("#SBATCH --output={}/%a.out\n", log_dir.display()));
     s.push_str(&format!("#SBATCH --cpus-per-task={}\n", launcher.cpus_per_task));
+    if launcher.tasks_per_point > 1 {
+        s.push_str(&format!("#SBATCH --ntasks={}\n", launcher.tasks_per_point));
+    }
     if launcher.gpus_per_task > 0 {
         s.push_str(&format!("#SBATCH --gpus-per-task={}\n", launcher.gpus_per_task));
     }
@@ -39,6 +42,9 @@ pub fn script(
     for extra in &launcher.extra_sbatch {
         s.push_str(&format!("#SBATCH {extra}\n"));
     }
+    // Several tasks: one point's data-parallel ranks, which find each other through PMIx; one
+    // that fails ends the rest.
+    let srun = if launcher.tasks_per_point > 1 { "srun --mpi=pmix --kill-on-bad-exit=1 " } else { "" };
     s.push_str("set -eu\ncase \"$SLURM_ARRAY_TASK_ID\" in\n");
     for (i, dir, threads) in points {
         let threads = if *threads > 0 {
@@ -46,7 +52,7 @@ pub fn script(
         } else {
             format!(" --set train.threads={}", launcher.cpus_per_task)
         };
-        s.push_str(&format!("  {i}) exec {} resume {} --quiet{threads} ;;\n", quote(exe), quote(dir)));
+        s.push_str(&format!("  {i}) exec {srun}{} resume {} --quiet{threads} ;;\n", quote(exe), quote(dir)));
     }
     s.push_str("  *) echo \"no point $SLURM_ARRAY_TASK_ID in this sweep\" >&2; exit 2 ;;\nesac\n");
     s
@@ -180,7 +186,21 @@ mod tests {
         ] {
             assert!(s.lines().any(|l| l == line), "{line} in\n{s}");
         }
-        assert!(!s.contains("--mem") && !s.contains("--gpus"), "{s}");
+        assert!(!s.contains("--mem") && !s.contains("--gpus") && !s.contains("srun"), "{s}");
+        let ranks = LauncherSection { tasks_per_point: 2, ..l };
+        let s = script(
+            "lr",
+            &ranks,
+            Path::new("/x/minimind"),
+            Path::new("/r/s/slurm"),
+            &[(1, Path::new("/r/p"), 1)],
+        );
+        for line in [
+            "#SBATCH --ntasks=2",
+            "  1) exec srun --mpi=pmix --kill-on-bad-exit=1 '/x/minimind' resume '/r/p' --quiet ;;",
+        ] {
+            assert!(s.lines().any(|l| l == line), "{line} in\n{s}");
+        }
     }
 
     #[test]

@@ -404,6 +404,10 @@ pub struct LauncherSection {
     pub mem: Option<String>,
     /// Slurm: more `#SBATCH` lines, written as given (such as "--account=ml").
     pub extra_sbatch: Vec<String>,
+    /// Slurm: data-parallel ranks per point (`--ntasks`, started by `srun --mpi=pmix`; needs the
+    /// `mpi` build). Each has `cpus_per_task` cores (and `gpus_per_task` GPUs); a point's global
+    /// batch is batch_size x accumulation_steps x tasks_per_point.
+    pub tasks_per_point: usize,
 }
 
 impl Default for LauncherSection {
@@ -417,6 +421,7 @@ impl Default for LauncherSection {
             gpus_per_task: 0,
             mem: None,
             extra_sbatch: Vec::new(),
+            tasks_per_point: 1,
         }
     }
 }

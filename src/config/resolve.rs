@@ -196,6 +196,7 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
     positive(&mut problems, "checkpoint.eval_batches", c.eval_batches);
     positive(&mut problems, "launcher.jobs", f.launcher.jobs);
     positive(&mut problems, "launcher.cpus_per_task", f.launcher.cpus_per_task);
+    positive(&mut problems, "launcher.tasks_per_point", f.launcher.tasks_per_point);
     if let Some(n) = c.eval_interval {
         positive(&mut problems, "checkpoint.eval_interval", n);
     }

@@ -279,6 +279,13 @@ impl Console {
         Ok(Console { bar, shared, heartbeat, watch })
     }
 
+    /// Lines to `log_path` only: a data-parallel rank other than 0 (rank 0 speaks for the run).
+    pub fn log_file(log_path: &Path) -> Result<Console> {
+        let c = Console::new(log_path, 0, 0, true, Duration::from_secs(60))?;
+        c.lock().stdout_ok = false;
+        Ok(c)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }

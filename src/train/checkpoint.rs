@@ -41,6 +41,14 @@ pub struct TrainerState {
     /// float16's dynamic loss scale (none in other precisions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<crate::engine::LossScaler>,
+    /// Micro-batches per optimiser step over all ranks: a resume with another number of ranks
+    /// keeps it (each rank's accumulation changes), so the run sees the same batches. Absent
+    /// in older checkpoints: train.accumulation_steps of one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_accumulation: Option<usize>,
+    /// How many ranks wrote this checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 pub fn dir_name(step: usize) -> String {

@@ -1,10 +1,11 @@
 //! The training loop and what it needs around the engine.
 
 pub mod checkpoint;
+mod ranks;
 mod run;
 pub mod schedule;
 
-pub use run::{Outcome, ResumeRequest, Session, load_weights, train};
+pub use run::{Outcome, ResumeRequest, Session, follow, load_weights, local_accumulation, train};
 
 use anyhow::{Context, Result};
 

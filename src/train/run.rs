@@ -3,8 +3,17 @@
 //! accumulation, schedule, clipping, AdamW, metrics, checkpoints, stop requests at every
 //! micro-batch); export and evaluate. [`train`] wraps the phases so that whatever ends them
 //! (completion, a signal, an error, a panic) is recorded in meta.json.
+//!
+//! Data parallel (see `crate::dist`): every rank runs these phases. A step's micro-batches are
+//! the single-process ones, `G` of them; rank r of W trains micro-batches r, r+W, ... and
+//! passes over the rest, so every rank's data cursor is the run's global position. Gradients
+//! are summed over the ranks before the update, which is then the same on every rank. Rank 0
+//! alone writes the run folder (metrics, checkpoints, export); the others log to
+//! `rank-<r>.log`. Nothing rank-local draws random numbers: rank 0's initial weights are
+//! broadcast, and the data order is the seed's.
 
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +24,9 @@ use super::schedule::lr_at;
 use crate::config::Config;
 use crate::cost::Cost;
 use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok, hold_out};
+use crate::dist::World;
 use crate::engine::backend::{self, Task};
+use crate::engine::comm::{self, CommChoice, Communicator};
 use crate::engine::{Engine, Kernels, OptimConfig, hf};
 use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics, duration, human};
 use crate::run_dir::{FinalEval, MetaFile, Override, ResumeRecord, RunDir, Status};
@@ -51,6 +62,29 @@ pub struct Session {
     pub quiet: bool,
     /// Without a progress bar, print a progress line when nothing was printed for this long.
     pub heartbeat: Duration,
+    /// The ranks that train this run together (a world of one without a launcher).
+    pub world: World,
+    /// Testing aid: which communicator carries the gradients (`device` runs NCCL even alone).
+    pub comm: CommChoice,
+    /// Testing aid: every micro-batch this rank trains, as its sample indices, is appended to
+    /// `<trace>.<rank>` ("STEP: i i i ...").
+    pub trace: Option<PathBuf>,
+}
+
+impl Session {
+    /// A session of one process with default knobs.
+    pub fn new(stop: Stop) -> Session {
+        Session {
+            resume: None,
+            stop,
+            stop_after: None,
+            quiet: true,
+            heartbeat: Duration::ZERO,
+            world: World::single(),
+            comm: CommChoice::Auto,
+            trace: None,
+        }
+    }
 }
 
 /// Rows of the final evaluation recorded in meta.json (one micro-batch).
@@ -71,9 +105,24 @@ pub fn train(
         let why = format!("{} twice: quit at once (the previous checkpoint stays valid)", signals::name(sig));
         let _ = hook.ended(Status::Stopped, Some(why), None);
     })));
-    let task = Training { run, meta, config, placement, s };
+    let world = &s.world;
+    if world.size() > 1 {
+        let hook = meta.clone();
+        signals::on_first_signal(Some(Box::new(move |sig| {
+            let why = format!(
+                "stopped by {} (recorded at once: the launcher may end the ranks before the step ends; the last checkpoint stays valid)",
+                signals::name(sig)
+            );
+            let _ = hook.ended(Status::Stopped, Some(why), None);
+        })));
+    }
     let phases = std::panic::AssertUnwindSafe(|| {
-        super::thread_pool(config.train.threads)?
+        if world.size() > 1 && world.is_owner() {
+            super::ranks::announce(world, run.root.clone(), config, s.resume.is_some())?;
+        }
+        let placement = &rank_placement(placement, world)?;
+        let task = Training { run, meta, config, placement, s };
+        super::thread_pool(rank_threads(config.train.threads, world.local_size))?
             .install(|| backend::run(placement.device, placement.dtype, false, task)?)
     });
     let result = std::panic::catch_unwind(phases).unwrap_or_else(|panic| {
@@ -85,6 +134,7 @@ pub fn train(
         Err(anyhow::anyhow!("internal error (a bug, please report it): {what}"))
     });
     signals::on_quit(None);
+    signals::on_first_signal(None);
     let result = result.or_else(|e| match e.downcast_ref::<Interrupted>() {
         Some(Interrupted(sig)) => Ok(Outcome::Stopped(*sig)),
         None => Err(e),
@@ -111,6 +161,61 @@ pub fn train(
         }
         (Ok(_), Err(e)) => Err(e),
     }
+}
+
+/// A rank's device: with several ranks on a host and the CUDA engine, rank `l` of the host
+/// takes `cuda:l` (and the host needs a GPU per rank).
+fn rank_placement(p: &Placement, world: &World) -> Result<Placement> {
+    let crate::config::Device::Cuda(_) = p.device else {
+        return Ok(p.clone());
+    };
+    if world.size() == 1 {
+        return Ok(p.clone());
+    }
+    let gpus = crate::engine::gpu::probe().map_err(|e| anyhow::anyhow!(e))?.names.len();
+    anyhow::ensure!(
+        world.local_size <= gpus,
+        "{} ranks on this host but {gpus} GPU(s): each rank needs a GPU of its own\n  hint: start at most {gpus} ranks per host",
+        world.local_size
+    );
+    let mut p = p.clone();
+    p.device = crate::config::Device::Cuda(world.local_rank);
+    Ok(p)
+}
+
+/// A rank's CPU threads: `train.threads`, or with 0 (all cores) its share of the host's cores.
+fn rank_threads(threads: usize, ranks_on_host: usize) -> usize {
+    match threads {
+        0 if ranks_on_host > 1 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / ranks_on_host).max(1)
+        }
+        n => n,
+    }
+}
+
+/// A run's micro-batches per step over all ranks split evenly: each rank's share. Pure.
+pub fn local_accumulation(global: usize, world: usize) -> Result<usize, String> {
+    if world == 0 || !global.is_multiple_of(world) || global < world {
+        return Err(format!(
+            "a step of this run has {global} micro-batch(es), which {world} ranks cannot share evenly\n  hint: use a number of ranks that divides {global}"
+        ));
+    }
+    Ok(global / world)
+}
+
+/// A rank other than 0 of a data-parallel run: trains the run rank 0 announces (see
+/// [`super::ranks`]), after checking `own` (its own resolution of the command) against it.
+pub fn follow(s: &Session, own: Option<&Config>) -> Result<Outcome> {
+    let world = &s.world;
+    let (plan, config) = super::ranks::receive(world, own)?;
+    std::fs::create_dir_all(&plan.root).with_context(|| format!("creating {}", plan.root.display()))?;
+    let run = RunDir { root: plan.root.clone() };
+    let meta = MetaFile::unwritten(&run, crate::run_dir::Meta::placeholder(&config));
+    let origin = |k: &str| crate::config::Origin::Arg(format!("rank 0's {k}"));
+    let placement = super::place(&config.train, &origin)?;
+    let session = Session { resume: plan.resuming.then(ResumeRequest::default), ..s.clone() };
+    train(&run, &meta, &config, &placement, &session)
 }
 
 /// A resume refused before it changed anything (the run stays as it was).
@@ -153,52 +258,82 @@ fn phases<K: Kernels>(
     placement: &Placement,
     s: &Session,
 ) -> Result<Outcome> {
+    let world = &s.world;
+    let owner = world.is_owner();
     let wall = Instant::now();
+    // Rank 0 opens the data first: the others then read the token cache it built.
+    if !owner {
+        world.comm.barrier();
+    }
     let mut data = open_data(config, s)?;
+    if owner && world.size() > 1 {
+        world.comm.barrier();
+    }
     let skipped = data.ds.skipped();
     meta.update(|m| {
         m.skipped_lines = skipped.count;
         m.skipped_line_numbers = skipped.first.clone();
     })?;
     let device = kernels.describe();
-    let (mut engine, mut state, restore_notes) = restore(kernels, run, meta, config, &data, s)?;
+    let mut comm = comm::for_world(&kernels, world, s.comm)?;
+    let (mut engine, mut state, mut restore_notes) = restore(kernels, run, meta, config, &data, s)?;
+    super::ranks::share_state(world, &mut *comm, &mut engine, &mut state)?;
+    let split = split_steps(config, &mut data, &mut state, world)?;
+    restore_notes.extend(split.note.clone());
     meta.set_step(state.step);
     if matches!(placement.device, crate::config::Device::Cuda(_)) {
         meta.update(|m| m.gpu = Some(device.clone()))?;
     }
+    let info = world.info(config.train.batch_size * split.global);
     meta.update(|m| {
         m.status = Status::Running;
         (m.ended_at, m.error, m.reason) = (None, None, None);
+        m.world = Some(info);
     })?;
-    if s.resume.as_ref().is_some_and(|r| !r.overrides.is_empty()) {
+    if owner && s.resume.as_ref().is_some_and(|r| !r.overrides.is_empty()) {
         run.write_config(config)?;
     }
-    let (mut metrics, metric_notes) =
-        MetricsWriter::open(&run.metrics_path(), s.resume.as_ref().map(|_| state.step))?;
-    let mut console =
-        Console::new(&run.log_path(), data.total as u64, state.step as u64, s.quiet, s.heartbeat)?;
+    let (mut metrics, metric_notes) = if owner {
+        let (w, notes) = MetricsWriter::open(&run.metrics_path(), s.resume.as_ref().map(|_| state.step))?;
+        (Some(w), notes)
+    } else {
+        (None, Vec::new())
+    };
+    let mut console = if owner {
+        Console::new(&run.log_path(), data.total as u64, state.step as u64, s.quiet, s.heartbeat)?
+    } else {
+        Console::log_file(&run.root.join(format!("rank-{}.log", world.rank())))?
+    };
     for note in &data.ds.notes {
         console.log_only(note);
     }
     for note in placement.notes.iter().chain(&restore_notes).chain(&metric_notes) {
         console.line(note);
     }
-    header(&mut console, run, config, &data);
+    header(&mut console, run, config, &data, &split);
+    if world.size() > 1 || s.comm != CommChoice::Auto {
+        console.line(&format!(
+            "data parallel: rank {} of {} ({}), {} rank(s) on {} host(s); gradients: {}",
+            world.rank(),
+            world.size(),
+            world.launcher,
+            world.local_size,
+            world.info(0).hosts.len(),
+            comm.describe()
+        ));
+    }
 
-    let last_loss = match train_steps(
-        run,
-        meta,
-        config,
-        &mut data,
-        &mut engine,
-        &mut state,
-        &mut console,
-        &mut metrics,
-        s,
-    )? {
-        Steps::Stopped(sig) => return Ok(Outcome::Stopped(sig)),
-        Steps::Done(loss) => loss,
-    };
+    let mut ctx = StepContext { run, meta, config, s, comm: &mut *comm, split: &split };
+    let last_loss =
+        match train_steps(&mut ctx, &mut data, &mut engine, &mut state, &mut console, metrics.as_mut())? {
+            Steps::Stopped(sig) => return Ok(Outcome::Stopped(sig)),
+            Steps::Done(loss) => loss,
+        };
+    if !owner {
+        // Rank 0 exports and evaluates.
+        console.finish();
+        return Ok(Outcome::Completed);
+    }
     if let Some(sig) = s.stop.requested() {
         console.line(&format!(
             "{}: stopping before the export; the final checkpoint is written",
@@ -212,23 +347,49 @@ fn phases<K: Kernels>(
     Ok(Outcome::Completed)
 }
 
+/// How a step's micro-batches are shared among the ranks.
+struct Split {
+    /// Micro-batches per optimiser step, over all ranks.
+    global: usize,
+    /// This rank's share.
+    local: usize,
+    /// Why it differs from the checkpoint's, on a resume with another number of ranks.
+    note: Option<String>,
+}
+
+/// The run's micro-batches per step (kept from the checkpoint: a resume with another number
+/// of ranks re-splits the same steps), this rank's share, and the run's length in steps.
+fn split_steps(config: &Config, data: &mut Data, state: &mut TrainerState, world: &World) -> Result<Split> {
+    let w = world.size();
+    let global = state.global_accumulation.unwrap_or(config.train.accumulation_steps * w);
+    let local = local_accumulation(global, w).map_err(|e| anyhow::anyhow!(e))?;
+    let before = state.world_size.unwrap_or(1);
+    let note = (state.step > 0 && before != w).then(|| {
+        format!(
+            "the checkpoint was written by {before} rank(s), now {w}: the {global} micro-batches of a step are split anew, {local} per rank"
+        )
+    });
+    (state.global_accumulation, state.world_size) = (Some(global), Some(w));
+    data.total = match config.train.max_steps {
+        Some(n) => n,
+        None => config.train.epochs * (data.batches.per_epoch() / global),
+    };
+    if data.total == 0 {
+        bail!(
+            "an epoch has {} micro-batch(es), fewer than the {global} of a step (train.accumulation_steps x ranks): nothing to train\n  hint: lower train.accumulation_steps or set train.max_steps",
+            data.batches.per_epoch()
+        );
+    }
+    Ok(Split { global, local, note })
+}
+
 fn open_data(config: &Config, s: &Session) -> Result<Data> {
-    let (b, accum) = (config.train.batch_size, config.train.accumulation_steps);
+    let b = config.train.batch_size;
     let cache_root = config.checkpoint.save_dir.join(".cache");
     let opts = OpenOptions { cache_root: &cache_root, quiet: s.quiet, heartbeat: s.heartbeat, stop: &s.stop };
     let (ds, tok) = Dataset::open(&config.data, config.model.vocab_size, &opts)?;
     let (train_rows, held_out) = hold_out(ds.samples(), config.data.val_fraction, config.seed);
     let batches = Batches::over(train_rows, b, config.seed)?;
-    let total = match config.train.max_steps {
-        Some(n) => n,
-        None => config.train.epochs * (batches.per_epoch() / accum),
-    };
-    if total == 0 {
-        bail!(
-            "an epoch has {} micro-batch(es), fewer than train.accumulation_steps = {accum}: nothing to train\n  hint: lower train.accumulation_steps or set train.max_steps",
-            batches.per_epoch()
-        );
-    }
     let rows = config.checkpoint.eval_batches * b;
     let t = config.data.max_seq_len;
     let val = if !held_out.is_empty() {
@@ -250,7 +411,8 @@ fn open_data(config: &Config, s: &Session) -> Result<Data> {
     } else {
         None
     };
-    Ok(Data { ds, tok, batches, total, val })
+    // The length in steps depends on the ranks; see `split_steps`.
+    Ok(Data { ds, tok, batches, total: 0, val })
 }
 
 /// The engine with the run's starting state: its newest intact checkpoint when resuming (the
@@ -265,7 +427,7 @@ fn restore<K: Kernels>(
 ) -> Result<(Engine<K>, TrainerState, Vec<String>)> {
     let (b, t) = (config.train.batch_size, config.data.max_seq_len);
     if let Some(free) = kernels.free_memory() {
-        let m = crate::cost::memory(&config.model, b, t);
+        let m = crate::cost::memory(&config.model, b, t, config.train.accumulation_steps);
         let need = m.weights + m.gradients + m.moments + m.activations;
         if need > free as f64 {
             bail!(
@@ -287,12 +449,16 @@ fn restore<K: Kernels>(
         model: config.model.clone(),
         data: Some(now.clone()),
         loss_scale: None,
+        global_accumulation: None,
+        world_size: None,
     };
     let mut notes = Vec::new();
     let mut data_changes = Vec::new();
+    // Rank 0 restores; the other ranks receive its state (`ranks::share_state`).
+    let owner = s.world.is_owner();
     let checkpoint = match &s.resume {
-        Some(_) => latest_checkpoint(run, &engine, &mut notes)?,
-        None => None,
+        Some(_) if owner => latest_checkpoint(run, &engine, &mut notes)?,
+        _ => None,
     };
     match checkpoint {
         Some(ck) => {
@@ -324,9 +490,12 @@ fn restore<K: Kernels>(
             if engine.scaler.is_some() {
                 engine.scaler = ck.state.loss_scale.or(engine.scaler);
             }
-            state = TrainerState { data: Some(now), ..ck.state };
+            // Checkpoints from before data parallel were written by one process.
+            let global = ck.state.global_accumulation.or(Some(config.train.accumulation_steps));
+            state = TrainerState { data: Some(now), global_accumulation: global, ..ck.state };
             notes.push(format!("resuming from {} (step {})", ck.dir.display(), state.step));
         }
+        None if !owner => {}
         None => {
             if s.resume.is_some() {
                 notes.push("no complete checkpoint yet: starting from step 0".into());
@@ -352,10 +521,14 @@ fn restore<K: Kernels>(
     Ok((engine, state, notes))
 }
 
-fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data) {
-    let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, config.train.accumulation_steps);
+fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data, split: &Split) {
+    let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, split.global);
+    let ranks = match split.global / split.local {
+        1 => String::new(),
+        w => format!(" = {} per rank x {w} ranks", split.local),
+    };
     console.line(&format!(
-        "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}); {} samples{}, {} micro-batches per epoch",
+        "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}{ranks}); {} samples{}, {} micro-batches per epoch",
         run.root.display(),
         data.total,
         human((b * t * accum) as f64),
@@ -384,26 +557,53 @@ enum Steps {
     Stopped(i32),
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the step loop reads besides the engine, the data and the state.
+struct StepContext<'a, K: Kernels> {
+    run: &'a RunDir,
+    meta: &'a MetaFile,
+    config: &'a Config,
+    s: &'a Session,
+    comm: &'a mut dyn Communicator<K>,
+    split: &'a Split,
+}
+
+/// A stop every rank agrees on: any rank's signal stops them all at the same micro-batch.
+fn agreed_stop(world: &World, mine: Option<i32>) -> Option<i32> {
+    if world.size() == 1 {
+        return mine;
+    }
+    let any = world.comm.max_u64(mine.map_or(0, |sig| sig as u64));
+    (any > 0).then_some(any as i32)
+}
+
 fn train_steps<K: Kernels>(
-    run: &RunDir,
-    meta: &MetaFile,
-    config: &Config,
+    ctx: &mut StepContext<'_, K>,
     data: &mut Data,
     engine: &mut Engine<K>,
     state: &mut TrainerState,
     console: &mut Console,
-    metrics: &mut MetricsWriter,
-    s: &Session,
+    mut metrics: Option<&mut MetricsWriter>,
 ) -> Result<Steps> {
-    let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, config.train.accumulation_steps);
+    let (run, meta, config, s) = (ctx.run, ctx.meta, ctx.config, ctx.s);
+    let world = &s.world;
+    let (rank, w) = (world.rank(), world.size());
+    let (b, t) = (config.train.batch_size, config.data.max_seq_len);
+    let (global, local) = (ctx.split.global, ctx.split.local);
     let total = data.total;
     let ck = &config.checkpoint;
     let optim = OptimConfig::from_train(&config.train);
     let (mut ids, mut targets) = (vec![0u32; b * t], vec![0i32; b * t]);
+    let mut trace = match &s.trace {
+        Some(path) => {
+            let path = PathBuf::from(format!("{}.{rank}", path.display()));
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+            Some(f.with_context(|| format!("opening {}", path.display()))?)
+        }
+        None => None,
+    };
     let session = Instant::now();
     let elapsed_before = state.elapsed_s;
-    let micro_total = total.saturating_sub(state.step) * accum;
+    let micro_total = total.saturating_sub(state.step) * local;
     let mut micro_done = 0usize;
     let (mut last_log, mut last_tokens) = (Instant::now(), state.tokens_seen);
     let mut last_loss = None;
@@ -411,7 +611,7 @@ fn train_steps<K: Kernels>(
         step: state.step,
         total,
         micro: 0,
-        accumulation: accum,
+        accumulation: local,
         elapsed_s: elapsed_before,
         eta_s: f64::NAN,
     };
@@ -420,36 +620,49 @@ fn train_steps<K: Kernels>(
         // A stop inside the step abandons it: the data rewinds to where it began.
         let step_start = state.cursor;
         let mut real = 0u64;
+        let mut mine = 0;
         engine.begin_step();
-        for micro in 1..=accum {
+        for j in 0..global {
+            if j % w != rank {
+                real += data.batches.skip(&data.ds, &mut state.cursor) as u64;
+                continue;
+            }
+            if let Some(f) = &mut trace {
+                let rows: Vec<String> =
+                    data.batches.samples_at(state.cursor).iter().map(|r| r.to_string()).collect();
+                writeln!(f, "{}: {}", state.step + 1, rows.join(" ")).context("writing the sample trace")?;
+            }
             real += data.batches.next(&data.ds, &mut state.cursor, &mut ids, &mut targets) as u64;
-            engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum);
+            engine.accumulate(&ids, &targets, 1.0 / global as f32, global);
+            mine += 1;
             micro_done += 1;
             let secs = session.elapsed().as_secs_f64();
             let progress = Progress {
                 step: state.step,
                 total,
-                micro,
-                accumulation: accum,
+                micro: mine,
+                accumulation: local,
                 elapsed_s: elapsed_before + secs,
                 eta_s: secs / micro_done as f64 * (micro_total - micro_done) as f64,
             };
             console.progress(&progress);
-            if micro < accum
-                && let Some(sig) = s.stop.requested()
+            if mine < local
+                && let Some(sig) = agreed_stop(world, s.stop.requested())
             {
                 state.cursor = step_start;
-                return stop_here(run, engine, state, ck.keep_last, console, sig);
+                return stop_here(run, engine, state, ck.keep_last, console, sig, world.is_owner());
             }
         }
+        engine.reduce_grads(&mut *ctx.comm);
         let lr = lr_at(&config.train, state.step, total);
         engine.update(lr as f32, &optim);
         state.step += 1;
-        state.tokens_seen += (b * t * accum) as u64;
+        state.tokens_seen += (b * t * global) as u64;
         state.tokens_real += real;
         state.elapsed_s = elapsed_before + session.elapsed().as_secs_f64();
         meta.set_step(state.step);
         signals::crash_point("panic", state.step);
+        signals::crash_point("step", state.step);
 
         // The device's numbers are read only when something needs them: a metrics row, a
         // checkpoint (never of non-finite weights) or a stop.
@@ -457,13 +670,20 @@ fn train_steps<K: Kernels>(
             && (ck.eval_interval.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total);
         let log_now = state.step.is_multiple_of(ck.log_interval) || state.step == total || eval_now;
         let save_now = state.step.is_multiple_of(ck.save_interval) || state.step == total;
-        let signal = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
+        let asked = s.stop.requested().or((s.stop_after == Some(state.step)).then_some(libc::SIGINT));
+        let signal = agreed_stop(world, asked);
         let stop_now = signal.is_some() && state.step < total;
         if !(log_now || save_now || stop_now) {
             continue;
         }
-        let stats = engine.step_stats();
+        let mut stats = engine.step_stats();
         engine.kernels.check()?;
+        if w > 1 {
+            // Each rank's losses cover its own micro-batches (already divided by `global`).
+            let mut sums = [stats.lm, stats.aux];
+            world.comm.sum_f64(&mut sums);
+            [stats.lm, stats.aux] = sums;
+        }
         let loss = stats.lm + stats.aux;
         if stats.skipped {
             let scale = engine.scaler.map_or(1.0, |s| s.scale);
@@ -475,7 +695,7 @@ fn train_steps<K: Kernels>(
             check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
         }
         last_loss = Some(loss);
-        let val_loss = match (&data.val, eval_now) {
+        let val_loss = match (&data.val, eval_now && world.is_owner()) {
             (Some((ids, targets)), true) => Some(crate::eval::mean_loss(engine, ids, targets, b, t).loss),
             _ => None,
         };
@@ -503,14 +723,16 @@ fn train_steps<K: Kernels>(
                 tokens_per_s: (state.tokens_seen - last_tokens) as f64 / dt,
                 elapsed_s: state.elapsed_s,
             };
-            metrics.write(&row)?;
+            if let Some(m) = metrics.as_deref_mut() {
+                m.write(&row)?;
+            }
             console.line(&row.line(total));
             (last_log, last_tokens) = (Instant::now(), state.tokens_seen);
         }
         if let Some(sig) = signal.filter(|_| stop_now) {
-            return stop_here(run, engine, state, ck.keep_last, console, sig);
+            return stop_here(run, engine, state, ck.keep_last, console, sig, world.is_owner());
         }
-        if save_now {
+        if save_now && world.is_owner() {
             checkpoint::save(&run.checkpoints_dir(), engine, state, ck.keep_last)?;
         }
     }
@@ -532,8 +754,8 @@ fn check_finite(run: &RunDir, loss: f64, grad_norm: f64, step: usize, log_interv
     )
 }
 
-/// Stops for signal `sig`: a checkpoint of the last complete step (none before the first), and
-/// how to continue.
+/// Stops for signal `sig`: a checkpoint of the last complete step (none before the first; by
+/// rank 0 only), and how to continue.
 fn stop_here<K: Kernels>(
     run: &RunDir,
     engine: &Engine<K>,
@@ -541,9 +763,12 @@ fn stop_here<K: Kernels>(
     keep_last: usize,
     console: &mut Console,
     sig: i32,
+    owner: bool,
 ) -> Result<Steps> {
     let name = signals::name(sig);
-    if state.step == 0 {
+    if !owner {
+        console.line(&format!("stopped by {name} after step {}; rank 0 writes the checkpoint", state.step));
+    } else if state.step == 0 {
         console.line(&format!("stopped by {name} before the first step completed: nothing to checkpoint"));
     } else {
         let dir = checkpoint::save(&run.checkpoints_dir(), engine, state, keep_last)?;
@@ -677,4 +902,31 @@ fn export<K: Kernels>(run: &RunDir, engine: &Engine<K>, tokenizer: &Path, step: 
     let tok = std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
     crate::run_dir::write_atomic(&dir.join("tokenizer.json"), &tok)?;
     crate::run_dir::write_atomic(&dir.join("config.json"), hf::config_json(&engine.config).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_splits_evenly_over_the_ranks() {
+        // (micro-batches per step over all ranks, ranks) -> each rank's share
+        let table: &[(usize, usize, Option<usize>)] = &[
+            (1, 1, Some(1)),
+            (8, 1, Some(8)),
+            (8, 2, Some(4)),
+            (8, 8, Some(1)),
+            // Every rank must train at least one micro-batch of each step, and the same number.
+            (2, 4, None),
+            (6, 4, None),
+            (3, 2, None),
+        ];
+        for &(global, world, want) in table {
+            let got = local_accumulation(global, world);
+            assert_eq!(got.as_ref().ok().copied(), want, "{global} over {world}: {got:?}");
+            if let Err(why) = got {
+                assert!(why.contains(&format!("divides {global}")), "{why}");
+            }
+        }
+    }
 }

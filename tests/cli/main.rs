@@ -2,6 +2,7 @@
 //! and faults injected into runs (signals, kill -9, full disks, damaged files, concurrency).
 
 mod config;
+mod dist;
 mod faults;
 mod runs;
 mod sweeps;
@@ -265,5 +266,75 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The local one-node Slurm cluster of ../shared/slurm for one test: started (as root) if it
+/// is not running, and its daemons stopped again by pid when dropped, if this test started them.
+pub struct LocalSlurm {
+    started: Vec<u32>,
+    /// One test at a time uses the cluster: one that stops the daemons it started must not
+    /// pull them from under another.
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+static SLURM_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const SLURM_DAEMONS: [&str; 3] = ["slurmd", "slurmctld", "munged"];
+
+/// Live daemons only: each daemonises by forking, and its exited parent may linger as a zombie.
+fn daemon_pids() -> Vec<u32> {
+    SLURM_DAEMONS
+        .iter()
+        .flat_map(|name| {
+            let out = Command::new("pgrep")
+                .args(["-x", "-r", "S,R,D"])
+                .arg(name)
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            String::from_utf8_lossy(&out)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+impl LocalSlurm {
+    /// None where the cluster cannot start (not root, no apt); under CI (root) that fails.
+    pub fn start() -> Option<LocalSlurm> {
+        let turn = SLURM_TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let before = daemon_pids();
+        let script = repo().join("../shared/slurm/start-local-slurm.sh");
+        let outcome = Command::new("bash").arg(&script).output();
+        match outcome {
+            Ok(o) if o.status.success() => {
+                let started = daemon_pids().into_iter().filter(|p| !before.contains(p)).collect();
+                Some(LocalSlurm { started, _turn: turn })
+            }
+            other => {
+                let why = match other {
+                    Ok(o) => {
+                        String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("it failed").to_string()
+                    }
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "cannot start the local Slurm cluster under CI (root): {why}"
+                );
+                eprintln!("SKIPPED: cannot start a local Slurm cluster here ({why}); it needs root");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LocalSlurm {
+    fn drop(&mut self) {
+        for pid in &self.started {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::*;
@@ -12,7 +11,7 @@ use crate::*;
 const GRID: &str =
     "[sweep]\ngrid = { \"train.learning_rate\" = [1e-3, 3e-3], \"model.use_moe\" = [false, true] }\n";
 
-fn sweep_file(s: &Scratch, grid: &str, steps: usize) -> PathBuf {
+pub fn sweep_file(s: &Scratch, grid: &str, steps: usize) -> PathBuf {
     s.micro(grid);
     let text = fs::read_to_string(s.path().join("micro.toml"))
         .unwrap()
@@ -22,14 +21,14 @@ fn sweep_file(s: &Scratch, grid: &str, steps: usize) -> PathBuf {
 }
 
 /// Sweep folders under runs/.
-fn sweeps(s: &Scratch) -> Vec<PathBuf> {
+pub fn sweeps(s: &Scratch) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = s.runs().into_iter().filter(|p| p.join("sweep.toml").is_file()).collect();
     v.sort();
     v
 }
 
 /// index.csv as (tag, status, error) rows.
-fn index(sweep: &Path) -> Vec<(String, String, String)> {
+pub fn index(sweep: &Path) -> Vec<(String, String, String)> {
     let mut r = csv::Reader::from_path(sweep.join("index.csv")).unwrap();
     r.records()
         .map(|rec| {
@@ -246,70 +245,6 @@ fn ls_compare_and_plot_read_real_runs() {
     assert!(stderr(&o).contains("moe=0,lr=1e-3 (no metrics yet)"), "{}", stderr(&o));
 }
 
-/// The local one-node Slurm cluster of ../shared/slurm for one test: started (as root) if it
-/// is not running, and its daemons stopped again by pid when dropped, if this test started them.
-struct LocalSlurm {
-    started: Vec<u32>,
-}
-
-const SLURM_DAEMONS: [&str; 3] = ["slurmd", "slurmctld", "munged"];
-
-/// Live daemons only: each daemonises by forking, and its exited parent may linger as a zombie.
-fn daemon_pids() -> Vec<u32> {
-    SLURM_DAEMONS
-        .iter()
-        .flat_map(|name| {
-            let out = Command::new("pgrep")
-                .args(["-x", "-r", "S,R,D"])
-                .arg(name)
-                .output()
-                .map(|o| o.stdout)
-                .unwrap_or_default();
-            String::from_utf8_lossy(&out)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
-impl LocalSlurm {
-    /// None where the cluster cannot start (not root, no apt); under CI (root) that fails.
-    fn start() -> Option<LocalSlurm> {
-        let before = daemon_pids();
-        let script = repo().join("../shared/slurm/start-local-slurm.sh");
-        let outcome = Command::new("bash").arg(&script).output();
-        match outcome {
-            Ok(o) if o.status.success() => {
-                let started = daemon_pids().into_iter().filter(|p| !before.contains(p)).collect();
-                Some(LocalSlurm { started })
-            }
-            other => {
-                let why = match other {
-                    Ok(o) => {
-                        String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("it failed").to_string()
-                    }
-                    Err(e) => e.to_string(),
-                };
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "cannot start the local Slurm cluster under CI (root): {why}"
-                );
-                eprintln!("SKIPPED: cannot start a local Slurm cluster here ({why}); it needs root");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for LocalSlurm {
-    fn drop(&mut self) {
-        for pid in &self.started {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-        }
-    }
-}
-
 #[test]
 fn a_sweep_runs_as_a_slurm_job_array() {
     let Some(_cluster) = LocalSlurm::start() else {
@@ -358,7 +293,7 @@ fn a_sweep_runs_as_a_slurm_job_array() {
     );
 }
 
-fn slurm_logs(sweep: &Path) -> String {
+pub fn slurm_logs(sweep: &Path) -> String {
     fs::read_dir(sweep.join("slurm"))
         .map(|d| {
             d.flatten()

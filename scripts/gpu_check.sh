@@ -3,7 +3,8 @@
 # It checks every CUDA kernel against the CPU's (`minimind selftest --device cuda`: float32
 # kernels, then the PyTorch fixtures in float32 and bfloat16), benchmarks MiniMind2-small dense
 # and MoE at batch 32 x 512 in bfloat16 and float32, times eager PyTorch (and torch.compile) on
-# the same GPU with ../shared/tools/torch_ref.py, and prints one table.
+# the same GPU with ../shared/tools/torch_ref.py, and prints one table. It also trains 20 steps
+# through the NCCL communicator with the one GPU (a world of one) and compares the losses.
 #
 # The GPU machine has no Rust toolchain and no network; only the checkout travels, plus one
 # git-ignored folder, gpu/. So:
@@ -63,6 +64,32 @@ out="$GPU_DIR/results.txt"
 
 echo "== selftest"
 timeout 150 "$mm" selftest --device cuda --fixtures "$GPU_DIR/fixtures" | tee -a "$out" || echo "selftest FAILED" | tee -a "$out"
+
+# --- NCCL through the whole data-parallel path with one GPU (a world of one): the unique id,
+# the communicator, the broadcast of the initial state and every step's all-reduce. A sum over
+# one rank changes nothing, so the losses must equal those of the same run without NCCL.
+echo "== NCCL (one GPU)"
+nccl=$(find_lib "libnccl.so.2*" || true)
+if [ -n "$nccl" ]; then
+    ln -sf "$nccl" "$libs/libnccl.so"
+    nccl_run() {  # --comm value; prints the run's metrics without the timing columns
+        timeout 60 "$mm" run experiments/tiny.toml --quiet --comm "$1" --set train.device=cuda \
+            --set train.max_steps=20 --set checkpoint.log_interval=1 \
+            --set "checkpoint.save_dir=\"$GPU_DIR/runs-$1\"" >"$GPU_DIR/nccl-$1.log" 2>&1 \
+            || { echo "nccl run --comm $1 FAILED: $(tail -n 3 "$GPU_DIR/nccl-$1.log")" >&2; return; }
+        cut -d, -f1-9 "$(ls -d "$GPU_DIR/runs-$1"/*/ | tail -n 1)metrics.csv"
+    }
+    with=$(nccl_run device); without=$(nccl_run auto)
+    grep -m1 "gradients:" "$GPU_DIR/nccl-device.log" | tee -a "$out" || true
+    if [ -n "$with" ] && [ "$with" = "$without" ]; then
+        echo "nccl-world1 ok: 20 steps, losses and grad norms identical to the run without NCCL" | tee -a "$out"
+    else
+        echo "nccl-world1 FAILED: the metrics differ or a run failed" | tee -a "$out"
+        diff <(echo "$with") <(echo "$without") | head -n 6 || true
+    fi
+else
+    echo "nccl-world1 SKIPPED: libnccl.so.2 not found" | tee -a "$out"
+fi
 
 # --- Our engine: MiniMind2-small (hidden 512, 8 layers), dense and MoE, B 32 x T 512.
 bench() {  # label, then minimind bench arguments; prints "label tokens/s gflops"

@@ -48,7 +48,7 @@ struct TestingAids {
     /// Testing aid: stop as if interrupted right after this optimiser step.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
-    /// Testing aid: kill this process with SIGKILL at a named point (checkpoint, export, optionally :STEP).
+    /// Testing aid: kill this process with SIGKILL at a named point (checkpoint, export, step; optionally :STEP).
     #[arg(long, hide = true)]
     crash_at: Option<String>,
     /// Testing aid: which communicator carries the gradients (device: NCCL even for one rank).

@@ -620,14 +620,9 @@ fn check_nproc(n: usize, world: &crate::dist::World, train: Option<&config::Trai
     if let Some(t) = train
         && let Ok((Device::Cuda(_), _)) = crate::train::choose_device(t.device)
         && let Ok(gpus) = crate::engine::gpu::probe()
-        && gpus.names.len() < n
+        && let Err(why) = crate::train::rank_gpu(0, n, gpus.names.len())
     {
-        return Err(usage(
-            &what,
-            &format!("each rank trains on a GPU of its own and this machine has {}", gpus.names.len()),
-        )
-        .hint(format!("--nproc {} at most, or train.device = \"cpu\"", gpus.names.len()))
-        .into());
+        return Err(usage(&what, &why).into());
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ mod ranks;
 mod run;
 pub mod schedule;
 
-pub use run::{Outcome, ResumeRequest, Session, follow, load_weights, local_accumulation, train};
+pub use run::{Outcome, ResumeRequest, Session, follow, load_weights, rank_gpu, train};
 
 use anyhow::{Context, Result};
 

@@ -173,14 +173,19 @@ fn rank_placement(p: &Placement, world: &World) -> Result<Placement> {
         return Ok(p.clone());
     }
     let gpus = crate::engine::gpu::probe().map_err(|e| anyhow::anyhow!(e))?.names.len();
-    anyhow::ensure!(
-        world.local_size <= gpus,
-        "{} ranks on this host but {gpus} GPU(s): each rank needs a GPU of its own\n  hint: start at most {gpus} ranks per host",
-        world.local_size
-    );
-    let mut p = p.clone();
-    p.device = crate::config::Device::Cuda(world.local_rank);
-    Ok(p)
+    let device = rank_gpu(world.local_rank, world.local_size, gpus).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Placement { device, ..p.clone() })
+}
+
+/// The GPU of rank `local_rank` among `local_size` ranks on a host with `gpus` GPUs: its own,
+/// `cuda:<local rank>`; or why there are too few. Pure.
+pub fn rank_gpu(local_rank: usize, local_size: usize, gpus: usize) -> Result<crate::config::Device, String> {
+    if local_size > gpus {
+        return Err(format!(
+            "{local_size} ranks on this host but {gpus} GPU(s): each rank trains on a GPU of its own\n  hint: start at most {gpus} ranks per host, or set train.device = \"cpu\""
+        ));
+    }
+    Ok(crate::config::Device::Cuda(local_rank))
 }
 
 /// A rank's CPU threads: `train.threads`, or with 0 (all cores) its share of the host's cores.
@@ -195,7 +200,7 @@ fn rank_threads(threads: usize, ranks_on_host: usize) -> usize {
 }
 
 /// A run's micro-batches per step over all ranks split evenly: each rank's share. Pure.
-pub fn local_accumulation(global: usize, world: usize) -> Result<usize, String> {
+fn local_accumulation(global: usize, world: usize) -> Result<usize, String> {
     if world == 0 || !global.is_multiple_of(world) || global < world {
         return Err(format!(
             "a step of this run has {global} micro-batch(es), which {world} ranks cannot share evenly\n  hint: use a number of ranks that divides {global}"
@@ -907,6 +912,26 @@ fn export<K: Kernels>(run: &RunDir, engine: &Engine<K>, tokenizer: &Path, step: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_rank_on_a_host_takes_a_gpu_of_its_own() {
+        use crate::config::Device;
+        // (local rank, ranks on the host, GPUs) -> device
+        let table: &[(usize, usize, usize, Option<Device>)] = &[
+            (0, 1, 1, Some(Device::Cuda(0))),
+            (1, 2, 2, Some(Device::Cuda(1))),
+            (3, 4, 8, Some(Device::Cuda(3))),
+            (0, 2, 1, None),
+            (0, 1, 0, None),
+        ];
+        for &(rank, size, gpus, want) in table {
+            let got = rank_gpu(rank, size, gpus);
+            assert_eq!(got.as_ref().ok().copied(), want, "{rank} of {size} on {gpus}: {got:?}");
+            if let Err(why) = got {
+                assert!(why.contains(&format!("{gpus} GPU(s)")), "{why}");
+            }
+        }
+    }
 
     #[test]
     fn a_step_splits_evenly_over_the_ranks() {

@@ -43,15 +43,16 @@ pub fn receive(world: &World, own: Option<&Config>) -> Result<(Plan, Config)> {
     Ok((plan, config))
 }
 
+/// Every rank's differences from rank 0, gathered on every rank: "rank r has ..." per rank
+/// that has some.
+fn gather_differences(world: &World, diff: &[String]) -> Vec<String> {
+    let all = world.comm.gather_strings(&diff.join(", "));
+    all.iter().enumerate().filter(|(_, d)| !d.is_empty()).map(|(r, d)| format!("rank {r} has {d}")).collect()
+}
+
 /// Every rank's differences from rank 0; an error on every rank when any rank has some.
 fn agree(world: &World, diff: &[String]) -> Result<()> {
-    let all = world.comm.gather_strings(&diff.join(", "));
-    let bad: Vec<String> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| !d.is_empty())
-        .map(|(r, d)| format!("rank {r} has {d}"))
-        .collect();
+    let bad = gather_differences(world, diff);
     if bad.is_empty() {
         return Ok(());
     }
@@ -135,13 +136,7 @@ pub fn share_state<K: Kernels>(
         }
         _ => Vec::new(),
     };
-    let all = world.comm.gather_strings(&diff.join(", "));
-    let bad: Vec<String> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| !d.is_empty())
-        .map(|(r, d)| format!("rank {r} has {d}"))
-        .collect();
+    let bad = gather_differences(world, &diff);
     anyhow::ensure!(
         bad.is_empty(),
         "the ranks read different data (data.path, data.tokenizer or the tokens differ):\n  {}",

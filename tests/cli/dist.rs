@@ -61,6 +61,17 @@ fn mpirun(dir: &Path) -> Command {
     cmd
 }
 
+/// Two ranks under one mpirun, each with a command line of its own: `minimind run micro.toml
+/// --quiet` and `rank0` or `rank1` (what one launcher could not give them).
+#[cfg(feature = "mpi")]
+fn two_commands(dir: &Path, rank0: &[&str], rank1: &[&str]) -> Command {
+    let exe = env!("CARGO_BIN_EXE_minimind");
+    let mut cmd = mpirun(dir);
+    cmd.args(["-np", "1", exe, "run", "micro.toml", "--quiet"]).args(rank0);
+    cmd.args([":", "-np", "1", exe, "run", "micro.toml", "--quiet"]).args(rank1);
+    cmd
+}
+
 /// A trace written by `--trace-samples`: per step, the micro-batches this rank trained.
 #[cfg(feature = "mpi")]
 fn trace(path: &Path) -> std::collections::BTreeMap<usize, Vec<Vec<usize>>> {
@@ -183,26 +194,7 @@ fn a_run_stopped_with_two_ranks_resumes_with_one_on_the_same_samples() {
 fn ranks_with_different_configs_fail_naming_the_key_and_the_rank() {
     let s = Scratch::new();
     micro_moe(&s, 4, 1);
-    let exe = env!("CARGO_BIN_EXE_minimind");
-    let o = expect(
-        mpirun(s.path())
-            .args([
-                "-np",
-                "1",
-                exe,
-                "run",
-                "micro.toml",
-                "--quiet",
-                ":",
-                "-np",
-                "1",
-                exe,
-                "run",
-                "micro.toml",
-            ])
-            .args(["--quiet", "--set", "train.learning_rate=0.01"]),
-        2,
-    );
+    let o = expect(&mut two_commands(s.path(), &[], &["--set", "train.learning_rate=0.01"]), 2);
     assert!(stderr(&o).contains("rank 1 has train.learning_rate = 0.01 (rank 0: 0.001)"), "{}", stderr(&o));
     let m = meta(&s.runs()[0]);
     assert_eq!(m["status"], "failed");
@@ -214,14 +206,14 @@ fn ranks_with_different_configs_fail_naming_the_key_and_the_rank() {
 fn a_rank_that_dies_ends_the_others_and_leaves_the_run_resumable() {
     let s = Scratch::new();
     micro_moe(&s, 60, 1);
-    let exe = env!("CARGO_BIN_EXE_minimind");
     let started = std::time::Instant::now();
-    let o = mpirun(s.path())
-        .args(["-np", "1", exe, "run", "micro.toml", "--quiet", "--set", "checkpoint.log_interval=5", ":"])
-        .args(["-np", "1", exe, "run", "micro.toml", "--quiet", "--set", "checkpoint.log_interval=5"])
-        .args(["--crash-at", "step:30"])
-        .output()
-        .unwrap();
+    let o = two_commands(
+        s.path(),
+        &["--set", "checkpoint.log_interval=5"],
+        &["--set", "checkpoint.log_interval=5", "--crash-at", "step:30"],
+    )
+    .output()
+    .unwrap();
     let took = started.elapsed();
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(took.as_secs() < 60, "mpirun took {took:?} to end the run");
@@ -229,8 +221,18 @@ fn a_rank_that_dies_ends_the_others_and_leaves_the_run_resumable() {
     let run = s.runs()[0].clone();
     let m = meta(&run);
     assert_ne!(m["status"], "completed", "{m}");
-    // At most one save interval (4 steps) lost; one process finishes the run.
-    let o = expect(minimind(s.path()).args(["resume", "--quiet"]).arg(&run), 0);
+    // At most one save interval (4 steps) lost; one process finishes the run. (mpirun may
+    // return while a killed rank still holds the run's lock for a moment.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let o = loop {
+        let o = minimind(s.path()).args(["resume", "--quiet"]).arg(&run).output().unwrap();
+        if !stderr(&o).contains("in use by another minimind process") || std::time::Instant::now() > deadline
+        {
+            break o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
     let from: usize = stdout(&o)
         .split("(step ")
         .nth(1)

@@ -35,6 +35,8 @@ pub fn open(stream: Arc<CudaStream>, world: &World) -> Result<Nccl> {
     for (to, from) in internal.iter_mut().zip(&bytes) {
         *to = *from as std::ffi::c_char;
     }
+    // NCCL joins on the current device: this rank's, whichever thread runs the engine.
+    stream.context().bind_to_thread().map_err(|e| anyhow::anyhow!("binding the GPU: {e:?}"))?;
     let comm = Comm::from_rank(stream, world.rank(), world.size(), Id::uninit(internal))
         .map_err(|e| anyhow::anyhow!("joining the NCCL communicator of {} ranks: {e:?}", world.size()))?;
     Ok(Nccl { comm })

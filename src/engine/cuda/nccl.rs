@@ -20,7 +20,14 @@ pub struct Nccl {
 /// Joins `world`'s ranks in an NCCL communicator on `stream` (this rank's GPU).
 pub fn open(stream: Arc<CudaStream>, world: &World) -> Result<Nccl> {
     // SAFETY: probing only tries to load the library (cudarc panics on a missing one).
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+    let here = unsafe { cudarc::nccl::sys::is_culib_present() };
+    // Every rank decides alike (the id broadcast below is a collective): NCCL only when each
+    // rank has it.
+    let missing_somewhere = world.comm.max_u64(u64::from(!here)) > 0;
+    if missing_somewhere {
+        if here {
+            bail!("NCCL is missing on another rank's host, so the GPUs cannot sum gradients themselves");
+        }
         bail!(
             "NCCL (libnccl.so) not found, so the GPUs cannot sum gradients themselves\n  hint: add the folder of libnccl.so to LD_LIBRARY_PATH (PyTorch's wheels ship it in nvidia/nccl/lib; link libnccl.so.2 as libnccl.so)"
         );

@@ -32,12 +32,20 @@ pub fn open(stream: Arc<CudaStream>, world: &World) -> Result<Nccl> {
             "NCCL (libnccl.so) not found, so the GPUs cannot sum gradients themselves\n  hint: add the folder of libnccl.so to LD_LIBRARY_PATH (PyTorch's wheels ship it in nvidia/nccl/lib; link libnccl.so.2 as libnccl.so)"
         );
     }
+    // Rank 0 broadcasts the id, or nothing when it could not make one (so every rank fails).
     let mut bytes = Vec::new();
+    let mut made = Ok(());
     if world.is_owner() {
-        let id = Id::new().map_err(|e| anyhow::anyhow!("creating the NCCL id: {e:?}"))?;
-        bytes = id.internal().iter().map(|&c| c as u8).collect();
+        match Id::new() {
+            Ok(id) => bytes = id.internal().iter().map(|&c| c as u8).collect(),
+            Err(e) => made = Err(anyhow::anyhow!("creating the NCCL id: {e:?}")),
+        }
     }
     world.comm.broadcast_bytes(&mut bytes);
+    made?;
+    if bytes.len() != 128 {
+        bail!("rank 0 could not create the NCCL id");
+    }
     let mut internal = [0 as std::ffi::c_char; 128];
     for (to, from) in internal.iter_mut().zip(&bytes) {
         *to = *from as std::ffi::c_char;

@@ -137,6 +137,27 @@ fn two_ranks_equal_one_process_accumulating_two_bit_for_bit() {
         fs::read_dir(one).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.retain(|n| n != "rank-1.log" && !alone.contains(n));
     assert!(names.is_empty(), "files only the 2-rank run has: {names:?}");
+    // Stopped in one process and resumed with two ranks: still the same bits.
+    expect(
+        minimind(s.path()).args([
+            "run",
+            "micro.toml",
+            "--quiet",
+            "--set",
+            "train.accumulation_steps=2",
+            "--stop-after",
+            "7",
+        ]),
+        130,
+    );
+    let split = s.runs()[2].clone();
+    let o = expect(minimind(s.path()).args(["resume", "--quiet", "--nproc", "2"]).arg(&split), 0);
+    assert!(stdout(&o).contains("written by 1 rank(s), now 2"), "{}", stdout(&o));
+    assert_eq!(metric_rows(&split), metric_rows(one));
+    assert_eq!(
+        fs::read(split.join("model/model.safetensors")).unwrap(),
+        fs::read(one.join("model/model.safetensors")).unwrap()
+    );
     // `plan` prints the global batch.
     let o = expect(minimind(s.path()).args(["plan", "micro.toml", "--nproc", "2"]), 0);
     assert!(stdout(&o).contains("4x1x2=8"), "{}", stdout(&o));

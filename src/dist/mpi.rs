@@ -72,16 +72,14 @@ impl Comm for Mpi {
     fn gather_strings(&self, s: &str) -> Vec<String> {
         // Fixed-width records: every rank pads its string to the longest.
         let width = self.max_u64(s.len() as u64) as usize;
+        if width == 0 {
+            return vec![String::new(); self.size()];
+        }
         let mut mine = s.as_bytes().to_vec();
         mine.resize(width, 0);
         let mut all = vec![0u8; width * self.size()];
-        if width > 0 {
-            self.world.all_gather_into(&mine[..], &mut all[..]);
-        }
-        all.chunks(width.max(1))
-            .take(self.size())
-            .map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string())
-            .collect()
+        self.world.all_gather_into(&mine[..], &mut all[..]);
+        all.chunks(width).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect()
     }
     fn barrier(&self) {
         self.world.barrier();

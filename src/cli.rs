@@ -354,33 +354,16 @@ fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(n) = nproc.filter(|&n| n > 1) {
-                match experiments.as_slice() {
-                    [runs] if runs.len() == 1 && runs[0].tag.is_none() => {
-                        check_nproc(n, world, Some(&runs[0].config.train))?;
-                        return launch_ranks(n);
-                    }
-                    _ => {
-                        return Err(usage(
-                            &format!("--nproc {n}"),
-                            "--nproc trains one run: give one experiment file that is not a sweep",
-                        )
-                        .into());
-                    }
-                }
+                let run = one_run(&experiments, &format!("--nproc {n}"), "--nproc")?;
+                check_nproc(n, world, Some(&run.config.train))?;
+                return launch_ranks(n);
             }
             let stop = crate::signals::install()?;
             let session = session(quiet, progress_every, aids, stop, world);
             if world.size() > 1 {
                 // Every rank resolved the same command; rank 0 creates the run and tells the
                 // others, which check their own resolution against it.
-                let [runs] = experiments.as_slice() else {
-                    return Err(
-                        usage("the launch", "a data-parallel launch trains one experiment file").into()
-                    );
-                };
-                let [run] = runs.as_slice() else {
-                    return Err(usage("the launch", "a data-parallel launch trains one run, not a sweep (give a sweep's points several tasks with launcher.tasks_per_point)").into());
-                };
+                let run = one_run(&experiments, "the launch", "a data-parallel launch")?;
                 let outcome = if world.is_owner() {
                     runner::start(run, std::env::args().collect(), session)?.1
                 } else {
@@ -593,6 +576,20 @@ fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
             print!("{}", config::schema_json());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The one run of a data-parallel command: one experiment file that is not a sweep. `what`
+/// is the argument that asked for it, `who` names it in the message.
+fn one_run<'a>(
+    experiments: &'a [Vec<PlannedRun>],
+    what: &str,
+    who: &str,
+) -> Result<&'a PlannedRun, ConfigError> {
+    match experiments {
+        [runs] if runs.len() == 1 && runs[0].tag.is_none() => Ok(&runs[0]),
+        _ => Err(usage(what, &format!("{who} trains one run: give one experiment file that is not a sweep"))
+            .hint("a sweep's points train with several ranks each through launcher.tasks_per_point (Slurm)")),
     }
 }
 

@@ -12,7 +12,13 @@ use super::Kernels;
 use crate::dist::{Comm, World, sum_in_buckets};
 
 /// Floats per all-reduce bucket: 4 MiB of gradients at a time.
-pub const BUCKET: usize = 1 << 20;
+const BUCKET: usize = 1 << 20;
+
+/// `0..total` in buckets of [`BUCKET`] floats: how the engine hands its flat buffers to a
+/// communicator.
+pub fn buckets(total: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..total).step_by(BUCKET).map(move |start| start..(start + BUCKET).min(total))
+}
 
 pub trait Communicator<K: Kernels> {
     fn rank(&self) -> usize;

@@ -325,19 +325,17 @@ impl<K: Kernels> Engine<K> {
     /// step's whole gradient (each rank's micro-batches already carry `1 / (A x W)`).
     pub fn reduce_grads(&mut self, comm: &mut dyn comm::Communicator<K>) {
         // Also for a world of one: a forced communicator (`--comm`) is exercised all the same.
-        let total = self.layout.total;
-        for start in (0..total).step_by(comm::BUCKET) {
-            comm.all_reduce_sum(&self.kernels, &mut self.grads, start..(start + comm::BUCKET).min(total));
+        for bucket in comm::buckets(self.layout.total) {
+            comm.all_reduce_sum(&self.kernels, &mut self.grads, bucket);
         }
         self.grads_zero = false;
     }
 
     /// Rank 0's weights and AdamW moments (and step), on every rank.
     pub fn broadcast_state(&mut self, comm: &mut dyn comm::Communicator<K>) {
-        let total = self.layout.total;
         for buf in [&mut self.params, &mut self.adam_m, &mut self.adam_v] {
-            for start in (0..total).step_by(comm::BUCKET) {
-                comm.broadcast(&self.kernels, buf, start..(start + comm::BUCKET).min(total));
+            for bucket in comm::buckets(self.layout.total) {
+                comm.broadcast(&self.kernels, buf, bucket);
             }
         }
     }

@@ -228,13 +228,11 @@ pub fn follow(s: &Session, own: Option<&Config>) -> Result<Outcome> {
 #[error("{0}")]
 struct Refused(String);
 
-/// The run's data, opened: rows, batches, the validation rows, and how many optimiser steps
-/// the run has.
+/// The run's data, opened: rows, batches and the validation rows.
 struct Data {
     ds: Dataset,
     tok: Tok,
     batches: Batches,
-    total: usize,
     /// Validation rows `(ids, targets)`, `rows x T` each, encoded as `minimind eval` does.
     val: Option<(Vec<u32>, Vec<i32>)>,
 }
@@ -271,7 +269,7 @@ fn phases<K: Kernels>(
         world.comm.barrier();
     }
     let mut data = open_data(config, s)?;
-    if owner && world.size() > 1 {
+    if owner {
         world.comm.barrier();
     }
     let skipped = data.ds.skipped();
@@ -283,13 +281,14 @@ fn phases<K: Kernels>(
     let mut comm = comm::for_world(&kernels, world, s.comm)?;
     let (mut engine, mut state, mut restore_notes) = restore(kernels, run, meta, config, &data, s)?;
     super::ranks::share_state(world, &mut *comm, &mut engine, &mut state)?;
-    let split = split_steps(config, &mut data, &mut state, world)?;
+    let split = split_steps(config, &data.batches, &mut state, world)?;
     restore_notes.extend(split.note.clone());
     meta.set_step(state.step);
     if matches!(placement.device, crate::config::Device::Cuda(_)) {
         meta.update(|m| m.gpu = Some(device.clone()))?;
     }
     let info = world.info(config.train.batch_size * split.global);
+    let hosts = info.hosts.len();
     meta.update(|m| {
         m.status = Status::Running;
         (m.ended_at, m.error, m.reason) = (None, None, None);
@@ -305,7 +304,7 @@ fn phases<K: Kernels>(
         (None, Vec::new())
     };
     let mut console = if owner {
-        Console::new(&run.log_path(), data.total as u64, state.step as u64, s.quiet, s.heartbeat)?
+        Console::new(&run.log_path(), split.total as u64, state.step as u64, s.quiet, s.heartbeat)?
     } else {
         Console::log_file(&run.root.join(format!("rank-{}.log", world.rank())))?
     };
@@ -323,7 +322,7 @@ fn phases<K: Kernels>(
             world.size(),
             world.launcher,
             world.local_size,
-            world.info(0).hosts.len(),
+            hosts,
             comm.describe()
         ));
     }
@@ -352,19 +351,21 @@ fn phases<K: Kernels>(
     Ok(Outcome::Completed)
 }
 
-/// How a step's micro-batches are shared among the ranks.
+/// How a step's micro-batches are shared among the ranks, and how many steps the run has.
 struct Split {
     /// Micro-batches per optimiser step, over all ranks.
     global: usize,
     /// This rank's share.
     local: usize,
+    /// Optimiser steps in the whole run.
+    total: usize,
     /// Why it differs from the checkpoint's, on a resume with another number of ranks.
     note: Option<String>,
 }
 
 /// The run's micro-batches per step (kept from the checkpoint: a resume with another number
 /// of ranks re-splits the same steps), this rank's share, and the run's length in steps.
-fn split_steps(config: &Config, data: &mut Data, state: &mut TrainerState, world: &World) -> Result<Split> {
+fn split_steps(config: &Config, batches: &Batches, state: &mut TrainerState, world: &World) -> Result<Split> {
     let w = world.size();
     let global = state.global_accumulation.unwrap_or(config.train.accumulation_steps * w);
     let local = local_accumulation(global, w).map_err(|e| anyhow::anyhow!(e))?;
@@ -375,17 +376,17 @@ fn split_steps(config: &Config, data: &mut Data, state: &mut TrainerState, world
         )
     });
     (state.global_accumulation, state.world_size) = (Some(global), Some(w));
-    data.total = match config.train.max_steps {
+    let total = match config.train.max_steps {
         Some(n) => n,
-        None => config.train.epochs * (data.batches.per_epoch() / global),
+        None => config.train.epochs * (batches.per_epoch() / global),
     };
-    if data.total == 0 {
+    if total == 0 {
         bail!(
             "an epoch has {} micro-batch(es), fewer than the {global} of a step (train.accumulation_steps x ranks): nothing to train\n  hint: lower train.accumulation_steps or set train.max_steps",
-            data.batches.per_epoch()
+            batches.per_epoch()
         );
     }
-    Ok(Split { global, local, note })
+    Ok(Split { global, local, total, note })
 }
 
 fn open_data(config: &Config, s: &Session) -> Result<Data> {
@@ -416,8 +417,7 @@ fn open_data(config: &Config, s: &Session) -> Result<Data> {
     } else {
         None
     };
-    // The length in steps depends on the ranks; see `split_steps`.
-    Ok(Data { ds, tok, batches, total: 0, val })
+    Ok(Data { ds, tok, batches, val })
 }
 
 /// The engine with the run's starting state: its newest intact checkpoint when resuming (the
@@ -535,7 +535,7 @@ fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data, spl
     console.line(&format!(
         "{}: {} steps of {} tokens ({b} x {t}, accumulation {accum}{ranks}); {} samples{}, {} micro-batches per epoch",
         run.root.display(),
-        data.total,
+        split.total,
         human((b * t * accum) as f64),
         data.ds.samples(),
         match data.ds.samples() - data.batches.rows() {
@@ -551,7 +551,7 @@ fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data, spl
         human(data.ds.tokens() as f64)
     ));
     let gflops = crate::cost::machine_gflops(config.train.threads).ok();
-    console.line(&format!("cost: {}", Cost::of(config, Some(data.total), gflops).describe()));
+    console.line(&format!("cost: {}", Cost::of(config, Some(split.total), gflops).describe()));
 }
 
 /// How the step loop ended.
@@ -572,11 +572,9 @@ struct StepContext<'a, K: Kernels> {
     split: &'a Split,
 }
 
-/// A stop every rank agrees on: any rank's signal stops them all at the same micro-batch.
+/// A stop every rank agrees on: any rank's signal stops them all at the same micro-batch
+/// (alone, its own).
 fn agreed_stop(world: &World, mine: Option<i32>) -> Option<i32> {
-    if world.size() == 1 {
-        return mine;
-    }
     let any = world.comm.max_u64(mine.map_or(0, |sig| sig as u64));
     (any > 0).then_some(any as i32)
 }
@@ -594,7 +592,7 @@ fn train_steps<K: Kernels>(
     let (rank, w) = (world.rank(), world.size());
     let (b, t) = (config.train.batch_size, config.data.max_seq_len);
     let (global, local) = (ctx.split.global, ctx.split.local);
-    let total = data.total;
+    let total = ctx.split.total;
     let ck = &config.checkpoint;
     let optim = OptimConfig::from_train(&config.train);
     let (mut ids, mut targets) = (vec![0u32; b * t], vec![0i32; b * t]);
@@ -683,12 +681,10 @@ fn train_steps<K: Kernels>(
         }
         let mut stats = engine.step_stats();
         engine.kernels.check()?;
-        if w > 1 {
-            // Each rank's losses cover its own micro-batches (already divided by `global`).
-            let mut sums = [stats.lm, stats.aux];
-            world.comm.sum_f64(&mut sums);
-            [stats.lm, stats.aux] = sums;
-        }
+        // Each rank's losses cover its own micro-batches (already divided by `global`).
+        let mut sums = [stats.lm, stats.aux];
+        world.comm.sum_f64(&mut sums);
+        [stats.lm, stats.aux] = sums;
         let loss = stats.lm + stats.aux;
         if stats.skipped {
             let scale = engine.scaler.map_or(1.0, |s| s.scale);

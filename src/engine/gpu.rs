@@ -17,6 +17,9 @@ pub fn probe() -> Result<Gpus, String> {
 #[cfg(feature = "cuda")]
 pub fn probe() -> Result<Gpus, String> {
     use cudarc::driver::result;
+    if super::cuda::emu::wanted() {
+        return Ok(Gpus { names: vec!["CUDA emulator".into()] });
+    }
     // SAFETY: only tries to dlopen the libraries.
     let (driver, cublas, nvrtc) = unsafe {
         (

@@ -2,6 +2,8 @@
 //! and faults injected into runs (signals, kill -9, full disks, damaged files, concurrency).
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dist;
 mod faults;
 mod runs;

@@ -9,6 +9,11 @@
 typedef long long i64;
 #define INF __int_as_float(0x7f800000)
 
+// Dynamic shared memory (the emulator in emu.cpp defines it its own way).
+#ifndef MINIMIND_EMU
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 // ---------------------------------------------------------------------------------------
 // Reductions inside a block (blockDim.x a power of two, at most 1024).
 
@@ -519,7 +524,7 @@ extern "C" __global__ void moe_topk(float* scores, int* expert, float* weight, c
 // in order after an exclusive prefix over (expert, thread): stable in slot order. The shared
 // memory holds blockDim.x * e counters.
 extern "C" __global__ void moe_dispatch(int* pos, int* rows, int* offsets, const int* expert, int slots, int e, int k) {
-    extern __shared__ int counts[];  // [e][blockDim.x]
+    DYNAMIC_SHARED(int, counts);  // [e][blockDim.x]
     int tid = threadIdx.x, nt = blockDim.x;
     int per = (slots + nt - 1) / nt;
     int lo = min(tid * per, slots), hi = min(lo + per, slots);

@@ -7,20 +7,27 @@
 //! are plain device allocations addressed through views of raw device pointers; nothing waits
 //! for the device but `read_acc`, `download` and the expert offsets of a MoE routing.
 //!
+//! Written once over a [`device::Device`]: the GPU, or the emulator that runs the same kernel
+//! sources on the CPU (`emu`), which is how CI tests this file without a GPU.
+//!
 //! Shapes as in the trait: N rows, C channels, H/G heads, D head dim, V vocabulary, E experts,
 //! K experts per token.
 
-use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result, anyhow, bail};
-use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaContext;
 
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use crate::config::Dtype;
+use device::{Arg, DBuf, Device, GemmCall, bytes, bytes_mut};
+
+mod device;
+pub mod emu;
+mod nccl;
 
 /// The kernel sources, embedded in the binary.
 pub const SOURCE: &str = include_str!("kernels.cu");
@@ -86,28 +93,6 @@ const REDUCE_BLOCKS: u32 = 512;
 /// Row groups of RMSNorm's weight gradient (partial sums added in order).
 const DW_PARTS: usize = 256;
 
-/// A kernel argument: every parameter of `kernels.cu` is 4 or 8 bytes.
-#[derive(Clone, Copy)]
-enum Arg {
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-    F64(f64),
-}
-
-impl Arg {
-    fn bits(self) -> u64 {
-        match self {
-            Arg::Ptr(p) => p,
-            Arg::I32(x) => x as u32 as u64,
-            Arg::I64(x) => x as u64,
-            Arg::F32(x) => x.to_bits() as u64,
-            Arg::F64(x) => x.to_bits(),
-        }
-    }
-}
-
 fn i32_of(x: usize) -> Arg {
     Arg::I32(i32::try_from(x).expect("a size that fits a CUDA int"))
 }
@@ -138,33 +123,31 @@ pub struct IView<'a> {
 
 /// A MoE routing kept on the device, with the expert offsets read back once per routing.
 pub struct CudaRoute {
-    scores: CudaSlice<f32>,
-    expert: CudaSlice<i32>,
-    weight: CudaSlice<f32>,
-    pos: CudaSlice<i32>,
-    rows: CudaSlice<i32>,
-    offsets_dev: CudaSlice<i32>,
-    aux_grad: CudaSlice<f32>,
-    terms: CudaSlice<f64>,
+    scores: DBuf<f32>,
+    expert: DBuf<i32>,
+    weight: DBuf<f32>,
+    pos: DBuf<i32>,
+    rows: DBuf<i32>,
+    offsets_dev: DBuf<i32>,
+    aux_grad: DBuf<f32>,
+    terms: DBuf<f64>,
     offsets: Vec<usize>,
+    /// The offsets as read from the device (kept to read into without allocating).
+    offsets_raw: Vec<i32>,
     k: usize,
     has_aux: bool,
     /// How `moe_aux_sum` adds the aux terms: how many, the divisor (B with `seq_aux`), alpha.
     aux_shape: (usize, f64, f32),
 }
 
-/// The device, its stream, cuBLAS and the compiled kernels.
+/// The device (a GPU or the emulator), and the scratch the reductions share.
 pub struct Cuda {
-    _ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    _module: Arc<CudaModule>,
-    funcs: Vec<(&'static str, CudaFunction)>,
+    dev: Arc<dyn Device>,
     dtype: Dtype,
     /// Partial sums of the grid-stride reductions.
-    partials: Mutex<CudaSlice<f64>>,
+    partials: Mutex<DBuf<f64>>,
     /// Partial column sums of RMSNorm's weight gradient `[DW_PARTS, C]`.
-    dw_partials: Mutex<CudaSlice<f32>>,
+    dw_partials: Mutex<DBuf<f32>>,
     /// The first failure since the last `check`.
     error: Mutex<Option<String>>,
     name: String,
@@ -186,15 +169,20 @@ fn ptx_for(arch: &str) -> Result<String> {
 
 impl Cuda {
     /// Opens GPU `ordinal` computing its matrix products in `dtype`. Probes the libraries
-    /// first (see [`super::gpu::probe`]), so a missing one is an error, not a panic.
+    /// first (see [`super::gpu::probe`]), so a missing one is an error, not a panic. With
+    /// `MINIMIND_CUDA_EMULATOR` set, `cuda:0` is the emulator (see [`emu`]).
     pub fn new(ordinal: usize, dtype: Dtype) -> Result<Cuda> {
         let gpus = super::gpu::probe().map_err(|why| anyhow!("cuda:{ordinal}: {why}"))?;
         if ordinal >= gpus.names.len() {
             bail!("cuda:{ordinal}: this machine has {} GPU(s)", gpus.names.len());
         }
+        if emu::wanted() {
+            return Cuda::emulated(dtype);
+        }
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening cuda:{ordinal}"))?;
-        // One stream: cudarc's cross-stream event tracking is not needed.
-        // SAFETY: no other stream touches these allocations.
+        // One stream, and allocations through the driver directly: cudarc's cross-stream
+        // event tracking is not needed.
+        // SAFETY: no other stream touches this context's allocations.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (major, minor) = ctx.compute_capability().context("reading the compute capability")?;
@@ -205,26 +193,29 @@ impl Cuda {
             .with_context(|| format!("loading the CUDA kernels for {arch}"))?;
         let funcs = KERNELS
             .iter()
-            .map(|&name| Ok((name, module.load_function(name).with_context(|| format!("kernel {name}"))?)))
+            .map(|&name| module.load_function(name).with_context(|| format!("kernel {name}")))
             .collect::<Result<Vec<_>>>()?;
         let blas = CudaBlas::new(stream.clone()).context("starting cuBLAS")?;
-        let partials = stream.alloc_zeros::<f64>(REDUCE_BLOCKS as usize).context("allocating on the GPU")?;
-        let dw_partials = stream.alloc_zeros::<f32>(1).context("allocating on the GPU")?;
         let total = ctx.total_mem().unwrap_or(0);
-        let name = format!(
-            "{} ({arch}, {:.0} GB; driver CUDA {}, NVRTC {}, cuBLAS {})",
-            gpus.names[ordinal],
-            total as f64 / 1e9,
-            versions::driver(),
-            versions::nvrtc(),
-            versions::cublas(&blas)
-        );
+        let gpu = device::Gpu::new(ctx, stream, blas, module, funcs);
+        let name =
+            format!("{} ({arch}, {:.0} GB; {})", gpus.names[ordinal], total as f64 / 1e9, gpu.versions());
+        Cuda::on(Arc::new(gpu), dtype, name)
+    }
+
+    /// The emulator: the same kernels, run on the CPU (tests; see [`emu`]).
+    pub fn emulated(dtype: Dtype) -> Result<Cuda> {
+        let dev = emu::Emulator::new().map_err(|e| anyhow!(e))?;
+        let name = format!("CUDA emulator ({})", dev.versions());
+        Cuda::on(Arc::new(dev), dtype, name)
+    }
+
+    fn on(dev: Arc<dyn Device>, dtype: Dtype, name: String) -> Result<Cuda> {
+        let partials =
+            DBuf::zeroed(&dev, REDUCE_BLOCKS as usize).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
+        let dw_partials = DBuf::zeroed(&dev, 1).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
         Ok(Cuda {
-            _ctx: ctx,
-            stream,
-            blas,
-            _module: module,
-            funcs,
+            dev,
             dtype,
             partials: Mutex::new(partials),
             dw_partials: Mutex::new(dw_partials),
@@ -235,7 +226,7 @@ impl Cuda {
 
     /// Free and total device memory, in bytes.
     pub fn memory(&self) -> Option<(usize, usize)> {
-        result::mem_get_info().ok()
+        self.dev.memory()
     }
 
     fn fail(&self, what: impl FnOnce() -> String) {
@@ -249,38 +240,14 @@ impl Cuda {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    fn func(&self, name: &str) -> &CudaFunction {
-        &self.funcs.iter().find(|(n, _)| *n == name).expect("every kernel is in KERNELS").1
-    }
-
     /// Launches kernel `name` on `grid` blocks of `block` threads.
     fn launch(&self, name: &str, grid: u32, block: u32, shared: u32, args: &[Arg]) {
         if self.failed() || grid == 0 {
             return;
         }
-        let mut slots = [0u64; 24];
-        let mut params = [std::ptr::null_mut::<c_void>(); 24];
-        for (i, a) in args.iter().enumerate() {
-            slots[i] = a.bits();
-        }
-        for (i, p) in params.iter_mut().enumerate().take(args.len()) {
-            *p = &mut slots[i] as *mut u64 as *mut c_void;
-        }
-        let f = self.func(name).cu_function();
-        // SAFETY: the arguments match the kernel's parameters (one 4- or 8-byte slot each, read
-        // little-endian), and every pointer is a live allocation of this stream.
-        let r = unsafe {
-            result::launch_kernel(
-                f,
-                (grid, 1, 1),
-                (block, 1, 1),
-                shared,
-                self.stream.cu_stream(),
-                &mut params[..args.len()],
-            )
-        };
-        if let Err(e) = r {
-            self.fail(|| format!("CUDA kernel {name} failed to launch: {e}"));
+        let kernel = KERNELS.iter().position(|&k| k == name).expect("every kernel is in KERNELS");
+        if let Err(e) = self.dev.launch(kernel, grid, block, shared, args) {
+            self.fail(|| format!("CUDA kernel {name} failed: {e}"));
         }
     }
 
@@ -288,15 +255,12 @@ impl Cuda {
         (n.div_ceil(THREADS as usize)).clamp(1, 65535) as u32
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        s.device_ptr(&self.stream).0
+    fn ptr<T>(&self, s: &DBuf<T>) -> u64 {
+        s.ptr
     }
 
-    fn alloc_of<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        len: usize,
-    ) -> CudaSlice<T> {
-        match self.stream.alloc_zeros::<T>(len.max(1)) {
+    fn alloc_of<T>(&self, len: usize) -> DBuf<T> {
+        match DBuf::zeroed(&self.dev, len) {
             Ok(s) => s,
             Err(e) => {
                 let (free, _) = self.memory().unwrap_or((0, 0));
@@ -307,52 +271,6 @@ impl Cuda {
                 )
             }
         }
-    }
-
-    fn compute_type(&self) -> blas_sys::cublasComputeType_t {
-        match self.dtype {
-            Dtype::Float32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Dtype::Bfloat16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-            Dtype::Float16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
-        }
-    }
-}
-
-/// Library versions, for meta.json ("?" when a library does not say).
-mod nccl;
-
-mod versions {
-    fn dotted(v: i32) -> String {
-        // CUDA encodes 12.8 as 12080, cuBLAS 12.8.4 as 120804.
-        if v >= 100_000 {
-            format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100)
-        } else {
-            format!("{}.{}", v / 1000, v % 1000 / 10)
-        }
-    }
-
-    pub fn driver() -> String {
-        let mut v = 0;
-        // SAFETY: writes one int; the driver was loaded by the probe.
-        let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
-            == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
-        if ok { dotted(v) } else { "?".into() }
-    }
-
-    pub fn nvrtc() -> String {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: writes two ints; NVRTC was loaded by the probe.
-        let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-            == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
-        if ok { format!("{major}.{minor}") } else { "?".into() }
-    }
-
-    pub fn cublas(blas: &cudarc::cublas::CudaBlas) -> String {
-        let mut v = 0;
-        // SAFETY: writes one int through a live handle.
-        let ok = unsafe { cudarc::cublas::sys::cublasGetVersion_v2(*blas.handle(), &mut v) }
-            == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
-        if ok { dotted(v) } else { "?".into() }
     }
 }
 
@@ -374,7 +292,7 @@ impl Kernels for Cuda {
     }
 
     fn check(&self) -> Result<()> {
-        if let Err(e) = self.stream.synchronize() {
+        if let Err(e) = self.dev.synchronize() {
             self.fail(|| format!("the GPU reported an error: {e}"));
         }
         match self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -383,89 +301,80 @@ impl Kernels for Cuda {
         }
     }
 
-    type Buf = CudaSlice<f32>;
-    type Idx = CudaSlice<i32>;
-    type Acc = CudaSlice<f64>;
+    type Buf = DBuf<f32>;
+    type Idx = DBuf<i32>;
+    type Acc = DBuf<f64>;
     type Route = CudaRoute;
     /// Each query row's log-sum-exp `[B, H, T]`.
-    type Attn = CudaSlice<f32>;
+    type Attn = DBuf<f32>;
     type V<'a> = DView<'a>;
     type M<'a> = DViewMut<'a>;
     type I<'a> = IView<'a>;
 
-    fn alloc(&self, len: usize) -> CudaSlice<f32> {
+    fn alloc(&self, len: usize) -> DBuf<f32> {
         self.alloc_of(len)
     }
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+    fn len(&self, buf: &DBuf<f32>) -> usize {
         buf.len()
     }
     fn device_comm(
         &self,
         world: &crate::dist::World,
     ) -> Option<Result<Box<dyn crate::engine::comm::Communicator<Cuda>>>> {
-        Some(nccl::open(self.stream.clone(), world).map(|c| Box::new(c) as _))
+        // The emulator has no NCCL: its ranks sum through MPI on the host.
+        let stream = self.dev.stream()?;
+        Some(nccl::open(stream, world).map(|c| Box::new(c) as _))
     }
-    fn view<'a>(&self, buf: &'a CudaSlice<f32>, r: Range<usize>) -> DView<'a> {
+    fn view<'a>(&self, buf: &'a DBuf<f32>, r: Range<usize>) -> DView<'a> {
         assert!(r.start <= r.end && r.end <= buf.len(), "view {r:?} of {} floats", buf.len());
         dview(self.ptr(buf) + 4 * r.start as u64, r.len())
     }
-    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, r: Range<usize>) -> DViewMut<'a> {
+    fn view_mut<'a>(&self, buf: &'a mut DBuf<f32>, r: Range<usize>) -> DViewMut<'a> {
         assert!(r.start <= r.end && r.end <= buf.len(), "view {r:?} of {} floats", buf.len());
         DViewMut { ptr: self.ptr(buf) + 4 * r.start as u64, len: r.len(), _borrow: PhantomData }
     }
     fn upload(&self, dst: DViewMut<'_>, data: &[f32]) {
         assert_eq!(dst.len, data.len(), "upload size");
-        // SAFETY: `dst` covers `data.len()` floats of a live allocation. From pageable host
-        // memory the copy is staged before the call returns, so `data` may go afterwards.
-        let r = unsafe { result::memcpy_htod_async(dst.ptr, data, self.stream.cu_stream()) };
-        if let Err(e) = r {
+        if let Err(e) = self.dev.htod(dst.ptr, bytes(data)) {
             self.fail(|| format!("copying to the GPU: {e}"));
         }
     }
     fn download(&self, src: DView<'_>, out: &mut [f32]) {
         assert_eq!(src.len, out.len(), "download size");
-        // SAFETY: `src` covers `out.len()` floats; the stream is synchronised before `out` is
-        // read.
-        let r = unsafe { result::memcpy_dtoh_async(out, src.ptr, self.stream.cu_stream()) };
-        if let Err(e) = r.and_then(|()| self.stream.synchronize()) {
+        if let Err(e) = self.dev.dtoh(src.ptr, bytes_mut(out)) {
             self.fail(|| format!("copying from the GPU: {e}"));
         }
     }
 
-    fn alloc_idx(&self, len: usize) -> CudaSlice<i32> {
+    fn alloc_idx(&self, len: usize) -> DBuf<i32> {
         self.alloc_of(len)
     }
-    fn idx<'a>(&self, buf: &'a CudaSlice<i32>, r: Range<usize>) -> IView<'a> {
+    fn idx<'a>(&self, buf: &'a DBuf<i32>, r: Range<usize>) -> IView<'a> {
         assert!(r.start <= r.end && r.end <= buf.len(), "index view {r:?} of {}", buf.len());
         IView { ptr: self.ptr(buf) + 4 * r.start as u64, len: r.len(), _borrow: PhantomData }
     }
-    fn upload_idx(&self, dst: &mut CudaSlice<i32>, data: &[i32]) {
+    fn upload_idx(&self, dst: &mut DBuf<i32>, data: &[i32]) {
         assert!(data.len() <= dst.len(), "index upload size");
-        let ptr = self.ptr(dst);
-        // SAFETY: the buffer holds `data.len()` ids. From pageable host memory the copy is
-        // staged before the call returns, so `data` may change afterwards; no wait for it.
-        let r = unsafe { result::memcpy_htod_async(ptr, data, self.stream.cu_stream()) };
-        if let Err(e) = r {
+        if let Err(e) = self.dev.htod(dst.ptr, bytes(data)) {
             self.fail(|| format!("copying ids to the GPU: {e}"));
         }
     }
 
-    fn alloc_acc(&self, len: usize) -> CudaSlice<f64> {
+    fn alloc_acc(&self, len: usize) -> DBuf<f64> {
         self.alloc_of(len)
     }
-    fn read_acc(&self, acc: &CudaSlice<f64>, out: &mut [f64]) {
-        // SAFETY: `out` is no longer than the accumulators; synchronised before it is read.
-        let r = unsafe { result::memcpy_dtoh_async(out, self.ptr(acc), self.stream.cu_stream()) };
-        if let Err(e) = r.and_then(|()| self.stream.synchronize()) {
+    fn read_acc(&self, acc: &DBuf<f64>, out: &mut [f64]) {
+        assert!(out.len() <= acc.len(), "accumulator read size");
+        if let Err(e) = self.dev.dtoh(acc.ptr, bytes_mut(out)) {
             self.fail(|| format!("reading the step's numbers from the GPU: {e}"));
             out.fill(f64::NAN);
         }
     }
-    fn zero_acc(&self, acc: &mut CudaSlice<f64>, slots: Range<usize>) {
+    fn zero_acc(&self, acc: &mut DBuf<f64>, slots: Range<usize>) {
         let p = self.ptr(acc);
         self.launch("zero_acc", 1, 32, 0, &[Arg::Ptr(p), i32_of(slots.start), i32_of(slots.end)]);
     }
-    fn fold_acc(&self, acc: &mut CudaSlice<f64>, src: usize, dst: usize, div1: f64, div2: f64) {
+    fn fold_acc(&self, acc: &mut DBuf<f64>, src: usize, dst: usize, div1: f64, div2: f64) {
         let p = self.ptr(acc);
         self.launch(
             "fold_acc",
@@ -487,12 +396,13 @@ impl Kernels for Cuda {
             aux_grad: self.alloc_of(1),
             terms: self.alloc_of(1),
             offsets: Vec::new(),
+            offsets_raw: Vec::new(),
             k: 0,
             has_aux: false,
             aux_shape: (0, 1.0, 0.0),
         }
     }
-    fn new_attn(&self, s: AttnShape, _keep: bool) -> CudaSlice<f32> {
+    fn new_attn(&self, s: AttnShape, _keep: bool) -> DBuf<f32> {
         self.alloc_of(s.b * s.h * s.t)
     }
     fn attn_scratch_len(&self, s: AttnShape, _keep: bool) -> usize {
@@ -532,38 +442,23 @@ impl Kernels for Cuda {
         }
         // Row-major out[m, n] = op(a) op(b) is column-major outᵀ[n, m] = op(b)ᵀ op(a)ᵀ: cuBLAS
         // gets b first. A row-major matrix stored [r, c] is column-major [c, r] with ld = c.
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        let (op_b, ldb) = if b_transposed { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
-        let (op_a, lda) = if a_transposed { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        let f32t = blas_sys::cudaDataType_t::CUDA_R_32F;
-        // SAFETY: the asserts above bound what cuBLAS reads and writes; pointers are live
-        // allocations of the handle's stream.
-        let r = unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                op_b,
-                op_a,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const c_void,
-                b.ptr as *const c_void,
-                f32t,
-                ldb as i32,
-                a.ptr as *const c_void,
-                f32t,
-                lda as i32,
-                &beta as *const f32 as *const c_void,
-                out.ptr as *mut c_void,
-                f32t,
-                n as i32,
-                self.compute_type(),
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        let call = GemmCall {
+            b_transposed,
+            a_transposed,
+            n,
+            m,
+            k,
+            b: b.ptr,
+            ldb: if b_transposed { k } else { n },
+            a: a.ptr,
+            lda: if a_transposed { m } else { k },
+            c: out.ptr,
+            ldc: n,
+            accumulate,
+            dtype: self.dtype,
         };
-        if let Err(e) = r {
-            self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e:?}"));
+        if let Err(e) = self.dev.gemm(&call) {
+            self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e}"));
         }
     }
 
@@ -694,7 +589,7 @@ impl Kernels for Cuda {
     fn attention_forward(
         &self,
         out: DViewMut<'_>,
-        saved: &mut CudaSlice<f32>,
+        saved: &mut DBuf<f32>,
         _scratch: DViewMut<'_>,
         q: DView<'_>,
         k: DView<'_>,
@@ -729,7 +624,7 @@ impl Kernels for Cuda {
         dq: DViewMut<'_>,
         dk: DViewMut<'_>,
         dv: DViewMut<'_>,
-        saved: &CudaSlice<f32>,
+        saved: &DBuf<f32>,
         scratch: DViewMut<'_>,
         dout: DView<'_>,
         q: DView<'_>,
@@ -738,9 +633,9 @@ impl Kernels for Cuda {
         s: AttnShape,
     ) {
         let lse = self.ptr(saved);
-        let dims = [i32_of(s.b), i32_of(s.t), i32_of(s.h), i32_of(s.g), i32_of(s.d)];
+        let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let rows = s.b * s.h * s.t;
-        let mut args = vec![
+        let args = [
             Arg::Ptr(dq.ptr),
             Arg::Ptr(scratch.ptr),
             Arg::Ptr(dout.ptr),
@@ -748,8 +643,12 @@ impl Kernels for Cuda {
             Arg::Ptr(q.ptr),
             Arg::Ptr(k.ptr),
             Arg::Ptr(v.ptr),
+            b,
+            t,
+            h,
+            g,
+            d,
         ];
-        args.extend(dims);
         self.launch(
             "attention_backward_dq",
             (rows * 32).div_ceil(THREADS as usize) as u32,
@@ -758,7 +657,7 @@ impl Kernels for Cuda {
             &args,
         );
         let kv_rows = s.b * s.g * s.t;
-        let mut args = vec![
+        let args = [
             Arg::Ptr(dk.ptr),
             Arg::Ptr(dv.ptr),
             Arg::Ptr(scratch.ptr),
@@ -767,8 +666,12 @@ impl Kernels for Cuda {
             Arg::Ptr(q.ptr),
             Arg::Ptr(k.ptr),
             Arg::Ptr(v.ptr),
+            b,
+            t,
+            h,
+            g,
+            d,
         ];
-        args.extend(dims);
         self.launch(
             "attention_backward_dkv",
             (kv_rows * 32).div_ceil(THREADS as usize) as u32,
@@ -851,7 +754,7 @@ impl Kernels for Cuda {
         );
     }
 
-    fn sum_to_acc(&self, acc: &mut CudaSlice<f64>, slot: usize, x: DView<'_>) {
+    fn sum_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
         let p = self.ptr(acc);
         self.launch(
             "sum_to_acc",
@@ -944,14 +847,12 @@ impl Kernels for Cuda {
             );
         }
         // The one read per MoE layer: each expert's rows, to size its matrix products.
-        let mut offsets = vec![0i32; e + 1];
-        // SAFETY: `offsets` has e + 1 entries, as the device buffer; synchronised below.
-        let r = unsafe { result::memcpy_dtoh_async(&mut offsets, offs, self.stream.cu_stream()) };
-        if let Err(err) = r.and_then(|()| self.stream.synchronize()) {
+        route.offsets_raw.resize(e + 1, 0);
+        if let Err(err) = self.dev.dtoh(offs, bytes_mut(&mut route.offsets_raw)) {
             self.fail(|| format!("reading the MoE routing: {err}"));
         }
         route.offsets.clear();
-        route.offsets.extend(offsets.iter().map(|&o| o.max(0) as usize));
+        route.offsets.extend(route.offsets_raw.iter().map(|&o| o.max(0) as usize));
         route.offsets.resize(e + 1, 0);
     }
 
@@ -959,7 +860,7 @@ impl Kernels for Cuda {
         &route.offsets
     }
 
-    fn aux_to_acc(&self, acc: &mut CudaSlice<f64>, slot: usize, route: &CudaRoute) {
+    fn aux_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, route: &CudaRoute) {
         if !route.has_aux {
             return;
         }
@@ -1098,7 +999,7 @@ impl Kernels for Cuda {
         );
     }
 
-    fn sum_squares_to_acc(&self, acc: &mut CudaSlice<f64>, slot: usize, x: DView<'_>) {
+    fn sum_squares_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
         let partials = self.partials.lock().unwrap_or_else(|e| e.into_inner());
         let pp = self.ptr(&partials);
         self.launch(
@@ -1120,7 +1021,7 @@ impl Kernels for Cuda {
 
     fn clip_coef(
         &self,
-        acc: &mut CudaSlice<f64>,
+        acc: &mut DBuf<f64>,
         sum_sq: usize,
         norm: usize,
         coef: usize,
@@ -1151,7 +1052,7 @@ impl Kernels for Cuda {
         m: DViewMut<'_>,
         v: DViewMut<'_>,
         h: AdamW,
-        acc: &CudaSlice<f64>,
+        acc: &DBuf<f64>,
         coef: usize,
     ) {
         let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);

@@ -6,15 +6,44 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::Cuda;
+use super::device::DBuf;
 use crate::dist::World;
 use crate::engine::comm::Communicator;
 
 pub struct Nccl {
     comm: Comm,
+}
+
+/// A range of an engine buffer as cudarc's NCCL wants it. The engine's buffers are raw
+/// allocations on the communicator's own stream, so there is nothing to synchronise.
+struct Floats {
+    ptr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for Floats {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtrMut<f32> for Floats {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+fn floats(comm: &Comm, buf: &DBuf<f32>, range: Range<usize>) -> Floats {
+    assert!(range.start <= range.end && range.end <= buf.len(), "range {range:?} of {} floats", buf.len());
+    Floats { ptr: buf.ptr + 4 * range.start as u64, len: range.len(), stream: comm.stream() }
 }
 
 /// Joins `world`'s ranks in an NCCL communicator on `stream` (this rank's GPU).
@@ -64,14 +93,14 @@ impl Communicator<Cuda> for Nccl {
     fn world(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut CudaSlice<f32>, range: Range<usize>) {
-        let mut view = buf.slice_mut(range);
+    fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+        let mut view = floats(&self.comm, buf, range);
         if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
             k.fail(|| format!("NCCL all-reduce: {e:?}"));
         }
     }
-    fn broadcast(&mut self, k: &Cuda, buf: &mut CudaSlice<f32>, range: Range<usize>) {
-        let mut view = buf.slice_mut(range);
+    fn broadcast(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+        let mut view = floats(&self.comm, buf, range);
         if let Err(e) = self.comm.broadcast_in_place(&mut view, 0) {
             k.fail(|| format!("NCCL broadcast: {e:?}"));
         }

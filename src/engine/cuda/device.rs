@@ -1,0 +1,302 @@
+//! What the CUDA kernels run on: a GPU through the driver API and cuBLAS ([`Gpu`]), or the
+//! emulator that runs `kernels.cu` as C++ on the CPU ([`super::emu::Emulator`]). [`super::Cuda`]
+//! is written once over [`Device`], so CI, which has no GPU, runs the same launch code, the same
+//! kernel sources and the same cuBLAS argument mapping as the GPU does.
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
+
+use crate::config::Dtype;
+
+/// A kernel argument: every parameter of `kernels.cu` is 4 or 8 bytes, passed in an 8-byte slot.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+}
+
+impl Arg {
+    pub fn bits(self) -> u64 {
+        match self {
+            Arg::Ptr(p) => p,
+            Arg::I32(x) => x as u32 as u64,
+            Arg::I64(x) => x as u64,
+            Arg::F32(x) => x.to_bits() as u64,
+            Arg::F64(x) => x.to_bits(),
+        }
+    }
+
+    /// The C type's letter, as the emulator's signatures spell them.
+    pub fn code(self) -> char {
+        match self {
+            Arg::Ptr(_) => 'p',
+            Arg::I32(_) => 'i',
+            Arg::I64(_) => 'l',
+            Arg::F32(_) => 'f',
+            Arg::F64(_) => 'd',
+        }
+    }
+}
+
+/// One column-major `cublasGemmEx` call on f32 storage: `c[n, m] = op(b)[n, k] op(a)[k, m] (+ c)`.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmCall {
+    pub b_transposed: bool,
+    pub a_transposed: bool,
+    pub n: usize,
+    pub m: usize,
+    pub k: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub c: u64,
+    pub ldc: usize,
+    pub accumulate: bool,
+    /// Float32 computes in full f32 (TF32 off); bfloat16/float16 round the inputs and
+    /// accumulate in f32 (cuBLAS's `COMPUTE_32F_FAST_16BF`/`_16F`).
+    pub dtype: Dtype,
+}
+
+/// The operations [`super::Cuda`] needs from a device. Work is queued in order on one stream;
+/// `dtoh` and `synchronize` wait for it. Errors are one line each.
+pub trait Device: Send + Sync {
+    /// `bytes` of zeroed device memory.
+    fn alloc(&self, bytes: usize) -> Result<u64, String>;
+    fn free(&self, ptr: u64);
+    /// Queues a copy from host memory (staged before the call returns: `src` may go after).
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String>;
+    /// Copies to host memory once the queued work is done.
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String>;
+    /// Queues kernel `kernel` (an index into [`super::KERNELS`]).
+    fn launch(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<(), String>;
+    fn gemm(&self, g: &GemmCall) -> Result<(), String>;
+    fn synchronize(&self) -> Result<(), String>;
+    /// Free and total memory, in bytes.
+    fn memory(&self) -> Option<(usize, usize)>;
+    /// The stream NCCL should queue on (none on the emulator).
+    fn stream(&self) -> Option<Arc<CudaStream>>;
+    /// The library versions, for meta.json.
+    fn versions(&self) -> String;
+}
+
+/// Typed device memory, freed on drop.
+pub struct DBuf<T> {
+    pub(super) ptr: u64,
+    pub(super) len: usize,
+    dev: Arc<dyn Device>,
+    _type: PhantomData<T>,
+}
+
+impl<T> DBuf<T> {
+    /// `len` zeroed elements (at least one: a zero-length allocation has no address).
+    pub fn zeroed(dev: &Arc<dyn Device>, len: usize) -> Result<DBuf<T>, String> {
+        let ptr = dev.alloc(len.max(1) * std::mem::size_of::<T>())?;
+        Ok(DBuf { ptr, len: len.max(1), dev: dev.clone(), _type: PhantomData })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T> Drop for DBuf<T> {
+    fn drop(&mut self) {
+        self.dev.free(self.ptr);
+    }
+}
+
+/// `x`'s bytes (f32, i32 and f64 have no padding).
+pub fn bytes<T: Copy>(x: &[T]) -> &[u8] {
+    // SAFETY: plain numbers, read as bytes within their own length.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+pub fn bytes_mut<T: Copy>(x: &mut [T]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f32, i32 or f64.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
+}
+
+/// A GPU: its context, one stream, cuBLAS on that stream, and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _module: Arc<CudaModule>,
+    /// In the order of [`super::KERNELS`].
+    funcs: Vec<CudaFunction>,
+}
+
+impl Gpu {
+    pub fn new(
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        blas: CudaBlas,
+        module: Arc<CudaModule>,
+        funcs: Vec<CudaFunction>,
+    ) -> Gpu {
+        Gpu { ctx, stream, blas, _module: module, funcs }
+    }
+
+    /// The context is current on this thread (the engine may run on another thread than the
+    /// one that opened the GPU).
+    fn bind(&self) -> Result<(), String> {
+        self.ctx.bind_to_thread().map_err(|e| format!("binding the GPU to this thread: {e}"))
+    }
+}
+
+impl Device for Gpu {
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        self.bind()?;
+        let s = self.stream.cu_stream();
+        // SAFETY: a fresh allocation of `bytes`, zeroed on the same stream before any use.
+        unsafe {
+            let p = result::malloc_async(s, bytes).map_err(|e| e.to_string())?;
+            result::memset_d8_async(p, 0, bytes, s).map_err(|e| e.to_string())?;
+            Ok(p)
+        }
+    }
+    fn free(&self, ptr: u64) {
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` came from `alloc` and is freed once, in stream order after its uses.
+            let _ = unsafe { result::free_async(ptr, self.stream.cu_stream()) };
+        }
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+        self.bind()?;
+        // SAFETY: `dst` covers `src.len()` bytes of a live allocation (the callers' views check
+        // the lengths). From pageable memory the copy is staged before the call returns.
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| e.to_string())
+    }
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+        self.bind()?;
+        // SAFETY: `src` covers `dst.len()` bytes; the stream is synchronised before `dst` is read.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .and_then(|()| self.stream.synchronize())
+            .map_err(|e| e.to_string())
+    }
+    fn launch(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<(), String> {
+        self.bind()?;
+        let mut slots = [0u64; 24];
+        let mut params = [std::ptr::null_mut::<c_void>(); 24];
+        for (slot, a) in slots.iter_mut().zip(args) {
+            *slot = a.bits();
+        }
+        for (p, slot) in params.iter_mut().zip(slots.iter_mut()) {
+            *p = slot as *mut u64 as *mut c_void;
+        }
+        // SAFETY: the arguments match the kernel's parameters (one 4- or 8-byte slot each, read
+        // little-endian; the emulator checks the types), and every pointer is a live allocation.
+        unsafe {
+            result::launch_kernel(
+                self.funcs[kernel].cu_function(),
+                (grid, 1, 1),
+                (block, 1, 1),
+                shared,
+                self.stream.cu_stream(),
+                &mut params[..args.len()],
+            )
+        }
+        .map_err(|e| e.to_string())
+    }
+    fn gemm(&self, g: &GemmCall) -> Result<(), String> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        self.bind()?;
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        let f32t = blas_sys::cudaDataType_t::CUDA_R_32F;
+        let compute = match g.dtype {
+            Dtype::Float32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Dtype::Bfloat16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Dtype::Float16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        };
+        // SAFETY: the caller bounds what cuBLAS reads and writes by the views' lengths; the
+        // pointers are live allocations used in stream order.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                op(g.b_transposed),
+                op(g.a_transposed),
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const c_void,
+                g.b as *const c_void,
+                f32t,
+                g.ldb as i32,
+                g.a as *const c_void,
+                f32t,
+                g.lda as i32,
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                f32t,
+                g.ldc as i32,
+                compute,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("{e:?}"))
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        self.bind()?;
+        self.stream.synchronize().map_err(|e| e.to_string())
+    }
+    fn memory(&self) -> Option<(usize, usize)> {
+        self.bind().ok()?;
+        result::mem_get_info().ok()
+    }
+    fn stream(&self) -> Option<Arc<CudaStream>> {
+        Some(self.stream.clone())
+    }
+    fn versions(&self) -> String {
+        format!(
+            "driver CUDA {}, NVRTC {}, cuBLAS {}",
+            versions::driver(),
+            versions::nvrtc(),
+            versions::cublas(&self.blas)
+        )
+    }
+}
+
+/// Library versions ("?" when a library does not say).
+mod versions {
+    fn dotted(v: i32) -> String {
+        // CUDA encodes 12.8 as 12080, cuBLAS 12.8.4 as 120804.
+        if v >= 100_000 {
+            format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100)
+        } else {
+            format!("{}.{}", v / 1000, v % 1000 / 10)
+        }
+    }
+
+    pub fn driver() -> String {
+        let mut v = 0;
+        // SAFETY: writes one int; the driver was loaded by the probe.
+        let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+        if ok { dotted(v) } else { "?".into() }
+    }
+
+    pub fn nvrtc() -> String {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints; NVRTC was loaded by the probe.
+        let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+        if ok { format!("{major}.{minor}") } else { "?".into() }
+    }
+
+    pub fn cublas(blas: &cudarc::cublas::CudaBlas) -> String {
+        let mut v = 0;
+        // SAFETY: writes one int through a live handle.
+        let ok = unsafe { cudarc::cublas::sys::cublasGetVersion_v2(*blas.handle(), &mut v) }
+            == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        if ok { dotted(v) } else { "?".into() }
+    }
+}

@@ -1,0 +1,227 @@
+//! The CUDA emulator: a [`Device`] whose kernels are `kernels.cu` compiled as C++ (`emu.cpp`,
+//! built by build.rs) and run on the CPU, one block at a time, each CUDA thread a coroutine.
+//! Device memory is host memory; cuBLAS is a plain loop over the same column-major arguments
+//! cuBLAS would get, with bf16/f16 inputs rounded as the tensor cores round them.
+//!
+//! It exists for tests: CI has no GPU, and with it every kernel, every launch shape and the
+//! cuBLAS argument mapping run against the CPU engine. `MINIMIND_CUDA_EMULATOR=1` makes
+//! `cuda:0` this device everywhere (selftest, run, bench). It is slow (a context switch per
+//! barrier per thread), so it suits the conformance suite and micro models.
+
+use std::ffi::{CStr, c_char, c_int};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::KERNELS;
+use super::device::{Arg, Device, GemmCall};
+use crate::config::Dtype;
+
+unsafe extern "C" {
+    fn minimind_emu_kernels() -> c_int;
+    fn minimind_emu_name(i: c_int) -> *const c_char;
+    fn minimind_emu_signature(i: c_int) -> *const c_char;
+    fn minimind_emu_launch(
+        i: c_int,
+        grid: u32,
+        threads: u32,
+        shared: u32,
+        args: *const u64,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+}
+
+/// The environment variable that turns `cuda:0` into the emulator.
+pub const ENV: &str = "MINIMIND_CUDA_EMULATOR";
+
+/// Whether `MINIMIND_CUDA_EMULATOR` asks for the emulator.
+pub fn wanted() -> bool {
+    std::env::var(ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Every kernel the emulator was built with: name and parameter types (`p` pointer, `i` int,
+/// `l` i64, `f` float, `d` double).
+pub fn table() -> Vec<(String, String)> {
+    // SAFETY: the table is static; indices are in range and the strings NUL-terminated.
+    unsafe {
+        (0..minimind_emu_kernels())
+            .map(|i| {
+                let name = CStr::from_ptr(minimind_emu_name(i)).to_string_lossy().into_owned();
+                let sig = CStr::from_ptr(minimind_emu_signature(i)).to_string_lossy().into_owned();
+                (name, sig)
+            })
+            .collect()
+    }
+}
+
+pub struct Emulator {
+    /// Per entry of [`KERNELS`]: the emulator's index and parameter types.
+    kernels: Vec<(c_int, String)>,
+    /// The C++ side keeps one block's state: one launch at a time.
+    lock: Mutex<()>,
+}
+
+impl Emulator {
+    pub fn new() -> Result<Emulator, String> {
+        let table = table();
+        let kernels = KERNELS
+            .iter()
+            .map(|&name| {
+                let i = table.iter().position(|(n, _)| n == name).ok_or_else(|| {
+                    format!("the CUDA emulator has no kernel {name} (add it to emu.cpp's table)")
+                })?;
+                Ok((i as c_int, table[i].1.clone()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Emulator { kernels, lock: Mutex::new(()) })
+    }
+}
+
+/// Rounds to the precision a tensor core reads (bf16/f16), or leaves f32 alone.
+fn rounder(dtype: Dtype) -> fn(f32) -> f32 {
+    match dtype {
+        Dtype::Float32 => |x| x,
+        Dtype::Bfloat16 => |x| half::bf16::from_f32(x).to_f32(),
+        Dtype::Float16 => |x| half::f16::from_f32(x).to_f32(),
+    }
+}
+
+impl Device for Emulator {
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        // SAFETY: calloc of a positive size; freed once in `free`.
+        let p = unsafe { libc::calloc(bytes.max(1), 1) };
+        if p.is_null() {
+            return Err(format!("the CUDA emulator could not allocate {bytes} bytes"));
+        }
+        Ok(p as u64)
+    }
+    fn free(&self, ptr: u64) {
+        // SAFETY: `ptr` came from `alloc` and is freed once.
+        unsafe { libc::free(ptr as *mut libc::c_void) }
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+        // SAFETY: `dst` covers `src.len()` bytes of an allocation (the views check lengths).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+        // SAFETY: as in `htod`, the other way.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn launch(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<(), String> {
+        let (index, signature) = &self.kernels[kernel];
+        let given: String = args.iter().map(|a| a.code()).collect();
+        if &given != signature {
+            return Err(format!(
+                "kernel {} takes ({signature}) but was given ({given}) (p pointer, i int, l i64, f float, d double)",
+                KERNELS[kernel]
+            ));
+        }
+        let mut slots = [0u64; 24];
+        for (slot, a) in slots.iter_mut().zip(args) {
+            *slot = a.bits();
+        }
+        let mut err = [0 as c_char; 256];
+        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the slots match the kernel's parameters (checked above); pointers are live
+        // allocations of this emulator.
+        let r = unsafe {
+            minimind_emu_launch(*index, grid, block, shared, slots.as_ptr(), err.as_mut_ptr(), err.len())
+        };
+        if r != 0 {
+            // SAFETY: the C side wrote a NUL-terminated message.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(format!("kernel {}: {msg}", KERNELS[kernel]));
+        }
+        Ok(())
+    }
+    fn gemm(&self, g: &GemmCall) -> Result<(), String> {
+        let GemmCall { b_transposed, a_transposed, n, m, k, b, ldb, a, lda, c, ldc, accumulate, dtype } = *g;
+        let round = rounder(dtype);
+        // Column-major: element (i, p) of op(b) [n, k] and (p, j) of op(a) [k, m].
+        let bv = |i: usize, p: usize| -> usize { if b_transposed { p + i * ldb } else { i + p * ldb } };
+        let av = |p: usize, j: usize| -> usize { if a_transposed { j + p * lda } else { p + j * lda } };
+        let b_len = 1 + bv(n - 1, k - 1).max(bv(n - 1, 0)).max(bv(0, k - 1));
+        let a_len = 1 + av(k - 1, m - 1).max(av(0, m - 1)).max(av(k - 1, 0));
+        // SAFETY: the caller's views bound these extents; the output does not overlap the
+        // inputs (the engine never multiplies in place).
+        let (bs, as_, cs) = unsafe {
+            (
+                std::slice::from_raw_parts(b as *const f32, b_len),
+                std::slice::from_raw_parts(a as *const f32, a_len),
+                std::slice::from_raw_parts_mut(c as *mut f32, ldc * (m - 1) + n),
+            )
+        };
+        // Copy op(b) to rows of k (one per output row i) and op(a) to rows of k (one per
+        // output column j), rounded, so each output is a contiguous dot product.
+        let brows: Vec<f32> =
+            (0..n).flat_map(|i| (0..k).map(move |p| (i, p))).map(|(i, p)| round(bs[bv(i, p)])).collect();
+        let arows: Vec<f32> =
+            (0..m).flat_map(|j| (0..k).map(move |p| (p, j))).map(|(p, j)| round(as_[av(p, j)])).collect();
+        cs.par_chunks_mut(ldc).take(m).zip(arows.par_chunks(k)).for_each(|(col, arow)| {
+            for (out, brow) in col.iter_mut().take(n).zip(brows.chunks(k)) {
+                let sum: f32 = brow.iter().zip(arow).map(|(x, y)| x * y).sum();
+                *out = if accumulate { *out + sum } else { sum };
+            }
+        });
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+    fn stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        None
+    }
+    fn versions(&self) -> String {
+        "no CUDA libraries: kernels.cu as C++ on the CPU".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emulator_has_every_kernel_and_no_other() {
+        let names: Vec<String> = table().into_iter().map(|(n, _)| n).collect();
+        let mut want: Vec<String> = KERNELS.iter().map(|s| s.to_string()).collect();
+        let mut have = names.clone();
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
+    }
+
+    #[test]
+    fn a_launch_with_the_wrong_argument_types_is_refused() {
+        let emu: Arc<dyn Device> = Arc::new(Emulator::new().unwrap());
+        let fill = KERNELS.iter().position(|&k| k == "fill_f32").unwrap();
+        // fill_f32(float*, float, i64): an int count is the bug a GPU would not report.
+        let err = emu.launch(fill, 1, 32, 0, &[Arg::Ptr(0), Arg::F32(1.0), Arg::I32(4)]).unwrap_err();
+        assert!(err.contains("takes (pfl) but was given (pfi)"), "{err}");
+    }
+
+    #[test]
+    fn a_block_reduction_gives_the_exact_sum_for_every_block_size() {
+        // Shuffles inside warps, then __syncthreads across them: the scheduler's two barriers.
+        let emu: Arc<dyn Device> = Arc::new(Emulator::new().unwrap());
+        let sum = KERNELS.iter().position(|&k| k == "sum_to_acc").unwrap();
+        let acc = emu.alloc(8).unwrap();
+        let x: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+        let xp = emu.alloc(400).unwrap();
+        emu.htod(xp, super::super::device::bytes(&x)).unwrap();
+        for threads in [32, 64, 1024] {
+            emu.launch(sum, 1, threads, 0, &[Arg::Ptr(acc), Arg::I32(0), Arg::Ptr(xp), Arg::I64(100)])
+                .unwrap();
+            let mut out = [0.0f64];
+            emu.dtoh(acc, super::super::device::bytes_mut(&mut out)).unwrap();
+            assert_eq!(out[0], 5050.0, "{threads} threads");
+        }
+        emu.free(acc);
+        emu.free(xp);
+    }
+}

@@ -15,5 +15,7 @@ fn main() {
         .opt_level(2)
         .flag_if_supported("-Wno-sign-compare")
         .flag_if_supported("-Wno-unknown-pragmas")
+        // The attention kernels share one parameter list; not every kernel reads every size.
+        .flag_if_supported("-Wno-unused-parameter")
         .compile("minimind_cuda_emu");
 }

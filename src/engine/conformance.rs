@@ -94,6 +94,8 @@ cases! {
     "rope (+ inverse, decode position)" => case_rope,
     "attention_forward" => case_attention_forward,
     "attention_backward" => case_attention_backward,
+    "attention, 3 tiles of rows (T 70, H 4, G 1)" => case_attention_tiles,
+    "attention, wide heads (D 160)" => case_attention_wide,
     "attention_decode" => case_attention_decode,
     "swiglu_forward" => case_swiglu_forward,
     "swiglu_backward" => case_swiglu_backward,
@@ -258,8 +260,7 @@ fn attn_shape() -> AttnShape {
     AttnShape::new(2, 13, 4, 2, 16).expect("a valid shape")
 }
 
-fn attention<K: Kernels>(k: &K, backward: bool) -> Vec<f32> {
-    let s = attn_shape();
+fn attention<K: Kernels>(k: &K, s: AttnShape, backward: bool) -> Vec<f32> {
     let (n, hd, gd) = (s.b * s.t, s.h * s.d, s.g * s.d);
     let q = up(k, &random(n * hd, 70, 1.0));
     let kk = up(k, &random(n * gd, 71, 1.0));
@@ -289,6 +290,7 @@ fn attention<K: Kernels>(k: &K, backward: bool) -> Vec<f32> {
         &saved,
         k.view_mut(&mut scratch, 0..sl),
         k.view(&dout, 0..n * hd),
+        k.view(&out, 0..n * hd),
         k.view(&q, 0..n * hd),
         k.view(&kk, 0..n * gd),
         k.view(&v, 0..n * gd),
@@ -298,11 +300,24 @@ fn attention<K: Kernels>(k: &K, backward: bool) -> Vec<f32> {
 }
 
 fn case_attention_forward<K: Kernels>(k: &K) -> Vec<f32> {
-    attention(k, false)
+    attention(k, attn_shape(), false)
 }
 
 fn case_attention_backward<K: Kernels>(k: &K) -> Vec<f32> {
-    attention(k, true)
+    attention(k, attn_shape(), true)
+}
+
+/// Longer than one tile of the GPU's tiled kernels (32 rows), with a ragged last tile, and
+/// four query heads on one key/value head.
+fn case_attention_tiles<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(1, 70, 4, 1, 24).expect("a valid shape");
+    [attention(k, s, false), attention(k, s, true)].concat()
+}
+
+/// Heads wider than the GPU's tiled kernels take (128).
+fn case_attention_wide<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(1, 9, 2, 1, 160).expect("a valid shape");
+    [attention(k, s, false), attention(k, s, true)].concat()
 }
 
 fn case_attention_decode<K: Kernels>(k: &K) -> Vec<f32> {
@@ -567,7 +582,7 @@ mod tests {
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (s, r) = (Cpu::new(), Cpu::new());
         let checks = kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0);
-        assert_eq!(checks.len(), 22);
+        assert_eq!(checks.len(), 24);
         for c in &checks {
             assert!(c.passed(), "{}: {:e}", c.name, c.worst);
         }
@@ -585,7 +600,7 @@ mod tests {
             x[0] += 1.0;
             out.push(Check { name: name.into(), worst: rel(&x, &y), tolerance: 1e-6 });
         });
-        assert_eq!(calls, 22);
+        assert_eq!(calls, 24);
         assert!(out.iter().all(|c| !c.passed()), "every perturbed output fails");
     }
 }

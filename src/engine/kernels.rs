@@ -285,7 +285,8 @@ pub trait Kernels: Sync {
         v: Self::V<'_>,
         s: AttnShape,
     );
-    /// Gradients of the above; `dq`/`dk`/`dv` are overwritten.
+    /// Gradients of the above; `dq`/`dk`/`dv` are overwritten. `out` is the forward's output
+    /// (a fused backward takes `rowsum(dout * out)` from it).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -295,6 +296,7 @@ pub trait Kernels: Sync {
         saved: &Self::Attn,
         scratch: Self::M<'_>,
         dout: Self::V<'_>,
+        out: Self::V<'_>,
         q: Self::V<'_>,
         k: Self::V<'_>,
         v: Self::V<'_>,

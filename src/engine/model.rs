@@ -843,6 +843,7 @@ impl<K: Kernels> Model<'_, K> {
                 &a.attn,
                 ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
                 ops.view(&ws.datt, 0..n * hd),
+                ops.view(&a.att, 0..n * hd),
                 ops.view(&a.q, 0..n * hd),
                 ops.view(&a.k, 0..n * gd),
                 ops.view(&a.v, 0..n * gd),

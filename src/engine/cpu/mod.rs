@@ -551,6 +551,7 @@ impl Kernels for Cpu {
         saved: &Option<Vec<f32>>,
         scratch: &mut [f32],
         dout: &[f32],
+        _out: &[f32],
         q: &[f32],
         k: &[f32],
         v: &[f32],

@@ -192,11 +192,20 @@ impl Device for Gpu {
         for (p, slot) in params.iter_mut().zip(slots.iter_mut()) {
             *p = slot as *mut u64 as *mut c_void;
         }
+        let f = self.funcs[kernel].cu_function();
+        if shared > 48 * 1024 {
+            // Above 48 KB of dynamic shared memory a kernel must opt in (sm_80 and later allow
+            // up to 163 KB; the tiled attention asks for at most 68 KB).
+            use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX;
+            // SAFETY: a live function of this context.
+            unsafe { result::function::set_function_attribute(f, MAX, shared as i32) }
+                .map_err(|e| format!("{shared} bytes of shared memory: {e}"))?;
+        }
         // SAFETY: the arguments match the kernel's parameters (one 4- or 8-byte slot each, read
         // little-endian; the emulator checks the types), and every pointer is a live allocation.
         unsafe {
             result::launch_kernel(
-                self.funcs[kernel].cu_function(),
+                f,
                 (grid, 1, 1),
                 (block, 1, 1),
                 shared,

@@ -284,6 +284,7 @@ static const char* signature(void (*)(A...)) {
 #define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(emu::block.dynamic_shared.data())
 
 static inline void __syncthreads() { emu::wait(emu::AT_BLOCK); }
+static inline void __syncwarp(unsigned = 0xffffffff) { emu::wait(emu::AT_WARP); }
 
 template <typename T>
 static inline T __shfl_down_sync(unsigned, T v, int delta) {
@@ -340,6 +341,10 @@ const Kernel KERNEL_TABLE[] = {
     K(attention_forward),
     K(attention_backward_dq),
     K(attention_backward_dkv),
+    K(attention_forward_tiled),
+    K(attention_delta),
+    K(attention_backward_dq_tiled),
+    K(attention_backward_dkv_tiled),
     K(attention_decode),
     K(swiglu_forward),
     K(swiglu_backward),

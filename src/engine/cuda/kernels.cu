@@ -165,9 +165,10 @@ extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Causal GQA attention, flash style: the [T, T] scores never exist. Forward: one warp per
-// (batch, head, query row), online softmax over the keys 0..=row, writing the output and the
-// row's log-sum-exp. q/out [B*T, H*D], k/v [B*T, G*D], lse [B*H*T]. D <= 256.
+// Causal GQA attention, flash style: the [T, T] scores never exist. q/out [B*T, H*D], k/v
+// [B*T, G*D], lse [B*H*T]. The tiled kernels below serve D <= 128 (MiniMind's heads are 64);
+// these, one warp per row, serve D up to 256. Forward: one warp per (batch, head, query row),
+// online softmax over the keys 0..=row, writing the output and the row's log-sum-exp.
 
 #define MAX_D 256
 
@@ -323,6 +324,292 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
     for (int e = 0; e < per; e++) {
         int j = lane + 32 * e;
         if (j < d) { dk[koff + j] = dka[e]; dv[koff + j] = dva[e]; }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiled causal attention (FlashAttention-2's loop order, f32 on the CUDA cores), for D <= 128.
+// A block of 4 warps takes TILE = 32 rows: query rows in the forward and dq kernels, key rows
+// in dkv. It walks the other side in tiles of 32 rows staged in shared memory, so each key or
+// query row is read from global memory once per tile instead of once per row. Lane j of a warp
+// owns column j of the 32x32 score tile; the row's probabilities pass through shared memory to
+// the lanes that own the head dimensions. Rows are padded to D + 1 floats so the lanes reading
+// down a column of a tile hit different banks. Nothing is accumulated with atomics: every
+// output element is summed by one thread in a fixed order.
+
+#define TILE 32
+#define TILE_WARPS 4
+#define TILE_ROWS (TILE / TILE_WARPS)
+#define TILED_MAX_D 128
+
+__device__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Copies rows first..first+TILE of a [B*T, width] matrix (this sequence's, head offset `col`)
+// into a [TILE, ld] tile; rows past the sequence become zeros.
+__device__ void load_tile(float* tile, int ld, const float* x, i64 base_row, int first, int t, int width, int col, int d) {
+    for (int e = threadIdx.x; e < TILE * d; e += blockDim.x) {
+        int r = e / d, j = e % d;
+        tile[r * ld + j] = first + r < t ? x[(base_row + first + r) * width + col + j] : 0.0f;
+    }
+}
+
+// Forward: out [B*T, H*D] and lse [B*H*T] for one (batch, head, tile of query rows) per block.
+extern "C" __global__ void attention_forward_tiled(float* out, float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    DYNAMIC_SHARED(float, smem);
+    int ld = d + 1;
+    float* qs = smem;
+    float* ks = qs + TILE * ld;
+    float* vs = ks + TILE * ld;
+    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE]
+    int tiles = (t + TILE - 1) / TILE;
+    int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
+    int hi = bh % h, bi = bh / h, gi = hi / (h / g);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    float scale = rsqrtf((float)d);
+    i64 base = (i64)bi * t;
+    load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
+    float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][TILED_MAX_D / 32];
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        m[rr] = -INF;
+        l[rr] = 0.0f;
+        for (int e = 0; e < TILED_MAX_D / 32; e++) acc[rr][e] = 0.0f;
+    }
+    int last = min(q0 + TILE, t) - 1;
+    for (int k0 = 0; k0 <= last; k0 += TILE) {
+        __syncthreads();  // the previous tile is no longer read
+        load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
+        load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
+        __syncthreads();
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) {
+            int r = warp * TILE_ROWS + rr, row = q0 + r;
+            if (row >= t || k0 > row) continue;  // the same for the whole warp
+            int col = k0 + lane;
+            float s = -INF;
+            if (col <= row) {
+                float dot = 0.0f;
+                for (int j = 0; j < d; j++) dot += qs[r * ld + j] * ks[lane * ld + j];
+                s = dot * scale;
+            }
+            float mn = fmaxf(m[rr], warp_max(s));  // finite: key k0 <= row is in this tile
+            float p = col <= row ? __expf(s - mn) : 0.0f;
+            float corr = __expf(m[rr] - mn);
+            l[rr] = l[rr] * corr + warp_sum(p);
+            m[rr] = mn;
+            ps[warp * TILE + lane] = p;
+            __syncwarp();
+            #pragma unroll
+            for (int e = 0; e < TILED_MAX_D / 32; e++) {
+                int j = lane + 32 * e;
+                if (e >= per) break;
+                float a = acc[rr][e] * corr;
+                if (j < d)
+                    for (int c = 0; c < TILE; c++) a += ps[warp * TILE + c] * vs[c * ld + j];
+                acc[rr][e] = a;
+            }
+            __syncwarp();  // the probabilities are read before the next row writes them
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        int row = q0 + warp * TILE_ROWS + rr;
+        if (row >= t) continue;
+        float* orow = out + (base + row) * hd + hi * d;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) orow[j] = acc[rr][e] / l[rr];
+        }
+        if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m[rr] + logf(l[rr]);
+    }
+}
+
+// Backward, step 1: delta = rowsum(dO * O) per (batch, head, row), one warp per row.
+extern "C" __global__ void attention_delta(float* delta, const float* dout, const float* out, int b, int t, int h, int d) {
+    int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (w >= b * h * t) return;
+    int row = w % t, hi = (w / t) % h, bi = w / (t * h);
+    i64 off = ((i64)bi * t + row) * h * d + hi * d;
+    float s = 0.0f;
+    for (int j = lane; j < d; j += 32) s += dout[off + j] * out[off + j];
+    s = warp_sum(s);
+    if (lane == 0) delta[((i64)bi * h + hi) * t + row] = s;
+}
+
+// Backward, step 2: dq for one (batch, head, tile of query rows) per block.
+// dS = P (dP - delta), dq = scale dS K, with P recomputed from the saved log-sum-exp.
+extern "C" __global__ void attention_backward_dq_tiled(float* dq, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    DYNAMIC_SHARED(float, smem);
+    int ld = d + 1;
+    float* qs = smem;
+    float* dos = qs + TILE * ld;
+    float* ks = dos + TILE * ld;
+    float* vs = ks + TILE * ld;
+    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE]: dS of the row being processed
+    int tiles = (t + TILE - 1) / TILE;
+    int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
+    int hi = bh % h, bi = bh / h, gi = hi / (h / g);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    float scale = rsqrtf((float)d);
+    i64 base = (i64)bi * t;
+    load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
+    load_tile(dos, ld, dout, base, q0, t, hd, hi * d, d);
+    float acc[TILE_ROWS][TILED_MAX_D / 32], L[TILE_ROWS], dlt[TILE_ROWS];
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        int row = q0 + warp * TILE_ROWS + rr;
+        i64 li = ((i64)bi * h + hi) * t + row;
+        L[rr] = row < t ? lse[li] : 0.0f;
+        dlt[rr] = row < t ? delta[li] : 0.0f;
+        for (int e = 0; e < TILED_MAX_D / 32; e++) acc[rr][e] = 0.0f;
+    }
+    int last = min(q0 + TILE, t) - 1;
+    for (int k0 = 0; k0 <= last; k0 += TILE) {
+        __syncthreads();
+        load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
+        load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
+        __syncthreads();
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) {
+            int r = warp * TILE_ROWS + rr, row = q0 + r;
+            if (row >= t || k0 > row) continue;
+            int col = k0 + lane;
+            float ds = 0.0f;
+            if (col <= row) {
+                float qk = 0.0f, dp = 0.0f;
+                for (int j = 0; j < d; j++) {
+                    qk += qs[r * ld + j] * ks[lane * ld + j];
+                    dp += dos[r * ld + j] * vs[lane * ld + j];
+                }
+                float p = __expf(qk * scale - L[rr]);
+                ds = p * (dp - dlt[rr]);
+            }
+            ps[warp * TILE + lane] = ds;
+            __syncwarp();
+            #pragma unroll
+            for (int e = 0; e < TILED_MAX_D / 32; e++) {
+                int j = lane + 32 * e;
+                if (e >= per) break;
+                if (j < d) {
+                    float a = 0.0f;
+                    for (int c = 0; c < TILE; c++) a += ps[warp * TILE + c] * ks[c * ld + j];
+                    acc[rr][e] += scale * a;
+                }
+            }
+            __syncwarp();
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        int row = q0 + warp * TILE_ROWS + rr;
+        if (row >= t) continue;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) dq[(base + row) * hd + hi * d + j] = acc[rr][e];
+        }
+    }
+}
+
+// Backward, step 3: dk and dv for one (batch, kv head, tile of key rows) per block, summed
+// over the group's query heads and the query rows at or after each key, in that order.
+// Lane i owns query row i of the staged query tile.
+extern "C" __global__ void attention_backward_dkv_tiled(float* dk, float* dv, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+    DYNAMIC_SHARED(float, smem);
+    int ld = d + 1;
+    float* qs = smem;
+    float* dos = qs + TILE * ld;
+    float* ks = dos + TILE * ld;
+    float* vs = ks + TILE * ld;
+    float* ps = vs + TILE * ld;      // [TILE_WARPS][TILE]: P of the key row being processed
+    float* dss = ps + TILE_WARPS * TILE;  // [TILE_WARPS][TILE]: its dS
+    float* ls = dss + TILE_WARPS * TILE;  // [TILE]: lse of the staged query rows
+    float* dl = ls + TILE;                // [TILE]: their delta
+    int tiles = (t + TILE - 1) / TILE;
+    int k0 = (blockIdx.x % tiles) * TILE, bg = blockIdx.x / tiles;
+    int gi = bg % g, bi = bg / g, per_group = h / g;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    float scale = rsqrtf((float)d);
+    i64 base = (i64)bi * t;
+    load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
+    load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
+    float dka[TILE_ROWS][TILED_MAX_D / 32], dva[TILE_ROWS][TILED_MAX_D / 32];
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++)
+        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+            dka[rr][e] = 0.0f;
+            dva[rr][e] = 0.0f;
+        }
+    for (int hh = 0; hh < per_group; hh++) {
+        int hi = gi * per_group + hh;
+        for (int q0 = k0; q0 < t; q0 += TILE) {
+            __syncthreads();
+            load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
+            load_tile(dos, ld, dout, base, q0, t, hd, hi * d, d);
+            for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+                i64 li = ((i64)bi * h + hi) * t + q0 + i;
+                ls[i] = q0 + i < t ? lse[li] : 0.0f;
+                dl[i] = q0 + i < t ? delta[li] : 0.0f;
+            }
+            __syncthreads();
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; rr++) {
+                int c = warp * TILE_ROWS + rr, key = k0 + c;
+                if (key >= t) continue;  // the same for the whole warp
+                int row = q0 + lane;
+                float p = 0.0f, ds = 0.0f;
+                if (row < t && row >= key) {
+                    float qk = 0.0f, dp = 0.0f;
+                    for (int j = 0; j < d; j++) {
+                        qk += qs[lane * ld + j] * ks[c * ld + j];
+                        dp += dos[lane * ld + j] * vs[c * ld + j];
+                    }
+                    p = __expf(qk * scale - ls[lane]);
+                    ds = p * (dp - dl[lane]);
+                }
+                ps[warp * TILE + lane] = p;
+                dss[warp * TILE + lane] = ds;
+                __syncwarp();
+            #pragma unroll
+            for (int e = 0; e < TILED_MAX_D / 32; e++) {
+                    int j = lane + 32 * e;
+                    if (e >= per) break;
+                    if (j < d) {
+                        float a = 0.0f, bsum = 0.0f;
+                        for (int i = 0; i < TILE; i++) {
+                            a += dss[warp * TILE + i] * qs[i * ld + j];
+                            bsum += ps[warp * TILE + i] * dos[i * ld + j];
+                        }
+                        dka[rr][e] += scale * a;
+                        dva[rr][e] += bsum;
+                    }
+                }
+                __syncwarp();
+            }
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        int key = k0 + warp * TILE_ROWS + rr;
+        if (key >= t) continue;
+        for (int e = 0; e < per; e++) {
+            int j = lane + 32 * e;
+            if (j < d) {
+                dk[(base + key) * gd + gi * d + j] = dka[rr][e];
+                dv[(base + key) * gd + gi * d + j] = dva[rr][e];
+            }
+        }
     }
 }
 

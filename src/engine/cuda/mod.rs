@@ -46,6 +46,10 @@ pub const KERNELS: &[&str] = &[
     "attention_forward",
     "attention_backward_dq",
     "attention_backward_dkv",
+    "attention_forward_tiled",
+    "attention_delta",
+    "attention_backward_dq_tiled",
+    "attention_backward_dkv_tiled",
     "attention_decode",
     "swiglu_forward",
     "swiglu_backward",
@@ -90,6 +94,29 @@ pub fn compile(arch: &str) -> Result<String> {
 const THREADS: u32 = 256;
 /// Blocks of the grid-stride reductions (their partial sums are added in order).
 const REDUCE_BLOCKS: u32 = 512;
+/// The tiled attention kernels: blocks of 4 warps over tiles of 32 rows, for heads up to 128
+/// wide (wider ones take the one-warp-per-row kernels). Must match `kernels.cu`.
+const TILE: usize = 32;
+const TILE_WARPS: usize = 4;
+const TILE_THREADS: u32 = 32 * TILE_WARPS as u32;
+const TILED_MAX_D: usize = 128;
+
+/// Blocks of a tiled attention kernel: one per tile of 32 rows of each (sequence, head).
+fn tile_grid(s: AttnShape, heads: usize) -> u32 {
+    u32::try_from(s.b * heads * s.t.div_ceil(TILE)).expect("a grid that fits CUDA's limit")
+}
+
+/// Dynamic shared memory of a tiled attention kernel: `tiles` [32, D + 1] tiles (rows padded
+/// by one float against bank conflicts) and `rows` buffers of 32 floats.
+fn tile_shared(d: usize, tiles: usize, rows: usize) -> u32 {
+    (4 * (tiles * TILE * (d + 1) + rows * TILE)) as u32
+}
+
+/// Blocks of the one-warp-per-row kernels over `rows` rows.
+fn row_grid(rows: usize) -> u32 {
+    (rows * 32).div_ceil(THREADS as usize) as u32
+}
+
 /// Row groups of RMSNorm's weight gradient (partial sums added in order).
 const DW_PARTS: usize = 256;
 
@@ -597,26 +624,26 @@ impl Kernels for Cuda {
         s: AttnShape,
     ) {
         assert!(s.d <= 256, "head_dim {} is above the CUDA attention's 256", s.d);
-        let warps = s.b * s.h * s.t;
+        let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let lse = self.ptr(saved);
-        self.launch(
-            "attention_forward",
-            (warps * 32).div_ceil(THREADS as usize) as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(lse),
-                Arg::Ptr(q.ptr),
-                Arg::Ptr(k.ptr),
-                Arg::Ptr(v.ptr),
-                i32_of(s.b),
-                i32_of(s.t),
-                i32_of(s.h),
-                i32_of(s.g),
-                i32_of(s.d),
-            ],
-        );
+        let args = [
+            Arg::Ptr(out.ptr),
+            Arg::Ptr(lse),
+            Arg::Ptr(q.ptr),
+            Arg::Ptr(k.ptr),
+            Arg::Ptr(v.ptr),
+            b,
+            t,
+            h,
+            g,
+            d,
+        ];
+        if s.d <= TILED_MAX_D {
+            let shared = tile_shared(s.d, 3, TILE_WARPS);
+            self.launch("attention_forward_tiled", tile_grid(s, s.h), TILE_THREADS, shared, &args);
+        } else {
+            self.launch("attention_forward", row_grid(s.b * s.h * s.t), THREADS, 0, &args);
+        }
     }
 
     fn attention_backward(
@@ -627,58 +654,36 @@ impl Kernels for Cuda {
         saved: &DBuf<f32>,
         scratch: DViewMut<'_>,
         dout: DView<'_>,
+        out: DView<'_>,
         q: DView<'_>,
         k: DView<'_>,
         v: DView<'_>,
         s: AttnShape,
     ) {
-        let lse = self.ptr(saved);
         let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
-        let rows = s.b * s.h * s.t;
-        let args = [
-            Arg::Ptr(dq.ptr),
-            Arg::Ptr(scratch.ptr),
-            Arg::Ptr(dout.ptr),
-            Arg::Ptr(lse),
-            Arg::Ptr(q.ptr),
-            Arg::Ptr(k.ptr),
-            Arg::Ptr(v.ptr),
-            b,
-            t,
-            h,
-            g,
-            d,
-        ];
+        let (lse, delta) = (Arg::Ptr(self.ptr(saved)), Arg::Ptr(scratch.ptr));
+        let (dout_p, q_p, k_p, v_p) = (Arg::Ptr(dout.ptr), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr));
+        let dq_args = [Arg::Ptr(dq.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
+        let dkv_args = [Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
+        if s.d > TILED_MAX_D {
+            // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
+            self.launch("attention_backward_dq", row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
+            self.launch("attention_backward_dkv", row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
+            return;
+        }
+        // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows.
         self.launch(
-            "attention_backward_dq",
-            (rows * 32).div_ceil(THREADS as usize) as u32,
+            "attention_delta",
+            row_grid(s.b * s.h * s.t),
             THREADS,
             0,
-            &args,
+            &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
         );
-        let kv_rows = s.b * s.g * s.t;
-        let args = [
-            Arg::Ptr(dk.ptr),
-            Arg::Ptr(dv.ptr),
-            Arg::Ptr(scratch.ptr),
-            Arg::Ptr(dout.ptr),
-            Arg::Ptr(lse),
-            Arg::Ptr(q.ptr),
-            Arg::Ptr(k.ptr),
-            Arg::Ptr(v.ptr),
-            b,
-            t,
-            h,
-            g,
-            d,
-        ];
-        self.launch(
-            "attention_backward_dkv",
-            (kv_rows * 32).div_ceil(THREADS as usize) as u32,
-            THREADS,
-            0,
-            &args,
-        );
+        let dq_shared = tile_shared(s.d, 4, TILE_WARPS);
+        self.launch("attention_backward_dq_tiled", tile_grid(s, s.h), TILE_THREADS, dq_shared, &dq_args);
+        // Two [warps, 32] row buffers (P and dS) and lse and delta of the staged query rows.
+        let dkv_shared = tile_shared(s.d, 4, 2 * TILE_WARPS + 2);
+        self.launch("attention_backward_dkv_tiled", tile_grid(s, s.g), TILE_THREADS, dkv_shared, &dkv_args);
     }
 
     fn attention_decode(

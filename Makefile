@@ -18,13 +18,14 @@ sweep: build
 	$(BIN) run $(SWEEP) -j 2
 
 # The CPU suite; the `mpi` build's (the same tests, plus two MPI ranks on this machine: needs
-# Open MPI and libclang, see README); then the `cuda` feature: its build, its kernels compiled
-# with NVRTC (found on LD_LIBRARY_PATH; .ci/run installs it) and the CLI's behaviour without a GPU.
+# Open MPI and libclang, see README); then the `cuda` feature: its kernels compiled with NVRTC
+# (found on LD_LIBRARY_PATH; .ci/run installs it), and the CUDA engine run on the emulator
+# (kernels.cu as C++ on the CPU): selftest, training, resume, half precision, two ranks.
 test:
 	$(CARGO) test
 	$(CARGO) test --features mpi
 	$(CARGO) test --features cuda --lib cuda
-	$(CARGO) test --features cuda --test cli cuda
+	$(CARGO) test --features cuda,mpi --test cli cuda
 
 bench: build
 	$(BIN) bench $(EXP)

@@ -17,8 +17,9 @@ pub fn probe() -> Result<Gpus, String> {
 #[cfg(feature = "cuda")]
 pub fn probe() -> Result<Gpus, String> {
     use cudarc::driver::result;
-    if super::cuda::emu::wanted() {
-        return Ok(Gpus { names: vec!["CUDA emulator".into()] });
+    let emulated = super::cuda::emu::wanted();
+    if emulated > 0 {
+        return Ok(Gpus { names: (0..emulated).map(|i| format!("CUDA emulator {i}")).collect() });
     }
     // SAFETY: only tries to dlopen the libraries.
     let (driver, cublas, nvrtc) = unsafe {

@@ -172,9 +172,21 @@ fn rank_placement(p: &Placement, world: &World) -> Result<Placement> {
     if world.size() == 1 {
         return Ok(p.clone());
     }
-    let gpus = crate::engine::gpu::probe().map_err(|e| anyhow::anyhow!(e))?.names.len();
-    let device = rank_gpu(world.local_rank, world.local_size, gpus).map_err(|e| anyhow::anyhow!(e))?;
-    Ok(Placement { device, ..p.clone() })
+    let gpus = crate::engine::gpu::probe().map_err(|e| anyhow::anyhow!(e))?.names;
+    let device = rank_gpu(world.local_rank, world.local_size, gpus.len()).map_err(|e| anyhow::anyhow!(e))?;
+    // The placement's note named the first GPU; this rank's is its own.
+    let mut notes: Vec<String> =
+        p.notes.iter().filter(|n| !n.starts_with("train.device =")).cloned().collect();
+    notes.insert(
+        0,
+        format!(
+            "rank {} of {}: training on {device} ({})",
+            world.rank(),
+            world.size(),
+            gpus[world.local_rank]
+        ),
+    );
+    Ok(Placement { device, notes, ..p.clone() })
 }
 
 /// The GPU of rank `local_rank` among `local_size` ranks on a host with `gpus` GPUs: its own,

@@ -8,26 +8,29 @@ use std::process::Command;
 
 use super::*;
 
-fn emulated(mut cmd: Command) -> Command {
-    cmd.env("MINIMIND_CUDA_EMULATOR", "1");
+fn emulated(cmd: Command) -> Command {
+    emulating(cmd, 1)
+}
+
+/// `gpus` emulated GPUs.
+fn emulating(mut cmd: Command, gpus: usize) -> Command {
+    cmd.env("MINIMIND_CUDA_EMULATOR", gpus.to_string());
     cmd
 }
 
-/// A run of the micro model in a fresh folder under `s`; returns the run folder.
-fn train(s: &Scratch, sub: &str, on_cuda: bool, args: &[&str]) -> std::path::PathBuf {
+/// A folder under `s` with the micro model's experiment file and its data.
+fn folder(s: &Scratch, sub: &str) -> std::path::PathBuf {
     let dir = s.path().join(sub);
     fs::create_dir_all(&dir).unwrap();
     for f in ["tok.json", "data.jsonl"] {
         fs::copy(s.path().join(f), dir.join(f)).unwrap();
     }
     fs::write(dir.join("micro.toml"), MICRO).unwrap();
-    let mut cmd = minimind(&dir);
-    cmd.args(["run", "micro.toml", "--quiet", "--set", "train.max_steps=6"]).args(args);
-    if on_cuda {
-        cmd = emulated(cmd);
-        cmd.args(["--set", "train.device=cuda"]);
-    }
-    expect(&mut cmd, 0);
+    dir
+}
+
+/// The one run folder under `dir`.
+fn the_run(dir: &std::path::Path) -> std::path::PathBuf {
     let runs: Vec<_> = fs::read_dir(dir.join("runs"))
         .unwrap()
         .flatten()
@@ -36,6 +39,19 @@ fn train(s: &Scratch, sub: &str, on_cuda: bool, args: &[&str]) -> std::path::Pat
         .collect();
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()
+}
+
+/// A run of the micro model in a fresh folder under `s`; returns the run folder.
+fn train(s: &Scratch, sub: &str, on_cuda: bool, args: &[&str]) -> std::path::PathBuf {
+    let dir = folder(s, sub);
+    let mut cmd = minimind(&dir);
+    cmd.args(["run", "micro.toml", "--quiet", "--set", "train.max_steps=6"]).args(args);
+    if on_cuda {
+        cmd = emulated(cmd);
+        cmd.args(["--set", "train.device=cuda"]);
+    }
+    expect(&mut cmd, 0);
+    the_run(&dir)
 }
 
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -85,22 +101,12 @@ fn cuda_emulated_training_follows_the_cpu() {
 fn cuda_emulated_resume_is_bit_identical() {
     let s = Scratch::new();
     let straight = train(&s, "straight", true, &[]);
-    let dir = s.path().join("stopped");
-    fs::create_dir_all(&dir).unwrap();
-    for f in ["tok.json", "data.jsonl"] {
-        fs::copy(s.path().join(f), dir.join(f)).unwrap();
-    }
-    fs::write(dir.join("micro.toml"), MICRO).unwrap();
+    let dir = folder(&s, "stopped");
     let mut cmd = emulated(minimind(&dir));
     cmd.args(["run", "micro.toml", "--quiet", "--set", "train.max_steps=6", "--set", "train.device=cuda"]);
     cmd.args(["--stop-after", "3"]);
     expect(&mut cmd, 130);
-    let run = fs::read_dir(dir.join("runs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .unwrap();
+    let run = the_run(&dir);
     let mut cmd = emulated(minimind(&dir));
     cmd.arg("resume").arg(&run).arg("--quiet");
     expect(&mut cmd, 0);
@@ -120,4 +126,41 @@ fn cuda_emulated_half_precision_trains_near_float32() {
         assert_eq!(meta(&run)["dtype"]["effective"], dtype);
         close(&metric(&run, "loss"), &metric(&cpu, "loss"), 2e-2, dtype);
     }
+}
+
+/// Two ranks, each on an emulated GPU of its own (`cuda:<local rank>`), sum their gradients
+/// through MPI (the emulator has no NCCL, so the host communicator stages the device buffers)
+/// and equal one process accumulating both micro-batches, bit for bit.
+#[cfg(feature = "mpi")]
+#[test]
+fn cuda_emulated_two_ranks_equal_one_process_accumulating_two() {
+    let s = Scratch::new();
+    let one = train(&s, "one", true, &[]);
+    let dir = folder(&s, "two");
+    let mut cmd = emulating(minimind(&dir), 2);
+    cmd.args(["run", "micro.toml", "--quiet", "--nproc", "2", "--set", "train.max_steps=6"]);
+    cmd.args(["--set", "train.device=cuda", "--set", "train.accumulation_steps=1"]);
+    let o = expect(&mut cmd, 0);
+    let two = the_run(&dir);
+    assert_eq!(meta(&two)["world"]["size"], 2, "{}", stdout(&o));
+    assert_eq!(metric_rows(&two), metric_rows(&one));
+    let weights = |r: &std::path::Path| fs::read(r.join("model/model.safetensors")).unwrap();
+    assert!(weights(&two) == weights(&one), "exported weights differ");
+    let log = fs::read_to_string(two.join("rank-1.log")).unwrap();
+    assert!(log.contains("rank 1 of 2: training on cuda:1 (CUDA emulator 1)"), "{log}");
+    assert!(!log.contains("cuda:0"), "{log}");
+}
+
+/// More ranks on a host than it has GPUs: one clear line, exit 2, no run folder.
+#[cfg(feature = "mpi")]
+#[test]
+fn cuda_emulated_more_ranks_than_gpus_is_refused() {
+    let s = Scratch::new();
+    let dir = folder(&s, "over");
+    let mut cmd = emulating(minimind(&dir), 1);
+    cmd.args(["run", "micro.toml", "--quiet", "--nproc", "2", "--set", "train.device=cuda"]);
+    let o = expect(&mut cmd, 2);
+    let err = stderr(&o);
+    assert!(err.contains("2 ranks on this host but 1 GPU(s)"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

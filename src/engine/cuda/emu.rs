@@ -5,7 +5,7 @@
 //!
 //! It exists for tests: CI has no GPU, and with it every kernel, every launch shape and the
 //! cuBLAS argument mapping run against the CPU engine. `MINIMIND_CUDA_EMULATOR=1` makes
-//! `cuda:0` this device everywhere (selftest, run, bench). It is slow (a context switch per
+//! `cuda:0` this device everywhere (selftest, run, bench); `=2` gives two of them. It is slow (a context switch per
 //! barrier per thread), so it suits the conformance suite and micro models.
 
 use std::ffi::{CStr, c_char, c_int};
@@ -32,12 +32,21 @@ unsafe extern "C" {
     ) -> c_int;
 }
 
-/// The environment variable that turns `cuda:0` into the emulator.
+/// The environment variable that turns the GPUs into emulators: `1` (or any value but a
+/// number) one of them, `N` as many (data-parallel tests give each rank its own).
 pub const ENV: &str = "MINIMIND_CUDA_EMULATOR";
 
-/// Whether `MINIMIND_CUDA_EMULATOR` asks for the emulator.
-pub fn wanted() -> bool {
-    std::env::var(ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+/// How many emulated GPUs `MINIMIND_CUDA_EMULATOR` asks for (none when unset, empty or 0).
+pub fn wanted() -> usize {
+    gpus_of(std::env::var(ENV).ok().as_deref())
+}
+
+/// The emulated GPUs a value of `MINIMIND_CUDA_EMULATOR` asks for. Pure.
+fn gpus_of(value: Option<&str>) -> usize {
+    match value.map(str::trim) {
+        None | Some("") | Some("0") => 0,
+        Some(v) => v.parse::<usize>().unwrap_or(1).max(1),
+    }
 }
 
 /// Every kernel the emulator was built with: name and parameter types (`p` pointer, `i` int,
@@ -185,6 +194,15 @@ impl Device for Emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emulated_gpus_table() {
+        for (value, gpus) in
+            [(None, 0), (Some(""), 0), (Some("0"), 0), (Some("1"), 1), (Some("yes"), 1), (Some(" 2"), 2)]
+        {
+            assert_eq!(gpus_of(value), gpus, "{value:?}");
+        }
+    }
 
     #[test]
     fn the_emulator_has_every_kernel_and_no_other() {

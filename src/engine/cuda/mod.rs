@@ -203,7 +203,7 @@ impl Cuda {
         if ordinal >= gpus.names.len() {
             bail!("cuda:{ordinal}: this machine has {} GPU(s)", gpus.names.len());
         }
-        if emu::wanted() {
+        if emu::wanted() > 0 {
             return Cuda::emulated(dtype);
         }
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening cuda:{ordinal}"))?;

@@ -64,7 +64,7 @@ impl Task for Bench<'_> {
         let step = |engine: &mut Engine<K>| {
             engine.begin_step();
             for _ in 0..accum {
-                engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum);
+                engine.accumulate(&ids, &targets, 1.0 / accum as f32, accum, None);
             }
             engine.update(lr, &optim);
         };

@@ -14,10 +14,11 @@ use crate::dist::{Comm, World, sum_in_buckets};
 /// Floats per all-reduce bucket: 4 MiB of gradients at a time.
 const BUCKET: usize = 1 << 20;
 
-/// `0..total` in buckets of [`BUCKET`] floats: how the engine hands its flat buffers to a
-/// communicator.
-pub fn buckets(total: usize) -> impl Iterator<Item = Range<usize>> {
-    (0..total).step_by(BUCKET).map(move |start| start..(start + BUCKET).min(total))
+/// `range` in buckets of at most [`BUCKET`] floats: how the engine hands its flat buffers to
+/// a communicator.
+pub fn buckets(range: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let end = range.end;
+    range.step_by(BUCKET).map(move |start| start..(start + BUCKET).min(end))
 }
 
 pub trait Communicator<K: Kernels> {
@@ -28,6 +29,10 @@ pub trait Communicator<K: Kernels> {
     /// Rank 0's `buf[range]`, on every rank.
     fn broadcast(&mut self, k: &K, buf: &mut K::Buf, range: Range<usize>);
     fn barrier(&self);
+    /// The device computes on only once what this communicator queued is done (NCCL runs
+    /// on a stream of its own, beside the backward it overlaps). Host communicators finish
+    /// each call before returning.
+    fn settle(&mut self, _k: &K) {}
     /// What carries the gradients, for the run header.
     fn describe(&self) -> String;
 }
@@ -129,5 +134,22 @@ pub fn for_world<K: Kernels>(k: &K, world: &World, choice: CommChoice) -> Result
             }
             None => Ok(Box::new(HostComm::new(world.comm.clone()))),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_table() {
+        let b = |r: Range<usize>| buckets(r).collect::<Vec<_>>();
+        assert!(b(0..0).is_empty());
+        assert_eq!(b(5..9), vec![5..9]);
+        assert_eq!(b(3..BUCKET + 3), vec![3..BUCKET + 3]);
+        assert_eq!(
+            b(3..2 * BUCKET + 4),
+            vec![3..BUCKET + 3, BUCKET + 3..2 * BUCKET + 3, 2 * BUCKET + 3..2 * BUCKET + 4]
+        );
     }
 }

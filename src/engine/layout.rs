@@ -110,6 +110,22 @@ impl Layout {
         Layout { tensors: b.tensors, embed, norm, layers, total: b.next }
     }
 
+    /// The parameters in the order backward finishes their gradients: the final norm, the
+    /// layers from the last to the first (each one contiguous span), then the embedding (the
+    /// tied head writes it first, the input embedding last). Together they tile `0..total`.
+    pub fn backward_spans(&self) -> Vec<Range<usize>> {
+        let mut spans = vec![self.norm.clone()];
+        spans.extend((0..self.layers.len()).rev().map(|l| self.layer_span(l)));
+        spans.push(self.embed.clone());
+        spans
+    }
+
+    /// Every parameter of layer `l`, one contiguous span.
+    pub fn layer_span(&self, l: usize) -> Range<usize> {
+        let end = self.layers.get(l + 1).map_or(self.norm.start, |next| next.ln1.start);
+        self.layers[l].ln1.start..end
+    }
+
     pub fn find(&self, name: &str) -> Option<&Tensor> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -154,6 +170,24 @@ mod tests {
             let l = Layout::new(&m);
             assert_eq!(l.total as u64, m.parameter_count());
             assert_eq!(l.tensors.last().unwrap().range.end, l.total);
+        }
+    }
+
+    #[test]
+    fn backward_spans_tile_the_buffer_each_tensor_in_one() {
+        for moe in [false, true] {
+            let l = Layout::new(&tiny(moe));
+            let mut spans = l.backward_spans();
+            assert_eq!(spans.len(), l.layers.len() + 2);
+            assert_eq!(spans[0], l.norm, "the final norm finishes first");
+            assert_eq!(spans.last(), Some(&l.embed), "the embedding finishes last");
+            spans.sort_by_key(|r| r.start);
+            assert_eq!(spans[0].start, 0);
+            assert!(spans.windows(2).all(|w| w[0].end == w[1].start), "{spans:?}");
+            assert_eq!(spans.last().unwrap().end, l.total);
+            for t in &l.tensors {
+                assert!(spans.iter().any(|s| s.start <= t.range.start && t.range.end <= s.end), "{}", t.name);
+            }
         }
     }
 }

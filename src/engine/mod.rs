@@ -23,6 +23,8 @@ pub use kernels::{AdamW, Gemm, KernelTime, Kernels};
 pub use layout::Layout;
 pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
+use std::ops::Range;
+
 use crate::config::{Dtype, ModelConfig, TrainConfig};
 use model::{Model, Workspace, acc};
 pub use scaler::LossScaler;
@@ -246,8 +248,18 @@ impl<K: Kernels> Engine<K> {
 
     /// Forward and backward of one micro-batch of an optimiser step made of `accumulation`
     /// of them: gradients are added (times `grad_scale`), the losses added to the step's
-    /// totals on the device. Nothing is read back.
-    pub fn accumulate(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32, accumulation: usize) {
+    /// totals on the device. Nothing is read back. On the step's last micro-batch `reduce`
+    /// sums the gradients over the ranks, span by span as backward finishes them (so on a
+    /// device whose communicator has a stream of its own the sums overlap the rest of the
+    /// backward); [`Engine::settle`] then waits for it before the update.
+    pub fn accumulate(
+        &mut self,
+        ids: &[u32],
+        targets: &[i32],
+        grad_scale: f32,
+        accumulation: usize,
+        mut reduce: Option<&mut dyn comm::Communicator<K>>,
+    ) {
         assert!(self.trainable, "an inference engine has no gradients");
         // float16: the gradients carry the loss scale until the update divides it out.
         let grad_scale = grad_scale * self.scaler.map_or(1.0, |s| s.scale);
@@ -258,17 +270,52 @@ impl<K: Kernels> Engine<K> {
         let model = Model { ops: k, m: &self.config, layout: &self.layout };
         let tv = &self.targets;
         let iv = k.idx(&self.ids, 0..n);
-        let into = if first {
-            &mut self.grads
+        let mut covered = 0;
+        let mut sum_over_ranks = |g: &mut K::Buf, span: Range<usize>| {
+            covered += span.len();
+            if let Some(c) = reduce.as_deref_mut() {
+                for bucket in comm::buckets(span) {
+                    c.all_reduce_sum(k, g, bucket);
+                }
+            }
+        };
+        if first {
+            model.forward_backward(
+                &self.params,
+                &mut self.grads,
+                &mut self.ws,
+                &mut self.acc,
+                iv,
+                tv,
+                n,
+                kept,
+                grad_scale,
+                &mut sum_over_ranks,
+            );
         } else {
+            // Computed apart, then added span by span: a sum of whole micro-batch gradients,
+            // as PyTorch accumulates `.grad` (and as the ranks' gradients are summed).
             let micro = self.micro_grads.get_or_insert_with(|| k.alloc(total));
             k.fill(k.view_mut(micro, 0..total), 0.0);
-            micro
-        };
-        model.forward_backward(&self.params, into, &mut self.ws, &mut self.acc, iv, tv, n, kept, grad_scale);
-        if let Some(micro) = self.micro_grads.as_ref().filter(|_| !first) {
-            k.add(k.view_mut(&mut self.grads, 0..total), k.view(micro, 0..total));
+            let grads = &mut self.grads;
+            let mut add_then_sum = |g: &mut K::Buf, span: Range<usize>| {
+                k.add(k.view_mut(grads, span.clone()), k.view(g, span.clone()));
+                sum_over_ranks(grads, span);
+            };
+            model.forward_backward(
+                &self.params,
+                micro,
+                &mut self.ws,
+                &mut self.acc,
+                iv,
+                tv,
+                n,
+                kept,
+                grad_scale,
+                &mut add_then_sum,
+            );
         }
+        assert_eq!(covered, total, "backward reported every gradient once");
         let a = accumulation as f64;
         k.fold_acc(&mut self.acc, acc::MB_LM, acc::STEP_LM, kept.max(1) as f64, a);
         k.fold_acc(&mut self.acc, acc::MB_AUX, acc::STEP_AUX, 1.0, a);
@@ -277,7 +324,7 @@ impl<K: Kernels> Engine<K> {
     /// Forward and backward of one micro-batch, its losses read back; gradients are added
     /// (times `grad_scale`).
     pub fn forward_backward(&mut self, ids: &[u32], targets: &[i32], grad_scale: f32) -> Losses {
-        self.accumulate(ids, targets, grad_scale, 1);
+        self.accumulate(ids, targets, grad_scale, 1, None);
         let kept = targets.iter().filter(|&&t| t >= 0).count();
         let a = self.read_acc();
         Losses { lm: a[acc::MB_LM] / kept.max(1) as f64, aux: a[acc::MB_AUX], targets: kept }
@@ -321,23 +368,21 @@ impl<K: Kernels> Engine<K> {
         out
     }
 
-    /// Sums the gradients over the ranks, bucket by bucket: after it every rank holds the
-    /// step's whole gradient (each rank's micro-batches already carry `1 / (A x W)`).
-    pub fn reduce_grads(&mut self, comm: &mut dyn comm::Communicator<K>) {
-        // Also for a world of one: a forced communicator (`--comm`) is exercised all the same.
-        for bucket in comm::buckets(self.layout.total) {
-            comm.all_reduce_sum(&self.kernels, &mut self.grads, bucket);
-        }
-        self.grads_zero = false;
+    /// Waits (on the device) for the gradient sums [`Engine::accumulate`] queued: after it
+    /// every rank holds the step's whole gradient (each rank's micro-batches already carry
+    /// `1 / (A x W)`).
+    pub fn settle(&mut self, comm: &mut dyn comm::Communicator<K>) {
+        comm.settle(&self.kernels);
     }
 
     /// Rank 0's weights and AdamW moments (and step), on every rank.
     pub fn broadcast_state(&mut self, comm: &mut dyn comm::Communicator<K>) {
         for buf in [&mut self.params, &mut self.adam_m, &mut self.adam_v] {
-            for bucket in comm::buckets(self.layout.total) {
+            for bucket in comm::buckets(0..self.layout.total) {
                 comm.broadcast(&self.kernels, buf, bucket);
             }
         }
+        comm.settle(&self.kernels);
     }
 
     /// Global L2 norm of the gradients.

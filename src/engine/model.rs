@@ -83,6 +83,11 @@ pub struct LayerActs<K: Kernels> {
 }
 
 /// Every activation and scratch buffer for micro-batches of up to `B x T`, allocated once.
+/// Called as backward finishes each span of the gradients ([`Layout::backward_spans`]'s
+/// order), with the buffer they are in: data parallel sums a span over the ranks while
+/// backward goes on with the layers below.
+pub type Ready<'a, K> = &'a mut dyn FnMut(&mut <K as Kernels>::Buf, Range<usize>);
+
 pub struct Workspace<K: Kernels> {
     pub b: usize,
     pub t: usize,
@@ -625,10 +630,11 @@ impl<K: Kernels> Model<'_, K> {
         n: usize,
         kept: usize,
         grad_scale: f32,
+        ready: Ready<'_, K>,
     ) {
         self.trunk_forward(p, ws, acc, ids, n);
         self.head(p, Some(grads), ws, acc, targets, n, grad_scale / kept.max(1) as f32);
-        self.trunk_backward(p, grads, ws, ids, n, grad_scale);
+        self.trunk_backward(p, grads, ws, ids, n, grad_scale, ready);
     }
 
     /// Forward only: the summed loss over kept targets into `acc[MB_LM]` (for eval).
@@ -752,6 +758,7 @@ impl<K: Kernels> Model<'_, K> {
         ops.sum_to_acc(acc, acc::MB_LM, ops.view(&ws.row_loss, 0..n));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn trunk_backward(
         &self,
         p: &K::Buf,
@@ -760,6 +767,7 @@ impl<K: Kernels> Model<'_, K> {
         ids: K::I<'_>,
         n: usize,
         grad_scale: f32,
+        ready: Ready<'_, K>,
     ) {
         let ops = self.ops;
         let m = self.m;
@@ -779,6 +787,7 @@ impl<K: Kernels> Model<'_, K> {
             ops.view(&ws.rstdf, 0..n),
             c,
         );
+        ready(grads, lay.norm.clone());
         let shape = shape_of(m, b, t);
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let a = &mut ws.layers[l];
@@ -871,8 +880,10 @@ impl<K: Kernels> Model<'_, K> {
                 ops.view(&a.rstd1, 0..n),
                 c,
             );
+            ready(grads, lay.layer_span(l));
         }
         ops.embed_backward(ops.view_mut(grads, lay.embed.clone()), ops.view(&ws.dresid, nc), ids, c);
+        ready(grads, lay.embed.clone());
     }
 
     /// Backward of `out[rows] (+)= ffn(x[rows])`: weight gradients added, `dx[rows]`

@@ -648,7 +648,11 @@ fn train_steps<K: Kernels>(
                 writeln!(f, "{}: {}", state.step + 1, rows.join(" ")).context("writing the sample trace")?;
             }
             real += data.batches.next(&data.ds, &mut state.cursor, &mut ids, &mut targets) as u64;
-            engine.accumulate(&ids, &targets, 1.0 / global as f32, global);
+            // This rank's last micro-batch of the step sums the gradients over the ranks as
+            // its backward goes.
+            let reduce: Option<&mut dyn Communicator<K>> =
+                if mine + 1 == local { Some(&mut *ctx.comm) } else { None };
+            engine.accumulate(&ids, &targets, 1.0 / global as f32, global, reduce);
             mine += 1;
             micro_done += 1;
             let secs = session.elapsed().as_secs_f64();
@@ -668,7 +672,7 @@ fn train_steps<K: Kernels>(
                 return stop_here(run, engine, state, ck.keep_last, console, sig, world.is_owner());
             }
         }
-        engine.reduce_grads(&mut *ctx.comm);
+        engine.settle(&mut *ctx.comm);
         let lr = lr_at(&config.train, state.step, total);
         engine.update(lr as f32, &optim);
         state.step += 1;

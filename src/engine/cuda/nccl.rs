@@ -1,12 +1,14 @@
-//! NCCL, the CUDA engine's own communicator: gradients summed on the GPUs, on the engine's
-//! stream (so an all-reduce follows the backward that wrote the gradients, with no host
-//! synchronisation). Its unique id goes from rank 0 to the others over MPI.
+//! NCCL, the CUDA engine's own communicator: gradients summed on the GPUs, with no host
+//! synchronisation. The sums run on a stream of their own: each waits (through an event) for
+//! the backward that wrote its span, and the backward of the layers below goes on beside it;
+//! `settle` makes the engine's stream wait for the last sum before the update. Its unique id
+//! goes from rank 0 to the others over MPI.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use cudarc::driver::{CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
+use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::Cuda;
@@ -16,6 +18,14 @@ use crate::engine::comm::Communicator;
 
 pub struct Nccl {
     comm: Comm,
+    /// The engine's stream, where backward writes the gradients.
+    compute: Arc<CudaStream>,
+    /// NCCL's own stream.
+    sums: Arc<CudaStream>,
+    /// Recorded on `compute` before each collective: the data it reads is written.
+    written: CudaEvent,
+    /// Recorded on `sums` by `settle`: every collective queued so far is done.
+    summed: CudaEvent,
 }
 
 /// A range of an engine buffer as cudarc's NCCL wants it. The engine's buffers are raw
@@ -44,6 +54,16 @@ impl DevicePtrMut<f32> for Floats {
 fn floats(comm: &Comm, buf: &DBuf<f32>, range: Range<usize>) -> Floats {
     assert!(range.start <= range.end && range.end <= buf.len(), "range {range:?} of {} floats", buf.len());
     Floats { ptr: buf.ptr + 4 * range.start as u64, len: range.len(), stream: comm.stream() }
+}
+
+impl Nccl {
+    /// The collective stream waits for what the engine's stream has queued so far.
+    fn after_compute(&self) -> Result<(), String> {
+        self.written
+            .record(&self.compute)
+            .and_then(|()| self.sums.wait(&self.written))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Joins `world`'s ranks in an NCCL communicator on `stream` (this rank's GPU).
@@ -80,10 +100,15 @@ pub fn open(stream: Arc<CudaStream>, world: &World) -> Result<Nccl> {
         *to = *from as std::ffi::c_char;
     }
     // NCCL joins on the current device: this rank's, whichever thread runs the engine.
-    stream.context().bind_to_thread().map_err(|e| anyhow::anyhow!("binding the GPU: {e:?}"))?;
-    let comm = Comm::from_rank(stream, world.rank(), world.size(), Id::uninit(internal))
+    let ctx = stream.context().clone();
+    ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("binding the GPU: {e:?}"))?;
+    let gpu = |what: &str, e: cudarc::driver::DriverError| anyhow::anyhow!("{what} for NCCL: {e}");
+    let sums = ctx.new_stream().map_err(|e| gpu("creating a stream", e))?;
+    let written = ctx.new_event(None).map_err(|e| gpu("creating an event", e))?;
+    let summed = ctx.new_event(None).map_err(|e| gpu("creating an event", e))?;
+    let comm = Comm::from_rank(sums.clone(), world.rank(), world.size(), Id::uninit(internal))
         .map_err(|e| anyhow::anyhow!("joining the NCCL communicator of {} ranks: {e:?}", world.size()))?;
-    Ok(Nccl { comm })
+    Ok(Nccl { comm, compute: stream, sums, written, summed })
 }
 
 impl Communicator<Cuda> for Nccl {
@@ -94,19 +119,33 @@ impl Communicator<Cuda> for Nccl {
         self.comm.world_size()
     }
     fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+        if let Err(e) = self.after_compute() {
+            k.fail(|| format!("ordering the NCCL stream after the backward: {e}"));
+            return;
+        }
         let mut view = floats(&self.comm, buf, range);
         if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
             k.fail(|| format!("NCCL all-reduce: {e:?}"));
         }
     }
     fn broadcast(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+        if let Err(e) = self.after_compute() {
+            k.fail(|| format!("ordering the NCCL stream after the engine's: {e}"));
+            return;
+        }
         let mut view = floats(&self.comm, buf, range);
         if let Err(e) = self.comm.broadcast_in_place(&mut view, 0) {
             k.fail(|| format!("NCCL broadcast: {e:?}"));
         }
     }
     fn barrier(&self) {}
+    fn settle(&mut self, k: &Cuda) {
+        let r = self.summed.record(&self.sums).and_then(|()| self.compute.wait(&self.summed));
+        if let Err(e) = r {
+            k.fail(|| format!("waiting for the NCCL stream: {e}"));
+        }
+    }
     fn describe(&self) -> String {
-        format!("NCCL all-reduce on the GPUs, {} rank(s)", self.comm.world_size())
+        format!("NCCL all-reduce on the GPUs beside the backward, {} rank(s)", self.comm.world_size())
     }
 }

@@ -12,6 +12,7 @@ mod sweeps;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -335,6 +336,29 @@ impl LocalSlurm {
 
 impl Drop for LocalSlurm {
     fn drop(&mut self) {
+        // A test may end as soon as its runs report completed, while Slurm still winds their
+        // job down. Stopping the daemons then would leave the job "running" in the
+        // controller's saved state, holding the node's CPUs, and the next test's jobs would
+        // queue forever: the queue drains first (what is left after 60 s is cancelled).
+        let queued = || {
+            Command::new("squeue")
+                .args(["-h", "-o", "%i"])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while queued() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        if queued() {
+            let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+            let _ = Command::new("scancel").args(["-u", &user]).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while queued() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
         for pid in &self.started {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }

@@ -3,8 +3,8 @@
 //! Matrix products go to cuBLAS (`cublasGemmEx`, f32 storage; float32 computes in full f32
 //! with TF32 off, bfloat16 and float16 through cuBLAS's f32 tensor-core modes with bf16/f16
 //! inputs and f32 accumulation). Everything else runs in the kernels of `kernels.cu`,
-//! compiled with NVRTC for the device's architecture once per process. One stream; buffers
-//! are plain device allocations addressed through views of raw device pointers; nothing waits
+//! compiled with NVRTC for the device's architecture once per process. One compute stream
+//! (NCCL sums on a second, see `nccl`); buffers are plain device allocations addressed through views of raw device pointers; nothing waits
 //! for the device but `read_acc`, `download` and the expert offsets of a MoE routing.
 //!
 //! Written once over a [`device::Device`]: the GPU, or the emulator that runs the same kernel
@@ -207,9 +207,10 @@ impl Cuda {
             return Cuda::emulated(dtype);
         }
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening cuda:{ordinal}"))?;
-        // One stream, and allocations through the driver directly: cudarc's cross-stream
-        // event tracking is not needed.
-        // SAFETY: no other stream touches this context's allocations.
+        // One compute stream, and allocations through the driver directly; the one other
+        // stream (NCCL's) is ordered against it by explicit events, so cudarc's own
+        // cross-stream event tracking is not needed.
+        // SAFETY: every cross-stream use of an allocation goes through those events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (major, minor) = ctx.compute_capability().context("reading the compute capability")?;

@@ -387,10 +387,20 @@ extern "C" int minimind_emu_launch(int i, unsigned grid, unsigned threads, unsig
     emu::block.threads = threads;
     emu::block.block_dim = dim3{threads, 1, 1};
     emu::block.grid_dim = dim3{grid, 1, 1};
-    emu::block.dynamic_shared.assign(shared, 0);
+    // A guard band past the dynamic shared memory the launch asked for: a kernel that writes
+    // into it would overrun a GPU's allocation too.
+    constexpr unsigned GUARD = 4096;
+    constexpr unsigned char MARK = 0xa5;
+    emu::block.dynamic_shared.assign(shared + GUARD, MARK);
     for (unsigned b = 0; b < grid; b++) {
         emu::block.block_idx = dim3{b, 0, 0};
         if (!emu::run_block(err, errlen)) return 1;
+        for (unsigned g = 0; g < GUARD; g++) {
+            if (emu::block.dynamic_shared[shared + g] != MARK) {
+                std::snprintf(err, errlen, "block %u wrote past its %u bytes of dynamic shared memory", b, shared);
+                return 1;
+            }
+        }
     }
     return 0;
 }

@@ -1126,6 +1126,40 @@ mod tests {
     }
 
     #[test]
+    fn cuda_tiled_attention_fits_the_shared_memory_of_every_target() {
+        // sm_80 and later let a block opt in to 163 KB (sm_86/89: 99 KB); without opting in,
+        // 48 KB. MiniMind's heads (64) need no opt-in.
+        let widest =
+            [tile_shared(TILED_MAX_D, 3, TILE_WARPS), tile_shared(TILED_MAX_D, 4, 2 * TILE_WARPS + 2)];
+        assert!(widest.iter().all(|&b| b <= 99 * 1024), "{widest:?}");
+        assert!(tile_shared(64, 4, 2 * TILE_WARPS + 2) <= 48 * 1024);
+    }
+
+    #[test]
+    fn cuda_emulated_launch_that_overruns_its_shared_memory_fails() {
+        // moe_dispatch keeps blockDim * E counters in dynamic shared memory: give it too few.
+        let emu = Cuda::emulated(Dtype::Float32).unwrap();
+        let (slots, e) = (8usize, 4usize);
+        let mut expert = emu.alloc_idx(slots);
+        emu.upload_idx(&mut expert, &[0, 1, 2, 3, 0, 1, 2, 3]);
+        let (pos, rows, offs) = (emu.alloc_idx(slots), emu.alloc_idx(slots), emu.alloc_idx(e + 1));
+        let args = [
+            Arg::Ptr(pos.ptr),
+            Arg::Ptr(rows.ptr),
+            Arg::Ptr(offs.ptr),
+            Arg::Ptr(expert.ptr),
+            i32_of(slots),
+            i32_of(e),
+            i32_of(1),
+        ];
+        emu.launch("moe_dispatch", 1, 32, 32 * e as u32 * 4, &args);
+        emu.check().unwrap();
+        emu.launch("moe_dispatch", 1, 32, 32 * e as u32 * 2, &args);
+        let err = emu.check().unwrap_err().to_string();
+        assert!(err.contains("wrote past its 256 bytes of dynamic shared memory"), "{err}");
+    }
+
+    #[test]
     fn cuda_compile_errors_carry_the_nvrtc_log() {
         if !nvrtc_or_skip() {
             return;

@@ -157,17 +157,31 @@ impl Device for Gpu {
         self.bind()?;
         let s = self.stream.cu_stream();
         // SAFETY: a fresh allocation of `bytes`, zeroed on the same stream before any use.
+        // Stream-ordered where the device has memory pools (as cudarc decides), else plain.
         unsafe {
-            let p = result::malloc_async(s, bytes).map_err(|e| e.to_string())?;
+            let p = if self.ctx.has_async_alloc() {
+                result::malloc_async(s, bytes)
+            } else {
+                result::malloc_sync(bytes)
+            }
+            .map_err(|e| e.to_string())?;
             result::memset_d8_async(p, 0, bytes, s).map_err(|e| e.to_string())?;
             Ok(p)
         }
     }
     fn free(&self, ptr: u64) {
-        if self.bind().is_ok() {
-            // SAFETY: `ptr` came from `alloc` and is freed once, in stream order after its uses.
-            let _ = unsafe { result::free_async(ptr, self.stream.cu_stream()) };
+        if self.bind().is_err() {
+            return;
         }
+        // SAFETY: `ptr` came from `alloc` and is freed once, after its uses: in stream order,
+        // or (without memory pools) once the device is idle.
+        let _ = unsafe {
+            if self.ctx.has_async_alloc() {
+                result::free_async(ptr, self.stream.cu_stream())
+            } else {
+                self.stream.synchronize().and_then(|()| result::free_sync(ptr))
+            }
+        };
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         self.bind()?;

@@ -164,3 +164,45 @@ fn cuda_emulated_more_ranks_than_gpus_is_refused() {
     assert!(err.contains("2 ranks on this host but 1 GPU(s)"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `eval` and `generate` (the engine's forward with a KV cache) on the emulated GPU give the
+/// CPU's loss and the CPU's text.
+#[test]
+fn cuda_emulated_eval_and_generate_match_the_cpu() {
+    let s = Scratch::new();
+    let run = train(&s, "trained", false, &[]);
+    let dir = run.parent().unwrap().parent().unwrap().to_path_buf();
+    let model = run.join("model");
+    let both = |args: &[&str]| -> Vec<String> {
+        ["cpu", "cuda"]
+            .iter()
+            .map(|device| {
+                let mut cmd = emulated(minimind(&dir));
+                cmd.args(args).args(["--device", device]);
+                stdout(&expect(&mut cmd, 0))
+            })
+            .collect()
+    };
+    let evals = both(&[
+        "eval",
+        "--hf-dir",
+        model.to_str().unwrap(),
+        "--data",
+        "data.jsonl",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--batches",
+        "2",
+    ]);
+    let loss = |out: &str| -> f64 {
+        let line = out.lines().find_map(|l| l.strip_prefix("loss=")).unwrap_or_else(|| panic!("{out}"));
+        line.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (cpu, gpu) = (loss(&evals[0]), loss(&evals[1]));
+    assert!((cpu - gpu).abs() <= 1e-6 * cpu.abs(), "eval loss {gpu} on cuda, {cpu} on the CPU");
+    let texts = both(&["generate", run.to_str().unwrap(), "--prompt", "春"]);
+    assert!(!texts[0].trim().is_empty(), "{texts:?}");
+    assert_eq!(texts[0], texts[1], "the same text from the same weights and seed");
+}

@@ -279,42 +279,34 @@ impl<K: Kernels> Engine<K> {
                 }
             }
         };
-        if first {
-            model.forward_backward(
-                &self.params,
-                &mut self.grads,
-                &mut self.ws,
-                &mut self.acc,
-                iv,
-                tv,
-                n,
-                kept,
-                grad_scale,
-                &mut sum_over_ranks,
-            );
+        // After the step's first micro-batch each one is computed apart, then added span by
+        // span: a sum of whole micro-batch gradients, as PyTorch accumulates `.grad` (and as
+        // the ranks' gradients are summed).
+        let mut add_then_sum;
+        let (into, ready): (&mut K::Buf, model::Ready<'_, K>) = if first {
+            (&mut self.grads, &mut sum_over_ranks)
         } else {
-            // Computed apart, then added span by span: a sum of whole micro-batch gradients,
-            // as PyTorch accumulates `.grad` (and as the ranks' gradients are summed).
             let micro = self.micro_grads.get_or_insert_with(|| k.alloc(total));
             k.fill(k.view_mut(micro, 0..total), 0.0);
             let grads = &mut self.grads;
-            let mut add_then_sum = |g: &mut K::Buf, span: Range<usize>| {
+            add_then_sum = move |g: &mut K::Buf, span: Range<usize>| {
                 k.add(k.view_mut(grads, span.clone()), k.view(g, span.clone()));
                 sum_over_ranks(grads, span);
             };
-            model.forward_backward(
-                &self.params,
-                micro,
-                &mut self.ws,
-                &mut self.acc,
-                iv,
-                tv,
-                n,
-                kept,
-                grad_scale,
-                &mut add_then_sum,
-            );
-        }
+            (micro, &mut add_then_sum)
+        };
+        model.forward_backward(
+            &self.params,
+            into,
+            &mut self.ws,
+            &mut self.acc,
+            iv,
+            tv,
+            n,
+            kept,
+            grad_scale,
+            ready,
+        );
         assert_eq!(covered, total, "backward reported every gradient once");
         let a = accumulation as f64;
         k.fold_acc(&mut self.acc, acc::MB_LM, acc::STEP_LM, kept.max(1) as f64, a);

@@ -31,12 +31,7 @@ fn folder(s: &Scratch, sub: &str) -> std::path::PathBuf {
 
 /// The one run folder under `dir`.
 fn the_run(dir: &std::path::Path) -> std::path::PathBuf {
-    let runs: Vec<_> = fs::read_dir(dir.join("runs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
+    let runs = runs_in(dir);
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()
 }

@@ -112,13 +112,18 @@ impl Scratch {
     }
     /// Run folders under runs/, oldest first.
     pub fn runs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(self.path().join("runs"))
-            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.ends_with(".cache")).collect())
-            .unwrap_or_default();
-        v.retain(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'));
-        v.sort();
-        v
+        runs_in(self.path())
     }
+}
+
+/// Run folders under `dir`/runs/, oldest first (not the hidden cache).
+pub fn runs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("runs"))
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.ends_with(".cache")).collect())
+        .unwrap_or_default();
+    v.retain(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'));
+    v.sort();
+    v
 }
 
 pub fn meta(run: &Path) -> serde_json::Value {

@@ -514,7 +514,7 @@ fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
             for run in load(&file, &set)? {
                 let c = &run.config;
                 let placement = runner::preflight(c, &run.layered)?;
-                for note in &placement.notes {
+                for note in placement.all_notes() {
                     println!("{note}");
                 }
                 let r = crate::bench::run(c, placement.device, placement.dtype, steps.max(1), 2, profile)?;
@@ -763,7 +763,7 @@ fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
             "would create {} (config.toml, meta.json, metrics.csv, checkpoints/)",
             c.checkpoint.save_dir.join(folder).display()
         ));
-        for note in &placement.notes {
+        for note in placement.all_notes() {
             say(&format!("  {note}"));
         }
         say(&format!("  cost: {}", cost_of(c).describe()));

@@ -21,8 +21,18 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
 pub struct Placement {
     pub device: Device,
     pub dtype: Dtype,
-    /// Warnings and choices to print in the run header (dtype replaced, `auto` resolved).
+    /// What `train.device` resolved to (unless it was plainly the CPU): a rank of several
+    /// replaces it with its own GPU.
+    pub device_note: Option<String>,
+    /// Warnings to print in the run header (dtype replaced).
     pub notes: Vec<String>,
+}
+
+impl Placement {
+    /// Every note for the run header, the device's first.
+    pub fn all_notes(&self) -> impl Iterator<Item = &String> {
+        self.device_note.iter().chain(&self.notes)
+    }
 }
 
 fn dtype_name(d: Dtype) -> &'static str {
@@ -39,10 +49,11 @@ fn dtype_name(d: Dtype) -> &'static str {
 /// config error at the origin of `train.device`. `origin` says where a key's value came from.
 pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placement, ConfigError> {
     let mut notes = Vec::new();
+    let mut device_note = None;
     let device = match choose_device(t.device) {
         Ok((device, what)) => {
             if t.device != Device::Cpu {
-                notes.push(format!("train.device = \"{}\": training on {what}", t.device));
+                device_note = Some(format!("train.device = \"{}\": training on {what}", t.device));
             }
             device
         }
@@ -64,7 +75,7 @@ pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placeme
             Dtype::Float32
         }
     };
-    Ok(Placement { device, dtype, notes })
+    Ok(Placement { device, dtype, device_note, notes })
 }
 
 /// The device `requested` resolves to on this machine and what it is ("cuda:0 (NVIDIA

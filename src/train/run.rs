@@ -175,18 +175,13 @@ fn rank_placement(p: &Placement, world: &World) -> Result<Placement> {
     let gpus = crate::engine::gpu::probe().map_err(|e| anyhow::anyhow!(e))?.names;
     let device = rank_gpu(world.local_rank, world.local_size, gpus.len()).map_err(|e| anyhow::anyhow!(e))?;
     // The placement's note named the first GPU; this rank's is its own.
-    let mut notes: Vec<String> =
-        p.notes.iter().filter(|n| !n.starts_with("train.device =")).cloned().collect();
-    notes.insert(
-        0,
-        format!(
-            "rank {} of {}: training on {device} ({})",
-            world.rank(),
-            world.size(),
-            gpus[world.local_rank]
-        ),
-    );
-    Ok(Placement { device, notes, ..p.clone() })
+    let device_note = Some(format!(
+        "rank {} of {}: training on {device} ({})",
+        world.rank(),
+        world.size(),
+        gpus[world.local_rank]
+    ));
+    Ok(Placement { device, device_note, ..p.clone() })
 }
 
 /// The GPU of rank `local_rank` among `local_size` ranks on a host with `gpus` GPUs: its own,
@@ -323,7 +318,7 @@ fn phases<K: Kernels>(
     for note in &data.ds.notes {
         console.log_only(note);
     }
-    for note in placement.notes.iter().chain(&restore_notes).chain(&metric_notes) {
+    for note in placement.all_notes().chain(&restore_notes).chain(&metric_notes) {
         console.line(note);
     }
     header(&mut console, run, config, &data, &split);

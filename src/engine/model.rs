@@ -82,12 +82,12 @@ pub struct LayerActs<K: Kernels> {
     mlp: MlpActs<K>,
 }
 
-/// Every activation and scratch buffer for micro-batches of up to `B x T`, allocated once.
-/// Called as backward finishes each span of the gradients ([`Layout::backward_spans`]'s
-/// order), with the buffer they are in: data parallel sums a span over the ranks while
+/// Called as backward finishes each span of the gradients ([`Layout::layer_span`] says in
+/// which order), with the buffer they are in: data parallel sums a span over the ranks while
 /// backward goes on with the layers below.
 pub type Ready<'a, K> = &'a mut dyn FnMut(&mut <K as Kernels>::Buf, Range<usize>);
 
+/// Every activation and scratch buffer for micro-batches of up to `B x T`, allocated once.
 pub struct Workspace<K: Kernels> {
     pub b: usize,
     pub t: usize,

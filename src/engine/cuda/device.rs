@@ -6,6 +6,7 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
@@ -124,6 +125,9 @@ pub fn bytes_mut<T: Copy>(x: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
 }
 
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SHARED: u32 = 48 * 1024;
+
 /// A GPU: its context, one stream, cuBLAS on that stream, and the compiled kernels.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -132,6 +136,8 @@ pub struct Gpu {
     _module: Arc<CudaModule>,
     /// In the order of [`super::KERNELS`].
     funcs: Vec<CudaFunction>,
+    /// Per kernel, the dynamic shared memory it has opted in to (above the default 48 KB).
+    opted_in: Vec<AtomicU32>,
 }
 
 impl Gpu {
@@ -142,7 +148,8 @@ impl Gpu {
         module: Arc<CudaModule>,
         funcs: Vec<CudaFunction>,
     ) -> Gpu {
-        Gpu { ctx, stream, blas, _module: module, funcs }
+        let opted_in = funcs.iter().map(|_| AtomicU32::new(DEFAULT_SHARED)).collect();
+        Gpu { ctx, stream, blas, _module: module, funcs, opted_in }
     }
 
     /// The context is current on this thread (the engine may run on another thread than the
@@ -207,13 +214,14 @@ impl Device for Gpu {
             *p = slot as *mut u64 as *mut c_void;
         }
         let f = self.funcs[kernel].cu_function();
-        if shared > 48 * 1024 {
-            // Above 48 KB of dynamic shared memory a kernel must opt in (sm_80 and later allow
-            // up to 163 KB; the tiled attention asks for at most 68 KB).
+        if shared > self.opted_in[kernel].load(Ordering::Relaxed) {
+            // Above 48 KB of dynamic shared memory a kernel must opt in, once (sm_80 and later
+            // allow up to 163 KB; the tiled attention asks for at most 68 KB).
             use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX;
             // SAFETY: a live function of this context.
             unsafe { result::function::set_function_attribute(f, MAX, shared as i32) }
                 .map_err(|e| format!("{shared} bytes of shared memory: {e}"))?;
+            self.opted_in[kernel].fetch_max(shared, Ordering::Relaxed);
         }
         // SAFETY: the arguments match the kernel's parameters (one 4- or 8-byte slot each, read
         // little-endian; the emulator checks the types), and every pointer is a live allocation.

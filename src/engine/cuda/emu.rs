@@ -121,8 +121,9 @@ impl Device for Emulator {
     }
     fn launch(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<(), String> {
         let (index, signature) = &self.kernels[kernel];
-        let given: String = args.iter().map(|a| a.code()).collect();
-        if &given != signature {
+        if !(args.len() == signature.len() && args.iter().zip(signature.chars()).all(|(a, c)| a.code() == c))
+        {
+            let given: String = args.iter().map(|a| a.code()).collect();
             return Err(format!(
                 "kernel {} takes ({signature}) but was given ({given}) (p pointer, i int, l i64, f float, d double)",
                 KERNELS[kernel]

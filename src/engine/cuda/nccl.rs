@@ -28,8 +28,8 @@ pub struct Nccl {
     summed: CudaEvent,
 }
 
-/// A range of an engine buffer as cudarc's NCCL wants it. The engine's buffers are raw
-/// allocations on the communicator's own stream, so there is nothing to synchronise.
+/// A range of an engine buffer as cudarc's NCCL wants it. No synchronisation on use: the
+/// NCCL stream is ordered after the engine's by `Nccl::after_compute`.
 struct Floats {
     ptr: u64,
     len: usize,
@@ -51,12 +51,16 @@ impl DevicePtrMut<f32> for Floats {
     }
 }
 
-fn floats(comm: &Comm, buf: &DBuf<f32>, range: Range<usize>) -> Floats {
-    assert!(range.start <= range.end && range.end <= buf.len(), "range {range:?} of {} floats", buf.len());
-    Floats { ptr: buf.ptr + 4 * range.start as u64, len: range.len(), stream: comm.stream() }
-}
-
 impl Nccl {
+    fn floats(&self, buf: &DBuf<f32>, range: Range<usize>) -> Floats {
+        assert!(
+            range.start <= range.end && range.end <= buf.len(),
+            "range {range:?} of {} floats",
+            buf.len()
+        );
+        Floats { ptr: buf.ptr + 4 * range.start as u64, len: range.len(), stream: self.sums.clone() }
+    }
+
     /// The collective stream waits for what the engine's stream has queued so far.
     fn after_compute(&self) -> Result<(), String> {
         self.written
@@ -123,7 +127,7 @@ impl Communicator<Cuda> for Nccl {
             k.fail(|| format!("ordering the NCCL stream after the backward: {e}"));
             return;
         }
-        let mut view = floats(&self.comm, buf, range);
+        let mut view = self.floats(buf, range);
         if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
             k.fail(|| format!("NCCL all-reduce: {e:?}"));
         }
@@ -133,7 +137,7 @@ impl Communicator<Cuda> for Nccl {
             k.fail(|| format!("ordering the NCCL stream after the engine's: {e}"));
             return;
         }
-        let mut view = floats(&self.comm, buf, range);
+        let mut view = self.floats(buf, range);
         if let Err(e) = self.comm.broadcast_in_place(&mut view, 0) {
             k.fail(|| format!("NCCL broadcast: {e:?}"));
         }

@@ -409,8 +409,11 @@ fn case_adamw<K: Kernels>(k: &K) -> Vec<f32> {
     k.sum_squares_to_acc(&mut acc, 0, k.view(&g, 0..n));
     k.clip_coef(&mut acc, 0, 1, 2, 1.0, 1.0);
     let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 3 };
+    // The weights' copy a 16-bit run's matrix products read (f32 here: the same numbers).
+    let mut px = k.alloc_act(n);
     k.adamw(
         k.view_mut(&mut p, 0..n),
+        Some(k.view_mut(&mut px, 0..n)),
         k.view_mut(&mut g, 0..n),
         k.view_mut(&mut m, 0..n),
         k.view_mut(&mut v, 0..n),
@@ -418,7 +421,7 @@ fn case_adamw<K: Kernels>(k: &K) -> Vec<f32> {
         &acc,
         2,
     );
-    [host(k, &p), host(k, &g), host(k, &m), host(k, &v)].concat()
+    [host(k, &p), host(k, &px), host(k, &g), host(k, &m), host(k, &v)].concat()
 }
 
 const E: usize = 5;

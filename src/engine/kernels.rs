@@ -158,7 +158,7 @@ pub trait Kernels: Sync {
     }
     fn reset_profile(&self) {}
 
-    /// f32 storage on the device.
+    /// Floats on the device ([`Kernels::alloc`]: f32; [`Kernels::alloc_act`]: the activations' storage).
     type Buf: Send + Sync;
     /// i32 storage on the device: token ids and targets (`< 0`: ignored).
     type Idx: Send + Sync;
@@ -181,7 +181,20 @@ pub trait Kernels: Sync {
     where
         Self: 'a;
 
+    /// How [`Kernels::alloc_act`] stores activations: float32 on the CPU; on CUDA the run's
+    /// dtype (bf16/f16 storage, f32 arithmetic), so the model casts what flows from an f32
+    /// buffer into a matrix product and keeps a copy of the weights in that dtype.
+    fn act_dtype(&self) -> crate::config::Dtype {
+        crate::config::Dtype::Float32
+    }
+    /// f32 storage (weights, gradients, moments, the residual stream and its gradient).
     fn alloc(&self, len: usize) -> Self::Buf;
+    /// Storage for activations, in [`Kernels::act_dtype`]. Every kernel takes its activation
+    /// operands in one storage; a matrix product multiplies two of one storage into that
+    /// storage or into f32.
+    fn alloc_act(&self, len: usize) -> Self::Buf {
+        self.alloc(len)
+    }
     fn len(&self, buf: &Self::Buf) -> usize;
     /// The buffer's floats, when they live in host memory (the CPU): collectives then work on
     /// them in place; other devices stage through [`Kernels::download`].
@@ -225,6 +238,8 @@ pub trait Kernels: Sync {
     fn fill(&self, out: Self::M<'_>, value: f32);
     /// `out += x`.
     fn add(&self, out: Self::M<'_>, x: Self::V<'_>);
+    /// `out = x` (an f32 buffer), rounded to `out`'s storage.
+    fn cast(&self, out: Self::M<'_>, x: Self::V<'_>);
     /// See [`Gemm`].
     fn matmul(&self, out: Self::M<'_>, a: Self::V<'_>, b: Self::V<'_>, g: Gemm);
 
@@ -391,11 +406,13 @@ pub trait Kernels: Sync {
     );
     /// One AdamW step over flat buffers (decoupled decay, bias correction), every gradient
     /// first multiplied by `acc[coef]`. Consumes the gradients: `g` is left at zero, ready for
-    /// the next step (saves a pass over memory).
+    /// the next step (saves a pass over memory). `px`, when given, receives the new weights
+    /// in its own storage (the copy the matrix products read), in the same pass.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         p: Self::M<'_>,
+        px: Option<Self::M<'_>>,
         g: Self::M<'_>,
         m: Self::M<'_>,
         v: Self::M<'_>,

@@ -26,7 +26,7 @@ pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_by
 use std::ops::Range;
 
 use crate::config::{Dtype, ModelConfig, TrainConfig};
-use model::{Model, Workspace, acc};
+use model::{Model, Weights, Workspace, acc};
 pub use scaler::LossScaler;
 
 /// Optimiser settings, built from the `[train]` section.
@@ -58,6 +58,9 @@ pub struct Engine<K: Kernels> {
     pub config: ModelConfig,
     pub layout: Layout,
     params: K::Buf,
+    /// The weights in the activations' storage when that is not f32 (bf16/f16 on CUDA): what
+    /// the matrix products read, refreshed from `params` by every AdamW step and every load.
+    params_act: Option<K::Buf>,
     grads: K::Buf,
     /// A micro-batch's own gradients when it is not the step's first: computed from zero and
     /// then added to `grads`, as PyTorch accumulates `.grad`, so that a step's gradient is the
@@ -132,8 +135,10 @@ impl<K: Kernels> Engine<K> {
         let total = layout.total;
         let ws = Workspace::new(&kernels, &config, batch, seq, keep);
         let kernels_dtype = kernels.dtype();
+        let params_act = (kernels.act_dtype() != Dtype::Float32).then(|| kernels.alloc_act(total));
         Ok(Engine {
             params: kernels.alloc(total),
+            params_act,
             grads: kernels.alloc(total),
             micro_grads: None,
             adam_m: kernels.alloc(total),
@@ -180,6 +185,22 @@ impl<K: Kernels> Engine<K> {
         assert_eq!(host.len(), self.layout.total, "parameter count");
         let k = &self.kernels;
         k.upload(k.view_mut(&mut self.params, 0..host.len()), host);
+        self.refresh_params_act();
+    }
+
+    /// Rounds the weights into the matrix products' copy (after they changed other than by
+    /// AdamW, which writes both).
+    fn refresh_params_act(&mut self) {
+        let (k, n) = (&self.kernels, self.layout.total);
+        if let Some(px) = &mut self.params_act {
+            k.cast(k.view_mut(px, 0..n), k.view(&self.params, 0..n));
+        }
+    }
+
+    /// The weights as the model reads them (borrowing the two fields only, so the gradients
+    /// and workspace stay free to borrow mutably).
+    fn weights<'a>(params: &'a K::Buf, params_act: &'a Option<K::Buf>) -> Weights<'a, K> {
+        Weights { master: params, matmul: params_act.as_ref().unwrap_or(params) }
     }
 
     pub fn params_host(&self) -> Vec<f32> {
@@ -296,7 +317,7 @@ impl<K: Kernels> Engine<K> {
             (micro, &mut add_then_sum)
         };
         model.forward_backward(
-            &self.params,
+            Self::weights(&self.params, &self.params_act),
             into,
             &mut self.ws,
             &mut self.acc,
@@ -327,7 +348,14 @@ impl<K: Kernels> Engine<K> {
         let (n, kept) = self.load_batch(ids, Some(targets));
         let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         let iv = self.kernels.idx(&self.ids, 0..n);
-        model.loss(&self.params, &mut self.ws, &mut self.acc, iv, &self.targets, n);
+        model.loss(
+            Self::weights(&self.params, &self.params_act),
+            &mut self.ws,
+            &mut self.acc,
+            iv,
+            &self.targets,
+            n,
+        );
         (self.read_acc()[acc::MB_LM], kept)
     }
 
@@ -337,7 +365,7 @@ impl<K: Kernels> Engine<K> {
         assert_eq!(out.len(), n * self.config.vocab_size, "logits buffer size");
         let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
         let iv = self.kernels.idx(&self.ids, 0..n);
-        model.logits(&self.params, &mut self.ws, &mut self.acc, iv, n, out);
+        model.logits(Self::weights(&self.params, &self.params_act), &mut self.ws, &mut self.acc, iv, n, out);
     }
 
     /// A KV cache for decoding up to `capacity` positions of one sequence.
@@ -351,7 +379,7 @@ impl<K: Kernels> Engine<K> {
         assert!((token as usize) < self.config.vocab_size, "token id out of range");
         assert_eq!(out.len(), self.config.vocab_size, "logits buffer size");
         let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
-        model.decode(&self.params, cache, &mut self.acc, token as i32, out);
+        model.decode(Self::weights(&self.params, &self.params_act), cache, &mut self.acc, token as i32, out);
     }
 
     fn read_acc(&self) -> [f64; acc::LEN] {
@@ -375,6 +403,7 @@ impl<K: Kernels> Engine<K> {
             }
         }
         comm.settle(&self.kernels);
+        self.refresh_params_act();
     }
 
     /// Global L2 norm of the gradients.
@@ -418,6 +447,7 @@ impl<K: Kernels> Engine<K> {
         };
         k.adamw(
             k.view_mut(&mut self.params, 0..n),
+            self.params_act.as_mut().map(|px| k.view_mut(px, 0..n)),
             k.view_mut(&mut self.grads, 0..n),
             k.view_mut(&mut self.adam_m, 0..n),
             k.view_mut(&mut self.adam_v, 0..n),

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use super::kernels::{AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use super::layout::{Ffn, Layout, Mlp};
-use crate::config::ModelConfig;
+use crate::config::{Dtype, ModelConfig};
 
 /// Rows of logits materialised at once by the fused head.
 const HEAD_CHUNK: usize = 1024;
@@ -34,6 +34,20 @@ pub mod acc {
     pub const LEN: usize = 7;
 }
 
+/// The parameters as the model reads them: `master` in f32 (the optimiser's), `matmul` the
+/// copy in the activations' storage that AdamW refreshes (the same buffer when that is f32).
+pub struct Weights<'a, K: Kernels> {
+    pub master: &'a K::Buf,
+    pub matmul: &'a K::Buf,
+}
+
+impl<K: Kernels> Clone for Weights<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K: Kernels> Copy for Weights<'_, K> {}
+
 /// Activations of one SwiGLU feed-forward: `gu` `[rows, 2I]` holds each row's gate and up
 /// projections side by side (one GEMM against the adjacent gate/up weights), `act` `[rows, I]`.
 pub struct FfnActs<K: Kernels> {
@@ -43,15 +57,17 @@ pub struct FfnActs<K: Kernels> {
 
 impl<K: Kernels> FfnActs<K> {
     fn new(ops: &K, rows: usize, i: usize) -> Self {
-        FfnActs { gu: ops.alloc(rows * 2 * i), act: ops.alloc(rows * i) }
+        FfnActs { gu: ops.alloc_act(rows * 2 * i), act: ops.alloc_act(rows * i) }
     }
 }
 
 pub struct MoeActs<K: Kernels> {
     route: K::Route,
-    /// Router logits `[N, E]`, and their gradient.
+    /// Router logits `[N, E]`, and their gradient (f32: routing works in f32).
     logits: K::Buf,
     dlogits: K::Buf,
+    /// The gradient in the activations' storage, for the router's matrix products.
+    dlogits_act: K::Buf,
     /// Inputs gathered in expert order `[N*K, C]`.
     xg: K::Buf,
     /// Expert activations in expert order `[N*K, I]`.
@@ -104,8 +120,12 @@ pub struct Workspace<K: Kernels> {
     /// RoPE tables `[T, D]`.
     cos: K::Buf,
     sin: K::Buf,
-    // backward scratch, shared by all layers
+    // backward scratch, shared by all layers. f32: the residual stream's gradient `dresid`,
+    // and `dtmp`/`dxn`, the gradients RMSNorm's backward reads; the rest in the activations'
+    // storage.
     dresid: K::Buf,
+    /// `dresid` rounded for the matrix products that read it (unused when activations are f32).
+    dresid_act: K::Buf,
     dtmp: K::Buf,
     dxn: K::Buf,
     dq: K::Buf,
@@ -151,26 +171,29 @@ impl<K: Kernels> Workspace<K> {
         let (hd, gd) = (m.num_attention_heads * d, m.num_key_value_heads * d);
         let slots = if m.use_moe { n * m.num_experts_per_tok } else { 0 };
         let shape = shape_of(m, b, t);
+        // The f32 gradients' copies for the matrix products exist only in 16-bit storage.
+        let f32_acts = ops.act_dtype() == Dtype::Float32;
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
-                xn1: ops.alloc(n * c),
+                xn1: ops.alloc_act(n * c),
                 rstd1: ops.alloc(n),
-                q: ops.alloc(n * hd),
-                k: ops.alloc(n * gd),
-                v: ops.alloc(n * gd),
-                att: ops.alloc(n * hd),
+                q: ops.alloc_act(n * hd),
+                k: ops.alloc_act(n * gd),
+                v: ops.alloc_act(n * gd),
+                att: ops.alloc_act(n * hd),
                 attn: ops.new_attn(shape, keep_probs),
                 mid: ops.alloc(n * c),
-                xn2: ops.alloc(n * c),
+                xn2: ops.alloc_act(n * c),
                 rstd2: ops.alloc(n),
                 mlp: if m.use_moe {
                     MlpActs::Moe(Box::new(MoeActs {
                         route: ops.new_route(),
                         logits: ops.alloc(n * m.n_routed_experts),
                         dlogits: ops.alloc(n * m.n_routed_experts),
-                        xg: ops.alloc(slots * c),
+                        dlogits_act: ops.alloc_act(if f32_acts { 0 } else { n * m.n_routed_experts }),
+                        xg: ops.alloc_act(slots * c),
                         experts: FfnActs::new(ops, slots, i),
-                        yout: ops.alloc(slots * c),
+                        yout: ops.alloc_act(slots * c),
                         shared: (0..m.n_shared_experts).map(|_| FfnActs::new(ops, n, i)).collect(),
                     }))
                 } else {
@@ -185,22 +208,23 @@ impl<K: Kernels> Workspace<K> {
             resid: (0..=m.num_hidden_layers).map(|_| ops.alloc(n * c)).collect(),
             layers,
             attn_scratch: ops.alloc(ops.attn_scratch_len(shape, keep_probs)),
-            xnf: ops.alloc(n * c),
+            xnf: ops.alloc_act(n * c),
             rstdf: ops.alloc(n),
-            logits: ops.alloc(HEAD_CHUNK.min(n) * m.vocab_size),
+            logits: ops.alloc_act(HEAD_CHUNK.min(n) * m.vocab_size),
             row_loss: ops.alloc(n),
             cos,
             sin,
             dresid: ops.alloc(n * c),
+            dresid_act: ops.alloc_act(if f32_acts { 0 } else { n * c }),
             dtmp: ops.alloc(n * c),
             dxn: ops.alloc(n * c),
-            dq: ops.alloc(n * hd),
-            dk: ops.alloc(n * gd),
-            dv: ops.alloc(n * gd),
-            datt: ops.alloc(n * hd),
+            dq: ops.alloc_act(n * hd),
+            dk: ops.alloc_act(n * gd),
+            dv: ops.alloc_act(n * gd),
+            datt: ops.alloc_act(n * hd),
             dffn: FfnActs::new(ops, n.max(slots), i),
-            dyout: ops.alloc(slots * c),
-            dxg: ops.alloc(slots * c),
+            dyout: ops.alloc_act(slots * c),
+            dxg: ops.alloc_act(slots * c),
             slot_dw: ops.alloc(slots),
         }
     }
@@ -303,7 +327,7 @@ impl<K: Kernels> KvCache<K> {
         let (cos, sin) = rope_buffers(ops, m, capacity);
         KvCache {
             layers: (0..m.num_hidden_layers)
-                .map(|_| (ops.alloc(capacity * gd), ops.alloc(capacity * gd)))
+                .map(|_| (ops.alloc_act(capacity * gd), ops.alloc_act(capacity * gd)))
                 .collect(),
             ws: Workspace::new(ops, m, 1, 1, false),
             cos,
@@ -332,8 +356,24 @@ pub struct Model<'a, K: Kernels> {
 }
 
 impl<K: Kernels> Model<'_, K> {
-    fn w<'b>(&self, p: &'b K::Buf, r: &Range<usize>) -> K::V<'b> {
-        self.ops.view(p, r.clone())
+    /// A weight as the matrix products read it (the copy in the activations' storage).
+    fn w<'b>(&self, p: Weights<'b, K>, r: &Range<usize>) -> K::V<'b> {
+        self.ops.view(p.matmul, r.clone())
+    }
+
+    /// A weight in f32: RMSNorm's scales, the embedding rows a lookup copies.
+    fn wf<'b>(&self, p: Weights<'b, K>, r: &Range<usize>) -> K::V<'b> {
+        self.ops.view(p.master, r.clone())
+    }
+
+    /// `dy` (an f32 gradient) as a matrix product reads it: itself when activations are f32,
+    /// else rounded into `to`.
+    fn act_of<'b>(&self, dy: &'b K::Buf, to: &'b mut K::Buf, r: Range<usize>) -> &'b K::Buf {
+        if self.ops.act_dtype() == Dtype::Float32 {
+            return dy;
+        }
+        self.ops.cast(self.ops.view_mut(to, r.clone()), self.ops.view(dy, r));
+        to
     }
 
     /// `y[rows, out] (+)= x[rows, inp] Wᵀ`, W in PyTorch's `[out, inp]` layout.
@@ -373,12 +413,19 @@ impl<K: Kernels> Model<'_, K> {
 
     /// Forward through the blocks and the final norm for the `n` rows of `ids`; leaves
     /// `ws.xnf` = normed output and adds the MoE layers' aux losses to `acc[MB_AUX]`.
-    fn trunk_forward(&self, p: &K::Buf, ws: &mut Workspace<K>, acc: &mut K::Acc, ids: K::I<'_>, n: usize) {
+    fn trunk_forward(
+        &self,
+        p: Weights<'_, K>,
+        ws: &mut Workspace<K>,
+        acc: &mut K::Acc,
+        ids: K::I<'_>,
+        n: usize,
+    ) {
         let ops = self.ops;
         let c = self.m.hidden_size;
         let (b, t) = (n / ws.t, ws.t);
         ops.zero_acc(acc, acc::MB_AUX..acc::MB_AUX + 1);
-        ops.embed_forward(ops.view_mut(&mut ws.resid[0], 0..n * c), self.w(p, &self.layout.embed), ids, c);
+        ops.embed_forward(ops.view_mut(&mut ws.resid[0], 0..n * c), self.wf(p, &self.layout.embed), ids, c);
         let shape = shape_of(self.m, b, t);
         for l in 0..self.layout.layers.len() {
             let (before, after) = ws.resid.split_at_mut(l + 1);
@@ -400,14 +447,14 @@ impl<K: Kernels> Model<'_, K> {
     }
 
     /// `xnf = norm(last block's output)` over `n` rows.
-    fn final_norm(&self, p: &K::Buf, ws: &mut Workspace<K>, n: usize) {
+    fn final_norm(&self, p: Weights<'_, K>, ws: &mut Workspace<K>, n: usize) {
         let ops = self.ops;
         let c = self.m.hidden_size;
         ops.rmsnorm_forward(
             ops.view_mut(&mut ws.xnf, 0..n * c),
             ops.view_mut(&mut ws.rstdf, 0..n),
             ops.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
-            self.w(p, &self.layout.norm),
+            self.wf(p, &self.layout.norm),
             c,
             self.m.rms_norm_eps as f32,
         );
@@ -417,7 +464,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         l: usize,
         a: &mut LayerActs<K>,
         x: &K::Buf,
@@ -439,7 +486,7 @@ impl<K: Kernels> Model<'_, K> {
             ops.view_mut(&mut a.xn1, nc.clone()),
             ops.view_mut(&mut a.rstd1, 0..n),
             ops.view(x, nc.clone()),
-            self.w(p, &lp.ln1),
+            self.wf(p, &lp.ln1),
             c,
             eps,
         );
@@ -502,7 +549,7 @@ impl<K: Kernels> Model<'_, K> {
             ops.view_mut(&mut a.xn2, nc.clone()),
             ops.view_mut(&mut a.rstd2, 0..n),
             ops.view(&a.mid, nc.clone()),
-            self.w(p, &lp.ln2),
+            self.wf(p, &lp.ln2),
             c,
             eps,
         );
@@ -522,7 +569,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn ffn_forward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         f: &Ffn,
         fa: &mut FfnActs<K>,
         act_rows: Range<usize>,
@@ -559,7 +606,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn moe_forward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         router: &Range<usize>,
         experts: &[Ffn],
         shared: &[Ffn],
@@ -621,7 +668,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         grads: &mut K::Buf,
         ws: &mut Workspace<K>,
         acc: &mut K::Acc,
@@ -640,7 +687,7 @@ impl<K: Kernels> Model<'_, K> {
     /// Forward only: the summed loss over kept targets into `acc[MB_LM]` (for eval).
     pub fn loss(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         ws: &mut Workspace<K>,
         acc: &mut K::Acc,
         ids: K::I<'_>,
@@ -654,7 +701,7 @@ impl<K: Kernels> Model<'_, K> {
     /// Forward only, full logits `[N, V]` into `out`.
     pub fn logits(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         ws: &mut Workspace<K>,
         acc: &mut K::Acc,
         ids: K::I<'_>,
@@ -680,7 +727,14 @@ impl<K: Kernels> Model<'_, K> {
     }
 
     /// Feeds `token` at the next position of `cache` and writes the logits `[V]` to `out`.
-    pub fn decode(&self, p: &K::Buf, cache: &mut KvCache<K>, acc: &mut K::Acc, token: i32, out: &mut [f32]) {
+    pub fn decode(
+        &self,
+        p: Weights<'_, K>,
+        cache: &mut KvCache<K>,
+        acc: &mut K::Acc,
+        token: i32,
+        out: &mut [f32],
+    ) {
         let ops = self.ops;
         let (c, v) = (self.m.hidden_size, self.m.vocab_size);
         let pos = cache.len;
@@ -689,7 +743,7 @@ impl<K: Kernels> Model<'_, K> {
         let ws = &mut cache.ws;
         ops.embed_forward(
             ops.view_mut(&mut ws.resid[0], 0..c),
-            self.w(p, &self.layout.embed),
+            self.wf(p, &self.layout.embed),
             ops.idx(&cache.ids, 0..1),
             c,
         );
@@ -719,7 +773,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn head(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         mut grads: Option<&mut K::Buf>,
         ws: &mut Workspace<K>,
         acc: &mut K::Acc,
@@ -761,7 +815,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn trunk_backward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         grads: &mut K::Buf,
         ws: &mut Workspace<K>,
         ids: K::I<'_>,
@@ -783,7 +837,7 @@ impl<K: Kernels> Model<'_, K> {
             ops.view_mut(grads, lay.norm.clone()),
             ops.view(&ws.dxn, nc.clone()),
             ops.view(&ws.resid[m.num_hidden_layers], nc.clone()),
-            self.w(p, &lay.norm),
+            self.wf(p, &lay.norm),
             ops.view(&ws.rstdf, 0..n),
             c,
         );
@@ -792,20 +846,10 @@ impl<K: Kernels> Model<'_, K> {
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let a = &mut ws.layers[l];
             // mlp: dresid = d(out); d(xn2) into dtmp.
+            let dout = self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone());
             match (&lp.mlp, &mut a.mlp) {
                 (Mlp::Dense(f), MlpActs::Dense(fa)) => {
-                    self.ffn_backward(
-                        p,
-                        grads,
-                        f,
-                        fa,
-                        &mut ws.dffn,
-                        0..n,
-                        &a.xn2,
-                        &ws.dresid,
-                        &mut ws.dtmp,
-                        false,
-                    );
+                    self.ffn_backward(p, grads, f, fa, &mut ws.dffn, 0..n, &a.xn2, dout, &mut ws.dtmp, false);
                 }
                 (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
                     let scratch = MoeScratch {
@@ -822,7 +866,7 @@ impl<K: Kernels> Model<'_, K> {
                         ma,
                         scratch,
                         &a.xn2,
-                        &ws.dresid,
+                        dout,
                         &mut ws.dtmp,
                         b,
                         t,
@@ -836,12 +880,12 @@ impl<K: Kernels> Model<'_, K> {
                 ops.view_mut(grads, lp.ln2.clone()),
                 ops.view(&ws.dtmp, nc.clone()),
                 ops.view(&a.mid, nc.clone()),
-                self.w(p, &lp.ln2),
+                self.wf(p, &lp.ln2),
                 ops.view(&a.rstd2, 0..n),
                 c,
             );
             // attention: mid = x + att Woᵀ.
-            let dmid = ops.view(&ws.dresid, nc.clone());
+            let dmid = ops.view(self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone()), nc.clone());
             self.linear_dx(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
             self.linear_dw(ops.view_mut(grads, lp.o.clone()), dmid, ops.view(&a.att, 0..n * hd), n, c, hd);
             let scratch_len = ops.len(&ws.attn_scratch);
@@ -876,7 +920,7 @@ impl<K: Kernels> Model<'_, K> {
                 ops.view_mut(grads, lp.ln1.clone()),
                 ops.view(&ws.dtmp, nc.clone()),
                 ops.view(&ws.resid[l], nc.clone()),
-                self.w(p, &lp.ln1),
+                self.wf(p, &lp.ln1),
                 ops.view(&a.rstd1, 0..n),
                 c,
             );
@@ -891,7 +935,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn ffn_backward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         grads: &mut K::Buf,
         f: &Ffn,
         fa: &FfnActs<K>,
@@ -930,7 +974,7 @@ impl<K: Kernels> Model<'_, K> {
     #[allow(clippy::too_many_arguments)]
     fn moe_backward(
         &self,
-        p: &K::Buf,
+        p: Weights<'_, K>,
         grads: &mut K::Buf,
         moe: MoeParams<'_>,
         ma: &mut MoeActs<K>,
@@ -976,7 +1020,7 @@ impl<K: Kernels> Model<'_, K> {
             router_config(m),
             grad_scale,
         );
-        let dl = ops.view(&ma.dlogits, 0..n * e);
+        let dl = ops.view(self.act_of(&ma.dlogits, &mut ma.dlogits_act, 0..n * e), 0..n * e);
         self.linear_dw(ops.view_mut(grads, moe.router.clone()), dl, ops.view(xn, 0..n * c), n, e, c);
         self.linear_dx(ops.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
     }

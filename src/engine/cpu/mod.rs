@@ -370,6 +370,9 @@ impl Kernels for Cpu {
             },
         )
     }
+    fn cast(&self, out: &mut [f32], x: &[f32]) {
+        out.copy_from_slice(x);
+    }
     fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
         let Gemm { rows: m, cols: n, depth: k, a_transposed: ta, b_transposed: tb, accumulate } = g;
         self.timed(
@@ -794,6 +797,7 @@ impl Kernels for Cpu {
     fn adamw(
         &self,
         p: &mut [f32],
+        px: Option<&mut [f32]>,
         g: &mut [f32],
         m: &mut [f32],
         v: &mut [f32],
@@ -815,6 +819,10 @@ impl Kernels for Cpu {
                     .zip(g.par_chunks_mut(SUM_CHUNK))
                     .zip(m.par_chunks_mut(SUM_CHUNK).zip(v.par_chunks_mut(SUM_CHUNK)))
                     .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h, c));
+                // The CPU stores activations in f32: a copy of the weights is the weights.
+                if let Some(px) = px {
+                    px.copy_from_slice(p);
+                }
             },
         )
     }

@@ -46,7 +46,59 @@ impl Arg {
     }
 }
 
-/// One column-major `cublasGemmEx` call on f32 storage: `c[n, m] = op(b)[n, k] op(a)[k, m] (+ c)`.
+/// How a buffer of floats is stored: f32, or the bf16/f16 activations of a run in that dtype.
+/// The kernels of `kernels.cu` that take activations come in one form per store, in this
+/// order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Store {
+    /// Activations of a run computing in `dtype`.
+    pub fn of(dtype: Dtype) -> Store {
+        match dtype {
+            Dtype::Float32 => Store::F32,
+            Dtype::Bfloat16 => Store::Bf16,
+            Dtype::Float16 => Store::F16,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        if self == Store::F32 { 4 } else { 2 }
+    }
+
+    /// The kernel-name suffix and index among a template's forms.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Host f32 to stored bytes (rounded to nearest even), appended to `out`.
+    pub fn encode(self, x: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Store::F32 => out.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+            Store::Bf16 => out.extend(x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())),
+            Store::F16 => out.extend(x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
+        }
+    }
+
+    /// Stored bytes back to f32.
+    pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        let w = self.size();
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(w)) {
+            *o = match self {
+                Store::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                Store::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                Store::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            };
+        }
+    }
+}
+
+/// One column-major `cublasGemmEx` call: `c[n, m] = op(b)[n, k] op(a)[k, m] (+ c)`, `a` and
+/// `b` stored as `ab`, `c` as `c_store` (the same, or f32), accumulated in f32 (TF32 off).
 #[derive(Clone, Copy, Debug)]
 pub struct GemmCall {
     pub b_transposed: bool,
@@ -61,9 +113,8 @@ pub struct GemmCall {
     pub c: u64,
     pub ldc: usize,
     pub accumulate: bool,
-    /// Float32 computes in full f32 (TF32 off); bfloat16/float16 round the inputs and
-    /// accumulate in f32 (cuBLAS's `COMPUTE_32F_FAST_16BF`/`_16F`).
-    pub dtype: Dtype,
+    pub ab: Store,
+    pub c_store: Store,
 }
 
 /// The operations [`super::Cuda`] needs from a device. Work is queued in order on one stream;
@@ -76,7 +127,7 @@ pub trait Device: Send + Sync {
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String>;
     /// Copies to host memory once the queued work is done.
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String>;
-    /// Queues kernel `kernel` (an index into [`super::KERNELS`]).
+    /// Queues kernel `kernel` (an index into [`super::kernel_names`]).
     fn launch(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<(), String>;
     fn gemm(&self, g: &GemmCall) -> Result<(), String>;
     fn synchronize(&self) -> Result<(), String>;
@@ -134,7 +185,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     _module: Arc<CudaModule>,
-    /// In the order of [`super::KERNELS`].
+    /// In the order of [`super::kernel_names`].
     funcs: Vec<CudaFunction>,
     /// Per kernel, the dynamic shared memory it has opted in to (above the default 48 KB).
     opted_in: Vec<AtomicU32>,
@@ -242,12 +293,14 @@ impl Device for Gpu {
         self.bind()?;
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
         let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
-        let f32t = blas_sys::cudaDataType_t::CUDA_R_32F;
-        let compute = match g.dtype {
-            Dtype::Float32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Dtype::Bfloat16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-            Dtype::Float16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        let ty = |s: Store| match s {
+            Store::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
+            Store::Bf16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+            Store::F16 => blas_sys::cudaDataType_t::CUDA_R_16F,
         };
+        // f32 accumulation always: on bf16/f16 inputs that is the tensor cores' mode; on f32
+        // inputs it keeps TF32 off, so float32 matches the CPU engine.
+        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         // SAFETY: the caller bounds what cuBLAS reads and writes by the views' lengths; the
         // pointers are live allocations used in stream order.
         unsafe {
@@ -260,14 +313,14 @@ impl Device for Gpu {
                 g.k as i32,
                 &alpha as *const f32 as *const c_void,
                 g.b as *const c_void,
-                f32t,
+                ty(g.ab),
                 g.ldb as i32,
                 g.a as *const c_void,
-                f32t,
+                ty(g.ab),
                 g.lda as i32,
                 &beta as *const f32 as *const c_void,
                 g.c as *mut c_void,
-                f32t,
+                ty(g.c_store),
                 g.ldc as i32,
                 compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -297,6 +297,20 @@ static inline T __shfl_xor_sync(unsigned, T v, int mask) {
 }
 
 static inline float __int_as_float(int x) { return emu::from_bits<float>(static_cast<uint32_t>(x)); }
+static inline float __uint_as_float(unsigned x) { return emu::from_bits<float>(x); }
+static inline unsigned __float_as_uint(float x) { return static_cast<uint32_t>(emu::to_bits(x)); }
+// f16 through the compiler's own half type (round to nearest even, as the GPU's cvt.rn).
+static inline unsigned short f32_to_f16_bits(float f) {
+    _Float16 h = static_cast<_Float16>(f);
+    unsigned short b;
+    std::memcpy(&b, &h, 2);
+    return b;
+}
+static inline float f16_bits_to_f32(unsigned short b) {
+    _Float16 h;
+    std::memcpy(&h, &b, 2);
+    return static_cast<float>(h);
+}
 static inline float emu_expf(float x) { return expf(x); }
 #define __expf emu_expf
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
@@ -328,45 +342,52 @@ struct Kernel {
 };
 
 #define K(f) Kernel{#f, &emu::invoke<&f>, emu::signature(&f)}
+// A template's three kernels, in the order of `Store` (f32, bf16, f16).
+#define KX(f)                                                                          \
+    Kernel{#f "_f32", &emu::invoke<&as_f32::f##_f32>, emu::signature(&as_f32::f##_f32)},     \
+        Kernel{#f "_bf16", &emu::invoke<&as_bf16::f##_bf16>, emu::signature(&as_bf16::f##_bf16)}, \
+        Kernel{#f "_f16", &emu::invoke<&as_f16::f##_f16>, emu::signature(&as_f16::f##_f16)}
 const Kernel KERNEL_TABLE[] = {
-    K(fill_f32),
     K(add_f32),
     K(embed_forward),
     K(embed_backward),
-    K(rmsnorm_forward),
     K(rmsnorm_backward_dx),
     K(rmsnorm_backward_dw_partial),
     K(rmsnorm_backward_dw_sum),
-    K(rope),
-    K(attention_forward),
-    K(attention_backward_dq),
-    K(attention_backward_dkv),
-    K(attention_forward_tiled),
-    K(attention_delta),
-    K(attention_backward_dq_tiled),
-    K(attention_backward_dkv_tiled),
-    K(attention_decode),
-    K(swiglu_forward),
-    K(swiglu_backward),
-    K(cross_entropy),
     K(sum_to_acc),
     K(sum_squares_partial),
     K(sum_partials),
     K(zero_acc),
     K(fold_acc),
     K(clip_coef),
-    K(adamw),
     K(moe_topk),
     K(moe_dispatch),
     K(moe_aux_terms),
     K(moe_aux_sum),
-    K(gather_rows),
-    K(combine_rows),
-    K(slot_dots),
-    K(spread_rows),
     K(moe_router_backward),
+    KX(fill),
+    KX(cast),
+    KX(rmsnorm_forward),
+    KX(rope),
+    KX(attention_forward),
+    KX(attention_backward_dq),
+    KX(attention_backward_dkv),
+    KX(attention_forward_tiled),
+    KX(attention_delta),
+    KX(attention_backward_dq_tiled),
+    KX(attention_backward_dkv_tiled),
+    KX(attention_decode),
+    KX(swiglu_forward),
+    KX(swiglu_backward),
+    KX(cross_entropy),
+    KX(adamw),
+    KX(gather_rows),
+    KX(combine_rows),
+    KX(slot_dots),
+    KX(spread_rows),
 };
 #undef K
+#undef KX
 }  // namespace
 
 extern "C" int minimind_emu_kernels() { return sizeof(KERNEL_TABLE) / sizeof(KERNEL_TABLE[0]); }

@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use super::KERNELS;
-use super::device::{Arg, Device, GemmCall};
-use crate::config::Dtype;
+use super::device::{Arg, Device, GemmCall, Store};
+use super::kernel_names;
 
 unsafe extern "C" {
     fn minimind_emu_kernels() -> c_int;
@@ -65,7 +64,7 @@ pub fn table() -> Vec<(String, String)> {
 }
 
 pub struct Emulator {
-    /// Per entry of [`KERNELS`]: the emulator's index and parameter types.
+    /// Per entry of [`kernel_names`]: the emulator's index and parameter types.
     kernels: Vec<(c_int, String)>,
     /// The C++ side keeps one block's state: one launch at a time.
     lock: Mutex<()>,
@@ -74,9 +73,9 @@ pub struct Emulator {
 impl Emulator {
     pub fn new() -> Result<Emulator, String> {
         let table = table();
-        let kernels = KERNELS
+        let kernels = kernel_names()
             .iter()
-            .map(|&name| {
+            .map(|name| {
                 let i = table.iter().position(|(n, _)| n == name).ok_or_else(|| {
                     format!("the CUDA emulator has no kernel {name} (add it to emu.cpp's table)")
                 })?;
@@ -87,12 +86,33 @@ impl Emulator {
     }
 }
 
-/// Rounds to the precision a tensor core reads (bf16/f16), or leaves f32 alone.
-fn rounder(dtype: Dtype) -> fn(f32) -> f32 {
-    match dtype {
-        Dtype::Float32 => |x| x,
-        Dtype::Bfloat16 => |x| half::bf16::from_f32(x).to_f32(),
-        Dtype::Float16 => |x| half::f16::from_f32(x).to_f32(),
+/// Element `i` of a buffer at `base` stored as `st`, in f32.
+///
+/// # Safety
+/// `base` must hold at least `i + 1` elements.
+unsafe fn load(st: Store, base: u64, i: usize) -> f32 {
+    // SAFETY: in bounds by the caller's contract; the emulator's memory is host memory.
+    unsafe {
+        match st {
+            Store::F32 => *(base as *const f32).add(i),
+            Store::Bf16 => half::bf16::from_bits(*(base as *const u16).add(i)).to_f32(),
+            Store::F16 => half::f16::from_bits(*(base as *const u16).add(i)).to_f32(),
+        }
+    }
+}
+
+/// Stores `v` as element `i`, rounded to `st` (nearest even, as cuBLAS writes its output).
+///
+/// # Safety
+/// As [`load`].
+unsafe fn store(st: Store, base: u64, i: usize, v: f32) {
+    // SAFETY: as in `load`.
+    unsafe {
+        match st {
+            Store::F32 => *(base as *mut f32).add(i) = v,
+            Store::Bf16 => *(base as *mut u16).add(i) = half::bf16::from_f32(v).to_bits(),
+            Store::F16 => *(base as *mut u16).add(i) = half::f16::from_f32(v).to_bits(),
+        }
     }
 }
 
@@ -126,7 +146,7 @@ impl Device for Emulator {
             let given: String = args.iter().map(|a| a.code()).collect();
             return Err(format!(
                 "kernel {} takes ({signature}) but was given ({given}) (p pointer, i int, l i64, f float, d double)",
-                KERNELS[kernel]
+                kernel_names()[kernel]
             ));
         }
         let mut slots = [0u64; 24];
@@ -143,37 +163,39 @@ impl Device for Emulator {
         if r != 0 {
             // SAFETY: the C side wrote a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-            return Err(format!("kernel {}: {msg}", KERNELS[kernel]));
+            return Err(format!("kernel {}: {msg}", kernel_names()[kernel]));
         }
         Ok(())
     }
     fn gemm(&self, g: &GemmCall) -> Result<(), String> {
-        let GemmCall { b_transposed, a_transposed, n, m, k, b, ldb, a, lda, c, ldc, accumulate, dtype } = *g;
-        let round = rounder(dtype);
+        let GemmCall { b_transposed, a_transposed, n, m, k, b, ldb, a, lda, c, ldc, accumulate, ab, c_store } =
+            *g;
         // Column-major: element (i, p) of op(b) [n, k] and (p, j) of op(a) [k, m].
         let bv = |i: usize, p: usize| -> usize { if b_transposed { p + i * ldb } else { i + p * ldb } };
         let av = |p: usize, j: usize| -> usize { if a_transposed { j + p * lda } else { p + j * lda } };
-        let b_len = 1 + bv(n - 1, k - 1).max(bv(n - 1, 0)).max(bv(0, k - 1));
-        let a_len = 1 + av(k - 1, m - 1).max(av(0, m - 1)).max(av(k - 1, 0));
-        // SAFETY: the caller's views bound these extents; the output does not overlap the
-        // inputs (the engine never multiplies in place).
-        let (bs, as_, cs) = unsafe {
-            (
-                std::slice::from_raw_parts(b as *const f32, b_len),
-                std::slice::from_raw_parts(a as *const f32, a_len),
-                std::slice::from_raw_parts_mut(c as *mut f32, ldc * (m - 1) + n),
-            )
-        };
         // Copy op(b) to rows of k (one per output row i) and op(a) to rows of k (one per
-        // output column j), rounded, so each output is a contiguous dot product.
-        let brows: Vec<f32> =
-            (0..n).flat_map(|i| (0..k).map(move |p| (i, p))).map(|(i, p)| round(bs[bv(i, p)])).collect();
-        let arows: Vec<f32> =
-            (0..m).flat_map(|j| (0..k).map(move |p| (p, j))).map(|(p, j)| round(as_[av(p, j)])).collect();
-        cs.par_chunks_mut(ldc).take(m).zip(arows.par_chunks(k)).for_each(|(col, arow)| {
-            for (out, brow) in col.iter_mut().take(n).zip(brows.chunks(k)) {
+        // output column j), in f32, so each output is a contiguous dot product.
+        // SAFETY: the caller's views bound these extents.
+        let brows: Vec<f32> = (0..n)
+            .flat_map(|i| (0..k).map(move |p| (i, p)))
+            .map(|(i, p)| unsafe { load(ab, b, bv(i, p)) })
+            .collect();
+        let arows: Vec<f32> = (0..m)
+            .flat_map(|j| (0..k).map(move |p| (p, j)))
+            .map(|(p, j)| unsafe { load(ab, a, av(p, j)) })
+            .collect();
+        // Output column j is `n` elements from `c + j * ldc`; columns do not overlap (ldc >= n)
+        // nor the inputs (the engine never multiplies in place).
+        let c_at = c as usize;
+        (0..m).into_par_iter().zip(arows.par_chunks(k)).for_each(|(j, arow)| {
+            for (i, brow) in brows.chunks(k).enumerate() {
                 let sum: f32 = brow.iter().zip(arow).map(|(x, y)| x * y).sum();
-                *out = if accumulate { *out + sum } else { sum };
+                let at = j * ldc + i;
+                // SAFETY: within the output the caller's view bounds; one writer per element.
+                unsafe {
+                    let old = if accumulate { load(c_store, c_at as u64, at) } else { 0.0 };
+                    store(c_store, c_at as u64, at, if accumulate { old + sum } else { sum });
+                }
             }
         });
         Ok(())
@@ -208,7 +230,7 @@ mod tests {
     #[test]
     fn the_emulator_has_every_kernel_and_no_other() {
         let names: Vec<String> = table().into_iter().map(|(n, _)| n).collect();
-        let mut want: Vec<String> = KERNELS.iter().map(|s| s.to_string()).collect();
+        let mut want: Vec<String> = kernel_names().to_vec();
         let mut have = names.clone();
         want.sort();
         have.sort();
@@ -218,7 +240,7 @@ mod tests {
     #[test]
     fn a_launch_with_the_wrong_argument_types_is_refused() {
         let emu: Arc<dyn Device> = Arc::new(Emulator::new().unwrap());
-        let fill = KERNELS.iter().position(|&k| k == "fill_f32").unwrap();
+        let fill = kernel_names().iter().position(|k| k == "fill_f32").unwrap();
         // fill_f32(float*, float, i64): an int count is the bug a GPU would not report.
         let err = emu.launch(fill, 1, 32, 0, &[Arg::Ptr(0), Arg::F32(1.0), Arg::I32(4)]).unwrap_err();
         assert!(err.contains("takes (pfl) but was given (pfi)"), "{err}");
@@ -228,7 +250,7 @@ mod tests {
     fn a_block_reduction_gives_the_exact_sum_for_every_block_size() {
         // Shuffles inside warps, then __syncthreads across them: the scheduler's two barriers.
         let emu: Arc<dyn Device> = Arc::new(Emulator::new().unwrap());
-        let sum = KERNELS.iter().position(|&k| k == "sum_to_acc").unwrap();
+        let sum = kernel_names().iter().position(|k| k == "sum_to_acc").unwrap();
         let acc = emu.alloc(8).unwrap();
         let x: Vec<f32> = (1..=100).map(|i| i as f32).collect();
         let xp = emu.alloc(400).unwrap();

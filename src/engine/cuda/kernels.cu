@@ -15,6 +15,63 @@ typedef long long i64;
 #endif
 
 // ---------------------------------------------------------------------------------------
+// Storage formats. Parameters, gradients, optimiser moments, norms and the residual stream
+// are f32; activations are stored in the run's dtype X: float, bf16 or f16. Kernels read X
+// into f32, compute in f32, and round once when they store (to nearest even), writing
+// `X(value)`: the conversion from float is explicit, so a store that would round is visible.
+// A kernel with X in its parameters is a template, compiled once per format as `name_f32`,
+// `name_bf16` and `name_f16` (see INSTANTIATE).
+
+#ifdef MINIMIND_EMU
+#define MEMBER
+#else
+#define MEMBER __device__
+// f16 through the hardware's conversions; the emulator defines these two in C++.
+__device__ unsigned short f32_to_f16_bits(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ float f16_bits_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#endif
+
+// bf16 is the top half of an f32: rounding adds half an ulp (ties to even); a NaN stays one.
+__device__ unsigned short f32_to_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct bf16 {
+    unsigned short bits;
+    MEMBER bf16() = default;
+    MEMBER explicit bf16(float f) : bits(f32_to_bf16_bits(f)) {}
+    MEMBER operator float() const { return __uint_as_float((unsigned)bits << 16); }
+};
+
+struct f16 {
+    unsigned short bits;
+    MEMBER f16() = default;
+    MEMBER explicit f16(float f) : bits(f32_to_f16_bits(f)) {}
+    MEMBER operator float() const { return f16_bits_to_f32(bits); }
+};
+
+namespace as_f32 { typedef float X; }
+namespace as_bf16 { typedef bf16 X; }
+namespace as_f16 { typedef f16 X; }
+
+// The three kernels `name_f32/_bf16/_f16` of the template `name`: `params` spells the
+// parameter list with X, `args` passes them on.
+#define INSTANTIATE(name, params, args) \
+    namespace as_f32 { extern "C" __global__ void name##_f32 params { name<X> args; } } \
+    namespace as_bf16 { extern "C" __global__ void name##_bf16 params { name<X> args; } } \
+    namespace as_f16 { extern "C" __global__ void name##_f16 params { name<X> args; } }
+
+// ---------------------------------------------------------------------------------------
 // Reductions inside a block (blockDim.x a power of two, at most 1024).
 
 __device__ float block_sum(float v, float* shared) {
@@ -64,9 +121,19 @@ __device__ double block_sum_f64(double v, double* shared) {
 // ---------------------------------------------------------------------------------------
 // Elementwise
 
-extern "C" __global__ void fill_f32(float* x, float value, i64 n) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) x[i] = value;
+template <typename X>
+__device__ void fill(X* x, float value, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) x[i] = X(value);
 }
+INSTANTIATE(fill, (X* x, float value, i64 n), (x, value, n))
+
+// out = x rounded to X (activation gradients on their way into a matrix product; the
+// weights' copy in X after AdamW changed them elsewhere).
+template <typename X>
+__device__ void cast(X* out, const float* x, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) out[i] = X(x[i]);
+}
+INSTANTIATE(cast, (X* out, const float* x, i64 n), (out, x, n))
 
 extern "C" __global__ void add_f32(float* out, const float* x, i64 n) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) out[i] += x[i];
@@ -93,7 +160,8 @@ extern "C" __global__ void embed_backward(float* demb, const float* dout, const 
 // ---------------------------------------------------------------------------------------
 // RMSNorm: one block per row.
 
-extern "C" __global__ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int n, int c, float eps) {
+template <typename X>
+__device__ void rmsnorm_forward(X* y, float* rstd, const float* x, const float* w, int n, int c, float eps) {
     __shared__ float shared[32];
     int row = blockIdx.x;
     if (row >= n) return;
@@ -103,8 +171,9 @@ extern "C" __global__ void rmsnorm_forward(float* y, float* rstd, const float* x
     ss = block_sum(ss, shared);
     float r = rsqrtf(ss / c + eps);
     if (threadIdx.x == 0) rstd[row] = r;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) y[(i64)row * c + j] = w[j] * (xr[j] * r);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) y[(i64)row * c + j] = X(w[j] * (xr[j] * r));
 }
+INSTANTIATE(rmsnorm_forward, (X* y, float* rstd, const float* x, const float* w, int n, int c, float eps), (y, rstd, x, w, n, c, eps))
 
 // dx += r w dy - r^3 (sum_j dy w x) / c * x, per row.
 extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
@@ -142,7 +211,8 @@ extern "C" __global__ void rmsnorm_backward_dw_sum(float* dw, const float* parti
 // ---------------------------------------------------------------------------------------
 // RoPE over `heads` vectors of size d per row; row n at position first + n % period.
 
-extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, int n, int heads, int d, int first, int period, int inverse) {
+template <typename X>
+__device__ void rope(X* x, const float* cosb, const float* sinb, int n, int heads, int d, int first, int period, int inverse) {
     int half = d / 2;
     i64 total = (i64)n * heads * half;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -150,19 +220,21 @@ extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, 
         i64 vec = i / half;
         int row = vec / heads;
         int p = first + row % period;
-        float* v = x + vec * d;
+        X* v = x + vec * d;
         const float* cs = cosb + (i64)p * d;
         const float* sn = sinb + (i64)p * d;
         float a = v[j], b = v[j + half];
         if (inverse) {
-            v[j] = a * cs[j] + b * sn[half + j];
-            v[j + half] = b * cs[half + j] - a * sn[j];
+            v[j] = X(a * cs[j] + b * sn[half + j]);
+            v[j + half] = X(b * cs[half + j] - a * sn[j]);
         } else {
-            v[j] = a * cs[j] - b * sn[j];
-            v[j + half] = b * cs[half + j] + a * sn[half + j];
+            v[j] = X(a * cs[j] - b * sn[j]);
+            v[j + half] = X(b * cs[half + j] + a * sn[half + j]);
         }
     }
 }
+INSTANTIATE(rope, (X* x, const float* cosb, const float* sinb, int n, int heads, int d, int first, int period, int inverse),
+            (x, cosb, sinb, n, heads, d, first, period, inverse))
 
 // ---------------------------------------------------------------------------------------
 // Causal GQA attention, flash style: the [T, T] scores never exist. q/out [B*T, H*D], k/v
@@ -172,7 +244,8 @@ extern "C" __global__ void rope(float* x, const float* cosb, const float* sinb, 
 
 #define MAX_D 256
 
-extern "C" __global__ void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_forward(X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= b * h * t) return;
@@ -180,7 +253,7 @@ extern "C" __global__ void attention_forward(float* out, float* lse, const float
     int gi = hi / (h / g);
     int hd = h * d, gd = g * d;
     float scale = rsqrtf((float)d);
-    const float* qr = q + ((i64)bi * t + row) * hd + hi * d;
+    const X* qr = q + ((i64)bi * t + row) * hd + hi * d;
     float qv[MAX_D / 32], acc[MAX_D / 32];
     int per = (d + 31) / 32;
     for (int e = 0; e < per; e++) {
@@ -190,7 +263,7 @@ extern "C" __global__ void attention_forward(float* out, float* lse, const float
     }
     float m = -INF, l = 0.0f;
     for (int s = 0; s <= row; s++) {
-        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
         float dot = 0.0f;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
@@ -201,24 +274,27 @@ extern "C" __global__ void attention_forward(float* out, float* lse, const float
         float mn = fmaxf(m, sc);
         float corr = __expf(m - mn), p = __expf(sc - mn);
         l = l * corr + p;
-        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
             acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
         }
         m = mn;
     }
-    float* orow = out + ((i64)bi * t + row) * hd + hi * d;
+    X* orow = out + ((i64)bi * t + row) * hd + hi * d;
     for (int e = 0; e < per; e++) {
         int j = lane + 32 * e;
-        if (j < d) orow[j] = acc[e] / l;
+        if (j < d) orow[j] = X(acc[e] / l);
     }
     if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m + logf(l);
 }
+INSTANTIATE(attention_forward, (X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (out, lse, q, k, v, b, t, h, g, d))
 
 // Backward, step 1: per query row, delta = sum_s P dP (= rowsum(dO * O)) and dq. One warp per
 // (batch, head, row); P is recomputed from the saved log-sum-exp.
-extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_backward_dq(X* dq, float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= b * h * t) return;
@@ -239,8 +315,8 @@ extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const 
     // delta = sum_s P_s (dO . v_s)
     float dl = 0.0f;
     for (int s = 0; s <= row; s++) {
-        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
-        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
         float qk = 0.0f, dv = 0.0f;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
@@ -253,8 +329,8 @@ extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const 
         dl += __expf(qk * scale - L) * dv;
     }
     for (int s = 0; s <= row; s++) {
-        const float* kr = k + ((i64)bi * t + s) * gd + gi * d;
-        const float* vr = v + ((i64)bi * t + s) * gd + gi * d;
+        const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
+        const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
         float qk = 0.0f, dv = 0.0f;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
@@ -272,14 +348,18 @@ extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const 
     }
     for (int e = 0; e < per; e++) {
         int j = lane + 32 * e;
-        if (j < d) dq[qoff + j] = acc[e];
+        if (j < d) dq[qoff + j] = X(acc[e]);
     }
     if (lane == 0) delta[((i64)bi * h + hi) * t + row] = dl;
 }
+INSTANTIATE(attention_backward_dq,
+            (X* dq, float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (dq, delta, dout, lse, q, k, v, b, t, h, g, d))
 
 // Backward, step 2: per key row s of kv head gi, dk and dv gather from the query rows r >= s
 // of the group's heads, in a fixed order (no atomics). One warp per (batch, kv head, row).
-extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_backward_dkv(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= b * g * t) return;
@@ -323,9 +403,12 @@ extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const fl
     }
     for (int e = 0; e < per; e++) {
         int j = lane + 32 * e;
-        if (j < d) { dk[koff + j] = dka[e]; dv[koff + j] = dva[e]; }
+        if (j < d) { dk[koff + j] = X(dka[e]); dv[koff + j] = X(dva[e]); }
     }
 }
+INSTANTIATE(attention_backward_dkv,
+            (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (dk, dv, delta, dout, lse, q, k, v, b, t, h, g, d))
 
 // ---------------------------------------------------------------------------------------
 // Tiled causal attention (FlashAttention-2's loop order, f32 on the CUDA cores), for D <= 128.
@@ -354,7 +437,8 @@ __device__ float warp_max(float v) {
 
 // Copies rows first..first+TILE of a [B*T, width] matrix (this sequence's, head offset `col`)
 // into a [TILE, ld] tile; rows past the sequence become zeros.
-__device__ void load_tile(float* tile, int ld, const float* x, i64 base_row, int first, int t, int width, int col, int d) {
+template <typename X>
+__device__ void load_tile(float* tile, int ld, const X* x, i64 base_row, int first, int t, int width, int col, int d) {
     for (int e = threadIdx.x; e < TILE * d; e += blockDim.x) {
         int r = e / d, j = e % d;
         tile[r * ld + j] = first + r < t ? x[(base_row + first + r) * width + col + j] : 0.0f;
@@ -362,7 +446,8 @@ __device__ void load_tile(float* tile, int ld, const float* x, i64 base_row, int
 }
 
 // Forward: out [B*T, H*D] and lse [B*H*T] for one (batch, head, tile of query rows) per block.
-extern "C" __global__ void attention_forward_tiled(float* out, float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     DYNAMIC_SHARED(float, smem);
     int ld = d + 1;
     float* qs = smem;
@@ -424,17 +509,20 @@ extern "C" __global__ void attention_forward_tiled(float* out, float* lse, const
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         int row = q0 + warp * TILE_ROWS + rr;
         if (row >= t) continue;
-        float* orow = out + (base + row) * hd + hi * d;
+        X* orow = out + (base + row) * hd + hi * d;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
-            if (j < d) orow[j] = acc[rr][e] / l[rr];
+            if (j < d) orow[j] = X(acc[rr][e] / l[rr]);
         }
         if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m[rr] + logf(l[rr]);
     }
 }
+INSTANTIATE(attention_forward_tiled, (X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (out, lse, q, k, v, b, t, h, g, d))
 
 // Backward, step 1: delta = rowsum(dO * O) per (batch, head, row), one warp per row.
-extern "C" __global__ void attention_delta(float* delta, const float* dout, const float* out, int b, int t, int h, int d) {
+template <typename X>
+__device__ void attention_delta(float* delta, const X* dout, const X* out, int b, int t, int h, int d) {
     int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (w >= b * h * t) return;
@@ -445,10 +533,12 @@ extern "C" __global__ void attention_delta(float* delta, const float* dout, cons
     s = warp_sum(s);
     if (lane == 0) delta[((i64)bi * h + hi) * t + row] = s;
 }
+INSTANTIATE(attention_delta, (float* delta, const X* dout, const X* out, int b, int t, int h, int d), (delta, dout, out, b, t, h, d))
 
 // Backward, step 2: dq for one (batch, head, tile of query rows) per block.
 // dS = P (dP - delta), dq = scale dS K, with P recomputed from the saved log-sum-exp.
-extern "C" __global__ void attention_backward_dq_tiled(float* dq, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     DYNAMIC_SHARED(float, smem);
     int ld = d + 1;
     float* qs = smem;
@@ -516,15 +606,19 @@ extern "C" __global__ void attention_backward_dq_tiled(float* dq, const float* d
         if (row >= t) continue;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
-            if (j < d) dq[(base + row) * hd + hi * d + j] = acc[rr][e];
+            if (j < d) dq[(base + row) * hd + hi * d + j] = X(acc[rr][e]);
         }
     }
 }
+INSTANTIATE(attention_backward_dq_tiled,
+            (X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (dq, delta, dout, lse, q, k, v, b, t, h, g, d))
 
 // Backward, step 3: dk and dv for one (batch, kv head, tile of key rows) per block, summed
 // over the group's query heads and the query rows at or after each key, in that order.
 // Lane i owns query row i of the staged query tile.
-extern "C" __global__ void attention_backward_dkv_tiled(float* dk, float* dv, const float* delta, const float* dout, const float* lse, const float* q, const float* k, const float* v, int b, int t, int h, int g, int d) {
+template <typename X>
+__device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     DYNAMIC_SHARED(float, smem);
     int ld = d + 1;
     float* qs = smem;
@@ -606,15 +700,19 @@ extern "C" __global__ void attention_backward_dkv_tiled(float* dk, float* dv, co
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
             if (j < d) {
-                dk[(base + key) * gd + gi * d + j] = dka[rr][e];
-                dv[(base + key) * gd + gi * d + j] = dva[rr][e];
+                dk[(base + key) * gd + gi * d + j] = X(dka[rr][e]);
+                dv[(base + key) * gd + gi * d + j] = X(dva[rr][e]);
             }
         }
     }
 }
+INSTANTIATE(attention_backward_dkv_tiled,
+            (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
+            (dk, dv, delta, dout, lse, q, k, v, b, t, h, g, d))
 
 // One decoding step: one warp per query head against `len` cached positions.
-extern "C" __global__ void attention_decode(float* out, const float* q, const float* k, const float* v, int len, int h, int g, int d) {
+template <typename X>
+__device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int len, int h, int g, int d) {
     int hi = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (hi >= h) return;
@@ -630,7 +728,7 @@ extern "C" __global__ void attention_decode(float* out, const float* q, const fl
     }
     float m = -INF, l = 0.0f;
     for (int s = 0; s < len; s++) {
-        const float* kr = k + (i64)s * gd + gi * d;
+        const X* kr = k + (i64)s * gd + gi * d;
         float dot = 0.0f;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
@@ -641,7 +739,7 @@ extern "C" __global__ void attention_decode(float* out, const float* q, const fl
         float mn = fmaxf(m, sc);
         float corr = __expf(m - mn), p = __expf(sc - mn);
         l = l * corr + p;
-        const float* vr = v + (i64)s * gd + gi * d;
+        const X* vr = v + (i64)s * gd + gi * d;
         for (int e = 0; e < per; e++) {
             int j = lane + 32 * e;
             acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
@@ -650,24 +748,28 @@ extern "C" __global__ void attention_decode(float* out, const float* q, const fl
     }
     for (int e = 0; e < per; e++) {
         int j = lane + 32 * e;
-        if (j < d) out[hi * d + j] = acc[e] / l;
+        if (j < d) out[hi * d + j] = X(acc[e] / l);
     }
 }
+INSTANTIATE(attention_decode, (X* out, const X* q, const X* k, const X* v, int len, int h, int g, int d), (out, q, k, v, len, h, g, d))
 
 // ---------------------------------------------------------------------------------------
 // SwiGLU: gu rows are [gate (i) | up (i)].
 
-extern "C" __global__ void swiglu_forward(float* act, const float* gu, i64 rows, int i) {
+template <typename X>
+__device__ void swiglu_forward(X* act, const X* gu, i64 rows, int i) {
     i64 total = rows * i;
     for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
         i64 r = x / i;
         int j = x % i;
         float gv = gu[r * 2 * i + j], uv = gu[r * 2 * i + i + j];
-        act[x] = gv / (1.0f + __expf(-gv)) * uv;
+        act[x] = X(gv / (1.0f + __expf(-gv)) * uv);
     }
 }
+INSTANTIATE(swiglu_forward, (X* act, const X* gu, i64 rows, int i), (act, gu, rows, i))
 
-extern "C" __global__ void swiglu_backward(float* dgu, const float* dact, const float* gu, i64 rows, int i) {
+template <typename X>
+__device__ void swiglu_backward(X* dgu, const X* dact, const X* gu, i64 rows, int i) {
     i64 total = rows * i;
     for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
         i64 r = x / i;
@@ -675,22 +777,24 @@ extern "C" __global__ void swiglu_backward(float* dgu, const float* dact, const 
         float gv = gu[r * 2 * i + j], uv = gu[r * 2 * i + i + j];
         float sig = 1.0f / (1.0f + __expf(-gv));
         float da = dact[x];
-        dgu[r * 2 * i + i + j] = da * gv * sig;
-        dgu[r * 2 * i + j] = da * uv * sig * (1.0f + gv * (1.0f - sig));
+        dgu[r * 2 * i + i + j] = X(da * gv * sig);
+        dgu[r * 2 * i + j] = X(da * uv * sig * (1.0f + gv * (1.0f - sig)));
     }
 }
+INSTANTIATE(swiglu_backward, (X* dgu, const X* dact, const X* gu, i64 rows, int i), (dgu, dact, gu, rows, i))
 
 // ---------------------------------------------------------------------------------------
 // Cross-entropy, one block per row, in place: the row becomes scale * (softmax - onehot).
 
-extern "C" __global__ void cross_entropy(float* logits, float* losses, const int* targets, int rows, int vocab, float scale) {
+template <typename X>
+__device__ void cross_entropy(X* logits, float* losses, const int* targets, int rows, int vocab, float scale) {
     __shared__ float shared[32];
     int row = blockIdx.x;
     if (row >= rows) return;
-    float* z = logits + (i64)row * vocab;
+    X* z = logits + (i64)row * vocab;
     int target = targets[row];
     if (target < 0) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = 0.0f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = X(0.0f);
         if (threadIdx.x == 0) losses[row] = 0.0f;
         return;
     }
@@ -702,13 +806,15 @@ extern "C" __global__ void cross_entropy(float* logits, float* losses, const int
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += __expf(z[j] - m);
     sum = block_sum(sum, shared);
     float inv = scale / sum;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = __expf(z[j] - m) * inv;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) z[j] = X(__expf(z[j] - m) * inv);
     __syncthreads();
     if (threadIdx.x == 0) {
-        z[target] -= scale;
+        z[target] = X(z[target] - scale);
         losses[row] = logf(sum) - zt;
     }
 }
+INSTANTIATE(cross_entropy, (X* logits, float* losses, const int* targets, int rows, int vocab, float scale),
+            (logits, losses, targets, rows, vocab, scale))
 
 // ---------------------------------------------------------------------------------------
 // The f64 accumulators.
@@ -761,8 +867,10 @@ extern "C" __global__ void clip_coef(double* acc, int sum_sq, int norm, int coef
     acc[coef] = c * inv_scale;
 }
 
-// AdamW over flat buffers; the gradients are consumed (left at zero).
-extern "C" __global__ void adamw(float* p, float* g, float* m, float* v, i64 n, float beta1, float beta2, float eps,
+// AdamW over flat buffers; the gradients are consumed (left at zero). `px`, when not null,
+// receives the new weights rounded to X: the copy the matrix products read.
+template <typename X>
+__device__ void adamw(float* p, X* px, float* g, float* m, float* v, i64 n, float beta1, float beta2, float eps,
                                  float step_size, float bc2_sqrt, float decay, const double* acc, int coef) {
     float scale = (float)acc[coef];
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -773,9 +881,15 @@ extern "C" __global__ void adamw(float* p, float* g, float* m, float* v, i64 n, 
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        p[i] = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        float np = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        p[i] = np;
+        if (px) px[i] = X(np);
     }
 }
+INSTANTIATE(adamw,
+            (float* p, X* px, float* g, float* m, float* v, i64 n, float beta1, float beta2, float eps, float step_size, float bc2_sqrt,
+             float decay, const double* acc, int coef),
+            (p, px, g, m, v, n, beta1, beta2, eps, step_size, bc2_sqrt, decay, acc, coef))
 
 // ---------------------------------------------------------------------------------------
 // Mixture of experts. Routing: softmax scores, top-k (highest first, ties to the lower
@@ -869,15 +983,19 @@ extern "C" __global__ void moe_aux_sum(double* acc, int slot, const double* term
 }
 
 // out[i] = x[rows[i]], rows of width c.
-extern "C" __global__ void gather_rows(float* out, const float* x, const int* rows, int count, int c) {
+template <typename X>
+__device__ void gather_rows(X* out, const X* x, const int* rows, int count, int c) {
     int i = blockIdx.x;
     if (i >= count) return;
-    const float* src = x + (i64)rows[i] * c;
+    const X* src = x + (i64)rows[i] * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)i * c + j] = src[j];
 }
+INSTANTIATE(gather_rows, (X* out, const X* x, const int* rows, int count, int c), (out, x, rows, count, c))
 
-// out[n] (+)= sum_j w * y[pos[n*k + j]], in slot order.
-extern "C" __global__ void combine_rows(float* out, const float* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate) {
+// out[n] (+)= sum_j w * y[pos[n*k + j]], in slot order (out f32: it is the residual stream or
+// a gradient on its way to one).
+template <typename X>
+__device__ void combine_rows(float* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate) {
     int row = blockIdx.x;
     if (row >= n) return;
     for (int col = threadIdx.x; col < c; col += blockDim.x) {
@@ -890,29 +1008,35 @@ extern "C" __global__ void combine_rows(float* out, const float* y, const int* p
         out[(i64)row * c + col] = acc;
     }
 }
+INSTANTIATE(combine_rows, (float* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate),
+            (out, y, pos, weight, n, k, c, weighted, accumulate))
 
 // out[s] = <dy[s / k], y[pos[s]]>, one block per slot.
-extern "C" __global__ void slot_dots(float* out, const float* dy, const float* y, const int* pos, int slots, int k, int c) {
+template <typename X>
+__device__ void slot_dots(float* out, const X* dy, const X* y, const int* pos, int slots, int k, int c) {
     __shared__ float shared[32];
     int s = blockIdx.x;
     if (s >= slots) return;
-    const float* a = dy + (i64)(s / k) * c;
-    const float* b = y + (i64)pos[s] * c;
+    const X* a = dy + (i64)(s / k) * c;
+    const X* b = y + (i64)pos[s] * c;
     float acc = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) acc += a[j] * b[j];
     acc = block_sum(acc, shared);
     if (threadIdx.x == 0) out[s] = acc;
 }
+INSTANTIATE(slot_dots, (float* out, const X* dy, const X* y, const int* pos, int slots, int k, int c), (out, dy, y, pos, slots, k, c))
 
 // out[pos[s]] = weight[s] * dy[s / k].
-extern "C" __global__ void spread_rows(float* out, const float* dy, const int* pos, const float* weight, int slots, int k, int c) {
+template <typename X>
+__device__ void spread_rows(X* out, const X* dy, const int* pos, const float* weight, int slots, int k, int c) {
     int s = blockIdx.x;
     if (s >= slots) return;
-    const float* src = dy + (i64)(s / k) * c;
+    const X* src = dy + (i64)(s / k) * c;
     float w = weight[s];
-    float* dst = out + (i64)pos[s] * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = w * src[j];
+    X* dst = out + (i64)pos[s] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = X(w * src[j]);
 }
+INSTANTIATE(spread_rows, (X* out, const X* dy, const int* pos, const float* weight, int slots, int k, int c), (out, dy, pos, weight, slots, k, c))
 
 // Router-logit gradients from the slot-weight gradients, plus the aux term; one thread per
 // token. MAX_E experts at most.

@@ -1,11 +1,16 @@
 //! The CUDA kernels: the second implementation of [`Kernels`], over cudarc.
 //!
-//! Matrix products go to cuBLAS (`cublasGemmEx`, f32 storage; float32 computes in full f32
-//! with TF32 off, bfloat16 and float16 through cuBLAS's f32 tensor-core modes with bf16/f16
-//! inputs and f32 accumulation). Everything else runs in the kernels of `kernels.cu`,
-//! compiled with NVRTC for the device's architecture once per process. One compute stream
-//! (NCCL sums on a second, see `nccl`); buffers are plain device allocations addressed through views of raw device pointers; nothing waits
-//! for the device but `read_acc`, `download` and the expert offsets of a MoE routing.
+//! Precision: weights, gradients, AdamW moments, RMSNorm scales, the residual stream and its
+//! gradient are f32. Activations (normed inputs, q/k/v, attention output, feed-forward
+//! activations, logits, and the gradients flowing through them) are stored in the run's
+//! dtype ([`Store`]): f32, or bf16/f16 in half the bytes, read into f32 by every kernel and
+//! rounded once on store. Matrix products go to cuBLAS (`cublasGemmEx`, f32 accumulation, TF32
+//! off): two operands of one storage into that storage or f32; in 16 bits they read a bf16/f16
+//! copy of the weights that AdamW writes in the same pass as the f32 update. Everything else
+//! runs in the kernels of `kernels.cu`, compiled with NVRTC for the device's architecture once
+//! per process. One compute stream (NCCL sums on a second, see `nccl`); buffers are plain
+//! device allocations addressed through views of raw device pointers; nothing waits for the
+//! device but `read_acc`, `download` and the expert offsets of a MoE routing.
 //!
 //! Written once over a [`device::Device`]: the GPU, or the emulator that runs the same kernel
 //! sources on the CPU (`emu`), which is how CI tests this file without a GPU.
@@ -23,7 +28,7 @@ use cudarc::driver::CudaContext;
 
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use crate::config::Dtype;
-use device::{Arg, DBuf, Device, GemmCall, bytes, bytes_mut};
+use device::{Arg, DBuf, Device, GemmCall, Store, bytes, bytes_mut};
 
 mod device;
 pub mod emu;
@@ -32,16 +37,33 @@ mod nccl;
 /// The kernel sources, embedded in the binary.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
-/// Every kernel `SOURCE` defines (the compile test checks each is there).
-pub const KERNELS: &[&str] = &[
-    "fill_f32",
+/// The kernels `SOURCE` defines in one form (f32 throughout).
+const PLAIN: &[&str] = &[
     "add_f32",
     "embed_forward",
     "embed_backward",
-    "rmsnorm_forward",
     "rmsnorm_backward_dx",
     "rmsnorm_backward_dw_partial",
     "rmsnorm_backward_dw_sum",
+    "sum_to_acc",
+    "sum_squares_partial",
+    "sum_partials",
+    "zero_acc",
+    "fold_acc",
+    "clip_coef",
+    "moe_topk",
+    "moe_dispatch",
+    "moe_aux_terms",
+    "moe_aux_sum",
+    "moe_router_backward",
+];
+
+/// The kernels that read or write activations: templates over their storage, each defined as
+/// `name_f32`, `name_bf16` and `name_f16` (see [`Store`]).
+const TYPED: &[&str] = &[
+    "fill",
+    "cast",
+    "rmsnorm_forward",
     "rope",
     "attention_forward",
     "attention_backward_dq",
@@ -54,23 +76,22 @@ pub const KERNELS: &[&str] = &[
     "swiglu_forward",
     "swiglu_backward",
     "cross_entropy",
-    "sum_to_acc",
-    "sum_squares_partial",
-    "sum_partials",
-    "zero_acc",
-    "fold_acc",
-    "clip_coef",
     "adamw",
-    "moe_topk",
-    "moe_dispatch",
-    "moe_aux_terms",
-    "moe_aux_sum",
     "gather_rows",
     "combine_rows",
     "slot_dots",
     "spread_rows",
-    "moe_router_backward",
 ];
+
+/// Every kernel `SOURCE` defines, in launch-index order: [`PLAIN`], then each of [`TYPED`]
+/// in its three forms (the compile test checks each is there).
+pub fn kernel_names() -> &'static [String] {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let typed = TYPED.iter().flat_map(|t| ["f32", "bf16", "f16"].map(|s| format!("{t}_{s}")));
+        PLAIN.iter().map(|s| s.to_string()).chain(typed).collect()
+    })
+}
 
 /// Compiles `SOURCE` to PTX for `arch` (such as `sm_90`); the error carries NVRTC's log.
 pub fn compile(arch: &str) -> Result<String> {
@@ -124,20 +145,41 @@ fn i32_of(x: usize) -> Arg {
     Arg::I32(i32::try_from(x).expect("a size that fits a CUDA int"))
 }
 
-/// A read-only view of f32 device memory.
+/// Floats on the device: f32, or activations in the run's 16-bit format.
+pub struct FBuf {
+    mem: DBuf<u8>,
+    len: usize,
+    st: Store,
+}
+
+/// A read-only view of floats on the device.
 #[derive(Clone, Copy, Debug)]
 pub struct DView<'a> {
     ptr: u64,
     len: usize,
+    st: Store,
     _borrow: PhantomData<&'a ()>,
 }
 
-/// A writable view of f32 device memory.
+/// A writable view of floats on the device.
 #[derive(Debug)]
 pub struct DViewMut<'a> {
     ptr: u64,
     len: usize,
+    st: Store,
     _borrow: PhantomData<&'a mut ()>,
+}
+
+/// The store of a kernel's activation arguments: every one of `views` must share it (the
+/// kernels have one X), and the model never mixes them.
+fn same_store(what: &str, views: &[Store]) -> Store {
+    let st = views[0];
+    assert!(views.iter().all(|&v| v == st), "{what}: activations stored as {views:?}");
+    st
+}
+
+fn f32_only(what: &str, views: &[Store]) {
+    assert!(views.iter().all(|&v| v == Store::F32), "{what}: expects f32 buffers, got {views:?}");
 }
 
 /// A read-only view of i32 device memory.
@@ -219,9 +261,9 @@ impl Cuda {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .with_context(|| format!("loading the CUDA kernels for {arch}"))?;
-        let funcs = KERNELS
+        let funcs = kernel_names()
             .iter()
-            .map(|&name| module.load_function(name).with_context(|| format!("kernel {name}")))
+            .map(|name| module.load_function(name).with_context(|| format!("kernel {name}")))
             .collect::<Result<Vec<_>>>()?;
         let blas = CudaBlas::new(stream.clone()).context("starting cuBLAS")?;
         let total = ctx.total_mem().unwrap_or(0);
@@ -268,15 +310,30 @@ impl Cuda {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    /// Launches kernel `name` on `grid` blocks of `block` threads.
+    /// Launches kernel `name` (one of [`PLAIN`]) on `grid` blocks of `block` threads.
     fn launch(&self, name: &str, grid: u32, block: u32, shared: u32, args: &[Arg]) {
+        let kernel = PLAIN.iter().position(|&k| k == name).expect("every plain kernel is in PLAIN");
+        self.launch_at(kernel, grid, block, shared, args);
+    }
+
+    /// Launches the form of template `name` (one of [`TYPED`]) for activations stored as `st`.
+    fn launch_x(&self, name: &str, st: Store, grid: u32, block: u32, shared: u32, args: &[Arg]) {
+        let t = TYPED.iter().position(|&k| k == name).expect("every template is in TYPED");
+        self.launch_at(PLAIN.len() + 3 * t + st.index(), grid, block, shared, args);
+    }
+
+    fn launch_at(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) {
         if self.failed() || grid == 0 {
             return;
         }
-        let kernel = KERNELS.iter().position(|&k| k == name).expect("every kernel is in KERNELS");
         if let Err(e) = self.dev.launch(kernel, grid, block, shared, args) {
-            self.fail(|| format!("CUDA kernel {name} failed: {e}"));
+            self.fail(|| format!("CUDA kernel {} failed: {e}", kernel_names()[kernel]));
         }
+    }
+
+    /// Floats stored as `st`.
+    fn floats(&self, len: usize, st: Store) -> FBuf {
+        FBuf { mem: self.alloc_of(len * st.size()), len, st }
     }
 
     fn blocks(n: usize) -> u32 {
@@ -302,10 +359,6 @@ impl Cuda {
     }
 }
 
-fn dview<'a>(ptr: u64, len: usize) -> DView<'a> {
-    DView { ptr, len, _borrow: PhantomData }
-}
-
 impl Kernels for Cuda {
     fn dtype(&self) -> Dtype {
         self.dtype
@@ -329,7 +382,7 @@ impl Kernels for Cuda {
         }
     }
 
-    type Buf = DBuf<f32>;
+    type Buf = FBuf;
     type Idx = DBuf<i32>;
     type Acc = DBuf<f64>;
     type Route = CudaRoute;
@@ -339,11 +392,17 @@ impl Kernels for Cuda {
     type M<'a> = DViewMut<'a>;
     type I<'a> = IView<'a>;
 
-    fn alloc(&self, len: usize) -> DBuf<f32> {
-        self.alloc_of(len)
+    fn act_dtype(&self) -> Dtype {
+        self.dtype
     }
-    fn len(&self, buf: &DBuf<f32>) -> usize {
-        buf.len()
+    fn alloc(&self, len: usize) -> FBuf {
+        self.floats(len, Store::F32)
+    }
+    fn alloc_act(&self, len: usize) -> FBuf {
+        self.floats(len, Store::of(self.dtype))
+    }
+    fn len(&self, buf: &FBuf) -> usize {
+        buf.len
     }
     fn device_comm(
         &self,
@@ -353,23 +412,40 @@ impl Kernels for Cuda {
         let stream = self.dev.stream()?;
         Some(nccl::open(stream, world).map(|c| Box::new(c) as _))
     }
-    fn view<'a>(&self, buf: &'a DBuf<f32>, r: Range<usize>) -> DView<'a> {
-        assert!(r.start <= r.end && r.end <= buf.len(), "view {r:?} of {} floats", buf.len());
-        dview(self.ptr(buf) + 4 * r.start as u64, r.len())
+    fn view<'a>(&self, buf: &'a FBuf, r: Range<usize>) -> DView<'a> {
+        assert!(r.start <= r.end && r.end <= buf.len, "view {r:?} of {} floats", buf.len);
+        let ptr = buf.mem.ptr + (buf.st.size() * r.start) as u64;
+        DView { ptr, len: r.len(), st: buf.st, _borrow: PhantomData }
     }
-    fn view_mut<'a>(&self, buf: &'a mut DBuf<f32>, r: Range<usize>) -> DViewMut<'a> {
-        assert!(r.start <= r.end && r.end <= buf.len(), "view {r:?} of {} floats", buf.len());
-        DViewMut { ptr: self.ptr(buf) + 4 * r.start as u64, len: r.len(), _borrow: PhantomData }
+    fn view_mut<'a>(&self, buf: &'a mut FBuf, r: Range<usize>) -> DViewMut<'a> {
+        assert!(r.start <= r.end && r.end <= buf.len, "view {r:?} of {} floats", buf.len);
+        let ptr = buf.mem.ptr + (buf.st.size() * r.start) as u64;
+        DViewMut { ptr, len: r.len(), st: buf.st, _borrow: PhantomData }
     }
     fn upload(&self, dst: DViewMut<'_>, data: &[f32]) {
         assert_eq!(dst.len, data.len(), "upload size");
-        if let Err(e) = self.dev.htod(dst.ptr, bytes(data)) {
+        let copied = if dst.st == Store::F32 {
+            self.dev.htod(dst.ptr, bytes(data))
+        } else {
+            let mut stored = Vec::with_capacity(data.len() * dst.st.size());
+            dst.st.encode(data, &mut stored);
+            self.dev.htod(dst.ptr, &stored)
+        };
+        if let Err(e) = copied {
             self.fail(|| format!("copying to the GPU: {e}"));
         }
     }
     fn download(&self, src: DView<'_>, out: &mut [f32]) {
         assert_eq!(src.len, out.len(), "download size");
-        if let Err(e) = self.dev.dtoh(src.ptr, bytes_mut(out)) {
+        let copied = if src.st == Store::F32 {
+            self.dev.dtoh(src.ptr, bytes_mut(out))
+        } else {
+            let mut stored = vec![0u8; out.len() * src.st.size()];
+            let r = self.dev.dtoh(src.ptr, &mut stored);
+            src.st.decode(&stored, out);
+            r
+        };
+        if let Err(e) = copied {
             self.fail(|| format!("copying from the GPU: {e}"));
         }
     }
@@ -439,8 +515,9 @@ impl Kernels for Cuda {
     }
 
     fn fill(&self, out: DViewMut<'_>, value: f32) {
-        self.launch(
-            "fill_f32",
+        self.launch_x(
+            "fill",
+            out.st,
             Self::blocks(out.len),
             THREADS,
             0,
@@ -448,8 +525,21 @@ impl Kernels for Cuda {
         );
     }
     fn add(&self, out: DViewMut<'_>, x: DView<'_>) {
+        f32_only("add", &[out.st, x.st]);
         self.launch(
             "add_f32",
+            Self::blocks(out.len),
+            THREADS,
+            0,
+            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(out.len as i64)],
+        );
+    }
+    fn cast(&self, out: DViewMut<'_>, x: DView<'_>) {
+        assert_eq!(out.len, x.len, "cast size");
+        f32_only("cast source", &[x.st]);
+        self.launch_x(
+            "cast",
+            out.st,
             Self::blocks(out.len),
             THREADS,
             0,
@@ -459,12 +549,15 @@ impl Kernels for Cuda {
     fn matmul(&self, out: DViewMut<'_>, a: DView<'_>, b: DView<'_>, g: Gemm) {
         let Gemm { rows: m, cols: n, depth: k, a_transposed, b_transposed, accumulate } = g;
         assert!(out.len >= m * n && a.len >= m * k && b.len >= k * n, "matmul shapes");
+        // cuBLAS multiplies two operands of one storage into that storage or f32.
+        let ab = same_store("matmul operands", &[a.st, b.st]);
+        assert!(out.st == ab || out.st == Store::F32, "matmul of {ab:?} into {:?}", out.st);
         if m == 0 || n == 0 || self.failed() {
             return;
         }
         if k == 0 {
             if !accumulate {
-                self.fill(DViewMut { ptr: out.ptr, len: m * n, _borrow: PhantomData }, 0.0);
+                self.fill(DViewMut { ptr: out.ptr, len: m * n, st: out.st, _borrow: PhantomData }, 0.0);
             }
             return;
         }
@@ -483,7 +576,8 @@ impl Kernels for Cuda {
             c: out.ptr,
             ldc: n,
             accumulate,
-            dtype: self.dtype,
+            ab,
+            c_store: out.st,
         };
         if let Err(e) = self.dev.gemm(&call) {
             self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e}"));
@@ -491,6 +585,7 @@ impl Kernels for Cuda {
     }
 
     fn embed_forward(&self, out: DViewMut<'_>, emb: DView<'_>, ids: IView<'_>, c: usize) {
+        f32_only("embed_forward", &[out.st, emb.st]);
         self.launch(
             "embed_forward",
             ids.len as u32,
@@ -500,6 +595,7 @@ impl Kernels for Cuda {
         );
     }
     fn embed_backward(&self, demb: DViewMut<'_>, dout: DView<'_>, ids: IView<'_>, c: usize) {
+        f32_only("embed_backward", &[demb.st, dout.st]);
         self.launch(
             "embed_backward",
             ids.len as u32,
@@ -519,8 +615,10 @@ impl Kernels for Cuda {
         eps: f32,
     ) {
         let n = rstd.len;
-        self.launch(
+        f32_only("rmsnorm_forward", &[rstd.st, x.st, w.st]);
+        self.launch_x(
             "rmsnorm_forward",
+            y.st,
             n as u32,
             THREADS,
             0,
@@ -546,6 +644,7 @@ impl Kernels for Cuda {
         c: usize,
     ) {
         let n = rstd.len;
+        f32_only("rmsnorm_backward", &[dx.st, dw.st, dy.st, x.st, w.st, rstd.st]);
         self.launch(
             "rmsnorm_backward_dx",
             n as u32,
@@ -595,8 +694,10 @@ impl Kernels for Cuda {
     ) {
         let n = x.len / (heads * d);
         let work = n * heads * d / 2;
-        self.launch(
+        f32_only("rope tables", &[cos.st, sin.st]);
+        self.launch_x(
             "rope",
+            x.st,
             Self::blocks(work),
             THREADS,
             0,
@@ -627,6 +728,7 @@ impl Kernels for Cuda {
         assert!(s.d <= 256, "head_dim {} is above the CUDA attention's 256", s.d);
         let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let lse = self.ptr(saved);
+        let st = same_store("attention_forward", &[out.st, q.st, k.st, v.st]);
         let args = [
             Arg::Ptr(out.ptr),
             Arg::Ptr(lse),
@@ -641,9 +743,9 @@ impl Kernels for Cuda {
         ];
         if s.d <= TILED_MAX_D {
             let shared = tile_shared(s.d, 3, TILE_WARPS);
-            self.launch("attention_forward_tiled", tile_grid(s, s.h), TILE_THREADS, shared, &args);
+            self.launch_x("attention_forward_tiled", st, tile_grid(s, s.h), TILE_THREADS, shared, &args);
         } else {
-            self.launch("attention_forward", row_grid(s.b * s.h * s.t), THREADS, 0, &args);
+            self.launch_x("attention_forward", st, row_grid(s.b * s.h * s.t), THREADS, 0, &args);
         }
     }
 
@@ -662,29 +764,46 @@ impl Kernels for Cuda {
         s: AttnShape,
     ) {
         let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
+        let st = same_store("attention_backward", &[dq.st, dk.st, dv.st, dout.st, out.st, q.st, k.st, v.st]);
+        f32_only("attention_backward scratch", &[scratch.st]);
         let (lse, delta) = (Arg::Ptr(self.ptr(saved)), Arg::Ptr(scratch.ptr));
         let (dout_p, q_p, k_p, v_p) = (Arg::Ptr(dout.ptr), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr));
         let dq_args = [Arg::Ptr(dq.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         let dkv_args = [Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         if s.d > TILED_MAX_D {
             // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
-            self.launch("attention_backward_dq", row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
-            self.launch("attention_backward_dkv", row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
+            self.launch_x("attention_backward_dq", st, row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
+            self.launch_x("attention_backward_dkv", st, row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
             return;
         }
         // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows.
-        self.launch(
+        self.launch_x(
             "attention_delta",
+            st,
             row_grid(s.b * s.h * s.t),
             THREADS,
             0,
             &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
         );
         let dq_shared = tile_shared(s.d, 4, TILE_WARPS);
-        self.launch("attention_backward_dq_tiled", tile_grid(s, s.h), TILE_THREADS, dq_shared, &dq_args);
+        self.launch_x(
+            "attention_backward_dq_tiled",
+            st,
+            tile_grid(s, s.h),
+            TILE_THREADS,
+            dq_shared,
+            &dq_args,
+        );
         // Two [warps, 32] row buffers (P and dS) and lse and delta of the staged query rows.
         let dkv_shared = tile_shared(s.d, 4, 2 * TILE_WARPS + 2);
-        self.launch("attention_backward_dkv_tiled", tile_grid(s, s.g), TILE_THREADS, dkv_shared, &dkv_args);
+        self.launch_x(
+            "attention_backward_dkv_tiled",
+            st,
+            tile_grid(s, s.g),
+            TILE_THREADS,
+            dkv_shared,
+            &dkv_args,
+        );
     }
 
     fn attention_decode(
@@ -696,8 +815,10 @@ impl Kernels for Cuda {
         len: usize,
         s: AttnShape,
     ) {
-        self.launch(
+        let st = same_store("attention_decode", &[out.st, q.st, k.st, v.st]);
+        self.launch_x(
             "attention_decode",
+            st,
             (s.h * 32).div_ceil(THREADS as usize) as u32,
             THREADS,
             0,
@@ -716,8 +837,10 @@ impl Kernels for Cuda {
 
     fn swiglu_forward(&self, act: DViewMut<'_>, gu: DView<'_>, i: usize) {
         let rows = act.len / i;
-        self.launch(
+        let st = same_store("swiglu_forward", &[act.st, gu.st]);
+        self.launch_x(
             "swiglu_forward",
+            st,
             Self::blocks(act.len),
             THREADS,
             0,
@@ -726,8 +849,10 @@ impl Kernels for Cuda {
     }
     fn swiglu_backward(&self, dgu: DViewMut<'_>, dact: DView<'_>, gu: DView<'_>, i: usize) {
         let rows = dact.len / i;
-        self.launch(
+        let st = same_store("swiglu_backward", &[dgu.st, dact.st, gu.st]);
+        self.launch_x(
             "swiglu_backward",
+            st,
             Self::blocks(dact.len),
             THREADS,
             0,
@@ -744,8 +869,10 @@ impl Kernels for Cuda {
         scale: f32,
     ) {
         let rows = targets.len;
-        self.launch(
+        f32_only("cross_entropy losses", &[losses.st]);
+        self.launch_x(
             "cross_entropy",
+            logits.st,
             rows as u32,
             THREADS,
             0,
@@ -762,6 +889,7 @@ impl Kernels for Cuda {
 
     fn sum_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
         let p = self.ptr(acc);
+        f32_only("sum_to_acc", &[x.st]);
         self.launch(
             "sum_to_acc",
             1,
@@ -774,6 +902,7 @@ impl Kernels for Cuda {
     fn route(&self, route: &mut CudaRoute, logits: DView<'_>, b: usize, t: usize, rc: RouterConfig) {
         let (n, e, k) = (b * t, rc.experts, rc.top_k);
         let slots = n * k;
+        f32_only("router logits", &[logits.st]);
         let grow = |have: usize, want: usize| have < want.max(1);
         if grow(route.scores.len(), n * e) {
             route.scores = self.alloc_of(n * e);
@@ -884,8 +1013,10 @@ impl Kernels for Cuda {
     fn gather_rows(&self, out: DViewMut<'_>, x: DView<'_>, route: &CudaRoute, c: usize) {
         let count = out.len / c;
         let rows = self.ptr(&route.rows);
-        self.launch(
+        let st = same_store("gather_rows", &[out.st, x.st]);
+        self.launch_x(
             "gather_rows",
+            st,
             count as u32,
             THREADS,
             0,
@@ -904,8 +1035,10 @@ impl Kernels for Cuda {
     ) {
         let n = out.len / c;
         let (pos, weight) = (self.ptr(&route.pos), self.ptr(&route.weight));
-        self.launch(
+        f32_only("combine_rows output", &[out.st]);
+        self.launch_x(
             "combine_rows",
+            y.st,
             n as u32,
             THREADS,
             0,
@@ -926,8 +1059,11 @@ impl Kernels for Cuda {
     fn slot_dots(&self, out: DViewMut<'_>, dy: DView<'_>, y: DView<'_>, route: &CudaRoute, c: usize) {
         let slots = out.len;
         let pos = self.ptr(&route.pos);
-        self.launch(
+        f32_only("slot_dots output", &[out.st]);
+        let st = same_store("slot_dots", &[dy.st, y.st]);
+        self.launch_x(
             "slot_dots",
+            st,
             slots as u32,
             THREADS,
             0,
@@ -946,8 +1082,10 @@ impl Kernels for Cuda {
     fn spread_rows(&self, out: DViewMut<'_>, dy: DView<'_>, route: &CudaRoute, c: usize) {
         let slots = out.len / c;
         let (pos, weight) = (self.ptr(&route.pos), self.ptr(&route.weight));
-        self.launch(
+        let st = same_store("spread_rows", &[out.st, dy.st]);
+        self.launch_x(
             "spread_rows",
+            st,
             slots as u32,
             THREADS,
             0,
@@ -974,6 +1112,7 @@ impl Kernels for Cuda {
         aux_scale: f32,
     ) {
         assert!(rc.experts <= 256, "the CUDA router handles at most 256 experts");
+        f32_only("router_backward", &[slot_dw.st, dlogits.st]);
         let n = b * t;
         let (scores, expert, weight, ag) = (
             self.ptr(&route.scores),
@@ -1006,6 +1145,7 @@ impl Kernels for Cuda {
     }
 
     fn sum_squares_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
+        f32_only("sum_squares_to_acc", &[x.st]);
         let partials = self.partials.lock().unwrap_or_else(|e| e.into_inner());
         let pp = self.ptr(&partials);
         self.launch(
@@ -1054,6 +1194,7 @@ impl Kernels for Cuda {
     fn adamw(
         &self,
         p: DViewMut<'_>,
+        px: Option<DViewMut<'_>>,
         g: DViewMut<'_>,
         m: DViewMut<'_>,
         v: DViewMut<'_>,
@@ -1061,19 +1202,30 @@ impl Kernels for Cuda {
         acc: &DBuf<f64>,
         coef: usize,
     ) {
+        f32_only("adamw", &[p.st, g.st, m.st, v.st]);
+        // Without a copy to refresh, the f32 form with a null pointer.
+        let (px, st) = match px {
+            Some(x) => {
+                assert_eq!(x.len, p.len, "adamw: the weights' copy covers the weights");
+                (x.ptr, x.st)
+            }
+            None => (0, Store::F32),
+        };
         let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
         let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
         let step_size = (h.lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let decay = 1.0 - h.lr * h.weight_decay;
         let a = self.ptr(acc);
-        self.launch(
+        self.launch_x(
             "adamw",
+            st,
             Self::blocks(p.len).min(4096),
             THREADS,
             0,
             &[
                 Arg::Ptr(p.ptr),
+                Arg::Ptr(px),
                 Arg::Ptr(g.ptr),
                 Arg::Ptr(m.ptr),
                 Arg::Ptr(v.ptr),
@@ -1119,7 +1271,7 @@ mod tests {
         }
         for arch in ["sm_80", "sm_90"] {
             let ptx = compile(arch).unwrap_or_else(|e| panic!("{e:#}"));
-            for name in KERNELS {
+            for name in kernel_names() {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{arch}: no kernel {name} in the PTX");
             }
         }
@@ -1159,6 +1311,76 @@ mod tests {
         assert!(err.contains("wrote past its 256 bytes of dynamic shared memory"), "{err}");
     }
 
+    #[test]
+    fn cuda_activations_are_stored_in_16_bits_rounded_once_to_nearest_even() {
+        // Around 1.0 a bf16 step is 2^-7 and an f16 step 2^-10: halfway values go to the even
+        // neighbour, the kernels' cast and the host's conversion agree, and AdamW's copy of the
+        // weights is the new f32 weights rounded the same way.
+        let ties = |ulp: f32| [1.0, 1.0 + ulp / 2.0, 1.0 + 1.5 * ulp, -3.0 - ulp / 2.0, 0.0];
+        for (dtype, ulp) in [(Dtype::Bfloat16, 2f32.powi(-7)), (Dtype::Float16, 2f32.powi(-10))] {
+            let emu = Cuda::emulated(dtype).unwrap();
+            let x = ties(ulp);
+            let want = [1.0, 1.0, 1.0 + 2.0 * ulp, -3.0, 0.0];
+            let mut f = emu.alloc(x.len());
+            emu.upload(emu.view_mut(&mut f, 0..5), &x);
+            let mut act = emu.alloc_act(x.len());
+            assert_eq!((act.st, act.mem.len()), (Store::of(dtype), 10), "{dtype:?}: two bytes a float");
+            emu.cast(emu.view_mut(&mut act, 0..5), emu.view(&f, 0..5));
+            let mut got = [0.0f32; 5];
+            emu.download(emu.view(&act, 0..5), &mut got);
+            assert_eq!(got, want, "{dtype:?}: the kernels' rounding");
+            emu.upload(emu.view_mut(&mut act, 0..5), &x);
+            emu.download(emu.view(&act, 0..5), &mut got);
+            assert_eq!(got, want, "{dtype:?}: the host's rounding");
+
+            // One AdamW step with zero gradients and no decay leaves the weights as they were:
+            // the copy is their rounding.
+            let (mut g, mut m, mut v) = (emu.alloc(5), emu.alloc(5), emu.alloc(5));
+            let mut acc = emu.alloc_acc(1);
+            emu.zero_acc(&mut acc, 0..1);
+            let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1 };
+            emu.fill(emu.view_mut(&mut act, 0..5), 7.0);
+            emu.adamw(
+                emu.view_mut(&mut f, 0..5),
+                Some(emu.view_mut(&mut act, 0..5)),
+                emu.view_mut(&mut g, 0..5),
+                emu.view_mut(&mut m, 0..5),
+                emu.view_mut(&mut v, 0..5),
+                h,
+                &acc,
+                0,
+            );
+            emu.check().unwrap();
+            emu.download(emu.view(&act, 0..5), &mut got);
+            assert_eq!(got, want, "{dtype:?}: AdamW's copy");
+            emu.download(emu.view(&f, 0..5), &mut got);
+            assert_eq!(got, x, "{dtype:?}: the f32 weights keep every bit");
+        }
+    }
+
+    #[test]
+    fn cuda_matmul_takes_16_bit_operands_into_either_storage_and_refuses_a_mix() {
+        let emu = Cuda::emulated(Dtype::Bfloat16).unwrap();
+        // [1, 2] · [2, 1]: 1.5 * 1.5 + 1 * 1 = 3.25, exact in f32 and in bf16.
+        let (mut a, mut b) = (emu.alloc_act(2), emu.alloc_act(2));
+        emu.upload(emu.view_mut(&mut a, 0..2), &[1.5, 1.0]);
+        emu.upload(emu.view_mut(&mut b, 0..2), &[1.5, 1.0]);
+        let g =
+            Gemm { rows: 1, cols: 1, depth: 2, a_transposed: false, b_transposed: false, accumulate: false };
+        let (mut to_f32, mut to_act) = (emu.alloc(1), emu.alloc_act(1));
+        emu.matmul(emu.view_mut(&mut to_f32, 0..1), emu.view(&a, 0..2), emu.view(&b, 0..2), g);
+        emu.matmul(emu.view_mut(&mut to_act, 0..1), emu.view(&a, 0..2), emu.view(&b, 0..2), g);
+        emu.check().unwrap();
+        let mut got = [0.0f32; 2];
+        emu.download(emu.view(&to_f32, 0..1), &mut got[..1]);
+        emu.download(emu.view(&to_act, 0..1), &mut got[1..]);
+        assert_eq!(got, [3.25, 3.25]);
+        let f = emu.alloc(2);
+        let mixed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            emu.matmul(emu.view_mut(&mut to_f32, 0..1), emu.view(&a, 0..2), emu.view(&f, 0..2), g)
+        }));
+        assert!(mixed.is_err(), "an f32 operand beside a bf16 one is a model bug, caught");
+    }
     #[test]
     fn cuda_compile_errors_carry_the_nvrtc_log() {
         if !nvrtc_or_skip() {

@@ -11,8 +11,8 @@ use anyhow::{Result, bail};
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
-use super::Cuda;
-use super::device::DBuf;
+use super::device::Store;
+use super::{Cuda, FBuf};
 use crate::dist::World;
 use crate::engine::comm::Communicator;
 
@@ -52,13 +52,13 @@ impl DevicePtrMut<f32> for Floats {
 }
 
 impl Nccl {
-    fn floats(&self, buf: &DBuf<f32>, range: Range<usize>) -> Floats {
+    fn floats(&self, buf: &FBuf, range: Range<usize>) -> Floats {
         assert!(
-            range.start <= range.end && range.end <= buf.len(),
+            range.start <= range.end && range.end <= buf.len && buf.st == Store::F32,
             "range {range:?} of {} floats",
-            buf.len()
+            buf.len
         );
-        Floats { ptr: buf.ptr + 4 * range.start as u64, len: range.len(), stream: self.sums.clone() }
+        Floats { ptr: buf.mem.ptr + 4 * range.start as u64, len: range.len(), stream: self.sums.clone() }
     }
 
     /// The collective stream waits for what the engine's stream has queued so far.
@@ -122,7 +122,7 @@ impl Communicator<Cuda> for Nccl {
     fn world(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+    fn all_reduce_sum(&mut self, k: &Cuda, buf: &mut FBuf, range: Range<usize>) {
         if let Err(e) = self.after_compute() {
             k.fail(|| format!("ordering the NCCL stream after the backward: {e}"));
             return;
@@ -132,7 +132,7 @@ impl Communicator<Cuda> for Nccl {
             k.fail(|| format!("NCCL all-reduce: {e:?}"));
         }
     }
-    fn broadcast(&mut self, k: &Cuda, buf: &mut DBuf<f32>, range: Range<usize>) {
+    fn broadcast(&mut self, k: &Cuda, buf: &mut FBuf, range: Range<usize>) {
         if let Err(e) = self.after_compute() {
             k.fail(|| format!("ordering the NCCL stream after the engine's: {e}"));
             return;

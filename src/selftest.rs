@@ -103,8 +103,20 @@ fn cuda_kernels(ordinal: usize, pool: &rayon::ThreadPool, checks: &mut Vec<Check
     say(&format!("kernels: {} (float32, TF32 off) against the CPU", gpu.describe()));
     let cpu = Cpu::new();
     checks.extend(conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &gpu_tolerance));
+    gpu.check()?;
+    // The same cases with activations stored in bf16 (the kernels' 16-bit forms and matrix
+    // products on bf16 operands), against the CPU's f32: within bf16's rounding.
+    let gpu = crate::engine::cuda::Cuda::new(ordinal, Dtype::Bfloat16)?;
+    say(&format!("kernels: {} (activations in bfloat16) against the CPU", gpu.describe()));
+    let bf16 = conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &|_| BF16_TOLERANCE);
+    checks.extend(bf16.into_iter().map(|c| Check { name: format!("{} [bf16]", c.name), ..c }));
     gpu.check()
 }
+
+/// A kernel's outputs with its activations stored in bf16 (8 bits of mantissa: one rounding
+/// is up to 2^-9 relative) against the CPU's f32.
+#[cfg(feature = "cuda")]
+const BF16_TOLERANCE: f64 = 2e-2;
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_kernels(_: usize, _: &rayon::ThreadPool, _: &mut Vec<Check>) -> Result<()> {

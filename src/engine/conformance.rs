@@ -50,6 +50,14 @@ fn up<K: Kernels>(k: &K, data: &[f32]) -> K::Buf {
     b
 }
 
+/// Activations (stored in the backend's `act_dtype`): in 16 bits, the suite checks the
+/// kernels' 16-bit forms, with the inputs rounded as the engine would have stored them.
+fn up_act<K: Kernels>(k: &K, data: &[f32]) -> K::Buf {
+    let mut b = k.alloc_act(data.len());
+    k.upload(k.view_mut(&mut b, 0..data.len()), data);
+    b
+}
+
 fn host<K: Kernels>(k: &K, b: &K::Buf) -> Vec<f32> {
     let n = k.len(b);
     let mut out = vec![0.0; n];
@@ -122,8 +130,8 @@ fn case_add<K: Kernels>(k: &K) -> Vec<f32> {
 }
 
 fn matmul<K: Kernels>(k: &K, g: Gemm, seed: u64) -> Vec<f32> {
-    let a = up(k, &random(g.rows * g.depth, seed, 1.0));
-    let b = up(k, &random(g.depth * g.cols, seed + 1, 1.0));
+    let a = up_act(k, &random(g.rows * g.depth, seed, 1.0));
+    let b = up_act(k, &random(g.depth * g.cols, seed + 1, 1.0));
     let mut out = up(k, &random(g.rows * g.cols, seed + 2, 1.0));
     k.matmul(
         k.view_mut(&mut out, 0..g.rows * g.cols),
@@ -187,7 +195,7 @@ fn case_rmsnorm_forward<K: Kernels>(k: &K) -> Vec<f32> {
     let n = 37;
     let x = up(k, &random(n * C, 50, 2.0));
     let w = up(k, &random(C, 51, 1.0));
-    let (mut y, mut r) = (k.alloc(n * C), k.alloc(n));
+    let (mut y, mut r) = (k.alloc_act(n * C), k.alloc(n));
     k.rmsnorm_forward(
         k.view_mut(&mut y, 0..n * C),
         k.view_mut(&mut r, 0..n),
@@ -245,12 +253,12 @@ fn case_rope<K: Kernels>(k: &K) -> Vec<f32> {
     let (t, heads, d) = (11, 3, 16);
     let n = 2 * t;
     let (cos, sin) = tables(k, 40, d);
-    let mut x = up(k, &random(n * heads * d, 60, 1.0));
+    let mut x = up_act(k, &random(n * heads * d, 60, 1.0));
     let (cv, sv) = (k.view(&cos, 0..40 * d), k.view(&sin, 0..40 * d));
     k.rope(k.view_mut(&mut x, 0..n * heads * d), cv, sv, Positions::sequences(t), heads, d, false);
     let forward = host(k, &x);
     k.rope(k.view_mut(&mut x, 0..n * heads * d), cv, sv, Positions::sequences(t), heads, d, true);
-    let mut one = up(k, &random(heads * d, 61, 1.0));
+    let mut one = up_act(k, &random(heads * d, 61, 1.0));
     k.rope(k.view_mut(&mut one, 0..heads * d), cv, sv, Positions::at(37), heads, d, false);
     [forward, host(k, &x), host(k, &one)].concat()
 }
@@ -262,10 +270,10 @@ fn attn_shape() -> AttnShape {
 
 fn attention<K: Kernels>(k: &K, s: AttnShape, backward: bool) -> Vec<f32> {
     let (n, hd, gd) = (s.b * s.t, s.h * s.d, s.g * s.d);
-    let q = up(k, &random(n * hd, 70, 1.0));
-    let kk = up(k, &random(n * gd, 71, 1.0));
-    let v = up(k, &random(n * gd, 72, 1.0));
-    let mut out = k.alloc(n * hd);
+    let q = up_act(k, &random(n * hd, 70, 1.0));
+    let kk = up_act(k, &random(n * gd, 71, 1.0));
+    let v = up_act(k, &random(n * gd, 72, 1.0));
+    let mut out = k.alloc_act(n * hd);
     let mut saved = k.new_attn(s, false);
     let mut scratch = k.alloc(k.attn_scratch_len(s, false));
     let sl = k.len(&scratch);
@@ -281,8 +289,8 @@ fn attention<K: Kernels>(k: &K, s: AttnShape, backward: bool) -> Vec<f32> {
     if !backward {
         return host(k, &out);
     }
-    let dout = up(k, &random(n * hd, 73, 1.0));
-    let (mut dq, mut dk, mut dv) = (k.alloc(n * hd), k.alloc(n * gd), k.alloc(n * gd));
+    let dout = up_act(k, &random(n * hd, 73, 1.0));
+    let (mut dq, mut dk, mut dv) = (k.alloc_act(n * hd), k.alloc_act(n * gd), k.alloc_act(n * gd));
     k.attention_backward(
         k.view_mut(&mut dq, 0..n * hd),
         k.view_mut(&mut dk, 0..n * gd),
@@ -323,10 +331,10 @@ fn case_attention_wide<K: Kernels>(k: &K) -> Vec<f32> {
 fn case_attention_decode<K: Kernels>(k: &K) -> Vec<f32> {
     let s = attn_shape();
     let (len, hd, gd) = (9, s.h * s.d, s.g * s.d);
-    let q = up(k, &random(hd, 80, 1.0));
-    let kc = up(k, &random(len * gd, 81, 1.0));
-    let vc = up(k, &random(len * gd, 82, 1.0));
-    let mut out = k.alloc(hd);
+    let q = up_act(k, &random(hd, 80, 1.0));
+    let kc = up_act(k, &random(len * gd, 81, 1.0));
+    let vc = up_act(k, &random(len * gd, 82, 1.0));
+    let mut out = k.alloc_act(hd);
     let one = s.with_rows(1, 1).expect("valid");
     k.attention_decode(
         k.view_mut(&mut out, 0..hd),
@@ -341,17 +349,17 @@ fn case_attention_decode<K: Kernels>(k: &K) -> Vec<f32> {
 
 fn case_swiglu_forward<K: Kernels>(k: &K) -> Vec<f32> {
     let (rows, i) = (13, 37);
-    let gu = up(k, &random(rows * 2 * i, 90, 3.0));
-    let mut act = k.alloc(rows * i);
+    let gu = up_act(k, &random(rows * 2 * i, 90, 3.0));
+    let mut act = k.alloc_act(rows * i);
     k.swiglu_forward(k.view_mut(&mut act, 0..rows * i), k.view(&gu, 0..rows * 2 * i), i);
     host(k, &act)
 }
 
 fn case_swiglu_backward<K: Kernels>(k: &K) -> Vec<f32> {
     let (rows, i) = (13, 37);
-    let gu = up(k, &random(rows * 2 * i, 91, 3.0));
-    let da = up(k, &random(rows * i, 92, 1.0));
-    let mut dgu = k.alloc(rows * 2 * i);
+    let gu = up_act(k, &random(rows * 2 * i, 91, 3.0));
+    let da = up_act(k, &random(rows * i, 92, 1.0));
+    let mut dgu = k.alloc_act(rows * 2 * i);
     k.swiglu_backward(
         k.view_mut(&mut dgu, 0..rows * 2 * i),
         k.view(&da, 0..rows * i),
@@ -363,7 +371,7 @@ fn case_swiglu_backward<K: Kernels>(k: &K) -> Vec<f32> {
 
 fn case_cross_entropy<K: Kernels>(k: &K) -> Vec<f32> {
     let rows = 17;
-    let mut logits = up(k, &random(rows * V, 100, 4.0));
+    let mut logits = up_act(k, &random(rows * V, 100, 4.0));
     let targets: Vec<i32> = (0..rows).map(|r| if r % 5 == 3 { -1 } else { (r * 37 % V) as i32 }).collect();
     let t = idx(k, &targets);
     let mut losses = k.alloc(rows);
@@ -460,16 +468,16 @@ fn case_route<K: Kernels>(k: &K) -> Vec<f32> {
 fn case_moe_rows<K: Kernels>(k: &K) -> Vec<f32> {
     let (route, _) = routed(k);
     let (n, slots) = (18, 18 * TOPK);
-    let x = up(k, &random(n * C, 150, 1.0));
-    let y = up(k, &random(slots * C, 151, 1.0));
-    let dy = up(k, &random(n * C, 152, 1.0));
-    let mut gathered = k.alloc(slots * C);
+    let x = up_act(k, &random(n * C, 150, 1.0));
+    let y = up_act(k, &random(slots * C, 151, 1.0));
+    let dy = up_act(k, &random(n * C, 152, 1.0));
+    let mut gathered = k.alloc_act(slots * C);
     k.gather_rows(k.view_mut(&mut gathered, 0..slots * C), k.view(&x, 0..n * C), &route, C);
     let mut combined = up(k, &random(n * C, 153, 1.0));
     k.combine_rows(k.view_mut(&mut combined, 0..n * C), k.view(&y, 0..slots * C), &route, true, C, true);
     let mut plain = k.alloc(n * C);
     k.combine_rows(k.view_mut(&mut plain, 0..n * C), k.view(&y, 0..slots * C), &route, false, C, false);
-    let mut spread = k.alloc(slots * C);
+    let mut spread = k.alloc_act(slots * C);
     k.spread_rows(k.view_mut(&mut spread, 0..slots * C), k.view(&dy, 0..n * C), &route, C);
     let mut dots = k.alloc(slots);
     k.slot_dots(k.view_mut(&mut dots, 0..slots), k.view(&dy, 0..n * C), k.view(&y, 0..slots * C), &route, C);

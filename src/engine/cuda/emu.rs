@@ -1,7 +1,8 @@
 //! The CUDA emulator: a [`Device`] whose kernels are `kernels.cu` compiled as C++ (`emu.cpp`,
 //! built by build.rs) and run on the CPU, one block at a time, each CUDA thread a coroutine.
 //! Device memory is host memory; cuBLAS is a plain loop over the same column-major arguments
-//! cuBLAS would get, with bf16/f16 inputs rounded as the tensor cores round them.
+//! cuBLAS would get, reading and writing each operand in its storage (f32, bf16, f16) and
+//! accumulating in f32.
 //!
 //! It exists for tests: CI has no GPU, and with it every kernel, every launch shape and the
 //! cuBLAS argument mapping run against the CPU engine. `MINIMIND_CUDA_EMULATOR=1` makes
@@ -66,9 +67,11 @@ pub fn table() -> Vec<(String, String)> {
 pub struct Emulator {
     /// Per entry of [`kernel_names`]: the emulator's index and parameter types.
     kernels: Vec<(c_int, String)>,
-    /// The C++ side keeps one block's state: one launch at a time.
-    lock: Mutex<()>,
 }
+
+/// The C++ side keeps one block's state for the whole process: one launch at a time, across
+/// every emulator (tests open several at once).
+static LAUNCH: Mutex<()> = Mutex::new(());
 
 impl Emulator {
     pub fn new() -> Result<Emulator, String> {
@@ -82,7 +85,7 @@ impl Emulator {
                 Ok((i as c_int, table[i].1.clone()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Emulator { kernels, lock: Mutex::new(()) })
+        Ok(Emulator { kernels })
     }
 }
 
@@ -154,7 +157,7 @@ impl Device for Emulator {
             *slot = a.bits();
         }
         let mut err = [0 as c_char; 256];
-        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the slots match the kernel's parameters (checked above); pointers are live
         // allocations of this emulator.
         let r = unsafe {

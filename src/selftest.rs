@@ -104,19 +104,23 @@ fn cuda_kernels(ordinal: usize, pool: &rayon::ThreadPool, checks: &mut Vec<Check
     let cpu = Cpu::new();
     checks.extend(conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &gpu_tolerance));
     gpu.check()?;
-    // The same cases with activations stored in bf16 (the kernels' 16-bit forms and matrix
-    // products on bf16 operands), against the CPU's f32: within bf16's rounding.
-    let gpu = crate::engine::cuda::Cuda::new(ordinal, Dtype::Bfloat16)?;
-    say(&format!("kernels: {} (activations in bfloat16) against the CPU", gpu.describe()));
-    let bf16 = conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &|_| BF16_TOLERANCE);
-    checks.extend(bf16.into_iter().map(|c| Check { name: format!("{} [bf16]", c.name), ..c }));
-    gpu.check()
+    // The same cases with activations stored in 16 bits (the kernels' 16-bit forms and matrix
+    // products on 16-bit operands), against the CPU's f32: within one rounding or so.
+    for (dtype, tag, tolerance) in HALF_TOLERANCES {
+        let gpu = crate::engine::cuda::Cuda::new(ordinal, dtype)?;
+        say(&format!("kernels: {} (activations in {tag}) against the CPU", gpu.describe()));
+        let half = conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &|_| tolerance);
+        checks.extend(half.into_iter().map(|c| Check { name: format!("{} [{tag}]", c.name), ..c }));
+        gpu.check()?;
+    }
+    Ok(())
 }
 
-/// A kernel's outputs with its activations stored in bf16 (8 bits of mantissa: one rounding
-/// is up to 2^-9 relative) against the CPU's f32.
+/// A kernel's outputs with its activations stored in 16 bits against the CPU's f32: bf16 keeps
+/// 8 bits of mantissa (one rounding is up to 2^-9 relative), f16 11 (2^-12).
 #[cfg(feature = "cuda")]
-const BF16_TOLERANCE: f64 = 2e-2;
+const HALF_TOLERANCES: [(Dtype, &str, f64); 2] =
+    [(Dtype::Bfloat16, "bf16", 2e-2), (Dtype::Float16, "f16", 5e-3)];
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_kernels(_: usize, _: &rayon::ThreadPool, _: &mut Vec<Check>) -> Result<()> {

@@ -9,8 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::config::{Config, ModelConfig};
-use crate::engine::{Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes};
+use crate::config::{Config, Dtype, ModelConfig};
+use crate::engine::{
+    Footprint, Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes,
+};
 use crate::metrics::{duration, human};
 
 /// Model FLOP rate of a training step over the measured 1024³ sgemm rate: about one at
@@ -38,7 +40,8 @@ pub struct Memory {
 pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memory {
     let p = 4.0 * m.parameter_count() as f64;
     let gradients = if accumulation > 1 { 2.0 * p } else { p };
-    let activations = workspace_bytes(m, b, t, keep_attention_probs(m, b, t)) as f64;
+    let keep_probs = keep_attention_probs(m, b, t);
+    let activations = workspace_bytes(m, b, t, Footprint::Cpu { keep_probs }) as f64;
     // Writing a checkpoint holds the encoded weights, the two moments copied to the host and
     // their encoding at once: 7 floats per parameter (see train::checkpoint::save).
     let checkpoint = 7.0 * p;
@@ -50,6 +53,17 @@ pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memor
         checkpoint,
         peak: BASELINE_BYTES + 3.0 * p + gradients + activations + checkpoint,
     }
+}
+
+/// Device memory of training `m` on a GPU (the CUDA engine) with activations stored in `act`:
+/// f32 weights, gradients (twice with accumulation) and moments, the 16-bit weight copy in
+/// bf16/f16, and the workspace as [`Footprint::Cuda`] lays it out. Pure.
+pub fn device_memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize, act: Dtype) -> f64 {
+    let params = m.parameter_count() as f64;
+    let grads = if accumulation > 1 { 2.0 } else { 1.0 };
+    let copy = if act == Dtype::Float32 { 0.0 } else { 2.0 };
+    let workspace = workspace_bytes(m, b, t, Footprint::Cuda { act }) as f64;
+    params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace
 }
 
 /// A run's cost, as `plan`, `run --dry-run` and the run header show it.
@@ -260,5 +274,20 @@ mod tests {
             Cost { parameters: 1, memory: big.clone(), flops_per_step: 1.0, steps: None, gflops: None };
         assert_eq!(too_big(&cost, big.peak + 1.0), None);
         assert!(too_big(&cost, 1e9).unwrap().contains("more than the 1.0GB available"));
+    }
+
+    #[test]
+    fn a_gpu_run_in_16_bits_needs_less_than_in_float32_which_needs_less_than_the_cpu() {
+        // MiniMind2-small at 32 x 512: the CPU recomputes the [B, H, T, T] probabilities into
+        // scratch, CUDA keeps a log-sum-exp per row; bf16 halves the stored activations.
+        let json = r#"{"vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8,
+            "num_attention_heads": 8, "num_key_value_heads": 2}"#;
+        let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
+        let cpu = memory(&m, 32, 512, 1);
+        let f32 = device_memory(&m, 32, 512, 1, Dtype::Float32);
+        let bf16 = device_memory(&m, 32, 512, 1, Dtype::Bfloat16);
+        assert!(cpu.weights + cpu.gradients + cpu.moments + cpu.activations > f32, "{cpu:?} {f32}");
+        assert!(bf16 < 0.7 * f32, "{bf16} {f32}");
+        assert_eq!(device_memory(&m, 32, 512, 1, Dtype::Float16), bf16);
     }
 }

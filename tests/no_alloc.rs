@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use minimind::engine::cpu::Cpu;
-use minimind::engine::{Engine, OptimConfig, SplitMix64, hf, keep_attention_probs, workspace_bytes};
+use minimind::engine::{
+    Engine, Footprint, OptimConfig, SplitMix64, hf, keep_attention_probs, workspace_bytes,
+};
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
@@ -107,7 +109,8 @@ fn the_memory_estimate_is_what_the_engine_holds() {
                 (live - kept) as f64
             });
             let want = 16.0 * cfg.parameter_count() as f64
-                + workspace_bytes(&cfg, b, t, keep_attention_probs(&cfg, b, t)) as f64;
+                + workspace_bytes(&cfg, b, t, Footprint::Cpu { keep_probs: keep_attention_probs(&cfg, b, t) })
+                    as f64;
             let off = (live - want).abs();
             assert!(off < 0.01 * want + 64e3, "moe {use_moe} {b}x{t}: estimate {want}, engine holds {live}");
         }

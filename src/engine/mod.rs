@@ -21,7 +21,7 @@ pub mod scaler;
 
 pub use kernels::{AdamW, Gemm, KernelTime, Kernels};
 pub use layout::Layout;
-pub use model::{KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
+pub use model::{Footprint, KvCache, Losses, keep_attention_probs, rope_tables, workspace_bytes};
 
 use std::ops::Range;
 

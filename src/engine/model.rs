@@ -240,42 +240,69 @@ fn rope_buffers<K: Kernels>(ops: &K, m: &ModelConfig, t: usize) -> (K::Buf, K::B
     (cos_buf, sin_buf)
 }
 
-/// Bytes [`Workspace::new`] allocates for `b x t` micro-batches with the CPU backend, plus the
-/// MoE routing buffers that fill on the first step and the engine's index buffers: the
-/// activation memory a run needs. Mirrors `new` line for line (a test checks it against the
-/// allocator). Pure.
-pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> u64 {
+/// Which backend's workspace [`workspace_bytes`] counts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Footprint {
+    /// The CPU: f32 throughout; attention keeps its probabilities for backward, or (`false`,
+    /// see [`keep_attention_probs`]) recomputes them into scratch.
+    Cpu { keep_probs: bool },
+    /// CUDA: activations stored in `act` (2 bytes in bf16/f16, plus the f32 gradients' 16-bit
+    /// copies); fused attention keeps one log-sum-exp per row.
+    Cuda { act: Dtype },
+}
+
+/// Bytes [`Workspace::new`] allocates for `b x t` micro-batches, plus the MoE routing buffers
+/// that fill on the first step and the engine's index buffers: the activation memory a run
+/// needs. Mirrors `new` line for line, f32 buffers and activations counted apart (tests check
+/// it against the CPU's allocator and the CUDA emulator's). Pure.
+pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, on: Footprint) -> u64 {
     let (n, l) = ((b * t) as u64, m.num_hidden_layers as u64);
     let (c, i, d) = (m.hidden_size as u64, m.intermediate_size as u64, m.head_dim as u64);
     let (hd, gd) = (m.num_attention_heads as u64 * d, m.num_key_value_heads as u64 * d);
     let (e, k) = (m.n_routed_experts as u64, m.num_experts_per_tok as u64);
     let slots = if m.use_moe { n * k } else { 0 };
+    let half = matches!(on, Footprint::Cuda { act } if act != Dtype::Float32);
+    let act_bytes = if half { 2 } else { 4 };
+    // Only 16-bit storage keeps 16-bit copies of the f32 gradients the matrix products read.
+    let copy = |floats: u64| if half { floats } else { 0 };
     let ffn = |rows: u64| rows * 3 * i;
-    let mlp = if m.use_moe {
+    // Per layer, [f32 floats, activations] of the feed-forward.
+    let [mlp_f32, mlp_act] = if m.use_moe {
         let routing = n * e + 4 * n * k + b as u64 * e + 2 * (e + 1) + 4 * e;
-        2 * n * e + 2 * slots * c + ffn(slots) + m.n_shared_experts as u64 * ffn(n) + routing
+        [2 * n * e + routing, 2 * slots * c + ffn(slots) + m.n_shared_experts as u64 * ffn(n) + copy(n * e)]
     } else {
-        ffn(n)
+        [0, ffn(n)]
     };
     let probs = (b * m.num_attention_heads * t * t) as u64;
-    let (saved, scratch) = if keep_probs { (probs, probs) } else { (0, 2 * probs) };
-    let layer = 3 * n * c + 2 * n + 2 * n * hd + 2 * n * gd + saved + mlp;
-    let floats = l * layer
+    let lse = (b * m.num_attention_heads * t) as u64;
+    let (saved, scratch) = match on {
+        Footprint::Cpu { keep_probs: true } => (probs, probs),
+        Footprint::Cpu { keep_probs: false } => (0, 2 * probs),
+        Footprint::Cuda { .. } => (lse, lse),
+    };
+    // xn1, xn2, q, k, v, att; mid and the two rstd in f32.
+    let layer_act = 2 * n * c + 2 * n * hd + 2 * n * gd + mlp_act;
+    let layer_f32 = n * c + 2 * n + saved + mlp_f32;
+    let f32s = l * layer_f32
         + (l + 1) * n * c
         + scratch
-        + n * c
+        // rstdf, row_loss; the RoPE tables; dresid, dtmp, dxn; slot_dw
         + 2 * n
-        + (HEAD_CHUNK as u64).min(n) * m.vocab_size as u64
         + 2 * t as u64 * d
         + 3 * n * c
-        + 2 * n * hd
-        + 2 * n * gd
-        + ffn(n.max(slots))
-        + 2 * slots * c
         + slots
         // the engine's token ids and targets (i32)
         + 2 * n;
-    4 * floats
+    let acts = l * layer_act
+        // xnf, the logits chunk, dresid's copy; dq, datt, dk, dv; dffn; dyout, dxg
+        + n * c
+        + (HEAD_CHUNK as u64).min(n) * m.vocab_size as u64
+        + copy(n * c)
+        + 2 * n * hd
+        + 2 * n * gd
+        + ffn(n.max(slots))
+        + 2 * slots * c;
+    4 * f32s + act_bytes * acts
 }
 
 /// RoPE tables `[T, D]` in f32 as MiniMind computes them: `inv[j] = 1/theta^(2j/D)`,

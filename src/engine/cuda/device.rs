@@ -133,6 +133,11 @@ pub trait Device: Send + Sync {
     fn synchronize(&self) -> Result<(), String>;
     /// Free and total memory, in bytes.
     fn memory(&self) -> Option<(usize, usize)>;
+    /// Bytes allocated through this device and not yet freed, where it counts them (the
+    /// emulator: tests hold the memory estimate to it).
+    fn live_bytes(&self) -> Option<usize> {
+        None
+    }
     /// The stream NCCL should queue on (none on the emulator).
     fn stream(&self) -> Option<Arc<CudaStream>>;
     /// The library versions, for meta.json.

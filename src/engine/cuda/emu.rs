@@ -9,6 +9,7 @@
 //! `cuda:0` this device everywhere (selftest, run, bench); `=2` gives two of them. It is slow (a context switch per
 //! barrier per thread), so it suits the conformance suite and micro models.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::{Arc, Mutex};
 
@@ -67,6 +68,8 @@ pub fn table() -> Vec<(String, String)> {
 pub struct Emulator {
     /// Per entry of [`kernel_names`]: the emulator's index and parameter types.
     kernels: Vec<(c_int, String)>,
+    /// Each live allocation's size (for [`Device::live_bytes`]).
+    sizes: Mutex<HashMap<u64, usize>>,
 }
 
 /// The C++ side keeps one block's state for the whole process: one launch at a time, across
@@ -85,7 +88,7 @@ impl Emulator {
                 Ok((i as c_int, table[i].1.clone()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Emulator { kernels })
+        Ok(Emulator { kernels, sizes: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -126,9 +129,11 @@ impl Device for Emulator {
         if p.is_null() {
             return Err(format!("the CUDA emulator could not allocate {bytes} bytes"));
         }
+        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(p as u64, bytes.max(1));
         Ok(p as u64)
     }
     fn free(&self, ptr: u64) {
+        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr);
         // SAFETY: `ptr` came from `alloc` and is freed once.
         unsafe { libc::free(ptr as *mut libc::c_void) }
     }
@@ -208,6 +213,9 @@ impl Device for Emulator {
     }
     fn memory(&self) -> Option<(usize, usize)> {
         None
+    }
+    fn live_bytes(&self) -> Option<usize> {
+        Some(self.sizes.lock().unwrap_or_else(|e| e.into_inner()).values().sum())
     }
     fn stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
         None

@@ -1359,6 +1359,39 @@ mod tests {
     }
 
     #[test]
+    fn cuda_device_memory_estimate_is_what_the_engine_allocates() {
+        // The check before a GPU run (cost::device_memory) against the emulator's live bytes
+        // after a training step: weights, gradients, moments, the 16-bit weight copy, the
+        // workspace in 16 bits, the routing buffers that fill on the first step.
+        use crate::engine::{Engine, OptimConfig};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+        let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
+        let (b, t) = (2, 48);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 6400) as u32).collect();
+        let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        for dtype in [Dtype::Float32, Dtype::Bfloat16] {
+            for use_moe in [false, true] {
+                let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
+                cfg.use_moe = use_moe;
+                let gpu = Cuda::emulated(dtype).unwrap();
+                let before = gpu.dev.live_bytes().unwrap();
+                let mut engine = Engine::new(gpu, cfg.clone(), b, t).unwrap();
+                engine.init_weights(1);
+                engine.forward_backward(&ids, &targets, 1.0);
+                engine.optimizer_step(1e-3, &optim);
+                engine.kernels.check().unwrap();
+                let live = (engine.kernels.dev.live_bytes().unwrap() - before) as f64;
+                let want = crate::cost::device_memory(&cfg, b, t, 1, dtype);
+                // RMSNorm's weight-gradient partials (a [min(256, N), C] f32 scratch) are the
+                // kernels', not the model's.
+                let partials = (4 * DW_PARTS.min(b * t) * cfg.hidden_size) as f64;
+                let off = (live - partials - want).abs();
+                assert!(off < 1e-3 * want, "{dtype:?} moe {use_moe}: estimate {want}, engine holds {live}");
+            }
+        }
+    }
+
+    #[test]
     fn cuda_matmul_takes_16_bit_operands_into_either_storage_and_refuses_a_mix() {
         let emu = Cuda::emulated(Dtype::Bfloat16).unwrap();
         // [1, 2] · [2, 1]: 1.5 * 1.5 + 1 * 1 = 3.25, exact in f32 and in bf16.

@@ -50,7 +50,7 @@ fn up<K: Kernels>(k: &K, data: &[f32]) -> K::Buf {
     b
 }
 
-/// Activations (stored in the backend's `act_dtype`): in 16 bits, the suite checks the
+/// Activations (stored in the backend's `dtype`): in 16 bits, the suite checks the
 /// kernels' 16-bit forms, with the inputs rounded as the engine would have stored them.
 fn up_act<K: Kernels>(k: &K, data: &[f32]) -> K::Buf {
     let mut b = k.alloc_act(data.len());

@@ -139,7 +139,10 @@ pub struct RouterConfig {
 }
 
 pub trait Kernels: Sync {
-    /// The precision of the matrix products (the CPU: always float32).
+    /// How activations are stored and matrix products computed: float32 on the CPU; on CUDA
+    /// the run's dtype (bf16/f16 storage, f32 arithmetic and accumulation), so the model casts
+    /// what flows from an f32 buffer into a matrix product, and the engine keeps a copy of the
+    /// weights in that dtype.
     fn dtype(&self) -> crate::config::Dtype;
     /// One line naming the device, for run headers and meta.json.
     fn describe(&self) -> String;
@@ -181,15 +184,9 @@ pub trait Kernels: Sync {
     where
         Self: 'a;
 
-    /// How [`Kernels::alloc_act`] stores activations: float32 on the CPU; on CUDA the run's
-    /// dtype (bf16/f16 storage, f32 arithmetic), so the model casts what flows from an f32
-    /// buffer into a matrix product and keeps a copy of the weights in that dtype.
-    fn act_dtype(&self) -> crate::config::Dtype {
-        crate::config::Dtype::Float32
-    }
     /// f32 storage (weights, gradients, moments, the residual stream and its gradient).
     fn alloc(&self, len: usize) -> Self::Buf;
-    /// Storage for activations, in [`Kernels::act_dtype`]. Every kernel takes its activation
+    /// Storage for activations, in [`Kernels::dtype`]. Every kernel takes its activation
     /// operands in one storage; a matrix product multiplies two of one storage into that
     /// storage or into f32.
     fn alloc_act(&self, len: usize) -> Self::Buf {

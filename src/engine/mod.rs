@@ -135,7 +135,7 @@ impl<K: Kernels> Engine<K> {
         let total = layout.total;
         let ws = Workspace::new(&kernels, &config, batch, seq, keep);
         let kernels_dtype = kernels.dtype();
-        let params_act = (kernels.act_dtype() != Dtype::Float32).then(|| kernels.alloc_act(total));
+        let params_act = (kernels_dtype != Dtype::Float32).then(|| kernels.alloc_act(total));
         Ok(Engine {
             params: kernels.alloc(total),
             params_act,

@@ -172,7 +172,7 @@ impl<K: Kernels> Workspace<K> {
         let slots = if m.use_moe { n * m.num_experts_per_tok } else { 0 };
         let shape = shape_of(m, b, t);
         // The f32 gradients' copies for the matrix products exist only in 16-bit storage.
-        let f32_acts = ops.act_dtype() == Dtype::Float32;
+        let f32_acts = ops.dtype() == Dtype::Float32;
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
                 xn1: ops.alloc_act(n * c),
@@ -396,7 +396,7 @@ impl<K: Kernels> Model<'_, K> {
     /// `dy` (an f32 gradient) as a matrix product reads it: itself when activations are f32,
     /// else rounded into `to`.
     fn act_of<'b>(&self, dy: &'b K::Buf, to: &'b mut K::Buf, r: Range<usize>) -> &'b K::Buf {
-        if self.ops.act_dtype() == Dtype::Float32 {
+        if self.ops.dtype() == Dtype::Float32 {
             return dy;
         }
         self.ops.cast(self.ops.view_mut(to, r.clone()), self.ops.view(dy, r));

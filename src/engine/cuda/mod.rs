@@ -392,9 +392,6 @@ impl Kernels for Cuda {
     type M<'a> = DViewMut<'a>;
     type I<'a> = IView<'a>;
 
-    fn act_dtype(&self) -> Dtype {
-        self.dtype
-    }
     fn alloc(&self, len: usize) -> FBuf {
         self.floats(len, Store::F32)
     }

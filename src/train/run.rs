@@ -451,6 +451,8 @@ fn restore<K: Kernels>(
         }
     }
     let mut engine = Engine::new(kernels, config.model.clone(), b, t)?;
+    // A device that refused an allocation (more than the estimate above foresaw) says so now.
+    engine.kernels.check()?;
     let now = data.ds.fingerprint();
     let mut state = TrainerState {
         step: 0,

@@ -159,6 +159,12 @@ impl<T> DBuf<T> {
         Ok(DBuf { ptr, len: len.max(1), dev: dev.clone(), _type: PhantomData })
     }
 
+    /// `len` elements with no memory behind them (address 0): what an allocation the device
+    /// refused leaves, so the caller can go on to report the failure instead of crashing.
+    pub fn unallocated(dev: &Arc<dyn Device>, len: usize) -> DBuf<T> {
+        DBuf { ptr: 0, len: len.max(1), dev: dev.clone(), _type: PhantomData }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -166,7 +172,9 @@ impl<T> DBuf<T> {
 
 impl<T> Drop for DBuf<T> {
     fn drop(&mut self) {
-        self.dev.free(self.ptr);
+        if self.ptr != 0 {
+            self.dev.free(self.ptr);
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use cudarc::driver::CudaContext;
 
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use crate::config::Dtype;
+use crate::metrics::human;
 use device::{Arg, DBuf, Device, GemmCall, Store, bytes, bytes_mut};
 
 mod device;
@@ -344,16 +345,50 @@ impl Cuda {
         s.ptr
     }
 
+    /// `len` zeroed elements. When the device refuses, the failure is recorded (the next
+    /// `check` reports it) and the buffer has no memory behind it: launches and copies are
+    /// skipped from then on, so building an engine that does not fit ends in one error, not
+    /// a crash.
     fn alloc_of<T>(&self, len: usize) -> DBuf<T> {
-        match DBuf::zeroed(&self.dev, len) {
-            Ok(s) => s,
+        if !self.failed() {
+            match DBuf::zeroed(&self.dev, len) {
+                Ok(s) => return s,
+                Err(e) => {
+                    let bytes = len * std::mem::size_of::<T>();
+                    let free =
+                        self.memory().map_or(String::new(), |(f, _)| format!(", {}B free", human(f as f64)));
+                    self.fail(|| {
+                        format!(
+                            "out of GPU memory allocating {}B{free} ({e})\n  hint: lower train.batch_size or data.max_seq_len",
+                            human(bytes as f64)
+                        )
+                    });
+                }
+            }
+        }
+        DBuf::unallocated(&self.dev, len)
+    }
+
+    /// Copies host bytes to the device (skipped after a failure: there may be no memory).
+    fn copy_up(&self, dst: u64, src: &[u8], what: &str) {
+        if self.failed() {
+            return;
+        }
+        if let Err(e) = self.dev.htod(dst, src) {
+            self.fail(|| format!("{what}: {e}"));
+        }
+    }
+
+    /// Copies device bytes to the host; false (nothing copied) after a failure.
+    fn copy_down(&self, src: u64, dst: &mut [u8], what: &str) -> bool {
+        if self.failed() {
+            return false;
+        }
+        match self.dev.dtoh(src, dst) {
+            Ok(()) => true,
             Err(e) => {
-                let (free, _) = self.memory().unwrap_or((0, 0));
-                panic!(
-                    "out of GPU memory allocating {} bytes ({} free): {e}; lower train.batch_size",
-                    len * std::mem::size_of::<T>(),
-                    free
-                )
+                self.fail(|| format!("{what}: {e}"));
+                false
             }
         }
     }
@@ -421,29 +456,23 @@ impl Kernels for Cuda {
     }
     fn upload(&self, dst: DViewMut<'_>, data: &[f32]) {
         assert_eq!(dst.len, data.len(), "upload size");
-        let copied = if dst.st == Store::F32 {
-            self.dev.htod(dst.ptr, bytes(data))
+        if dst.st == Store::F32 {
+            self.copy_up(dst.ptr, bytes(data), "copying to the GPU");
         } else {
             let mut stored = Vec::with_capacity(data.len() * dst.st.size());
             dst.st.encode(data, &mut stored);
-            self.dev.htod(dst.ptr, &stored)
-        };
-        if let Err(e) = copied {
-            self.fail(|| format!("copying to the GPU: {e}"));
+            self.copy_up(dst.ptr, &stored, "copying to the GPU");
         }
     }
     fn download(&self, src: DView<'_>, out: &mut [f32]) {
         assert_eq!(src.len, out.len(), "download size");
-        let copied = if src.st == Store::F32 {
-            self.dev.dtoh(src.ptr, bytes_mut(out))
+        if src.st == Store::F32 {
+            self.copy_down(src.ptr, bytes_mut(out), "copying from the GPU");
         } else {
             let mut stored = vec![0u8; out.len() * src.st.size()];
-            let r = self.dev.dtoh(src.ptr, &mut stored);
-            src.st.decode(&stored, out);
-            r
-        };
-        if let Err(e) = copied {
-            self.fail(|| format!("copying from the GPU: {e}"));
+            if self.copy_down(src.ptr, &mut stored, "copying from the GPU") {
+                src.st.decode(&stored, out);
+            }
         }
     }
 
@@ -456,9 +485,7 @@ impl Kernels for Cuda {
     }
     fn upload_idx(&self, dst: &mut DBuf<i32>, data: &[i32]) {
         assert!(data.len() <= dst.len(), "index upload size");
-        if let Err(e) = self.dev.htod(dst.ptr, bytes(data)) {
-            self.fail(|| format!("copying ids to the GPU: {e}"));
-        }
+        self.copy_up(dst.ptr, bytes(data), "copying ids to the GPU");
     }
 
     fn alloc_acc(&self, len: usize) -> DBuf<f64> {
@@ -466,8 +493,7 @@ impl Kernels for Cuda {
     }
     fn read_acc(&self, acc: &DBuf<f64>, out: &mut [f64]) {
         assert!(out.len() <= acc.len(), "accumulator read size");
-        if let Err(e) = self.dev.dtoh(acc.ptr, bytes_mut(out)) {
-            self.fail(|| format!("reading the step's numbers from the GPU: {e}"));
+        if !self.copy_down(acc.ptr, bytes_mut(out), "reading the step's numbers from the GPU") {
             out.fill(f64::NAN);
         }
     }
@@ -980,8 +1006,8 @@ impl Kernels for Cuda {
         }
         // The one read per MoE layer: each expert's rows, to size its matrix products.
         route.offsets_raw.resize(e + 1, 0);
-        if let Err(err) = self.dev.dtoh(offs, bytes_mut(&mut route.offsets_raw)) {
-            self.fail(|| format!("reading the MoE routing: {err}"));
+        if !self.copy_down(offs, bytes_mut(&mut route.offsets_raw), "reading the MoE routing") {
+            route.offsets_raw.fill(0);
         }
         route.offsets.clear();
         route.offsets.extend(route.offsets_raw.iter().map(|&o| o.max(0) as usize));
@@ -1386,6 +1412,83 @@ mod tests {
                 assert!(off < 1e-3 * want, "{dtype:?} moe {use_moe}: estimate {want}, engine holds {live}");
             }
         }
+    }
+
+    /// The emulator with a memory limit: allocations past `limit` bytes are refused.
+    struct Small {
+        inner: emu::Emulator,
+        used: Mutex<usize>,
+        limit: usize,
+    }
+
+    impl Device for Small {
+        fn alloc(&self, bytes: usize) -> Result<u64, String> {
+            let mut used = self.used.lock().unwrap();
+            if *used + bytes > self.limit {
+                return Err("out of memory".into());
+            }
+            *used += bytes;
+            self.inner.alloc(bytes)
+        }
+        fn free(&self, ptr: u64) {
+            self.inner.free(ptr)
+        }
+        fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+            self.inner.htod(dst, src)
+        }
+        fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String> {
+            self.inner.dtoh(src, dst)
+        }
+        fn launch(
+            &self,
+            kernel: usize,
+            grid: u32,
+            block: u32,
+            shared: u32,
+            args: &[Arg],
+        ) -> Result<(), String> {
+            self.inner.launch(kernel, grid, block, shared, args)
+        }
+        fn gemm(&self, g: &GemmCall) -> Result<(), String> {
+            self.inner.gemm(g)
+        }
+        fn synchronize(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn memory(&self) -> Option<(usize, usize)> {
+            Some((self.limit - *self.used.lock().unwrap(), self.limit))
+        }
+        fn stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+            None
+        }
+        fn versions(&self) -> String {
+            "a small emulated GPU".into()
+        }
+    }
+
+    #[test]
+    fn cuda_an_engine_that_does_not_fit_is_one_error_not_a_crash() {
+        // Building an engine, uploading its weights and running a step on a device that ran
+        // out of memory halfway: every later allocation, copy and launch is skipped, and the
+        // first check reports the refused allocation with its size and a hint.
+        use crate::engine::Engine;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+        let cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
+        let small = Small { inner: emu::Emulator::new().unwrap(), used: Mutex::new(0), limit: 4 << 20 };
+        let gpu = Cuda::on(Arc::new(small), Dtype::Bfloat16, "small".into()).unwrap();
+        let mut engine = Engine::new(gpu, cfg, 2, 48).unwrap();
+        engine.init_weights(1);
+        let ids: Vec<u32> = (0..96).map(|i| i * 7 % 6400).collect();
+        let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let losses = engine.forward_backward(&ids, &targets, 1.0);
+        assert!(losses.lm.is_nan(), "no numbers come back from a device that failed");
+        let err = engine.kernels.check().unwrap_err().to_string();
+        assert!(err.starts_with("out of GPU memory allocating "), "{err}");
+        assert!(
+            err.contains("B free (out of memory)") && err.contains("hint: lower train.batch_size"),
+            "{err}"
+        );
+        assert!(engine.kernels.check().is_ok(), "reported once");
     }
 
     #[test]

@@ -705,7 +705,11 @@ fn train_steps<K: Kernels>(
                 "step {}: float16 gradients overflowed: update skipped, loss scale now {scale}",
                 state.step
             ));
-        } else {
+        }
+        // A skipped step's gradient norm is not finite by definition; its loss must still be:
+        // the forward does not see the loss scale, so a NaN there is divergence, which the
+        // scaler would otherwise skip step after step.
+        if !stats.skipped || !loss.is_finite() {
             check_finite(run, loss, stats.grad_norm, state.step, ck.log_interval)?;
         }
         last_loss = Some(loss);

@@ -136,6 +136,29 @@ fn cuda_emulated_half_precision_trains_near_float32() {
     }
 }
 
+/// A NaN in 16 bits is the CPU's divergence error: one located line, exit 1, the run marked
+/// failed and no checkpoint of the broken weights. In float16 the loss scaler skips steps whose
+/// gradients overflow; weights that blow up still end the run.
+#[test]
+fn cuda_emulated_nan_in_16_bits_fails_the_run_cleanly() {
+    let s = Scratch::new();
+    for dtype in ["bfloat16", "float16"] {
+        let dir = folder(&s, &format!("nan-{dtype}"));
+        let mut cmd = emulated(minimind(&dir));
+        cmd.args(["run", "micro.toml", "--quiet", "--set", "train.device=cuda"]);
+        cmd.args(["--set", &format!("train.dtype={dtype}"), "--set", "train.learning_rate=1e30"]);
+        cmd.args(["--set", "train.grad_clip=0.0", "--set", "train.max_steps=6"]);
+        let o = expect(&mut cmd, 1);
+        let err = stderr(&o);
+        assert!(err.contains("training diverged") && !err.contains("panicked"), "{dtype}: {err}");
+        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("error: ")).count(), 1, "{err}");
+        let run = the_run(&dir);
+        assert_eq!(meta(&run)["status"], "failed", "{dtype}");
+        let saved = fs::read_dir(run.join("checkpoints")).unwrap().count();
+        assert_eq!(saved, 0, "{dtype}: no checkpoint of NaN weights");
+    }
+}
+
 /// Two ranks, each on an emulated GPU of its own (`cuda:<local rank>`), sum their gradients
 /// through MPI (the emulator has no NCCL, so the host communicator stages the device buffers)
 /// and equal one process accumulating both micro-batches, bit for bit.

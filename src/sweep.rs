@@ -398,12 +398,13 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
 }
 
 /// Starts a point's process in a process group of its own, output discarded (it logs to its
-/// run folder).
+/// run folder). Config variables are not passed on: the point's resolved file already holds
+/// them.
 fn spawn_point(cmd: &mut Command) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
     for (k, _) in std::env::vars() {
-        if k.starts_with("MINIMIND_") {
+        if k.starts_with("MINIMIND_") && !crate::config::OWN_VARS.contains(&k.as_str()) {
             cmd.env_remove(k);
         }
     }

@@ -20,6 +20,10 @@ use super::keys;
 /// Prefix of environment overrides: `MINIMIND_<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "MINIMIND_";
 
+/// minimind's own variables under the prefix that are not config keys (they choose how the
+/// process runs, not what the run is): no warning, and sweep points inherit them.
+pub const OWN_VARS: &[&str] = &["MINIMIND_CUDA_EMULATOR"];
+
 /// One file of an `extends` chain: where it is and what it says.
 #[derive(Clone, Debug)]
 pub struct FileText {
@@ -391,7 +395,7 @@ pub fn parse_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Env
     let mut out = EnvLayer::default();
     let mut problems = Problems::default();
     for (name, raw) in vars {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX).filter(|_| !OWN_VARS.contains(&name.as_str())) else {
             continue;
         };
         let origin = Origin::Env(name.clone());

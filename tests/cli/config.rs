@@ -308,6 +308,9 @@ fn environment_variables_with_one_underscore_or_no_section() {
     assert_eq!(err.matches("warning:").count(), 1, "{err}");
     assert!(err.contains("ignoring environment variable MINIMIND_HOME"), "{err}");
     assert_eq!(resolved(&o)["train"]["batch_size"].as_integer(), Some(32));
+    // minimind's own non-config variables pass without a word.
+    let o = expect(minimind(s.path()).args(["config", "base.toml"]).env("MINIMIND_CUDA_EMULATOR", "1"), 0);
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
 }
 
 #[test]

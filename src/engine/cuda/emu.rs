@@ -239,6 +239,11 @@ mod tests {
     }
 
     #[test]
+    fn the_switch_is_not_read_as_a_config_key() {
+        assert!(crate::config::OWN_VARS.contains(&ENV), "{ENV}: every run would warn about it");
+    }
+
+    #[test]
     fn the_emulator_has_every_kernel_and_no_other() {
         let names: Vec<String> = table().into_iter().map(|(n, _)| n).collect();
         let mut want: Vec<String> = kernel_names().to_vec();

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared run on a machine with an NVIDIA GPU, under 6 minutes end to end.
-# It checks every CUDA kernel against the CPU's (`minimind selftest --device cuda`: float32
-# kernels, then the PyTorch fixtures in float32 and bfloat16), benchmarks MiniMind2-small dense
-# and MoE at batch 32 x 512 in bfloat16 and float32, times eager PyTorch (and torch.compile) on
-# the same GPU with ../shared/tools/torch_ref.py, and prints one table. It also trains 20 steps
+# It checks every CUDA kernel against the CPU's (`minimind selftest --device cuda`: every
+# kernel with float32, bfloat16 and float16 activations, then the PyTorch fixtures in float32
+# and bfloat16), benchmarks MiniMind2-small dense and MoE at batch 32 x 512 in bfloat16 and
+# float32, times eager PyTorch (and torch.compile) on the same GPU with
+# ../shared/tools/torch_ref.py, and prints one table. It also trains 20 steps
 # through the NCCL communicator with the one GPU (a world of one) and compares the losses.
 #
 # The GPU machine has no Rust toolchain and no network; only the checkout travels, plus one

@@ -5,11 +5,11 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, result};
 
 use crate::config::Dtype;
 
@@ -202,6 +202,45 @@ pub struct Gpu {
     funcs: Vec<CudaFunction>,
     /// Per kernel, the dynamic shared memory it has opted in to (above the default 48 KB).
     opted_in: Vec<AtomicU32>,
+    /// Pinned buffers that small uploads (each micro-batch's ids and targets) go through;
+    /// empty until the first, and for good where pinned memory was refused.
+    staging: Mutex<Staging>,
+}
+
+/// Uploads up to this many bytes go through pinned staging; larger ones (weights, at load)
+/// copy from pageable memory, where the driver may wait for the stream first (CUDA's API
+/// synchronisation notes allow it; from pinned memory a copy is always asynchronous).
+const STAGE_BYTES: usize = 1 << 20;
+/// Staging buffers in the ring: an upload waits only for the copy made `STAGES` uploads ago
+/// (two micro-batches back), never for the kernels queued since.
+const STAGES: usize = 4;
+
+/// A ring of pinned host buffers, each with the event of the copy last made from it.
+#[derive(Default)]
+struct Staging {
+    stages: Vec<Stage>,
+    next: usize,
+    refused: bool,
+}
+
+struct Stage {
+    ptr: *mut u8,
+    copied: CudaEvent,
+}
+
+// SAFETY: `ptr` is pinned host memory owned by this stage alone, used under the `Mutex`.
+unsafe impl Send for Stage {}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // SAFETY: the last copy from the buffer is done before it is freed, once, with the
+        // context current on this thread.
+        unsafe {
+            let _ = self.copied.context().bind_to_thread();
+            let _ = self.copied.synchronize();
+            let _ = result::free_host(self.ptr as *mut c_void);
+        }
+    }
 }
 
 impl Gpu {
@@ -213,7 +252,53 @@ impl Gpu {
         funcs: Vec<CudaFunction>,
     ) -> Gpu {
         let opted_in = funcs.iter().map(|_| AtomicU32::new(DEFAULT_SHARED)).collect();
-        Gpu { ctx, stream, blas, _module: module, funcs, opted_in }
+        Gpu { ctx, stream, blas, _module: module, funcs, opted_in, staging: Mutex::default() }
+    }
+
+    /// Copies `src` (at most [`STAGE_BYTES`]) to `dst` through the next pinned buffer of the
+    /// ring, without waiting for the stream; false where staging is refused or failed (the
+    /// caller copies from pageable memory instead, from then on).
+    fn staged_htod(&self, dst: u64, src: &[u8]) -> bool {
+        let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if st.refused {
+            return false;
+        }
+        if st.stages.is_empty() {
+            for _ in 0..STAGES {
+                // SAFETY: a fresh pinned allocation, owned (and freed) by its `Stage`.
+                let stage = unsafe { result::malloc_host(STAGE_BYTES, 0) }.and_then(|ptr| {
+                    let copied = self.ctx.new_event(None);
+                    copied.map(|copied| Stage { ptr: ptr as *mut u8, copied })
+                });
+                match stage {
+                    Ok(stage) => st.stages.push(stage),
+                    Err(_) => {
+                        st.stages.clear();
+                        st.refused = true;
+                        return false;
+                    }
+                }
+            }
+        }
+        let i = st.next;
+        st.next = (i + 1) % STAGES;
+        let stage = &st.stages[i];
+        let s = self.stream.cu_stream();
+        let copy = stage.copied.synchronize().and_then(|()| {
+            // SAFETY: the buffer's last copy is done (above), so it may be rewritten; it holds
+            // STAGE_BYTES >= src.len(); `dst` covers src.len() bytes. The event recorded after
+            // the copy keeps the buffer until the copy has run.
+            unsafe {
+                let pinned = std::slice::from_raw_parts_mut(stage.ptr, src.len());
+                pinned.copy_from_slice(src);
+                result::memcpy_htod_async(dst, pinned, s)?;
+            }
+            stage.copied.record(&self.stream)
+        });
+        // Staging is only a faster road: where it fails, the pageable copy is tried (and
+        // reports the error if the GPU itself is broken).
+        st.refused = copy.is_err();
+        copy.is_ok()
     }
 
     /// The context is current on this thread (the engine may run on another thread than the
@@ -256,8 +341,12 @@ impl Device for Gpu {
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         self.bind()?;
+        if src.len() <= STAGE_BYTES && self.staged_htod(dst, src) {
+            return Ok(());
+        }
         // SAFETY: `dst` covers `src.len()` bytes of a live allocation (the callers' views check
-        // the lengths). From pageable memory the copy is staged before the call returns.
+        // the lengths). From pageable memory the driver stages the copy before the call
+        // returns (and may wait for the stream to do so).
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| e.to_string())
     }
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), String> {

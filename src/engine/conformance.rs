@@ -103,6 +103,8 @@ cases! {
     "attention_forward" => case_attention_forward,
     "attention_backward" => case_attention_backward,
     "attention, 3 tiles of rows (T 70, H 4, G 1)" => case_attention_tiles,
+    "attention, MiniMind's heads (T 40, D 64)" => case_attention_minimind,
+    "attention, the widest tiled heads (D 128)" => case_attention_widest_tiled,
     "attention, wide heads (D 160)" => case_attention_wide,
     "attention_decode" => case_attention_decode,
     "swiglu_forward" => case_swiglu_forward,
@@ -319,6 +321,19 @@ fn case_attention_backward<K: Kernels>(k: &K) -> Vec<f32> {
 /// four query heads on one key/value head.
 fn case_attention_tiles<K: Kernels>(k: &K) -> Vec<f32> {
     let s = AttnShape::new(1, 70, 4, 1, 24).expect("a valid shape");
+    [attention(k, s, false), attention(k, s, true)].concat()
+}
+
+/// MiniMind's head width: the tiled kernels' lanes each own two of the 64 dimensions.
+fn case_attention_minimind<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(2, 40, 8, 2, 64).expect("a valid shape");
+    [attention(k, s, false), attention(k, s, true)].concat()
+}
+
+/// The widest heads the tiled kernels take: four dimensions a lane, the backward kernels
+/// past the 48 KB of shared memory a block gets without opting in.
+fn case_attention_widest_tiled<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(1, 35, 2, 1, 128).expect("a valid shape");
     [attention(k, s, false), attention(k, s, true)].concat()
 }
 
@@ -593,7 +608,7 @@ mod tests {
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (s, r) = (Cpu::new(), Cpu::new());
         let checks = kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0);
-        assert_eq!(checks.len(), 24);
+        assert_eq!(checks.len(), 26);
         for c in &checks {
             assert!(c.passed(), "{}: {:e}", c.name, c.worst);
         }
@@ -611,7 +626,7 @@ mod tests {
             x[0] += 1.0;
             out.push(Check { name: name.into(), worst: rel(&x, &y), tolerance: 1e-6 });
         });
-        assert_eq!(calls, 24);
+        assert_eq!(calls, 26);
         assert!(out.iter().all(|c| !c.passed()), "every perturbed output fails");
     }
 }

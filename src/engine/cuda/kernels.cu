@@ -414,11 +414,14 @@ INSTANTIATE(attention_backward_dkv,
 // Tiled causal attention (FlashAttention-2's loop order, f32 on the CUDA cores), for D <= 128.
 // A block of 4 warps takes TILE = 32 rows: query rows in the forward and dq kernels, key rows
 // in dkv. It walks the other side in tiles of 32 rows staged in shared memory, so each key or
-// query row is read from global memory once per tile instead of once per row. Lane j of a warp
-// owns column j of the 32x32 score tile; the row's probabilities pass through shared memory to
-// the lanes that own the head dimensions. Rows are padded to D + 1 floats so the lanes reading
-// down a column of a tile hit different banks. Nothing is accumulated with atomics: every
-// output element is summed by one thread in a fixed order.
+// query row is read from global memory once per tile instead of once per row. Each warp owns
+// TILE_ROWS of the block's rows and works on all of them at once: lane j owns column j of the
+// warp's [TILE_ROWS, 32] score tile, and each element it reads from the other side's tile
+// serves TILE_ROWS products (one shared-memory read per TILE_ROWS multiply-adds, not two per
+// one). The rows' probabilities pass through shared memory to the lanes that own the head
+// dimensions. Rows are padded to D + 1 floats so the lanes reading down a column of a tile hit
+// different banks. Nothing is accumulated with atomics: every output element is summed by one
+// thread in a fixed order.
 
 #define TILE 32
 #define TILE_WARPS 4
@@ -453,7 +456,7 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
     float* qs = smem;
     float* ks = qs + TILE * ld;
     float* vs = ks + TILE * ld;
-    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE]
+    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE_ROWS][TILE]: each row's probabilities
     int tiles = (t + TILE - 1) / TILE;
     int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
     int hi = bh % h, bi = bh / h, gi = hi / (h / g);
@@ -461,6 +464,8 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
     int hd = h * d, gd = g * d, per = (d + 31) / 32;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
+    const float* qw = qs + warp * TILE_ROWS * ld;  // this warp's query rows
+    float* pw = ps + warp * TILE_ROWS * TILE;
     load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
     float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][TILED_MAX_D / 32];
     #pragma unroll
@@ -475,35 +480,50 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
         load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
         load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
         __syncthreads();
+        int col = k0 + lane;
+        float s[TILE_ROWS];
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) s[rr] = 0.0f;
+        for (int j = 0; j < d; j++) {
+            float kj = ks[lane * ld + j];
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; rr++) s[rr] += qw[rr * ld + j] * kj;
+        }
+        float corr[TILE_ROWS];
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) {
-            int r = warp * TILE_ROWS + rr, row = q0 + r;
-            if (row >= t || k0 > row) continue;  // the same for the whole warp
-            int col = k0 + lane;
-            float s = -INF;
-            if (col <= row) {
-                float dot = 0.0f;
-                for (int j = 0; j < d; j++) dot += qs[r * ld + j] * ks[lane * ld + j];
-                s = dot * scale;
+            int row = q0 + warp * TILE_ROWS + rr;
+            float p = 0.0f;
+            corr[rr] = 1.0f;
+            if (row < t) {  // the same for the whole warp; key k0 <= row is in this tile
+                float sc = col <= row ? s[rr] * scale : -INF;
+                float mn = fmaxf(m[rr], warp_max(sc));
+                p = col <= row ? __expf(sc - mn) : 0.0f;
+                corr[rr] = __expf(m[rr] - mn);
+                l[rr] = l[rr] * corr[rr] + warp_sum(p);
+                m[rr] = mn;
             }
-            float mn = fmaxf(m[rr], warp_max(s));  // finite: key k0 <= row is in this tile
-            float p = col <= row ? __expf(s - mn) : 0.0f;
-            float corr = __expf(m[rr] - mn);
-            l[rr] = l[rr] * corr + warp_sum(p);
-            m[rr] = mn;
-            ps[warp * TILE + lane] = p;
-            __syncwarp();
-            #pragma unroll
-            for (int e = 0; e < TILED_MAX_D / 32; e++) {
-                int j = lane + 32 * e;
-                if (e >= per) break;
-                float a = acc[rr][e] * corr;
-                if (j < d)
-                    for (int c = 0; c < TILE; c++) a += ps[warp * TILE + c] * vs[c * ld + j];
-                acc[rr][e] = a;
-            }
-            __syncwarp();  // the probabilities are read before the next row writes them
+            pw[rr * TILE + lane] = p;
         }
+        __syncwarp();
+        #pragma unroll
+        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+            int j = lane + 32 * e;
+            if (e >= per) break;
+            if (j < d) {
+                float a[TILE_ROWS];
+                #pragma unroll
+                for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = acc[rr][e] * corr[rr];
+                for (int c = 0; c < TILE; c++) {
+                    float vj = vs[c * ld + j];
+                    #pragma unroll
+                    for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] += pw[rr * TILE + c] * vj;
+                }
+                #pragma unroll
+                for (int rr = 0; rr < TILE_ROWS; rr++) acc[rr][e] = a[rr];
+            }
+        }
+        __syncwarp();  // the probabilities are read before the next tile writes them
     }
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
@@ -545,7 +565,7 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
     float* dos = qs + TILE * ld;
     float* ks = dos + TILE * ld;
     float* vs = ks + TILE * ld;
-    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE]: dS of the row being processed
+    float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE_ROWS][TILE]: each row's dS
     int tiles = (t + TILE - 1) / TILE;
     int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
     int hi = bh % h, bi = bh / h, gi = hi / (h / g);
@@ -553,6 +573,9 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
     int hd = h * d, gd = g * d, per = (d + 31) / 32;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
+    const float* qw = qs + warp * TILE_ROWS * ld;  // this warp's query rows
+    const float* dow = dos + warp * TILE_ROWS * ld;
+    float* pw = ps + warp * TILE_ROWS * TILE;
     load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
     load_tile(dos, ld, dout, base, q0, t, hd, hi * d, d);
     float acc[TILE_ROWS][TILED_MAX_D / 32], L[TILE_ROWS], dlt[TILE_ROWS];
@@ -570,35 +593,47 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
         load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
         load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
         __syncthreads();
+        int col = k0 + lane;
+        float qk[TILE_ROWS], dp[TILE_ROWS];
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) qk[rr] = dp[rr] = 0.0f;
+        for (int j = 0; j < d; j++) {
+            float kj = ks[lane * ld + j], vj = vs[lane * ld + j];
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; rr++) {
+                qk[rr] += qw[rr * ld + j] * kj;
+                dp[rr] += dow[rr * ld + j] * vj;
+            }
+        }
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) {
-            int r = warp * TILE_ROWS + rr, row = q0 + r;
-            if (row >= t || k0 > row) continue;
-            int col = k0 + lane;
+            int row = q0 + warp * TILE_ROWS + rr;
             float ds = 0.0f;
-            if (col <= row) {
-                float qk = 0.0f, dp = 0.0f;
-                for (int j = 0; j < d; j++) {
-                    qk += qs[r * ld + j] * ks[lane * ld + j];
-                    dp += dos[r * ld + j] * vs[lane * ld + j];
-                }
-                float p = __expf(qk * scale - L[rr]);
-                ds = p * (dp - dlt[rr]);
+            if (row < t && col <= row) {
+                float p = __expf(qk[rr] * scale - L[rr]);
+                ds = p * (dp[rr] - dlt[rr]);
             }
-            ps[warp * TILE + lane] = ds;
-            __syncwarp();
-            #pragma unroll
-            for (int e = 0; e < TILED_MAX_D / 32; e++) {
-                int j = lane + 32 * e;
-                if (e >= per) break;
-                if (j < d) {
-                    float a = 0.0f;
-                    for (int c = 0; c < TILE; c++) a += ps[warp * TILE + c] * ks[c * ld + j];
-                    acc[rr][e] += scale * a;
-                }
-            }
-            __syncwarp();
+            pw[rr * TILE + lane] = ds;
         }
+        __syncwarp();
+        #pragma unroll
+        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+            int j = lane + 32 * e;
+            if (e >= per) break;
+            if (j < d) {
+                float a[TILE_ROWS];
+                #pragma unroll
+                for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = 0.0f;
+                for (int c = 0; c < TILE; c++) {
+                    float kc = ks[c * ld + j];
+                    #pragma unroll
+                    for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] += pw[rr * TILE + c] * kc;
+                }
+                #pragma unroll
+                for (int rr = 0; rr < TILE_ROWS; rr++) acc[rr][e] += scale * a[rr];
+            }
+        }
+        __syncwarp();
     }
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
@@ -616,7 +651,7 @@ INSTANTIATE(attention_backward_dq_tiled,
 
 // Backward, step 3: dk and dv for one (batch, kv head, tile of key rows) per block, summed
 // over the group's query heads and the query rows at or after each key, in that order.
-// Lane i owns query row i of the staged query tile.
+// Lane i owns query row i of the staged query tile; warp w the key rows w * TILE_ROWS + rr.
 template <typename X>
 __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
     DYNAMIC_SHARED(float, smem);
@@ -625,10 +660,10 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
     float* dos = qs + TILE * ld;
     float* ks = dos + TILE * ld;
     float* vs = ks + TILE * ld;
-    float* ps = vs + TILE * ld;      // [TILE_WARPS][TILE]: P of the key row being processed
-    float* dss = ps + TILE_WARPS * TILE;  // [TILE_WARPS][TILE]: its dS
-    float* ls = dss + TILE_WARPS * TILE;  // [TILE]: lse of the staged query rows
-    float* dl = ls + TILE;                // [TILE]: their delta
+    float* ps = vs + TILE * ld;                       // [TILE_WARPS][TILE_ROWS][TILE]: P of each key row
+    float* dss = ps + TILE_WARPS * TILE_ROWS * TILE;  // the same for dS
+    float* ls = dss + TILE_WARPS * TILE_ROWS * TILE;  // [TILE]: lse of the staged query rows
+    float* dl = ls + TILE;                            // [TILE]: their delta
     int tiles = (t + TILE - 1) / TILE;
     int k0 = (blockIdx.x % tiles) * TILE, bg = blockIdx.x / tiles;
     int gi = bg % g, bi = bg / g, per_group = h / g;
@@ -636,6 +671,10 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
     int hd = h * d, gd = g * d, per = (d + 31) / 32;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
+    const float* kw = ks + warp * TILE_ROWS * ld;  // this warp's key rows
+    const float* vw = vs + warp * TILE_ROWS * ld;
+    float* pw = ps + warp * TILE_ROWS * TILE;
+    float* dsw = dss + warp * TILE_ROWS * TILE;
     load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
     load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
     float dka[TILE_ROWS][TILED_MAX_D / 32], dva[TILE_ROWS][TILED_MAX_D / 32];
@@ -657,40 +696,54 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
                 dl[i] = q0 + i < t ? delta[li] : 0.0f;
             }
             __syncthreads();
+            int row = q0 + lane;
+            float qk[TILE_ROWS], dp[TILE_ROWS];
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; rr++) qk[rr] = dp[rr] = 0.0f;
+            for (int j = 0; j < d; j++) {
+                float qj = qs[lane * ld + j], dj = dos[lane * ld + j];
+                #pragma unroll
+                for (int rr = 0; rr < TILE_ROWS; rr++) {
+                    qk[rr] += qj * kw[rr * ld + j];
+                    dp[rr] += dj * vw[rr * ld + j];
+                }
+            }
             #pragma unroll
             for (int rr = 0; rr < TILE_ROWS; rr++) {
-                int c = warp * TILE_ROWS + rr, key = k0 + c;
-                if (key >= t) continue;  // the same for the whole warp
-                int row = q0 + lane;
+                int key = k0 + warp * TILE_ROWS + rr;
                 float p = 0.0f, ds = 0.0f;
-                if (row < t && row >= key) {
-                    float qk = 0.0f, dp = 0.0f;
-                    for (int j = 0; j < d; j++) {
-                        qk += qs[lane * ld + j] * ks[c * ld + j];
-                        dp += dos[lane * ld + j] * vs[c * ld + j];
-                    }
-                    p = __expf(qk * scale - ls[lane]);
-                    ds = p * (dp - dl[lane]);
+                if (key < t && row < t && row >= key) {
+                    p = __expf(qk[rr] * scale - ls[lane]);
+                    ds = p * (dp[rr] - dl[lane]);
                 }
-                ps[warp * TILE + lane] = p;
-                dss[warp * TILE + lane] = ds;
-                __syncwarp();
+                pw[rr * TILE + lane] = p;
+                dsw[rr * TILE + lane] = ds;
+            }
+            __syncwarp();
             #pragma unroll
             for (int e = 0; e < TILED_MAX_D / 32; e++) {
-                    int j = lane + 32 * e;
-                    if (e >= per) break;
-                    if (j < d) {
-                        float a = 0.0f, bsum = 0.0f;
-                        for (int i = 0; i < TILE; i++) {
-                            a += dss[warp * TILE + i] * qs[i * ld + j];
-                            bsum += ps[warp * TILE + i] * dos[i * ld + j];
+                int j = lane + 32 * e;
+                if (e >= per) break;
+                if (j < d) {
+                    float a[TILE_ROWS], bs[TILE_ROWS];
+                    #pragma unroll
+                    for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = bs[rr] = 0.0f;
+                    for (int i = 0; i < TILE; i++) {
+                        float qi = qs[i * ld + j], di = dos[i * ld + j];
+                        #pragma unroll
+                        for (int rr = 0; rr < TILE_ROWS; rr++) {
+                            a[rr] += dsw[rr * TILE + i] * qi;
+                            bs[rr] += pw[rr * TILE + i] * di;
                         }
-                        dka[rr][e] += scale * a;
-                        dva[rr][e] += bsum;
+                    }
+                    #pragma unroll
+                    for (int rr = 0; rr < TILE_ROWS; rr++) {
+                        dka[rr][e] += scale * a[rr];
+                        dva[rr][e] += bs[rr];
                     }
                 }
-                __syncwarp();
             }
+            __syncwarp();
         }
     }
     #pragma unroll

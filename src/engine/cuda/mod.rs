@@ -120,6 +120,8 @@ const REDUCE_BLOCKS: u32 = 512;
 /// wide (wider ones take the one-warp-per-row kernels). Must match `kernels.cu`.
 const TILE: usize = 32;
 const TILE_WARPS: usize = 4;
+/// Rows of a tile each warp owns.
+const TILE_ROWS: usize = TILE / TILE_WARPS;
 const TILE_THREADS: u32 = 32 * TILE_WARPS as u32;
 const TILED_MAX_D: usize = 128;
 
@@ -132,6 +134,14 @@ fn tile_grid(s: AttnShape, heads: usize) -> u32 {
 /// by one float against bank conflicts) and `rows` buffers of 32 floats.
 fn tile_shared(d: usize, tiles: usize, rows: usize) -> u32 {
     (4 * (tiles * TILE * (d + 1) + rows * TILE)) as u32
+}
+
+/// What the three tiled kernels stage, for heads `d` wide: forward Q, K, V and each warp's
+/// rows of probabilities; dq Q, dO, K, V and each warp's rows of dS; dkv the same four tiles,
+/// each warp's rows of P and of dS, and the staged query rows' lse and delta.
+fn attention_shared(d: usize) -> [u32; 3] {
+    let rows = TILE_WARPS * TILE_ROWS;
+    [tile_shared(d, 3, rows), tile_shared(d, 4, rows), tile_shared(d, 4, 2 * rows + 2)]
 }
 
 /// Blocks of the one-warp-per-row kernels over `rows` rows.
@@ -765,7 +775,7 @@ impl Kernels for Cuda {
             d,
         ];
         if s.d <= TILED_MAX_D {
-            let shared = tile_shared(s.d, 3, TILE_WARPS);
+            let shared = attention_shared(s.d)[0];
             self.launch_x("attention_forward_tiled", st, tile_grid(s, s.h), TILE_THREADS, shared, &args);
         } else {
             self.launch_x("attention_forward", st, row_grid(s.b * s.h * s.t), THREADS, 0, &args);
@@ -808,7 +818,7 @@ impl Kernels for Cuda {
             0,
             &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
         );
-        let dq_shared = tile_shared(s.d, 4, TILE_WARPS);
+        let [_, dq_shared, dkv_shared] = attention_shared(s.d);
         self.launch_x(
             "attention_backward_dq_tiled",
             st,
@@ -817,8 +827,6 @@ impl Kernels for Cuda {
             dq_shared,
             &dq_args,
         );
-        // Two [warps, 32] row buffers (P and dS) and lse and delta of the staged query rows.
-        let dkv_shared = tile_shared(s.d, 4, 2 * TILE_WARPS + 2);
         self.launch_x(
             "attention_backward_dkv_tiled",
             st,
@@ -1304,10 +1312,9 @@ mod tests {
     fn cuda_tiled_attention_fits_the_shared_memory_of_every_target() {
         // sm_80 and later let a block opt in to 163 KB (sm_86/89: 99 KB); without opting in,
         // 48 KB. MiniMind's heads (64) need no opt-in.
-        let widest =
-            [tile_shared(TILED_MAX_D, 3, TILE_WARPS), tile_shared(TILED_MAX_D, 4, 2 * TILE_WARPS + 2)];
+        let widest = attention_shared(TILED_MAX_D);
         assert!(widest.iter().all(|&b| b <= 99 * 1024), "{widest:?}");
-        assert!(tile_shared(64, 4, 2 * TILE_WARPS + 2) <= 48 * 1024);
+        assert!(attention_shared(64).iter().all(|&b| b <= 48 * 1024));
     }
 
     #[test]

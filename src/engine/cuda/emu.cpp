@@ -276,6 +276,7 @@ static const char* signature(void (*)(A...)) {
 #define MINIMIND_EMU 1
 #define __global__
 #define __device__ static inline
+#define __forceinline__
 #define __shared__ static
 #define threadIdx (emu::thread_idx())
 #define blockIdx (emu::block.block_idx)

@@ -448,6 +448,27 @@ __device__ void load_tile(float* tile, int ld, const X* x, i64 base_row, int fir
     }
 }
 
+// The warp's TILE_ROWS rows of a tile against one row `x`: s[rr] += rows[rr] . x, over the
+// first d columns in order. `rows` are the same for every lane (broadcast reads). Inlined,
+// so the caller's arrays stay in registers.
+__device__ __forceinline__ void rows_dot(float* s, const float* rows, const float* x, int ld, int d) {
+    for (int j = 0; j < d; j++) {
+        float xj = x[j];
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) s[rr] += rows[rr * ld + j] * xj;
+    }
+}
+
+// The warp's TILE_ROWS rows of weights `w` [TILE_ROWS, TILE] times column j of a tile:
+// a[rr] += sum over c of w[rr][c] tile[c][j], c in order.
+__device__ __forceinline__ void rows_times_tile(float* a, const float* w, const float* tile, int ld, int j) {
+    for (int c = 0; c < TILE; c++) {
+        float tj = tile[c * ld + j];
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] += w[rr * TILE + c] * tj;
+    }
+}
+
 // Forward: out [B*T, H*D] and lse [B*H*T] for one (batch, head, tile of query rows) per block.
 template <typename X>
 __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
@@ -484,11 +505,7 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
         float s[TILE_ROWS];
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) s[rr] = 0.0f;
-        for (int j = 0; j < d; j++) {
-            float kj = ks[lane * ld + j];
-            #pragma unroll
-            for (int rr = 0; rr < TILE_ROWS; rr++) s[rr] += qw[rr * ld + j] * kj;
-        }
+        rows_dot(s, qw, ks + lane * ld, ld, d);
         float corr[TILE_ROWS];
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) {
@@ -514,11 +531,7 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
                 float a[TILE_ROWS];
                 #pragma unroll
                 for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = acc[rr][e] * corr[rr];
-                for (int c = 0; c < TILE; c++) {
-                    float vj = vs[c * ld + j];
-                    #pragma unroll
-                    for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] += pw[rr * TILE + c] * vj;
-                }
+                rows_times_tile(a, pw, vs, ld, j);
                 #pragma unroll
                 for (int rr = 0; rr < TILE_ROWS; rr++) acc[rr][e] = a[rr];
             }
@@ -597,14 +610,8 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
         float qk[TILE_ROWS], dp[TILE_ROWS];
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) qk[rr] = dp[rr] = 0.0f;
-        for (int j = 0; j < d; j++) {
-            float kj = ks[lane * ld + j], vj = vs[lane * ld + j];
-            #pragma unroll
-            for (int rr = 0; rr < TILE_ROWS; rr++) {
-                qk[rr] += qw[rr * ld + j] * kj;
-                dp[rr] += dow[rr * ld + j] * vj;
-            }
-        }
+        rows_dot(qk, qw, ks + lane * ld, ld, d);
+        rows_dot(dp, dow, vs + lane * ld, ld, d);
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; rr++) {
             int row = q0 + warp * TILE_ROWS + rr;
@@ -624,11 +631,7 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
                 float a[TILE_ROWS];
                 #pragma unroll
                 for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = 0.0f;
-                for (int c = 0; c < TILE; c++) {
-                    float kc = ks[c * ld + j];
-                    #pragma unroll
-                    for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] += pw[rr * TILE + c] * kc;
-                }
+                rows_times_tile(a, pw, ks, ld, j);
                 #pragma unroll
                 for (int rr = 0; rr < TILE_ROWS; rr++) acc[rr][e] += scale * a[rr];
             }
@@ -700,14 +703,8 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
             float qk[TILE_ROWS], dp[TILE_ROWS];
             #pragma unroll
             for (int rr = 0; rr < TILE_ROWS; rr++) qk[rr] = dp[rr] = 0.0f;
-            for (int j = 0; j < d; j++) {
-                float qj = qs[lane * ld + j], dj = dos[lane * ld + j];
-                #pragma unroll
-                for (int rr = 0; rr < TILE_ROWS; rr++) {
-                    qk[rr] += qj * kw[rr * ld + j];
-                    dp[rr] += dj * vw[rr * ld + j];
-                }
-            }
+            rows_dot(qk, kw, qs + lane * ld, ld, d);
+            rows_dot(dp, vw, dos + lane * ld, ld, d);
             #pragma unroll
             for (int rr = 0; rr < TILE_ROWS; rr++) {
                 int key = k0 + warp * TILE_ROWS + rr;
@@ -728,14 +725,8 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
                     float a[TILE_ROWS], bs[TILE_ROWS];
                     #pragma unroll
                     for (int rr = 0; rr < TILE_ROWS; rr++) a[rr] = bs[rr] = 0.0f;
-                    for (int i = 0; i < TILE; i++) {
-                        float qi = qs[i * ld + j], di = dos[i * ld + j];
-                        #pragma unroll
-                        for (int rr = 0; rr < TILE_ROWS; rr++) {
-                            a[rr] += dsw[rr * TILE + i] * qi;
-                            bs[rr] += pw[rr * TILE + i] * di;
-                        }
-                    }
+                    rows_times_tile(a, dsw, qs, ld, j);
+                    rows_times_tile(bs, pw, dos, ld, j);
                     #pragma unroll
                     for (int rr = 0; rr < TILE_ROWS; rr++) {
                         dka[rr][e] += scale * a[rr];

@@ -404,7 +404,7 @@ fn spawn_point(cmd: &mut Command) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
     for (k, _) in std::env::vars() {
-        if k.starts_with("MINIMIND_") && !crate::config::OWN_VARS.contains(&k.as_str()) {
+        if crate::config::is_config_var(&k) {
             cmd.env_remove(k);
         }
     }

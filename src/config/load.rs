@@ -24,6 +24,12 @@ pub const ENV_PREFIX: &str = "MINIMIND_";
 /// process runs, not what the run is): no warning, and sweep points inherit them.
 pub const OWN_VARS: &[&str] = &["MINIMIND_CUDA_EMULATOR"];
 
+/// Whether environment variable `name` is meant for the config: under the prefix and not one
+/// of [`OWN_VARS`]. Pure.
+pub fn is_config_var(name: &str) -> bool {
+    name.starts_with(ENV_PREFIX) && !OWN_VARS.contains(&name)
+}
+
 /// One file of an `extends` chain: where it is and what it says.
 #[derive(Clone, Debug)]
 pub struct FileText {
@@ -395,9 +401,10 @@ pub fn parse_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Env
     let mut out = EnvLayer::default();
     let mut problems = Problems::default();
     for (name, raw) in vars {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX).filter(|_| !OWN_VARS.contains(&name.as_str())) else {
+        if !is_config_var(&name) {
             continue;
-        };
+        }
+        let rest = &name[ENV_PREFIX.len()..];
         let origin = Origin::Env(name.clone());
         let key = rest.to_ascii_lowercase().split("__").collect::<Vec<_>>().join(".");
         let first = key.split('.').next().unwrap_or_default();

@@ -14,7 +14,7 @@ use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
 pub use file::{ExperimentFile, LauncherKind, LauncherSection};
-pub use load::{Assign, EnvLayer, Layered, OWN_VARS, env_name, parse_env, parse_set};
+pub use load::{Assign, EnvLayer, Layered, OWN_VARS, env_name, is_config_var, parse_env, parse_set};
 pub use resolve::{
     CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, ModelProblem, Resume,
     Schedule, TrainConfig,

@@ -19,8 +19,9 @@ sweep: build
 
 # The CPU suite; the `mpi` build's (the same tests, plus two MPI ranks on this machine: needs
 # Open MPI and libclang, see README); then the `cuda` feature: its kernels compiled with NVRTC
-# (found on LD_LIBRARY_PATH; .ci/run installs it), and the CUDA engine run on the emulator
-# (kernels.cu as C++ on the CPU): selftest, training, resume, half precision, two ranks.
+# (found through MINIMIND_CUDA_LIBS; .ci/run installs it) with ptxas's report checked, and the
+# CUDA engine run on the emulator (kernels.cu as C++ on the CPU): selftest, training, resume,
+# half precision, shuffled block order, two ranks.
 test:
 	$(CARGO) test
 	$(CARGO) test --features mpi

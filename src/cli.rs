@@ -295,10 +295,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Prints the error chain; exit 2 for a bad config or usage, else 1. A rank of a
+/// Prints the error chain; exit 2 for a bad config or usage (or a GPU this machine cannot
+/// use), else 1. A rank of a
 /// data-parallel run ends every rank (the others would wait for it forever).
 fn fail(e: &anyhow::Error, world: Option<&crate::dist::World>) -> ExitCode {
-    let code = if e.chain().any(|c| c.is::<ConfigError>() || c.is::<ConfigErrors>()) { 2 } else { 1 };
+    let setup = |c: &(dyn std::error::Error + 'static)| {
+        c.is::<ConfigError>() || c.is::<ConfigErrors>() || c.is::<crate::engine::gpu::Unusable>()
+    };
+    let code = if e.chain().any(setup) { 2 } else { 1 };
     match world.filter(|w| w.size() > 1) {
         Some(w) => {
             let _ = writeln!(std::io::stderr(), "error: rank {}: {e:#}", w.rank());

@@ -57,13 +57,15 @@ pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memor
 
 /// Device memory of training `m` on a GPU (the CUDA engine) with activations stored in `act`:
 /// f32 weights, gradients (twice with accumulation) and moments, the 16-bit weight copy in
-/// bf16/f16, and the workspace as [`Footprint::Cuda`] lays it out. Pure.
+/// bf16/f16, the workspace as [`Footprint::Cuda`] lays it out, and the kernels' own scratch
+/// (cuBLAS's workspace included). Pure.
 pub fn device_memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize, act: Dtype) -> f64 {
     let params = m.parameter_count() as f64;
     let grads = if accumulation > 1 { 2.0 } else { 1.0 };
     let copy = if act == Dtype::Float32 { 0.0 } else { 2.0 };
     let workspace = workspace_bytes(m, b, t, Footprint::Cuda { act }) as f64;
-    params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace
+    let scratch = crate::engine::gpu::kernel_scratch_bytes(b * t, m.hidden_size, m.vocab_size) as f64;
+    params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace + scratch
 }
 
 /// A run's cost, as `plan`, `run --dry-run` and the run header show it.

@@ -99,7 +99,20 @@ impl crate::engine::backend::Task for FixtureTask<'_> {
 #[cfg(feature = "cuda")]
 fn cuda_kernels(ordinal: usize, pool: &rayon::ThreadPool, checks: &mut Vec<Check>) -> Result<()> {
     use crate::engine::Kernels;
+    use crate::engine::cuda::libs::{self, Lib};
+    let emulated = crate::engine::cuda::emu::wanted() > 0;
+    if !emulated {
+        // Which file each library came from and its version: the first thing to know when a
+        // GPU machine misbehaves. NCCL is optional (data parallel only).
+        say("libraries:");
+        for line in libs::report(&[Lib::Driver, Lib::Cublas, Lib::Nvrtc, Lib::Nccl]) {
+            say(&format!("  {line}"));
+        }
+    }
     let gpu = crate::engine::cuda::Cuda::new(ordinal, Dtype::Float32)?;
+    if let Some(build) = gpu.build() {
+        say(&format!("kernels: {} for {} ({})", build.image(), build.target, build.origin));
+    }
     say(&format!("kernels: {} (float32, TF32 off) against the CPU", gpu.describe()));
     let cpu = Cpu::new();
     checks.extend(conformance::kernels(&gpu, &cpu, &|f| f(), &|f| pool.install(f), &gpu_tolerance));

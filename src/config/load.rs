@@ -22,7 +22,13 @@ pub const ENV_PREFIX: &str = "MINIMIND_";
 
 /// minimind's own variables under the prefix that are not config keys (they choose how the
 /// process runs, not what the run is): no warning, and sweep points inherit them.
-pub const OWN_VARS: &[&str] = &["MINIMIND_CUDA_EMULATOR"];
+pub const OWN_VARS: &[&str] = &[
+    "MINIMIND_CUDA_EMULATOR",
+    "MINIMIND_CUDA_EMULATOR_SHUFFLE",
+    "MINIMIND_CUDA_LIBS",
+    "MINIMIND_CUDA_SYNC",
+    "MINIMIND_CACHE_DIR",
+];
 
 /// Whether environment variable `name` is meant for the config: under the prefix and not one
 /// of [`OWN_VARS`]. Pure.

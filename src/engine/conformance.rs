@@ -186,10 +186,12 @@ fn case_embed_forward<K: Kernels>(k: &K) -> Vec<f32> {
 }
 
 fn case_embed_backward<K: Kernels>(k: &K) -> Vec<f32> {
+    // 600 positions over 52 ids: repeats within and across the GPU's sort chunks of 256.
+    let n = 600;
     let mut demb = up(k, &random(V * C, 42, 0.1));
-    let dout = up(k, &random(23 * C, 43, 1.0));
-    let ids = idx(k, &ids(23, V, 44));
-    k.embed_backward(k.view_mut(&mut demb, 0..V * C), k.view(&dout, 0..23 * C), k.idx(&ids, 0..23), C);
+    let dout = up(k, &random(n * C, 43, 1.0));
+    let ids = idx(k, &ids(n, V, 44));
+    k.embed_backward(k.view_mut(&mut demb, 0..V * C), k.view(&dout, 0..n * C), k.idx(&ids, 0..n), C);
     host(k, &demb)
 }
 

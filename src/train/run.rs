@@ -285,8 +285,11 @@ fn phases<K: Kernels>(
         m.skipped_line_numbers = skipped.first.clone();
     })?;
     let device = kernels.describe();
-    let mut comm = comm::for_world(&kernels, world, s.comm)?;
+    let comm = comm::for_world(&kernels, world, s.comm)?;
     let (mut engine, mut state, mut restore_notes) = restore(kernels, run, meta, config, &data, s)?;
+    // Bound after the engine, so dropped before it: a device communicator (NCCL) finishes
+    // what it queued on the engine's buffers before they are freed, on every way out.
+    let mut comm = comm;
     super::ranks::share_state(world, &mut *comm, &mut engine, &mut state)?;
     let split = split_steps(config, &data.batches, &mut state, world)?;
     restore_notes.extend(split.note.clone());

@@ -237,3 +237,67 @@ fn cuda_emulated_eval_and_generate_match_the_cpu() {
     assert!(!texts[0].trim().is_empty(), "{texts:?}");
     assert_eq!(texts[0], texts[1], "the same text from the same weights and seed");
 }
+
+/// What a GPU may do (blocks in any order, threads interleaved as warps are scheduled), the
+/// emulator does under a shuffle seed. Training on it gives the same bits under two seeds and
+/// in order: no training kernel sums floats in an order that depends on scheduling, so two
+/// runs of one config on one GPU agree bit for bit.
+#[test]
+fn cuda_emulated_training_is_bit_identical_in_any_block_order() {
+    let s = Scratch::new();
+    for (name, args) in [("dense", &[][..]), ("moe", &["--set", "model.use_moe=true"][..])] {
+        let run = |sub: &str, shuffle: Option<&str>| {
+            let dir = folder(&s, &format!("{name}-{sub}"));
+            let mut cmd = emulated(minimind(&dir));
+            cmd.args([
+                "run",
+                "micro.toml",
+                "--quiet",
+                "--set",
+                "train.max_steps=6",
+                "--set",
+                "train.device=cuda",
+            ]);
+            cmd.args(args);
+            if let Some(seed) = shuffle {
+                cmd.env("MINIMIND_CUDA_EMULATOR_SHUFFLE", seed);
+            }
+            expect(&mut cmd, 0);
+            let run = the_run(&dir);
+            let weights = fs::read(run.join("model/model.safetensors")).unwrap();
+            (metric_rows(&run), weights)
+        };
+        let in_order = run("in-order", None);
+        for seed in ["1", "2"] {
+            let shuffled = run(&format!("seed-{seed}"), Some(seed));
+            assert_eq!(shuffled.0, in_order.0, "{name}: metrics under shuffle seed {seed}");
+            assert!(shuffled.1 == in_order.1, "{name}: weights under shuffle seed {seed}");
+        }
+    }
+}
+
+/// A CUDA library that cannot be found is exit 2 (the machine's setup, like a bad config)
+/// with every name and folder tried and the fix; never a panic.
+#[test]
+fn cuda_missing_library_is_exit_2_with_what_was_tried_and_the_fix() {
+    let s = Scratch::new();
+    let empty = s.path().join("no-cuda-here");
+    fs::create_dir_all(&empty).unwrap();
+    let mut cmd = minimind(s.path());
+    cmd.args(["selftest", "--device", "cuda"]).env("MINIMIND_CUDA_LIBS", &empty);
+    let o = expect(&mut cmd, 2);
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("CUDA driver not found: tried libcuda.so.1, libcuda.so in MINIMIND_CUDA_LIBS only"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("folders: {}", empty.display())), "{err}");
+    assert!(err.trim_end().lines().last().unwrap().trim_start().starts_with("hint: "), "{err}");
+    // Training asked for the GPU: the same, located at train.device.
+    let dir = folder(&s, "run");
+    let mut cmd = minimind(&dir);
+    cmd.args(["run", "micro.toml", "--set", "train.device=cuda"]).env("MINIMIND_CUDA_LIBS", &empty);
+    let err = stderr(&expect(&mut cmd, 2));
+    assert!(err.contains("train.device") && err.contains("CUDA driver not found"), "{err}");
+}

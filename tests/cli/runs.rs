@@ -393,7 +393,7 @@ fn the_shipped_experiments_train_on_the_cpu_as_shipped() {
     let err = stderr(&o);
     assert!(err.contains("--set train.device=cuda: `train.device`: \"cuda:0\": "), "{err}");
     // Without the CUDA engine built in, or (built in) without a driver on this machine.
-    let why = if cfg!(feature = "cuda") { "no CUDA driver found" } else { "this build has no CUDA engine" };
+    let why = if cfg!(feature = "cuda") { "CUDA driver not found" } else { "this build has no CUDA engine" };
     assert!(err.contains(why) && !err.contains("panicked"), "{err}");
     assert_eq!(s.runs().len(), 1, "no folder for a run that cannot start");
 }
@@ -442,7 +442,7 @@ fn plan_dry_run_and_the_run_header_show_the_cost() {
 fn cuda_without_a_gpu_is_one_clear_line() {
     let s = Scratch::new();
     s.micro("");
-    let why = if cfg!(feature = "cuda") { "no CUDA driver found" } else { "this build has no CUDA engine" };
+    let why = if cfg!(feature = "cuda") { "CUDA driver not found" } else { "this build has no CUDA engine" };
     let clear = |o: &std::process::Output, origin: &str| {
         let err = stderr(o);
         let first = err.lines().next().unwrap_or_default();

@@ -10,6 +10,12 @@
 // deterministic, and atomics are plain adds. `__shared__` memory is a static variable: blocks
 // do not overlap, so one copy per kernel is the block's own.
 //
+// A GPU runs blocks in no fixed order, and the threads of a block interleave as its warps
+// are scheduled. A launch with a shuffle seed models that: its blocks run in a seeded random
+// order, and in every round of the scheduler the ready threads run in a fresh random order
+// (so atomics land in another order too). A kernel whose results depend on either gives
+// different bits under two seeds; the determinism tests run every kernel that way.
+//
 // What it does not model: memory outside the arguments is not checked (an out-of-bounds
 // index reads host memory), warps do not run in lockstep (code that relies on implicit warp
 // synchrony without a shuffle or barrier would pass here and fail there; the kernels use
@@ -37,7 +43,8 @@ namespace emu {
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
 
 constexpr unsigned MAX_THREADS = 1024;
-// Kernels keep a few KB of locals at most (the router's 256 floats); libm needs little more.
+// Kernels keep a few hundred bytes of locals (the tiled attention's accumulators); libm needs
+// little more.
 constexpr size_t STACK = 32 * 1024;
 
 #if defined(__x86_64__)
@@ -84,6 +91,26 @@ struct Lane {
     State state;
 };
 
+// splitmix64: the shuffles' random numbers.
+struct Rng {
+    uint64_t state;
+    uint64_t next() {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    // Fisher-Yates over order[0..n).
+    void shuffle(unsigned* order, unsigned n) {
+        for (unsigned i = n; i > 1; i--) {
+            unsigned j = static_cast<unsigned>(next() % i);
+            unsigned t = order[i - 1];
+            order[i - 1] = order[j];
+            order[j] = t;
+        }
+    }
+};
+
 // The block being run (one launch at a time: the Rust side holds a lock).
 struct Block {
     Lane lanes[MAX_THREADS];
@@ -97,6 +124,10 @@ struct Block {
     std::vector<unsigned char> dynamic_shared;
     // The lanes' stacks, one block of MAX_THREADS * STACK bytes (allocated at first use).
     char* stacks = nullptr;
+    // With a shuffle seed: the order the ready lanes run in, redrawn every round.
+    bool shuffled = false;
+    Rng rng{0};
+    unsigned order[MAX_THREADS];
 };
 
 static Block block;
@@ -189,8 +220,11 @@ static bool run_block(char* err, size_t errlen) {
         start(block.lanes[i], block.stacks + i * STACK);
         block.lanes[i].state = READY;
     }
+    for (unsigned i = 0; i < n; i++) block.order[i] = i;
     for (;;) {
-        for (unsigned i = 0; i < n; i++) {
+        if (block.shuffled) block.rng.shuffle(block.order, n);
+        for (unsigned o = 0; o < n; o++) {
+            unsigned i = block.order[o];
             if (block.lanes[i].state != READY) continue;
             block.current = i;
             switch_to(block.scheduler, block.lanes[i].ctx);
@@ -351,6 +385,10 @@ struct Kernel {
 const Kernel KERNEL_TABLE[] = {
     K(add_f32),
     K(embed_forward),
+    K(embed_sort_count),
+    K(embed_sort_prefix),
+    K(embed_sort_offsets),
+    K(embed_sort_place),
     K(embed_backward),
     K(rmsnorm_backward_dx),
     K(rmsnorm_backward_dw_partial),
@@ -374,9 +412,15 @@ const Kernel KERNEL_TABLE[] = {
     KX(attention_backward_dq),
     KX(attention_backward_dkv),
     KX(attention_forward_tiled),
+    KX(attention_forward_tiled_d64),
+    KX(attention_forward_tiled_d128),
     KX(attention_delta),
     KX(attention_backward_dq_tiled),
+    KX(attention_backward_dq_tiled_d64),
+    KX(attention_backward_dq_tiled_d128),
     KX(attention_backward_dkv_tiled),
+    KX(attention_backward_dkv_tiled_d64),
+    KX(attention_backward_dkv_tiled_d128),
     KX(attention_decode),
     KX(swiglu_forward),
     KX(swiglu_backward),
@@ -398,8 +442,10 @@ extern "C" const char* minimind_emu_name(int i) { return KERNEL_TABLE[i].name; }
 extern "C" const char* minimind_emu_signature(int i) { return KERNEL_TABLE[i].signature; }
 
 // Runs kernel `i` on `grid` blocks of `threads`; 0 on success, else 1 with `err` filled.
+// `shuffle` 0 runs blocks and threads in order; any other value is the seed of a shuffled
+// run (see the top of this file).
 extern "C" int minimind_emu_launch(int i, unsigned grid, unsigned threads, unsigned shared, const uint64_t* args,
-                                   char* err, size_t errlen) {
+                                   uint64_t shuffle, char* err, size_t errlen) {
     if (threads == 0 || threads > emu::MAX_THREADS) {
         std::snprintf(err, errlen, "%u threads per block (1 to %u)", threads, emu::MAX_THREADS);
         return 1;
@@ -414,7 +460,12 @@ extern "C" int minimind_emu_launch(int i, unsigned grid, unsigned threads, unsig
     constexpr unsigned GUARD = 4096;
     constexpr unsigned char MARK = 0xa5;
     emu::block.dynamic_shared.assign(shared + GUARD, MARK);
-    for (unsigned b = 0; b < grid; b++) {
+    emu::block.shuffled = shuffle != 0;
+    emu::block.rng = emu::Rng{shuffle};
+    std::vector<unsigned> blocks(grid);
+    for (unsigned b = 0; b < grid; b++) blocks[b] = b;
+    if (emu::block.shuffled) emu::block.rng.shuffle(blocks.data(), grid);
+    for (unsigned b : blocks) {
         emu::block.block_idx = dim3{b, 0, 0};
         if (!emu::run_block(err, errlen)) return 1;
         for (unsigned g = 0; g < GUARD; g++) {

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -28,6 +29,7 @@ unsafe extern "C" {
         threads: u32,
         shared: u32,
         args: *const u64,
+        shuffle: u64,
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
@@ -36,6 +38,22 @@ unsafe extern "C" {
 /// The environment variable that turns the GPUs into emulators: `1` (or any value but a
 /// number) one of them, `N` as many (data-parallel tests give each rank its own).
 pub const ENV: &str = "MINIMIND_CUDA_EMULATOR";
+
+/// The variable that makes every emulated launch run its blocks, and its threads within each
+/// round of the scheduler, in an order shuffled by this seed (a number): what a GPU may do.
+/// Results that change with the seed depend on scheduling (see `emu.cpp`).
+pub const SHUFFLE_ENV: &str = "MINIMIND_CUDA_EMULATOR_SHUFFLE";
+
+/// The shuffle seed a value of `MINIMIND_CUDA_EMULATOR_SHUFFLE` asks for (none when unset,
+/// empty or 0; a value that is not a number is hashed). Pure.
+fn shuffle_of(value: Option<&str>) -> Option<u64> {
+    match value.map(str::trim) {
+        None | Some("") | Some("0") => None,
+        Some(v) => Some(v.parse::<u64>().unwrap_or_else(|_| {
+            v.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+        })),
+    }
+}
 
 /// How many emulated GPUs `MINIMIND_CUDA_EMULATOR` asks for (none when unset, empty or 0).
 pub fn wanted() -> usize {
@@ -70,6 +88,10 @@ pub struct Emulator {
     kernels: Vec<(c_int, String)>,
     /// Each live allocation's size (for [`Device::live_bytes`]).
     sizes: Mutex<HashMap<u64, usize>>,
+    /// The shuffle seed, if any, and the launches made (each launch shuffles with its own
+    /// seed, drawn from both).
+    shuffle: Option<u64>,
+    launches: AtomicU64,
 }
 
 /// The C++ side keeps one block's state for the whole process: one launch at a time, across
@@ -77,7 +99,13 @@ pub struct Emulator {
 static LAUNCH: Mutex<()> = Mutex::new(());
 
 impl Emulator {
+    /// An emulator, shuffled as `MINIMIND_CUDA_EMULATOR_SHUFFLE` asks.
     pub fn new() -> Result<Emulator, String> {
+        Emulator::shuffled(shuffle_of(std::env::var(SHUFFLE_ENV).ok().as_deref()))
+    }
+
+    /// An emulator whose launches run in an order shuffled by `seed` (in order without).
+    pub fn shuffled(seed: Option<u64>) -> Result<Emulator, String> {
         let table = table();
         let kernels = kernel_names()
             .iter()
@@ -88,7 +116,12 @@ impl Emulator {
                 Ok((i as c_int, table[i].1.clone()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Emulator { kernels, sizes: Mutex::new(HashMap::new()) })
+        Ok(Emulator {
+            kernels,
+            sizes: Mutex::new(HashMap::new()),
+            shuffle: seed,
+            launches: AtomicU64::new(0),
+        })
     }
 }
 
@@ -162,11 +195,26 @@ impl Device for Emulator {
             *slot = a.bits();
         }
         let mut err = [0 as c_char; 256];
+        // Launch i of a shuffled emulator shuffles with a seed of its own (never 0, which
+        // means in order).
+        let shuffle = self.shuffle.map_or(0, |seed| {
+            let i = self.launches.fetch_add(1, Ordering::Relaxed);
+            (seed ^ i.wrapping_mul(0x9e3779b97f4a7c15)).max(1)
+        });
         let _turn = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the slots match the kernel's parameters (checked above); pointers are live
         // allocations of this emulator.
         let r = unsafe {
-            minimind_emu_launch(*index, grid, block, shared, slots.as_ptr(), err.as_mut_ptr(), err.len())
+            minimind_emu_launch(
+                *index,
+                grid,
+                block,
+                shared,
+                slots.as_ptr(),
+                shuffle,
+                err.as_mut_ptr(),
+                err.len(),
+            )
         };
         if r != 0 {
             // SAFETY: the C side wrote a NUL-terminated message.
@@ -239,8 +287,21 @@ mod tests {
     }
 
     #[test]
-    fn the_switch_is_not_read_as_a_config_key() {
-        assert!(crate::config::OWN_VARS.contains(&ENV), "{ENV}: every run would warn about it");
+    fn shuffle_seeds_table() {
+        for (value, seed) in
+            [(None, None), (Some(""), None), (Some("0"), None), (Some("7"), Some(7)), (Some(" 42"), Some(42))]
+        {
+            assert_eq!(shuffle_of(value), seed, "{value:?}");
+        }
+        assert!(shuffle_of(Some("yes")).is_some_and(|s| s != 0));
+    }
+
+    #[test]
+    fn the_switches_are_not_read_as_config_keys() {
+        use super::super::{cache::CACHE_ENV, driver::SYNC_ENV, libs::LIBS_ENV};
+        for var in [ENV, SHUFFLE_ENV, LIBS_ENV, CACHE_ENV, SYNC_ENV] {
+            assert!(crate::config::OWN_VARS.contains(&var), "{var}: every run would warn about it");
+        }
     }
 
     #[test]

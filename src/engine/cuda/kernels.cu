@@ -64,12 +64,14 @@ namespace as_f32 { typedef float X; }
 namespace as_bf16 { typedef bf16 X; }
 namespace as_f16 { typedef f16 X; }
 
-// The three kernels `name_f32/_bf16/_f16` of the template `name`: `params` spells the
-// parameter list with X, `args` passes them on.
-#define INSTANTIATE(name, params, args) \
-    namespace as_f32 { extern "C" __global__ void name##_f32 params { name<X> args; } } \
-    namespace as_bf16 { extern "C" __global__ void name##_bf16 params { name<X> args; } } \
-    namespace as_f16 { extern "C" __global__ void name##_f16 params { name<X> args; } }
+// The three kernels `kname_f32/_bf16/_f16` calling `call` (a template instantiated with X,
+// in parentheses): `params` spells the parameter list with X, `args` passes them on.
+#define INSTANTIATE_AS(kname, call, params, args) \
+    namespace as_f32 { extern "C" __global__ void kname##_f32 params { call args; } } \
+    namespace as_bf16 { extern "C" __global__ void kname##_bf16 params { call args; } } \
+    namespace as_f16 { extern "C" __global__ void kname##_f16 params { call args; } }
+// The three kernels of the template `name`.
+#define INSTANTIATE(name, params, args) INSTANTIATE_AS(name, name<X>, params, args)
 
 // ---------------------------------------------------------------------------------------
 // Reductions inside a block (blockDim.x a power of two, at most 1024).
@@ -140,8 +142,10 @@ extern "C" __global__ void add_f32(float* out, const float* x, i64 n) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Embedding: out[n] = emb[ids[n]]; backward adds each token's row with atomics (one block per
-// token: repeated ids meet in an order the hardware picks).
+// Embedding: out[n] = emb[ids[n]]. Backward adds each position's gradient row to its token's
+// row without atomics: the positions are sorted by token id (a stable counting sort in four
+// passes), then one block owns each token and adds its positions' rows in position order,
+// the order the CPU engine adds them in. So the sums do not depend on scheduling.
 
 extern "C" __global__ void embed_forward(float* out, const float* emb, const int* ids, int n, int c) {
     int row = blockIdx.x;
@@ -150,11 +154,89 @@ extern "C" __global__ void embed_forward(float* out, const float* emb, const int
     for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)row * c + j] = src[j];
 }
 
-extern "C" __global__ void embed_backward(float* demb, const float* dout, const int* ids, int n, int c) {
-    int row = blockIdx.x;
-    if (row >= n) return;
-    float* dst = demb + (i64)ids[row] * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) atomicAdd(dst + j, dout[(i64)row * c + j]);
+// Positions per chunk of the sort: one block of EMBED_CHUNK threads per chunk.
+#define EMBED_CHUNK 256
+
+// Sort, pass 1: per chunk of positions, each position's rank among the chunk's earlier
+// positions with the same id, and the chunk's count of each id (counts [chunks, v], this
+// chunk's row zeroed first).
+extern "C" __global__ void embed_sort_count(int* counts, int* rank, const int* ids, int n, int v) {
+    __shared__ int chunk[EMBED_CHUNK];
+    int first = blockIdx.x * EMBED_CHUNK, i = threadIdx.x, p = first + i;
+    int* row = counts + (i64)blockIdx.x * v;
+    for (int x = threadIdx.x; x < v; x += blockDim.x) row[x] = 0;
+    chunk[i] = p < n ? ids[p] : -1;
+    __syncthreads();
+    if (p >= n) return;
+    int id = chunk[i], before = 0, after = 0;
+    for (int j = 0; j < EMBED_CHUNK; j++) {
+        before += j < i && chunk[j] == id;
+        after += j > i && chunk[j] == id;
+    }
+    rank[p] = before;
+    if (after == 0) row[id] = before + 1;  // the id's last position in the chunk writes its count
+}
+
+// Pass 2: per id, the chunks' counts become each chunk's first slot among the id's positions
+// (an exclusive running sum over the chunks), and the id's total goes to totals[id].
+extern "C" __global__ void embed_sort_prefix(int* counts, int* totals, int chunks, int v) {
+    for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < v; x += gridDim.x * blockDim.x) {
+        int run = 0;
+        for (int c = 0; c < chunks; c++) {
+            int k = counts[(i64)c * v + x];
+            counts[(i64)c * v + x] = run;
+            run += k;
+        }
+        totals[x] = run;
+    }
+}
+
+// Pass 3, one block: offsets[x] = sum of totals[0..x] (offsets has v + 1 entries). Each
+// thread scans a contiguous run of ids; the runs' sums are scanned in order by thread 0.
+extern "C" __global__ void embed_sort_offsets(int* offsets, const int* totals, int v) {
+    __shared__ int run_sum[1024];
+    int t = threadIdx.x, per = (v + blockDim.x - 1) / blockDim.x;
+    int lo = min(t * per, v), hi = min(lo + per, v);
+    int s = 0;
+    for (int x = lo; x < hi; x++) s += totals[x];
+    run_sum[t] = s;
+    __syncthreads();
+    if (t == 0) {
+        int acc = 0;
+        for (int u = 0; u < (int)blockDim.x; u++) {
+            int k = run_sum[u];
+            run_sum[u] = acc;
+            acc += k;
+        }
+        offsets[v] = acc;
+    }
+    __syncthreads();
+    s = run_sum[t];
+    for (int x = lo; x < hi; x++) {
+        offsets[x] = s;
+        s += totals[x];
+    }
+}
+
+// Pass 4: every position to its slot; within an id, slots follow the positions' order.
+extern "C" __global__ void embed_sort_place(int* order, const int* ids, const int* rank, const int* counts, const int* offsets, int n, int v) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < n; p += gridDim.x * blockDim.x) {
+        int id = ids[p];
+        order[offsets[id] + counts[(i64)(p / EMBED_CHUNK) * v + id] + rank[p]] = p;
+    }
+}
+
+// demb[x] += the gradient rows of token x's positions, in position order: one block per id.
+extern "C" __global__ void embed_backward(float* demb, const float* dout, const int* order, const int* offsets, int v, int c) {
+    for (int x = blockIdx.x; x < v; x += gridDim.x) {
+        int lo = offsets[x], hi = offsets[x + 1];
+        if (lo == hi) continue;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+            float acc = demb[(i64)x * c + j];
+            for (int q = lo; q < hi; q++) acc += dout[(i64)order[q] * c + j];
+            demb[(i64)x * c + j] = acc;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -201,11 +283,11 @@ extern "C" __global__ void rmsnorm_backward_dw_partial(float* partial, const flo
 }
 
 extern "C" __global__ void rmsnorm_backward_dw_sum(float* dw, const float* partial, int parts, int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    float acc = 0.0f;
-    for (int b = 0; b < parts; b++) acc += partial[(i64)b * c + j];
-    dw[j] += acc;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int b = 0; b < parts; b++) acc += partial[(i64)b * c + j];
+        dw[j] += acc;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,8 +337,8 @@ __device__ void attention_forward(X* out, float* lse, const X* q, const X* k, co
     float scale = rsqrtf((float)d);
     const X* qr = q + ((i64)bi * t + row) * hd + hi * d;
     float qv[MAX_D / 32], acc[MAX_D / 32];
-    int per = (d + 31) / 32;
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         qv[e] = j < d ? qr[j] : 0.0f;
         acc[e] = 0.0f;
@@ -265,7 +347,8 @@ __device__ void attention_forward(X* out, float* lse, const X* q, const X* k, co
     for (int s = 0; s <= row; s++) {
         const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
         float dot = 0.0f;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             if (j < d) dot += qv[e] * kr[j];
         }
@@ -275,14 +358,16 @@ __device__ void attention_forward(X* out, float* lse, const X* q, const X* k, co
         float corr = __expf(m - mn), p = __expf(sc - mn);
         l = l * corr + p;
         const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
         }
         m = mn;
     }
     X* orow = out + ((i64)bi * t + row) * hd + hi * d;
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         if (j < d) orow[j] = X(acc[e] / l);
     }
@@ -305,8 +390,8 @@ __device__ void attention_backward_dq(X* dq, float* delta, const X* dout, const 
     i64 qoff = ((i64)bi * t + row) * hd + hi * d;
     float L = lse[((i64)bi * h + hi) * t + row];
     float qv[MAX_D / 32], dov[MAX_D / 32], acc[MAX_D / 32];
-    int per = (d + 31) / 32;
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         qv[e] = j < d ? q[qoff + j] : 0.0f;
         dov[e] = j < d ? dout[qoff + j] : 0.0f;
@@ -318,7 +403,8 @@ __device__ void attention_backward_dq(X* dq, float* delta, const X* dout, const 
         const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
         const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
         float qk = 0.0f, dv = 0.0f;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             if (j < d) { qk += qv[e] * kr[j]; dv += dov[e] * vr[j]; }
         }
@@ -332,7 +418,8 @@ __device__ void attention_backward_dq(X* dq, float* delta, const X* dout, const 
         const X* kr = k + ((i64)bi * t + s) * gd + gi * d;
         const X* vr = v + ((i64)bi * t + s) * gd + gi * d;
         float qk = 0.0f, dv = 0.0f;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             if (j < d) { qk += qv[e] * kr[j]; dv += dov[e] * vr[j]; }
         }
@@ -341,12 +428,14 @@ __device__ void attention_backward_dq(X* dq, float* delta, const X* dout, const 
             dv += __shfl_xor_sync(0xffffffff, dv, o);
         }
         float ds = __expf(qk * scale - L) * (dv - dl);
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             if (j < d) acc[e] += scale * ds * kr[j];
         }
     }
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         if (j < d) dq[qoff + j] = X(acc[e]);
     }
@@ -368,8 +457,8 @@ __device__ void attention_backward_dkv(X* dk, X* dv, const float* delta, const X
     float scale = rsqrtf((float)d);
     i64 koff = ((i64)bi * t + s) * gd + gi * d;
     float kv[MAX_D / 32], vv[MAX_D / 32], dka[MAX_D / 32], dva[MAX_D / 32];
-    int per = (d + 31) / 32;
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         kv[e] = j < d ? k[koff + j] : 0.0f;
         vv[e] = j < d ? v[koff + j] : 0.0f;
@@ -381,7 +470,8 @@ __device__ void attention_backward_dkv(X* dk, X* dv, const float* delta, const X
         for (int r = s; r < t; r++) {
             i64 qoff = ((i64)bi * t + r) * hd + hi * d;
             float qk = 0.0f, dpv = 0.0f;
-            for (int e = 0; e < per; e++) {
+            #pragma unroll
+            for (int e = 0; e < MAX_D / 32; e++) {
                 int j = lane + 32 * e;
                 if (j < d) { qk += q[qoff + j] * kv[e]; dpv += dout[qoff + j] * vv[e]; }
             }
@@ -392,7 +482,8 @@ __device__ void attention_backward_dkv(X* dk, X* dv, const float* delta, const X
             i64 li = ((i64)bi * h + hi) * t + r;
             float p = __expf(qk * scale - lse[li]);
             float ds = p * (dpv - delta[li]);
-            for (int e = 0; e < per; e++) {
+            #pragma unroll
+            for (int e = 0; e < MAX_D / 32; e++) {
                 int j = lane + 32 * e;
                 if (j < d) {
                     dka[e] += scale * ds * q[qoff + j];
@@ -401,7 +492,8 @@ __device__ void attention_backward_dkv(X* dk, X* dv, const float* delta, const X
             }
         }
     }
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         if (j < d) { dk[koff + j] = X(dka[e]); dv[koff + j] = X(dva[e]); }
     }
@@ -422,6 +514,12 @@ INSTANTIATE(attention_backward_dkv,
 // dimensions. Rows are padded to D + 1 floats so the lanes reading down a column of a tile hit
 // different banks. Nothing is accumulated with atomics: every output element is summed by one
 // thread in a fixed order.
+//
+// Each kernel is a template on the head dimension DD: 64 and 128 (compiled with every loop
+// bound known, so the per-lane accumulators stay in registers), and 0, which reads D at run
+// time (any D <= 128; the accumulators are still indexed only by unrolled loops). Blocks are
+// numbered heaviest first: in causal attention the last query tile (forward, dq) and the
+// first key tile (dkv) do the most work, and the GPU starts blocks in index order.
 
 #define TILE 32
 #define TILE_WARPS 4
@@ -437,6 +535,14 @@ __device__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
 }
+
+// The head dimension a DD-kernel works with, and the lane's accumulators per row.
+#define HEAD_DIM(DD, d) ((DD) ? (DD) : (d))
+#define LANE_DIMS(DD) ((DD) ? (DD) / 32 : TILED_MAX_D / 32)
+
+// The grid is [tiles][groups] ((batch, head) pairs), heaviest tile first: block
+// `blockIdx.x` works on tile rank blockIdx.x / groups (0 the heaviest) of pair
+// blockIdx.x % groups.
 
 // Copies rows first..first+TILE of a [B*T, width] matrix (this sequence's, head offset `col`)
 // into a [TILE, ld] tile; rows past the sequence become zeros.
@@ -462,6 +568,7 @@ __device__ __forceinline__ void rows_dot(float* s, const float* rows, const floa
 // The warp's TILE_ROWS rows of weights `w` [TILE_ROWS, TILE] times column j of a tile:
 // a[rr] += sum over c of w[rr][c] tile[c][j], c in order.
 __device__ __forceinline__ void rows_times_tile(float* a, const float* w, const float* tile, int ld, int j) {
+    #pragma unroll 4
     for (int c = 0; c < TILE; c++) {
         float tj = tile[c * ld + j];
         #pragma unroll
@@ -470,30 +577,33 @@ __device__ __forceinline__ void rows_times_tile(float* a, const float* w, const 
 }
 
 // Forward: out [B*T, H*D] and lse [B*H*T] for one (batch, head, tile of query rows) per block.
-template <typename X>
-__device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
+template <typename X, int DD>
+__device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d_arg) {
+    constexpr int PER = LANE_DIMS(DD);
+    const int d = HEAD_DIM(DD, d_arg);
     DYNAMIC_SHARED(float, smem);
-    int ld = d + 1;
+    const int ld = d + 1;
     float* qs = smem;
     float* ks = qs + TILE * ld;
     float* vs = ks + TILE * ld;
     float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE_ROWS][TILE]: each row's probabilities
-    int tiles = (t + TILE - 1) / TILE;
-    int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
+    int tiles = (t + TILE - 1) / TILE, rank = blockIdx.x / (b * h), bh = blockIdx.x % (b * h);
+    int q0 = (tiles - 1 - rank) * TILE;
     int hi = bh % h, bi = bh / h, gi = hi / (h / g);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    int hd = h * d, gd = g * d;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
     const float* qw = qs + warp * TILE_ROWS * ld;  // this warp's query rows
     float* pw = ps + warp * TILE_ROWS * TILE;
     load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
-    float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][TILED_MAX_D / 32];
+    float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][PER];
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         m[rr] = -INF;
         l[rr] = 0.0f;
-        for (int e = 0; e < TILED_MAX_D / 32; e++) acc[rr][e] = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < PER; e++) acc[rr][e] = 0.0f;
     }
     int last = min(q0 + TILE, t) - 1;
     for (int k0 = 0; k0 <= last; k0 += TILE) {
@@ -524,9 +634,8 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
         }
         __syncwarp();
         #pragma unroll
-        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+        for (int e = 0; e < PER; e++) {
             int j = lane + 32 * e;
-            if (e >= per) break;
             if (j < d) {
                 float a[TILE_ROWS];
                 #pragma unroll
@@ -541,17 +650,22 @@ __device__ void attention_forward_tiled(X* out, float* lse, const X* q, const X*
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         int row = q0 + warp * TILE_ROWS + rr;
-        if (row >= t) continue;
-        X* orow = out + (base + row) * hd + hi * d;
-        for (int e = 0; e < per; e++) {
-            int j = lane + 32 * e;
-            if (j < d) orow[j] = X(acc[rr][e] / l[rr]);
+        if (row < t) {
+            X* orow = out + (base + row) * hd + hi * d;
+            #pragma unroll
+            for (int e = 0; e < PER; e++) {
+                int j = lane + 32 * e;
+                if (j < d) orow[j] = X(acc[rr][e] / l[rr]);
+            }
+            if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m[rr] + logf(l[rr]);
         }
-        if (lane == 0) lse[((i64)bi * h + hi) * t + row] = m[rr] + logf(l[rr]);
     }
 }
-INSTANTIATE(attention_forward_tiled, (X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
-            (out, lse, q, k, v, b, t, h, g, d))
+#define ATTENTION_FORWARD_PARAMS (X* out, float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d)
+#define ATTENTION_FORWARD_ARGS (out, lse, q, k, v, b, t, h, g, d)
+INSTANTIATE_AS(attention_forward_tiled, (attention_forward_tiled<X, 0>), ATTENTION_FORWARD_PARAMS, ATTENTION_FORWARD_ARGS)
+INSTANTIATE_AS(attention_forward_tiled_d64, (attention_forward_tiled<X, 64>), ATTENTION_FORWARD_PARAMS, ATTENTION_FORWARD_ARGS)
+INSTANTIATE_AS(attention_forward_tiled_d128, (attention_forward_tiled<X, 128>), ATTENTION_FORWARD_PARAMS, ATTENTION_FORWARD_ARGS)
 
 // Backward, step 1: delta = rowsum(dO * O) per (batch, head, row), one warp per row.
 template <typename X>
@@ -570,20 +684,22 @@ INSTANTIATE(attention_delta, (float* delta, const X* dout, const X* out, int b, 
 
 // Backward, step 2: dq for one (batch, head, tile of query rows) per block.
 // dS = P (dP - delta), dq = scale dS K, with P recomputed from the saved log-sum-exp.
-template <typename X>
-__device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
+template <typename X, int DD>
+__device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d_arg) {
+    constexpr int PER = LANE_DIMS(DD);
+    const int d = HEAD_DIM(DD, d_arg);
     DYNAMIC_SHARED(float, smem);
-    int ld = d + 1;
+    const int ld = d + 1;
     float* qs = smem;
     float* dos = qs + TILE * ld;
     float* ks = dos + TILE * ld;
     float* vs = ks + TILE * ld;
     float* ps = vs + TILE * ld;  // [TILE_WARPS][TILE_ROWS][TILE]: each row's dS
-    int tiles = (t + TILE - 1) / TILE;
-    int q0 = (blockIdx.x % tiles) * TILE, bh = blockIdx.x / tiles;
+    int tiles = (t + TILE - 1) / TILE, rank = blockIdx.x / (b * h), bh = blockIdx.x % (b * h);
+    int q0 = (tiles - 1 - rank) * TILE;
     int hi = bh % h, bi = bh / h, gi = hi / (h / g);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    int hd = h * d, gd = g * d;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
     const float* qw = qs + warp * TILE_ROWS * ld;  // this warp's query rows
@@ -591,14 +707,15 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
     float* pw = ps + warp * TILE_ROWS * TILE;
     load_tile(qs, ld, q, base, q0, t, hd, hi * d, d);
     load_tile(dos, ld, dout, base, q0, t, hd, hi * d, d);
-    float acc[TILE_ROWS][TILED_MAX_D / 32], L[TILE_ROWS], dlt[TILE_ROWS];
+    float acc[TILE_ROWS][PER], L[TILE_ROWS], dlt[TILE_ROWS];
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         int row = q0 + warp * TILE_ROWS + rr;
         i64 li = ((i64)bi * h + hi) * t + row;
         L[rr] = row < t ? lse[li] : 0.0f;
         dlt[rr] = row < t ? delta[li] : 0.0f;
-        for (int e = 0; e < TILED_MAX_D / 32; e++) acc[rr][e] = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < PER; e++) acc[rr][e] = 0.0f;
     }
     int last = min(q0 + TILE, t) - 1;
     for (int k0 = 0; k0 <= last; k0 += TILE) {
@@ -624,9 +741,8 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
         }
         __syncwarp();
         #pragma unroll
-        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+        for (int e = 0; e < PER; e++) {
             int j = lane + 32 * e;
-            if (e >= per) break;
             if (j < d) {
                 float a[TILE_ROWS];
                 #pragma unroll
@@ -641,24 +757,30 @@ __device__ void attention_backward_dq_tiled(X* dq, const float* delta, const X* 
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         int row = q0 + warp * TILE_ROWS + rr;
-        if (row >= t) continue;
-        for (int e = 0; e < per; e++) {
-            int j = lane + 32 * e;
-            if (j < d) dq[(base + row) * hd + hi * d + j] = X(acc[rr][e]);
+        if (row < t) {
+            #pragma unroll
+            for (int e = 0; e < PER; e++) {
+                int j = lane + 32 * e;
+                if (j < d) dq[(base + row) * hd + hi * d + j] = X(acc[rr][e]);
+            }
         }
     }
 }
-INSTANTIATE(attention_backward_dq_tiled,
-            (X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
-            (dq, delta, dout, lse, q, k, v, b, t, h, g, d))
+#define ATTENTION_DQ_PARAMS (X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d)
+#define ATTENTION_DQ_ARGS (dq, delta, dout, lse, q, k, v, b, t, h, g, d)
+INSTANTIATE_AS(attention_backward_dq_tiled, (attention_backward_dq_tiled<X, 0>), ATTENTION_DQ_PARAMS, ATTENTION_DQ_ARGS)
+INSTANTIATE_AS(attention_backward_dq_tiled_d64, (attention_backward_dq_tiled<X, 64>), ATTENTION_DQ_PARAMS, ATTENTION_DQ_ARGS)
+INSTANTIATE_AS(attention_backward_dq_tiled_d128, (attention_backward_dq_tiled<X, 128>), ATTENTION_DQ_PARAMS, ATTENTION_DQ_ARGS)
 
 // Backward, step 3: dk and dv for one (batch, kv head, tile of key rows) per block, summed
 // over the group's query heads and the query rows at or after each key, in that order.
 // Lane i owns query row i of the staged query tile; warp w the key rows w * TILE_ROWS + rr.
-template <typename X>
-__device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d) {
+template <typename X, int DD>
+__device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d_arg) {
+    constexpr int PER = LANE_DIMS(DD);
+    const int d = HEAD_DIM(DD, d_arg);
     DYNAMIC_SHARED(float, smem);
-    int ld = d + 1;
+    const int ld = d + 1;
     float* qs = smem;
     float* dos = qs + TILE * ld;
     float* ks = dos + TILE * ld;
@@ -667,11 +789,11 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
     float* dss = ps + TILE_WARPS * TILE_ROWS * TILE;  // the same for dS
     float* ls = dss + TILE_WARPS * TILE_ROWS * TILE;  // [TILE]: lse of the staged query rows
     float* dl = ls + TILE;                            // [TILE]: their delta
-    int tiles = (t + TILE - 1) / TILE;
-    int k0 = (blockIdx.x % tiles) * TILE, bg = blockIdx.x / tiles;
+    int rank = blockIdx.x / (b * g), bg = blockIdx.x % (b * g);
+    int k0 = rank * TILE;
     int gi = bg % g, bi = bg / g, per_group = h / g;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int hd = h * d, gd = g * d, per = (d + 31) / 32;
+    int hd = h * d, gd = g * d;
     float scale = rsqrtf((float)d);
     i64 base = (i64)bi * t;
     const float* kw = ks + warp * TILE_ROWS * ld;  // this warp's key rows
@@ -680,13 +802,15 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
     float* dsw = dss + warp * TILE_ROWS * TILE;
     load_tile(ks, ld, k, base, k0, t, gd, gi * d, d);
     load_tile(vs, ld, v, base, k0, t, gd, gi * d, d);
-    float dka[TILE_ROWS][TILED_MAX_D / 32], dva[TILE_ROWS][TILED_MAX_D / 32];
+    float dka[TILE_ROWS][PER], dva[TILE_ROWS][PER];
     #pragma unroll
-    for (int rr = 0; rr < TILE_ROWS; rr++)
-        for (int e = 0; e < TILED_MAX_D / 32; e++) {
+    for (int rr = 0; rr < TILE_ROWS; rr++) {
+        #pragma unroll
+        for (int e = 0; e < PER; e++) {
             dka[rr][e] = 0.0f;
             dva[rr][e] = 0.0f;
         }
+    }
     for (int hh = 0; hh < per_group; hh++) {
         int hi = gi * per_group + hh;
         for (int q0 = k0; q0 < t; q0 += TILE) {
@@ -718,9 +842,8 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
             }
             __syncwarp();
             #pragma unroll
-            for (int e = 0; e < TILED_MAX_D / 32; e++) {
+            for (int e = 0; e < PER; e++) {
                 int j = lane + 32 * e;
-                if (e >= per) break;
                 if (j < d) {
                     float a[TILE_ROWS], bs[TILE_ROWS];
                     #pragma unroll
@@ -740,19 +863,23 @@ __device__ void attention_backward_dkv_tiled(X* dk, X* dv, const float* delta, c
     #pragma unroll
     for (int rr = 0; rr < TILE_ROWS; rr++) {
         int key = k0 + warp * TILE_ROWS + rr;
-        if (key >= t) continue;
-        for (int e = 0; e < per; e++) {
-            int j = lane + 32 * e;
-            if (j < d) {
-                dk[(base + key) * gd + gi * d + j] = X(dka[rr][e]);
-                dv[(base + key) * gd + gi * d + j] = X(dva[rr][e]);
+        if (key < t) {
+            #pragma unroll
+            for (int e = 0; e < PER; e++) {
+                int j = lane + 32 * e;
+                if (j < d) {
+                    dk[(base + key) * gd + gi * d + j] = X(dka[rr][e]);
+                    dv[(base + key) * gd + gi * d + j] = X(dva[rr][e]);
+                }
             }
         }
     }
 }
-INSTANTIATE(attention_backward_dkv_tiled,
-            (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d),
-            (dk, dv, delta, dout, lse, q, k, v, b, t, h, g, d))
+#define ATTENTION_DKV_PARAMS (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, int b, int t, int h, int g, int d)
+#define ATTENTION_DKV_ARGS (dk, dv, delta, dout, lse, q, k, v, b, t, h, g, d)
+INSTANTIATE_AS(attention_backward_dkv_tiled, (attention_backward_dkv_tiled<X, 0>), ATTENTION_DKV_PARAMS, ATTENTION_DKV_ARGS)
+INSTANTIATE_AS(attention_backward_dkv_tiled_d64, (attention_backward_dkv_tiled<X, 64>), ATTENTION_DKV_PARAMS, ATTENTION_DKV_ARGS)
+INSTANTIATE_AS(attention_backward_dkv_tiled_d128, (attention_backward_dkv_tiled<X, 128>), ATTENTION_DKV_PARAMS, ATTENTION_DKV_ARGS)
 
 // One decoding step: one warp per query head against `len` cached positions.
 template <typename X>
@@ -764,8 +891,8 @@ __device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int
     int gd = g * d;
     float scale = rsqrtf((float)d);
     float qv[MAX_D / 32], acc[MAX_D / 32];
-    int per = (d + 31) / 32;
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         qv[e] = j < d ? q[hi * d + j] : 0.0f;
         acc[e] = 0.0f;
@@ -774,7 +901,8 @@ __device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int
     for (int s = 0; s < len; s++) {
         const X* kr = k + (i64)s * gd + gi * d;
         float dot = 0.0f;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             if (j < d) dot += qv[e] * kr[j];
         }
@@ -784,13 +912,15 @@ __device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int
         float corr = __expf(m - mn), p = __expf(sc - mn);
         l = l * corr + p;
         const X* vr = v + (i64)s * gd + gi * d;
-        for (int e = 0; e < per; e++) {
+        #pragma unroll
+        for (int e = 0; e < MAX_D / 32; e++) {
             int j = lane + 32 * e;
             acc[e] = acc[e] * corr + (j < d ? p * vr[j] : 0.0f);
         }
         m = mn;
     }
-    for (int e = 0; e < per; e++) {
+    #pragma unroll
+    for (int e = 0; e < MAX_D / 32; e++) {
         int j = lane + 32 * e;
         if (j < d) out[hi * d + j] = X(acc[e] / l);
     }
@@ -940,29 +1070,29 @@ INSTANTIATE(adamw,
 // index), normalised weights; then a stable counting sort of the N*K slots by expert.
 
 extern "C" __global__ void moe_topk(float* scores, int* expert, float* weight, const float* logits, int n, int e, int k, int norm_topk) {
-    int tok = blockIdx.x * blockDim.x + threadIdx.x;
-    if (tok >= n) return;
-    const float* z = logits + (i64)tok * e;
-    float* s = scores + (i64)tok * e;
-    float m = -INF;
-    for (int x = 0; x < e; x++) m = fmaxf(m, z[x]);
-    float sum = 0.0f;
-    for (int x = 0; x < e; x++) { s[x] = __expf(z[x] - m); sum += s[x]; }
-    for (int x = 0; x < e; x++) s[x] /= sum;
-    float wsum = 0.0f;
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int x = 0; x < e; x++) {
-            bool taken = false;
-            for (int q = 0; q < j; q++) taken |= expert[(i64)tok * k + q] == x;
-            if (!taken && (best < 0 || s[x] > s[best])) best = x;
+    for (int tok = blockIdx.x * blockDim.x + threadIdx.x; tok < n; tok += gridDim.x * blockDim.x) {
+        const float* z = logits + (i64)tok * e;
+        float* s = scores + (i64)tok * e;
+        float m = -INF;
+        for (int x = 0; x < e; x++) m = fmaxf(m, z[x]);
+        float sum = 0.0f;
+        for (int x = 0; x < e; x++) { s[x] = __expf(z[x] - m); sum += s[x]; }
+        for (int x = 0; x < e; x++) s[x] /= sum;
+        float wsum = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int x = 0; x < e; x++) {
+                bool taken = false;
+                for (int q = 0; q < j; q++) taken |= expert[(i64)tok * k + q] == x;
+                if (!taken && (best < 0 || s[x] > s[best])) best = x;
+            }
+            expert[(i64)tok * k + j] = best;
+            weight[(i64)tok * k + j] = s[best];
+            wsum += s[best];
         }
-        expert[(i64)tok * k + j] = best;
-        weight[(i64)tok * k + j] = s[best];
-        wsum += s[best];
+        if (k > 1 && norm_topk)
+            for (int j = 0; j < k; j++) weight[(i64)tok * k + j] /= wsum + 1e-20f;
     }
-    if (k > 1 && norm_topk)
-        for (int j = 0; j < k; j++) weight[(i64)tok * k + j] /= wsum + 1e-20f;
 }
 
 // One block: each thread owns a contiguous run of slots, counts it per expert, then writes it
@@ -1003,20 +1133,20 @@ extern "C" __global__ void moe_dispatch(int* pos, int* rows, int* offsets, const
 // then thread 0 of block 0 sums the terms in order into acc[slot] (after a grid-wide pass in
 // a second launch, moe_aux_sum).
 extern "C" __global__ void moe_aux_terms(float* aux_grad, double* terms, const float* scores, const int* expert, int b, int t, int e, int k, float alpha, int seq_aux) {
-    int id = blockIdx.x * blockDim.x + threadIdx.x;
     int groups = seq_aux ? b : 1;
-    if (id >= groups * e) return;
-    int grp = id / e, x = id % e;
-    int tokens = seq_aux ? t : b * t;
-    i64 first = seq_aux ? (i64)grp * t : 0;
-    int count = 0;
-    for (i64 slot = first * k; slot < (first + tokens) * k; slot++) count += expert[slot] == x;
-    double mean_s = 0.0;
-    for (i64 tok = first; tok < first + tokens; tok++) mean_s += (double)scores[tok * e + x];
-    mean_s /= tokens;
-    float c = seq_aux ? count * (float)e / (t * k) : count / (float)(tokens * k) * e;
-    aux_grad[id] = alpha * c / (seq_aux ? (float)(b * t) : (float)tokens);
-    terms[id] = (double)c * mean_s;
+    for (int id = blockIdx.x * blockDim.x + threadIdx.x; id < groups * e; id += gridDim.x * blockDim.x) {
+        int grp = id / e, x = id % e;
+        int tokens = seq_aux ? t : b * t;
+        i64 first = seq_aux ? (i64)grp * t : 0;
+        int count = 0;
+        for (i64 slot = first * k; slot < (first + tokens) * k; slot++) count += expert[slot] == x;
+        double mean_s = 0.0;
+        for (i64 tok = first; tok < first + tokens; tok++) mean_s += (double)scores[tok * e + x];
+        mean_s /= tokens;
+        float c = seq_aux ? count * (float)e / (t * k) : count / (float)(tokens * k) * e;
+        aux_grad[id] = alpha * c / (seq_aux ? (float)(b * t) : (float)tokens);
+        terms[id] = (double)c * mean_s;
+    }
 }
 
 extern "C" __global__ void moe_aux_sum(double* acc, int slot, const double* terms, int count, double divisor, float alpha) {
@@ -1083,30 +1213,34 @@ __device__ void spread_rows(X* out, const X* dy, const int* pos, const float* we
 INSTANTIATE(spread_rows, (X* out, const X* dy, const int* pos, const float* weight, int slots, int k, int c), (out, dy, pos, weight, slots, k, c))
 
 // Router-logit gradients from the slot-weight gradients, plus the aux term; one thread per
-// token. MAX_E experts at most.
-#define MAX_E 256
+// token (grid-stride). The gradient wrt the scores, ds[x] = aux(x) + the slots that chose x,
+// is recomputed for each expert instead of kept in an array (which would live in local
+// memory): softmax backward needs dot = sum_x ds[x] s[x] first, then s[x] (ds[x] - dot).
+__device__ float router_ds(int x, const int* chosen, const float* dw, int k, int norm, float sum, float wdot, const float* ag,
+                           float aux_scale) {
+    float ds = 0.0f;
+    for (int j = 0; j < k; j++)
+        if (chosen[j] == x) ds += norm ? (dw[j] - wdot) / sum : dw[j];
+    return ag ? ds + ag[x] * aux_scale : ds;
+}
+
 extern "C" __global__ void moe_router_backward(float* dlogits, const float* scores, const int* expert, const float* weight, const float* slot_dw, const float* aux_grad,
                                               int n, int t, int e, int k, int norm_topk, int seq_aux, int has_aux, float aux_scale) {
-    int tok = blockIdx.x * blockDim.x + threadIdx.x;
-    if (tok >= n) return;
-    float ds[MAX_E];
-    const float* s = scores + (i64)tok * e;
-    for (int x = 0; x < e; x++) ds[x] = 0.0f;
-    const int* chosen = expert + (i64)tok * k;
-    const float* dw = slot_dw + (i64)tok * k;
-    if (k > 1 && norm_topk) {
-        float sum = 1e-20f, dot = 0.0f;
-        for (int j = 0; j < k; j++) sum += s[chosen[j]];
-        for (int j = 0; j < k; j++) dot += dw[j] * weight[(i64)tok * k + j];
-        for (int j = 0; j < k; j++) ds[chosen[j]] += (dw[j] - dot) / sum;
-    } else {
-        for (int j = 0; j < k; j++) ds[chosen[j]] += dw[j];
+    for (int tok = blockIdx.x * blockDim.x + threadIdx.x; tok < n; tok += gridDim.x * blockDim.x) {
+        const float* s = scores + (i64)tok * e;
+        const int* chosen = expert + (i64)tok * k;
+        const float* dw = slot_dw + (i64)tok * k;
+        const float* wt = weight + (i64)tok * k;
+        int norm = k > 1 && norm_topk;
+        float sum = 1e-20f, wdot = 0.0f;
+        if (norm) {
+            for (int j = 0; j < k; j++) sum += s[chosen[j]];
+            for (int j = 0; j < k; j++) wdot += dw[j] * wt[j];
+        }
+        const float* ag = has_aux ? aux_grad + (seq_aux ? (i64)(tok / t) * e : 0) : nullptr;
+        float dot = 0.0f;
+        for (int x = 0; x < e; x++) dot += router_ds(x, chosen, dw, k, norm, sum, wdot, ag, aux_scale) * s[x];
+        for (int x = 0; x < e; x++)
+            dlogits[(i64)tok * e + x] = s[x] * (router_ds(x, chosen, dw, k, norm, sum, wdot, ag, aux_scale) - dot);
     }
-    if (has_aux) {
-        const float* ag = aux_grad + (seq_aux ? (i64)(tok / t) * e : 0);
-        for (int x = 0; x < e; x++) ds[x] += ag[x] * aux_scale;
-    }
-    float dot = 0.0f;
-    for (int x = 0; x < e; x++) dot += ds[x] * s[x];
-    for (int x = 0; x < e; x++) dlogits[(i64)tok * e + x] = s[x] * (ds[x] - dot);
 }

@@ -301,3 +301,42 @@ fn cuda_missing_library_is_exit_2_with_what_was_tried_and_the_fix() {
     let err = stderr(&expect(&mut cmd, 2));
     assert!(err.contains("train.device") && err.contains("CUDA driver not found"), "{err}");
 }
+
+/// The GPU check's correctness stage, run here on the emulator as it will run on a GPU: the
+/// script itself is tested before it meets one. Every check line ends in ok (NCCL: SKIPPED,
+/// the emulator has none), the verdict is the last line, and the log reaches $OUT.
+#[test]
+fn cuda_gpu_check_correctness_stage_runs_on_the_emulator() {
+    let s = Scratch::new();
+    let (gpu, out) = (s.path().join("gpu"), s.path().join("out"));
+    let script = |args: &[&str]| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("scripts/gpu_check.sh")).args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("MINIMIND_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("GPU_DIR", &gpu).env("OUT", &out).env("MINIMIND_BIN", env!("CARGO_BIN_EXE_minimind"));
+        cmd.env("XDG_CACHE_HOME", s.path().join("xdg"));
+        cmd
+    };
+    let o = expect(&mut script(&["prepare"]), 0);
+    assert!(stdout(&o).starts_with("staged "), "{}", stdout(&o));
+    // --emulate without the emulator is refused rather than run on a GPU that is not there.
+    expect(&mut script(&["correctness", "--emulate"]), 2);
+    let o = expect(&mut emulated(script(&["correctness", "--emulate"])), 0);
+    let text = stdout(&o);
+    let checks: Vec<&str> = text.lines().filter(|l| l.contains(": ") && !l.starts_with(' ')).collect();
+    for name in ["selftest", "determinism", "resume", "bf16", "eval", "generate"] {
+        let line = checks
+            .iter()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("{name}?\n{text}"));
+        assert!(line.ends_with(" ok"), "{line}\n{text}");
+    }
+    assert!(checks.iter().any(|l| l.starts_with("nccl-world1: ") && l.ends_with(" SKIPPED")), "{text}");
+    assert_eq!(text.trim_end().lines().last(), Some("verdict: correctness ok (6 checks passed)"), "{text}");
+    let log = fs::read_to_string(out.join("gpu_check-correctness.txt")).unwrap();
+    assert!(log.trim_end().ends_with("verdict: correctness ok (6 checks passed)"), "{log}");
+}

@@ -57,15 +57,40 @@ pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memor
 
 /// Device memory of training `m` on a GPU (the CUDA engine) with activations stored in `act`:
 /// f32 weights, gradients (twice with accumulation) and moments, the 16-bit weight copy in
-/// bf16/f16, the workspace as [`Footprint::Cuda`] lays it out, and the kernels' own scratch
-/// (cuBLAS's workspace included). Pure.
+/// bf16/f16, the workspace as [`Footprint::Cuda`] lays it out, the kernels' own scratch
+/// (cuBLAS's workspace included), and in bf16/f16 the tensor-core attention's scores for the
+/// whole batch (see [`device_memory_least`]). Pure.
 pub fn device_memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize, act: Dtype) -> f64 {
+    device_memory_with(m, b, t, accumulation, act, b)
+}
+
+/// [`device_memory`] with the attention's scores for one sequence at a time: the least the
+/// engine runs with (it takes the whole batch's scores when they fit half the free memory,
+/// else a chunk of sequences, else the tiled kernels). What the check before a run asks for.
+pub fn device_memory_least(m: &ModelConfig, b: usize, t: usize, accumulation: usize, act: Dtype) -> f64 {
+    device_memory_with(m, b, t, accumulation, act, 1)
+}
+
+fn device_memory_with(
+    m: &ModelConfig,
+    b: usize,
+    t: usize,
+    accumulation: usize,
+    act: Dtype,
+    chunk: usize,
+) -> f64 {
     let params = m.parameter_count() as f64;
     let grads = if accumulation > 1 { 2.0 } else { 1.0 };
     let copy = if act == Dtype::Float32 { 0.0 } else { 2.0 };
     let workspace = workspace_bytes(m, b, t, Footprint::Cuda { act }) as f64;
     let scratch = crate::engine::gpu::kernel_scratch_bytes(b * t, m.hidden_size, m.vocab_size) as f64;
-    params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace + scratch
+    let attention = if act == Dtype::Float32 {
+        0.0
+    } else {
+        let (h, g, d) = (m.num_attention_heads, m.num_key_value_heads, m.head_dim);
+        crate::engine::gpu::attention_scratch(chunk, t, h, g, d, 2).1 as f64
+    };
+    params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace + scratch + attention
 }
 
 /// A run's cost, as `plan`, `run --dry-run` and the run header show it.
@@ -287,9 +312,14 @@ mod tests {
         let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
         let cpu = memory(&m, 32, 512, 1);
         let f32 = device_memory(&m, 32, 512, 1, Dtype::Float32);
-        let bf16 = device_memory(&m, 32, 512, 1, Dtype::Bfloat16);
+        let bf16 = device_memory_least(&m, 32, 512, 1, Dtype::Bfloat16);
         assert!(cpu.weights + cpu.gradients + cpu.moments + cpu.activations > f32, "{cpu:?} {f32}");
         assert!(bf16 < 0.7 * f32, "{bf16} {f32}");
-        assert_eq!(device_memory(&m, 32, 512, 1, Dtype::Float16), bf16);
+        assert_eq!(device_memory_least(&m, 32, 512, 1, Dtype::Float16), bf16);
+        // The whole batch's attention scores (f32) and probabilities (bf16), 6 bytes per score
+        // of [32, 8, 512, 512], and its head-major copies, against one sequence's.
+        let full = device_memory(&m, 32, 512, 1, Dtype::Bfloat16);
+        let more = 31.0 * 6.0 * (8 * 512 * 512) as f64;
+        assert!(full - bf16 > more && full - bf16 < 1.2 * more, "{full} {bf16}");
     }
 }

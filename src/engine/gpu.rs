@@ -33,6 +33,51 @@ pub fn kernel_scratch_bytes(n: usize, c: usize, v: usize) -> u64 {
     (partials + sort + CUBLAS_WORKSPACE_BYTES) as u64
 }
 
+/// The share of free device memory the tensor-core attention may take for its scratch (the
+/// scores and probabilities of a chunk of sequences); beyond it, chunks get smaller.
+pub const ATTENTION_MEMORY_SHARE: f64 = 0.5;
+
+/// Where the tensor-core attention's scratch for `c` sequences of `t` tokens, `h` query
+/// heads, `g` key/value heads of width `d` puts each part, in bytes (each 256-byte aligned):
+/// the scores S (f32, `[c, H, T, T]`), the probabilities P, then Q, K, V, O (or dO), dQ, dK,
+/// dV head-major, those in `act` bytes per element. Returns the offsets and the total. Pure.
+pub fn attention_scratch(
+    c: usize,
+    t: usize,
+    h: usize,
+    g: usize,
+    d: usize,
+    act: usize,
+) -> ([usize; 9], usize) {
+    let scores = c * h * t * t;
+    let (qo, kv) = (c * h * t * d, c * g * t * d);
+    let sizes =
+        [4 * scores, act * scores, act * qo, act * kv, act * kv, act * qo, act * qo, act * kv, act * kv];
+    let mut offsets = [0; 9];
+    let mut at = 0;
+    for (o, size) in offsets.iter_mut().zip(sizes) {
+        *o = at;
+        at += size.div_ceil(256) * 256;
+    }
+    (offsets, at)
+}
+
+/// Sequences per chunk of the tensor-core attention: all `b` when their scratch
+/// (`bytes_for(c)` for `c` sequences) fits `budget` bytes (no budget: no limit), else as many
+/// as fit; 0 when not even one does. Pure.
+pub fn attention_chunk(b: usize, budget: Option<usize>, bytes_for: impl Fn(usize) -> usize) -> usize {
+    let Some(budget) = budget else { return b };
+    // Near linear: padding makes a chunk of c a little less than c times one sequence.
+    let mut c = b.min(budget / bytes_for(1).max(1));
+    while c < b && bytes_for(c + 1) <= budget {
+        c += 1;
+    }
+    while c > 0 && bytes_for(c) > budget {
+        c -= 1;
+    }
+    c
+}
+
 /// The GPUs this process can use, by name (`cuda:0` first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gpus {
@@ -68,4 +113,43 @@ pub fn probe() -> Result<Gpus, String> {
         })
         .collect();
     Ok(Gpus { names })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_scratch_layout_is_aligned_and_adds_up() {
+        // One sequence of MiniMind2-small (T 512, H 8, G 2, D 64) in bf16.
+        let (offsets, total) = attention_scratch(1, 512, 8, 2, 64, 2);
+        let scores = 8 * 512 * 512;
+        assert_eq!(offsets[..3], [0, 4 * scores, 6 * scores]);
+        assert!(offsets.iter().all(|o| o % 256 == 0));
+        assert_eq!(total, 6 * scores + 2 * (3 * 8 + 4 * 2) * 512 * 64);
+        // Ragged sizes round each part up to 256 bytes.
+        let (offsets, total) = attention_scratch(1, 3, 1, 1, 5, 2);
+        assert_eq!(offsets, [0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]);
+        assert_eq!(total, 2304);
+    }
+
+    #[test]
+    fn attention_chunk_table() {
+        let per = |c: usize| 100 * c + 10;
+        // Padding that shrinks per sequence as chunks grow.
+        let padded = |c: usize| 100 * c + 60 - 10 * c.min(5);
+        let table = [
+            ((32, None), 32),
+            ((32, Some(100_000)), 32),
+            ((32, Some(1000)), 9),
+            ((32, Some(110)), 1),
+            ((32, Some(109)), 0),
+            ((4, Some(0)), 0),
+        ];
+        for ((b, budget), want) in table {
+            assert_eq!(attention_chunk(b, budget, per), want, "b {b}, budget {budget:?}");
+        }
+        // 1 sequence: 150 bytes, 2: 240, 3: 330: a budget of 260 holds two.
+        assert_eq!(attention_chunk(8, Some(260), padded), 2);
+    }
 }

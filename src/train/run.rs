@@ -442,8 +442,13 @@ fn restore<K: Kernels>(
 ) -> Result<(Engine<K>, TrainerState, Vec<String>)> {
     let (b, t) = (config.train.batch_size, config.data.max_seq_len);
     if let Some(free) = kernels.free_memory() {
-        let need =
-            crate::cost::device_memory(&config.model, b, t, config.train.accumulation_steps, kernels.dtype());
+        let need = crate::cost::device_memory_least(
+            &config.model,
+            b,
+            t,
+            config.train.accumulation_steps,
+            kernels.dtype(),
+        );
         if need > free as f64 {
             bail!(
                 "this run needs about {}B of device memory, {} has {}B free\n  hint: lower train.batch_size ({b}) or data.max_seq_len ({t})",

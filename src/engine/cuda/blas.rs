@@ -45,6 +45,32 @@ struct Api {
         c_int,
         c_int,
     ) -> Status,
+    #[allow(clippy::type_complexity)]
+    gemm_strided_batched_ex: unsafe extern "C" fn(
+        Handle,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        *const c_void,
+        *const c_void,
+        c_int,
+        c_int,
+        i64,
+        *const c_void,
+        c_int,
+        c_int,
+        i64,
+        *const c_void,
+        *mut c_void,
+        c_int,
+        c_int,
+        i64,
+        c_int,
+        c_int,
+        c_int,
+    ) -> Status,
     status_string: Option<unsafe extern "C" fn(Status) -> *const c_char>,
 }
 
@@ -75,6 +101,7 @@ fn api() -> Result<&'static Api, String> {
                 set_math_mode: lib.function("cublasSetMathMode")?,
                 set_atomics_mode: lib.function("cublasSetAtomicsMode")?,
                 gemm_ex: lib.function("cublasGemmEx")?,
+                gemm_strided_batched_ex: lib.function("cublasGemmStridedBatchedEx")?,
                 status_string: lib.symbol("cublasGetStatusString").ok().map(|p| {
                     std::mem::transmute::<*mut c_void, unsafe extern "C" fn(Status) -> *const c_char>(p)
                 }),
@@ -131,7 +158,8 @@ impl Blas {
         }
     }
 
-    /// One column-major `cublasGemmEx` (see [`GemmCall`]), f32 accumulation.
+    /// One column-major `cublasGemmEx`, or `cublasGemmStridedBatchedEx` for a batch (see
+    /// [`GemmCall`]), f32 accumulation.
     pub fn gemm(&self, g: &GemmCall) -> Result<(), String> {
         let op = |t: bool| if t { OP_T } else { OP_N };
         let ty = |s: Store| match s {
@@ -139,35 +167,67 @@ impl Blas {
             Store::Bf16 => R_16BF,
             Store::F16 => R_16F,
         };
-        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        let (alpha, beta) = (g.alpha, if g.accumulate { 1.0f32 } else { 0.0 });
         let int =
             |x: usize| c_int::try_from(x).map_err(|_| format!("a gemm dimension {x} above cuBLAS's int"));
+        let (alpha_p, beta_p) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
+        let (ta, tb) = (op(g.b_transposed), op(g.a_transposed));
+        let (n, m, k) = (int(g.n)?, int(g.m)?, int(g.k)?);
+        let (ldb, lda, ldc) = (int(g.ldb)?, int(g.lda)?, int(g.ldc)?);
         // SAFETY: the caller bounds what cuBLAS reads and writes by the views' lengths; the
         // pointers are live allocations used in stream order.
         let s = unsafe {
-            (self.api.gemm_ex)(
-                self.handle,
-                op(g.b_transposed),
-                op(g.a_transposed),
-                int(g.n)?,
-                int(g.m)?,
-                int(g.k)?,
-                &alpha as *const f32 as *const c_void,
-                g.b as *const c_void,
-                ty(g.ab),
-                int(g.ldb)?,
-                g.a as *const c_void,
-                ty(g.ab),
-                int(g.lda)?,
-                &beta as *const f32 as *const c_void,
-                g.c as *mut c_void,
-                ty(g.c_store),
-                int(g.ldc)?,
-                COMPUTE_32F,
-                GEMM_DEFAULT,
-            )
+            if g.batch <= 1 {
+                (self.api.gemm_ex)(
+                    self.handle,
+                    ta,
+                    tb,
+                    n,
+                    m,
+                    k,
+                    alpha_p,
+                    g.b as *const c_void,
+                    ty(g.ab),
+                    ldb,
+                    g.a as *const c_void,
+                    ty(g.ab),
+                    lda,
+                    beta_p,
+                    g.c as *mut c_void,
+                    ty(g.c_store),
+                    ldc,
+                    COMPUTE_32F,
+                    GEMM_DEFAULT,
+                )
+            } else {
+                (self.api.gemm_strided_batched_ex)(
+                    self.handle,
+                    ta,
+                    tb,
+                    n,
+                    m,
+                    k,
+                    alpha_p,
+                    g.b as *const c_void,
+                    ty(g.ab),
+                    ldb,
+                    g.stride_b as i64,
+                    g.a as *const c_void,
+                    ty(g.ab),
+                    lda,
+                    g.stride_a as i64,
+                    beta_p,
+                    g.c as *mut c_void,
+                    ty(g.c_store),
+                    ldc,
+                    g.stride_c as i64,
+                    int(g.batch)?,
+                    COMPUTE_32F,
+                    GEMM_DEFAULT,
+                )
+            }
         };
-        check(self.api, "cublasGemmEx", s)
+        check(self.api, if g.batch <= 1 { "cublasGemmEx" } else { "cublasGemmStridedBatchedEx" }, s)
     }
 }
 

@@ -95,8 +95,10 @@ impl Store {
     }
 }
 
-/// One column-major `cublasGemmEx` call: `c[n, m] = op(b)[n, k] op(a)[k, m] (+ c)`, `a` and
+/// One column-major cuBLAS product: `c[n, m] = alpha op(b)[n, k] op(a)[k, m] (+ c)`, `a` and
 /// `b` stored as `ab`, `c` as `c_store` (the same, or f32), accumulated in f32 (TF32 off).
+/// With `batch` > 1, `batch` such products, operand `x` of product `i` at `x + i * stride_x`
+/// elements (`cublasGemmStridedBatchedEx`).
 #[derive(Clone, Copy, Debug)]
 pub struct GemmCall {
     pub b_transposed: bool,
@@ -113,6 +115,11 @@ pub struct GemmCall {
     pub accumulate: bool,
     pub ab: Store,
     pub c_store: Store,
+    pub alpha: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
 }
 
 /// The operations [`super::Cuda`] needs from a device. Work is queued in order on one stream;

@@ -155,6 +155,58 @@ unsafe fn store(st: Store, base: u64, i: usize, v: f32) {
     }
 }
 
+/// One product of a [`GemmCall`] (its batch ignored), as cuBLAS computes it: each output a
+/// dot product in f32, in order over k, times alpha, plus the old value when accumulating.
+fn gemm_one(g: &GemmCall) {
+    let GemmCall {
+        b_transposed,
+        a_transposed,
+        n,
+        m,
+        k,
+        b,
+        ldb,
+        a,
+        lda,
+        c,
+        ldc,
+        accumulate,
+        ab,
+        c_store,
+        alpha,
+        ..
+    } = *g;
+    // Column-major: element (i, p) of op(b) [n, k] and (p, j) of op(a) [k, m].
+    let bv = |i: usize, p: usize| -> usize { if b_transposed { p + i * ldb } else { i + p * ldb } };
+    let av = |p: usize, j: usize| -> usize { if a_transposed { j + p * lda } else { p + j * lda } };
+    // Copy op(b) to rows of k (one per output row i) and op(a) to rows of k (one per
+    // output column j), in f32, so each output is a contiguous dot product.
+    // SAFETY: the caller's views bound these extents.
+    let brows: Vec<f32> = (0..n)
+        .flat_map(|i| (0..k).map(move |p| (i, p)))
+        .map(|(i, p)| unsafe { load(ab, b, bv(i, p)) })
+        .collect();
+    let arows: Vec<f32> = (0..m)
+        .flat_map(|j| (0..k).map(move |p| (p, j)))
+        .map(|(p, j)| unsafe { load(ab, a, av(p, j)) })
+        .collect();
+    // Output column j is `n` elements from `c + j * ldc`; columns do not overlap (ldc >= n)
+    // nor the inputs (the engine never multiplies in place).
+    let c_at = c as usize;
+    (0..m).into_par_iter().zip(arows.par_chunks(k.max(1))).for_each(|(j, arow)| {
+        for (i, brow) in brows.chunks(k.max(1)).enumerate().take(n) {
+            let dot: f32 = brow.iter().zip(arow).map(|(x, y)| x * y).sum();
+            let sum = alpha * dot;
+            let at = j * ldc + i;
+            // SAFETY: within the output the caller's view bounds; one writer per element.
+            unsafe {
+                let old = if accumulate { load(c_store, c_at as u64, at) } else { 0.0 };
+                store(c_store, c_at as u64, at, if accumulate { old + sum } else { sum });
+            }
+        }
+    });
+}
+
 impl Device for Emulator {
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
         // SAFETY: calloc of a positive size; freed once in `free`.
@@ -224,36 +276,17 @@ impl Device for Emulator {
         Ok(())
     }
     fn gemm(&self, g: &GemmCall) -> Result<(), String> {
-        let GemmCall { b_transposed, a_transposed, n, m, k, b, ldb, a, lda, c, ldc, accumulate, ab, c_store } =
-            *g;
-        // Column-major: element (i, p) of op(b) [n, k] and (p, j) of op(a) [k, m].
-        let bv = |i: usize, p: usize| -> usize { if b_transposed { p + i * ldb } else { i + p * ldb } };
-        let av = |p: usize, j: usize| -> usize { if a_transposed { j + p * lda } else { p + j * lda } };
-        // Copy op(b) to rows of k (one per output row i) and op(a) to rows of k (one per
-        // output column j), in f32, so each output is a contiguous dot product.
-        // SAFETY: the caller's views bound these extents.
-        let brows: Vec<f32> = (0..n)
-            .flat_map(|i| (0..k).map(move |p| (i, p)))
-            .map(|(i, p)| unsafe { load(ab, b, bv(i, p)) })
-            .collect();
-        let arows: Vec<f32> = (0..m)
-            .flat_map(|j| (0..k).map(move |p| (p, j)))
-            .map(|(p, j)| unsafe { load(ab, a, av(p, j)) })
-            .collect();
-        // Output column j is `n` elements from `c + j * ldc`; columns do not overlap (ldc >= n)
-        // nor the inputs (the engine never multiplies in place).
-        let c_at = c as usize;
-        (0..m).into_par_iter().zip(arows.par_chunks(k)).for_each(|(j, arow)| {
-            for (i, brow) in brows.chunks(k).enumerate() {
-                let sum: f32 = brow.iter().zip(arow).map(|(x, y)| x * y).sum();
-                let at = j * ldc + i;
-                // SAFETY: within the output the caller's view bounds; one writer per element.
-                unsafe {
-                    let old = if accumulate { load(c_store, c_at as u64, at) } else { 0.0 };
-                    store(c_store, c_at as u64, at, if accumulate { old + sum } else { sum });
-                }
-            }
-        });
+        for i in 0..g.batch.max(1) {
+            let at = |base: u64, stride: usize, st: Store| base + (i * stride * st.size()) as u64;
+            let one = GemmCall {
+                a: at(g.a, g.stride_a, g.ab),
+                b: at(g.b, g.stride_b, g.ab),
+                c: at(g.c, g.stride_c, g.c_store),
+                batch: 1,
+                ..*g
+            };
+            gemm_one(&one);
+        }
         Ok(())
     }
     fn synchronize(&self) -> Result<(), String> {

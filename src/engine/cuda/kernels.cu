@@ -881,6 +881,79 @@ INSTANTIATE_AS(attention_backward_dkv_tiled, (attention_backward_dkv_tiled<X, 0>
 INSTANTIATE_AS(attention_backward_dkv_tiled_d64, (attention_backward_dkv_tiled<X, 64>), ATTENTION_DKV_PARAMS, ATTENTION_DKV_ARGS)
 INSTANTIATE_AS(attention_backward_dkv_tiled_d128, (attention_backward_dkv_tiled<X, 128>), ATTENTION_DKV_PARAMS, ATTENTION_DKV_ARGS)
 
+// ---------------------------------------------------------------------------------------
+// Attention on the tensor cores (bf16/f16 runs): the six [T, T, D] products go to cuBLAS
+// (strided batched GEMMs, f32 accumulation) and these kernels do what lies between them,
+// llm.c's layout. Q, K and V are copied head-major ([B, H, T, D], [B, G, T, D]), so the R = H/G
+// query heads of a group are R*T consecutive rows that share their K/V block: one product per
+// (sequence, group) covers them all, and dK, dV sum the group's heads inside the product. The
+// scores S (f32) and probabilities P (16-bit) of a chunk of sequences are materialised
+// [B, H, T, T]; the causal mask is applied here (the products compute the whole square).
+
+// dst [c, heads, T, D] from src rows [c*T, heads*D] (to_heads), or back.
+template <typename X>
+__device__ void attn_heads(X* dst, const X* src, int c, int t, int heads, int d, int to_heads) {
+    i64 total = (i64)c * heads * t * d;
+    for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
+        int e = x % d;
+        i64 rest = x / d;
+        int i = rest % t;
+        i64 bh = rest / t;
+        int hh = bh % heads;
+        i64 bb = bh / heads;
+        i64 row_major = (bb * t + i) * heads * d + (i64)hh * d + e;
+        if (to_heads) dst[x] = src[row_major];
+        else dst[row_major] = src[x];
+    }
+}
+INSTANTIATE(attn_heads, (X* dst, const X* src, int c, int t, int heads, int d, int to_heads), (dst, src, c, t, heads, d, to_heads))
+
+// P = causal softmax of the scaled scores S, one warp per row (row r of [c*H, T] is query
+// r % T): with from_lse, P = exp(S - lse[r]) (backward recomputes the forward's P); else lse
+// is written. Above the diagonal P is 0.
+template <typename X>
+__device__ void attn_softmax(X* p, float* lse, const float* s, i64 rows, int t, int from_lse) {
+    int lane = threadIdx.x & 31;
+    i64 first = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
+    i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = first; r < rows; r += warps) {
+        int i = r % t;
+        const float* sr = s + r * t;
+        X* pr = p + r * t;
+        float m, inv = 1.0f;
+        if (from_lse) {
+            m = lse[r];
+        } else {
+            m = -INF;
+            for (int j = lane; j <= i; j += 32) m = fmaxf(m, sr[j]);
+            m = warp_max(m);
+            float l = 0.0f;
+            for (int j = lane; j <= i; j += 32) l += __expf(sr[j] - m);
+            l = warp_sum(l);
+            inv = 1.0f / l;
+            if (lane == 0) lse[r] = m + logf(l);
+        }
+        for (int j = lane; j < t; j += 32) pr[j] = X(j <= i ? __expf(sr[j] - m) * inv : 0.0f);
+    }
+}
+INSTANTIATE(attn_softmax, (X* p, float* lse, const float* s, i64 rows, int t, int from_lse), (p, lse, s, rows, t, from_lse))
+
+// dS = P (dP - delta[r]) on and below the diagonal, 0 above, in place of P.
+template <typename X>
+__device__ void attn_dsoftmax(X* p, const float* dp, const float* delta, i64 rows, int t) {
+    int lane = threadIdx.x & 31;
+    i64 first = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
+    i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = first; r < rows; r += warps) {
+        int i = r % t;
+        float dl = delta[r];
+        X* pr = p + r * t;
+        const float* dr = dp + r * t;
+        for (int j = lane; j < t; j += 32) pr[j] = X(j <= i ? (float)pr[j] * (dr[j] - dl) : 0.0f);
+    }
+}
+INSTANTIATE(attn_dsoftmax, (X* p, const float* dp, const float* delta, i64 rows, int t), (p, dp, delta, rows, t))
+
 // One decoding step: one warp per query head against `len` cached positions.
 template <typename X>
 __device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int len, int h, int g, int d) {

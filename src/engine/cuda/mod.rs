@@ -35,6 +35,7 @@ use crate::config::Dtype;
 use crate::metrics::human;
 use device::{Arg, DBuf, Device, GemmCall, Store, bytes, bytes_mut};
 
+mod attention;
 mod blas;
 pub mod cache;
 mod device;
@@ -94,6 +95,9 @@ const TYPED: &[&str] = &[
     "attention_backward_dkv_tiled",
     "attention_backward_dkv_tiled_d64",
     "attention_backward_dkv_tiled_d128",
+    "attn_heads",
+    "attn_softmax",
+    "attn_dsoftmax",
     "attention_decode",
     "swiglu_forward",
     "swiglu_backward",
@@ -250,6 +254,10 @@ pub struct Cuda {
     dw_partials: Mutex<DBuf<f32>>,
     /// The embedding backward's sort of positions by token id (see `embed_backward`).
     embed_scratch: Mutex<DBuf<i32>>,
+    /// The tensor-core attention's scores and probabilities (see `attention`).
+    attn: Mutex<attention::Scratch>,
+    /// Launches so far, per kernel (in the order of [`kernel_names`]).
+    launches: Vec<std::sync::atomic::AtomicU64>,
     /// The first failure, until a `check` reports it.
     error: Mutex<Option<String>>,
     /// Something failed: no more work goes to the device (a CUDA error is sticky, and a
@@ -286,6 +294,19 @@ impl Cuda {
         Ok(cuda)
     }
 
+    /// Launches of kernel `name` (all its forms) so far.
+    pub fn launches_of(&self, name: &str) -> u64 {
+        kernel_names()
+            .iter()
+            .zip(&self.launches)
+            .filter(|(k, _)| {
+                *k == name
+                    || k.strip_prefix(name).is_some_and(|rest| ["_f32", "_bf16", "_f16"].contains(&rest))
+            })
+            .map(|(_, n)| n.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
     /// How this GPU's kernels were obtained (none on the emulator).
     pub fn build(&self) -> Option<&driver::Build> {
         self.build.as_ref()
@@ -309,6 +330,8 @@ impl Cuda {
             partials: Mutex::new(partials),
             dw_partials: Mutex::new(dw_partials),
             embed_scratch: Mutex::new(embed_scratch),
+            attn: Mutex::default(),
+            launches: kernel_names().iter().map(|_| 0.into()).collect(),
             error: Mutex::new(None),
             broken: std::sync::atomic::AtomicBool::new(false),
             name,
@@ -364,6 +387,7 @@ impl Cuda {
         if self.failed() || grid == 0 {
             return;
         }
+        self.launches[kernel].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.dev.launch(kernel, grid, block, shared, args) {
             self.fail(|| {
                 format!(
@@ -649,6 +673,11 @@ impl Kernels for Cuda {
             accumulate,
             ab,
             c_store: out.st,
+            alpha: 1.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
         };
         if let Err(e) = self.dev.gemm(&call) {
             self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e}"));
@@ -825,10 +854,13 @@ impl Kernels for Cuda {
         v: DView<'_>,
         s: AttnShape,
     ) {
-        assert!(s.d <= 256, "head_dim {} is above the CUDA attention's 256", s.d);
-        let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let lse = self.ptr(saved);
         let st = same_store("attention_forward", &[out.st, q.st, k.st, v.st]);
+        if self.attention_forward_tc(&out, lse, &q, &k, &v, s) {
+            return;
+        }
+        assert!(s.d <= 256, "head_dim {} is above the CUDA attention's 256", s.d);
+        let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let args = [
             Arg::Ptr(out.ptr),
             Arg::Ptr(lse),
@@ -879,13 +911,15 @@ impl Kernels for Cuda {
         let (dout_p, q_p, k_p, v_p) = (Arg::Ptr(dout.ptr), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr));
         let dq_args = [Arg::Ptr(dq.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         let dkv_args = [Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
-        if s.d > TILED_MAX_D {
+        let tensor = Store::of(self.dtype) != Store::F32;
+        if s.d > TILED_MAX_D && !tensor {
             // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
             self.launch_x("attention_backward_dq", st, row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
             self.launch_x("attention_backward_dkv", st, row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
             return;
         }
-        // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows.
+        // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows
+        // (or, in 16 bits, the products on the tensor cores).
         self.launch_x(
             "attention_delta",
             st,
@@ -894,6 +928,15 @@ impl Kernels for Cuda {
             0,
             &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
         );
+        let (lse_p, delta_p) = (self.ptr(saved), scratch.ptr);
+        if tensor && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], lse_p, delta_p, s) {
+            return;
+        }
+        if s.d > TILED_MAX_D {
+            self.launch_x("attention_backward_dq", st, row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
+            self.launch_x("attention_backward_dkv", st, row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
+            return;
+        }
         let [_, dq_shared, dkv_shared] = attention_shared(s.d);
         self.launch_form(
             "attention_backward_dq_tiled",
@@ -1490,13 +1533,19 @@ mod tests {
     struct Small {
         inner: emu::Emulator,
         used: Mutex<usize>,
-        limit: usize,
+        limit: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Small {
+        fn limit(&self) -> usize {
+            self.limit.load(std::sync::atomic::Ordering::Relaxed)
+        }
     }
 
     impl Device for Small {
         fn alloc(&self, bytes: usize) -> Result<u64, String> {
             let mut used = self.used.lock().unwrap();
-            if *used + bytes > self.limit {
+            if *used + bytes > self.limit() {
                 return Err("out of memory".into());
             }
             *used += bytes;
@@ -1528,7 +1577,7 @@ mod tests {
             Ok(())
         }
         fn memory(&self) -> Option<(usize, usize)> {
-            Some((self.limit - *self.used.lock().unwrap(), self.limit))
+            Some((self.limit() - *self.used.lock().unwrap(), self.limit()))
         }
         fn stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
             None
@@ -1546,7 +1595,8 @@ mod tests {
         use crate::engine::Engine;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
         let cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
-        let small = Small { inner: emu::Emulator::new().unwrap(), used: Mutex::new(0), limit: 4 << 20 };
+        let small =
+            Small { inner: emu::Emulator::new().unwrap(), used: Mutex::new(0), limit: (4 << 20).into() };
         let gpu = Cuda::on(Arc::new(small), Dtype::Bfloat16, "small".into()).unwrap();
         let mut engine = Engine::new(gpu, cfg, 2, 48).unwrap();
         engine.init_weights(1);
@@ -1706,6 +1756,104 @@ mod tests {
         assert_ne!(a, b, "two shuffle seeds must give two orders");
         let plain = Cuda::emulated(Dtype::Float32).unwrap();
         assert_eq!(run(&plain), run(&plain), "in order, the emulator is deterministic");
+    }
+
+    /// Attention forward and backward of shape `s` on `gpu` with seeded inputs; `ready` runs
+    /// once everything is allocated. Returns out, lse, dq, dk, dv.
+    fn attention_round(gpu: &Cuda, s: AttnShape, ready: &dyn Fn()) -> Vec<Vec<f32>> {
+        let mut rng = crate::engine::SplitMix64::new(7);
+        let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
+        let (nq, nkv) = (s.b * s.t * s.h * s.d, s.b * s.t * s.g * s.d);
+        let mut up = |n: usize| {
+            let mut buf = gpu.alloc_act(n);
+            gpu.upload(gpu.view_mut(&mut buf, 0..n), &random(n));
+            buf
+        };
+        let (q, k, v, dout) = (up(nq), up(nkv), up(nkv), up(nq));
+        let (mut out, mut dq, mut dk, mut dv) =
+            (gpu.alloc_act(nq), gpu.alloc_act(nq), gpu.alloc_act(nkv), gpu.alloc_act(nkv));
+        let mut saved = gpu.new_attn(s, false);
+        let mut scratch = gpu.alloc(gpu.attn_scratch_len(s, false));
+        let ns = gpu.len(&scratch);
+        ready();
+        gpu.attention_forward(
+            gpu.view_mut(&mut out, 0..nq),
+            &mut saved,
+            gpu.view_mut(&mut scratch, 0..ns),
+            gpu.view(&q, 0..nq),
+            gpu.view(&k, 0..nkv),
+            gpu.view(&v, 0..nkv),
+            s,
+        );
+        gpu.attention_backward(
+            gpu.view_mut(&mut dq, 0..nq),
+            gpu.view_mut(&mut dk, 0..nkv),
+            gpu.view_mut(&mut dv, 0..nkv),
+            &saved,
+            gpu.view_mut(&mut scratch, 0..ns),
+            gpu.view(&dout, 0..nq),
+            gpu.view(&out, 0..nq),
+            gpu.view(&q, 0..nq),
+            gpu.view(&k, 0..nkv),
+            gpu.view(&v, 0..nkv),
+            s,
+        );
+        gpu.check().unwrap();
+        let down = |b: &FBuf| {
+            let mut h = vec![0.0; b.len];
+            gpu.download(gpu.view(b, 0..b.len), &mut h);
+            h
+        };
+        let mut lse = vec![0.0f32; saved.len()];
+        gpu.copy_down(saved.ptr, bytes_mut(&mut lse), "lse");
+        vec![down(&out), lse, down(&dq), down(&dk), down(&dv)]
+    }
+
+    #[test]
+    fn cuda_tensor_attention_in_chunks_equals_the_whole_batch() {
+        // In bf16 the products go to (emulated) cuBLAS; with memory for two sequences' scores
+        // at a time, five go through in chunks of 2, 2 and 1, bit for bit as all at once, and
+        // the tiled kernels never run.
+        let s = AttnShape::new(5, 37, 4, 2, 16).unwrap();
+        let whole = Cuda::emulated(Dtype::Bfloat16).unwrap();
+        let all_at_once = attention_round(&whole, s, &|| {});
+        assert_eq!(whole.launches_of("attn_softmax"), 2, "one forward and one backward pass");
+        let small = Arc::new(Small {
+            inner: emu::Emulator::new().unwrap(),
+            used: Mutex::new(0),
+            limit: usize::MAX.into(),
+        });
+        let chunked = Cuda::on(small.clone(), Dtype::Bfloat16, "small".into()).unwrap();
+        let two = crate::engine::gpu::attention_scratch(2, s.t, s.h, s.g, s.d, 2).1;
+        let in_chunks = attention_round(&chunked, s, &|| {
+            // Half the free memory holds two sequences' scratch, not three.
+            let used = *small.used.lock().unwrap();
+            small.limit.store(used + 2 * two + 64, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(chunked.launches_of("attn_softmax"), 6, "three chunks, forward and backward");
+        assert!(in_chunks == all_at_once, "chunked attention differs");
+        for gpu in [&whole, &chunked] {
+            for tiled in
+                ["attention_forward_tiled", "attention_backward_dq_tiled", "attention_backward_dkv_tiled"]
+            {
+                assert_eq!(gpu.launches_of(tiled), 0, "{tiled}");
+            }
+        }
+        // Without memory for even one sequence, the tiled kernels serve.
+        let tiny = Arc::new(Small {
+            inner: emu::Emulator::new().unwrap(),
+            used: Mutex::new(0),
+            limit: usize::MAX.into(),
+        });
+        let tiled = Cuda::on(tiny.clone(), Dtype::Bfloat16, "tiny".into()).unwrap();
+        let fallback = attention_round(&tiled, s, &|| {
+            let used = *tiny.used.lock().unwrap();
+            tiny.limit.store(used + 1024, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!((tiled.launches_of("attn_softmax"), tiled.launches_of("attention_forward_tiled")), (0, 1));
+        for (a, b) in fallback.iter().zip(&all_at_once) {
+            assert!(crate::engine::conformance::rel(a, b) < 2e-2, "the tiled kernels agree within bf16");
+        }
     }
 
     #[test]

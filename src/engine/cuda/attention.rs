@@ -1,0 +1,306 @@
+//! Attention on the tensor cores, for bf16/f16 runs: llm.c's layout. The two forward
+//! products (S = scale·QKᵀ, O = PV) and the four backward ones (dV = PᵀdO, dP = dO·Vᵀ,
+//! dQ = scale·dS·K, dK = scale·dSᵀQ) are cuBLAS strided batched GEMMs with f32 accumulation;
+//! `kernels.cu` does the rest: the head-major copies, the causal softmax (which saves each
+//! row's log-sum-exp) and the softmax backward (with delta = rowsum(dO∘O)). Backward
+//! recomputes S from Q and K rather than keeping P per layer, so the scratch is one chunk's,
+//! shared by every layer.
+//!
+//! Head-major Q `[B, H, T, D]` puts the R = H/G query heads of a group in R*T consecutive
+//! rows, all reading the group's K/V block `[T, D]`: one product per (sequence, group) covers
+//! the group's heads without copying K or V, and dK, dV sum over the heads inside the product
+//! (one rounding). The scratch (S in f32, P in 16 bits: [c, H, T, T] for a chunk of c
+//! sequences) takes at most [`ATTENTION_MEMORY_SHARE`] of the free memory: when a batch does
+//! not fit, the sequences go through in chunks; when not even one does, the tiled kernels
+//! serve. Shapes: B sequences, T tokens, H/G heads, D head dim, R = H/G.
+
+use super::device::{DBuf, GemmCall, Store};
+use super::{Arg, Cuda, DView, DViewMut, THREADS, i32_of};
+use crate::engine::gpu::{ATTENTION_MEMORY_SHARE, attention_chunk, attention_scratch};
+use crate::engine::kernels::{AttnShape, Gemm};
+
+/// The tensor-core attention's scratch, grown on first use to the chunk that fits.
+#[derive(Default)]
+pub struct Scratch {
+    buf: Option<DBuf<u8>>,
+    /// Not even one sequence fits, or the device refused the memory: the tiled kernels serve.
+    off: bool,
+}
+
+/// One operand of a batched product: device address, row length (leading dimension), the
+/// elements between consecutive products, and how they are stored.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: u64,
+    ld: usize,
+    stride: usize,
+    st: Store,
+}
+
+/// `c` sequences of `t` rows of `heads` heads of width `d`.
+#[derive(Clone, Copy)]
+struct Heads {
+    c: usize,
+    t: usize,
+    heads: usize,
+    d: usize,
+}
+
+/// What the causal softmax does with each row's log-sum-exp.
+#[derive(Clone, Copy)]
+enum Lse {
+    /// Writes it (forward).
+    Write(u64),
+    /// Reads the forward's, to recompute P (backward).
+    Read(u64),
+}
+
+/// Where each part of a chunk's scratch starts.
+struct Parts {
+    s: u64,
+    p: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+}
+
+impl Cuda {
+    /// The scratch and the sequences per chunk for tensor-core attention over `s`; none in
+    /// float32 runs (they keep the tiled kernels' exact path) or when no memory is left for
+    /// even one sequence.
+    fn tensor_chunk(&self, s: AttnShape) -> Option<(Parts, usize)> {
+        let st = Store::of(self.dtype);
+        if st == Store::F32 || self.failed() {
+            return None;
+        }
+        let bytes_for = |c: usize| attention_scratch(c, s.t, s.h, s.g, s.d, st.size()).1;
+        let mut scratch = self.attn.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.off {
+            return None;
+        }
+        let have = scratch.buf.as_ref().map_or(0, |b| b.len());
+        let chunk = if have >= bytes_for(s.b) {
+            s.b
+        } else {
+            // The budget is a share of what is free now, plus what the old scratch holds.
+            let budget =
+                self.memory().map(|(free, _)| ((free + have) as f64 * ATTENTION_MEMORY_SHARE) as usize);
+            let chunk = attention_chunk(s.b, budget, bytes_for);
+            if chunk == 0 {
+                scratch.off = true;
+                return None;
+            }
+            if have < bytes_for(chunk) {
+                scratch.buf = None;
+                match DBuf::zeroed(&self.dev, bytes_for(chunk)) {
+                    Ok(buf) => scratch.buf = Some(buf),
+                    Err(_) => {
+                        scratch.off = true;
+                        return None;
+                    }
+                }
+            }
+            chunk
+        };
+        let base = scratch.buf.as_ref().map(|b| b.ptr)?;
+        let (o, _) = attention_scratch(chunk, s.t, s.h, s.g, s.d, st.size());
+        let at = |i: usize| base + o[i] as u64;
+        let parts = Parts {
+            s: at(0),
+            p: at(1),
+            q: at(2),
+            k: at(3),
+            v: at(4),
+            o: at(5),
+            dq: at(6),
+            dk: at(7),
+            dv: at(8),
+        };
+        Some((parts, chunk))
+    }
+
+    /// Head-major copies: `dst [c, heads, T, D]` from rows `src [c*T, heads*D]`
+    /// (`to_heads`), or back.
+    fn heads(&self, st: Store, dst: u64, src: u64, x: Heads, to_heads: bool) {
+        let Heads { c, t, heads, d } = x;
+        self.launch_x(
+            "attn_heads",
+            st,
+            Self::blocks(c * heads * t * d),
+            THREADS,
+            0,
+            &[
+                Arg::Ptr(dst),
+                Arg::Ptr(src),
+                i32_of(c),
+                i32_of(t),
+                i32_of(heads),
+                i32_of(d),
+                Arg::I32(to_heads as i32),
+            ],
+        );
+    }
+
+    /// `batch` products `out_i (=) alpha op(a_i) op(b_i)` (row-major, as [`Gemm`] says).
+    fn batched(&self, out: Mat, a: Mat, b: Mat, g: Gemm, alpha: f32, batch: usize) {
+        if self.failed() || batch == 0 {
+            return;
+        }
+        let call = GemmCall {
+            b_transposed: g.b_transposed,
+            a_transposed: g.a_transposed,
+            n: g.cols,
+            m: g.rows,
+            k: g.depth,
+            b: b.ptr,
+            ldb: b.ld,
+            a: a.ptr,
+            lda: a.ld,
+            c: out.ptr,
+            ldc: out.ld,
+            accumulate: g.accumulate,
+            ab: super::same_store("batched gemm operands", &[a.st, b.st]),
+            c_store: out.st,
+            alpha,
+            batch,
+            stride_a: a.stride,
+            stride_b: b.stride,
+            stride_c: out.stride,
+        };
+        if let Err(e) = self.dev.gemm(&call) {
+            self.fail(|| format!("cuBLAS batched gemm {batch} x {}x{}x{}: {e}", g.rows, g.cols, g.depth));
+        }
+    }
+
+    /// The causal softmax of `rows` score rows of length `t` into P, writing or reading each
+    /// row's log-sum-exp.
+    fn softmax(&self, st: Store, p: u64, s: u64, lse: Lse, rows: usize, t: usize) {
+        let (lse, from_lse) = match lse {
+            Lse::Write(p) => (p, false),
+            Lse::Read(p) => (p, true),
+        };
+        self.launch_x(
+            "attn_softmax",
+            st,
+            super::row_grid(rows).min(65535),
+            THREADS,
+            0,
+            &[
+                Arg::Ptr(p),
+                Arg::Ptr(lse),
+                Arg::Ptr(s),
+                Arg::I64(rows as i64),
+                i32_of(t),
+                Arg::I32(from_lse as i32),
+            ],
+        );
+    }
+
+    /// Forward on the tensor cores; false when the tiled kernels must serve (see
+    /// [`Cuda::tensor_chunk`]).
+    pub(super) fn attention_forward_tc(
+        &self,
+        out: &DViewMut<'_>,
+        lse: u64,
+        q: &DView<'_>,
+        k: &DView<'_>,
+        v: &DView<'_>,
+        s: AttnShape,
+    ) -> bool {
+        let Some((x, chunk)) = self.tensor_chunk(s) else { return false };
+        let st = q.st;
+        let (t, h, g, d, xs) = (s.t, s.h, s.g, s.d, st.size() as u64);
+        let r = h / g;
+        let scale = 1.0 / (d as f32).sqrt();
+        let plain =
+            Gemm { rows: 0, cols: 0, depth: 0, a_transposed: false, b_transposed: false, accumulate: false };
+        let qrows = |ptr: u64| Mat { ptr, ld: d, stride: r * t * d, st };
+        let kv = |ptr: u64| Mat { ptr, ld: d, stride: t * d, st };
+        let scores = |ptr: u64, st: Store| Mat { ptr, ld: t, stride: r * t * t, st };
+        for b0 in (0..s.b).step_by(chunk) {
+            let c = chunk.min(s.b - b0);
+            let (qh, kvh) = (Heads { c, t, heads: h, d }, Heads { c, t, heads: g, d });
+            let batch = c * g;
+            let (first_q, first_kv) = ((b0 * t * h * d) as u64 * xs, (b0 * t * g * d) as u64 * xs);
+            self.heads(st, x.q, q.ptr + first_q, qh, true);
+            self.heads(st, x.k, k.ptr + first_kv, kvh, true);
+            self.heads(st, x.v, v.ptr + first_kv, kvh, true);
+            // S = scale Q Kᵀ per (sequence, group): [R*T, D] x [T, D]ᵀ, in f32.
+            let s_gemm = Gemm { rows: r * t, cols: t, depth: d, b_transposed: true, ..plain };
+            self.batched(scores(x.s, Store::F32), qrows(x.q), kv(x.k), s_gemm, scale, batch);
+            self.softmax(st, x.p, x.s, Lse::Write(lse + (4 * b0 * h * t) as u64), c * h * t, t);
+            // O = P V: [R*T, T] x [T, D].
+            let o_gemm = Gemm { rows: r * t, cols: d, depth: t, ..plain };
+            self.batched(qrows(x.o), scores(x.p, st), kv(x.v), o_gemm, 1.0, batch);
+            self.heads(st, out.ptr + first_q, x.o, qh, false);
+        }
+        true
+    }
+
+    /// Backward on the tensor cores, given `[dout, q, k, v]`, the forward's `lse` and `delta`
+    /// = rowsum(dO∘O) `[B*H*T]`; false when the tiled kernels must serve.
+    pub(super) fn attention_backward_tc(
+        &self,
+        grads: [&DViewMut<'_>; 3],
+        inputs: [&DView<'_>; 4],
+        lse: u64,
+        delta: u64,
+        s: AttnShape,
+    ) -> bool {
+        let Some((x, chunk)) = self.tensor_chunk(s) else { return false };
+        let [dq, dk, dv] = grads;
+        let [dout, q, k, v] = inputs;
+        let st = q.st;
+        let (t, h, g, d, xs) = (s.t, s.h, s.g, s.d, st.size() as u64);
+        let r = h / g;
+        let scale = 1.0 / (d as f32).sqrt();
+        let plain =
+            Gemm { rows: 0, cols: 0, depth: 0, a_transposed: false, b_transposed: false, accumulate: false };
+        // Operands, per (sequence, group): the group's query rows [R*T, D], its K/V [T, D],
+        // its scores [R*T, T].
+        let qrows = |ptr: u64| Mat { ptr, ld: d, stride: r * t * d, st };
+        let kv = |ptr: u64| Mat { ptr, ld: d, stride: t * d, st };
+        let scores = |ptr: u64, st: Store| Mat { ptr, ld: t, stride: r * t * t, st };
+        for b0 in (0..s.b).step_by(chunk) {
+            let c = chunk.min(s.b - b0);
+            let (qh, kvh) = (Heads { c, t, heads: h, d }, Heads { c, t, heads: g, d });
+            let batch = c * g;
+            let (first_q, first_kv) = ((b0 * t * h * d) as u64 * xs, (b0 * t * g * d) as u64 * xs);
+            let (rows_lse, rows) = ((4 * b0 * h * t) as u64, c * h * t);
+            self.heads(st, x.q, q.ptr + first_q, qh, true);
+            self.heads(st, x.k, k.ptr + first_kv, kvh, true);
+            self.heads(st, x.v, v.ptr + first_kv, kvh, true);
+            self.heads(st, x.o, dout.ptr + first_q, qh, true);
+            // S again, then P from the forward's log-sum-exp.
+            let s_gemm = Gemm { rows: r * t, cols: t, depth: d, b_transposed: true, ..plain };
+            self.batched(scores(x.s, Store::F32), qrows(x.q), kv(x.k), s_gemm, scale, batch);
+            self.softmax(st, x.p, x.s, Lse::Read(lse + rows_lse), rows, t);
+            // dV = Pᵀ dO: [T, R*T] x [R*T, D], summing the group's heads.
+            let dv_gemm = Gemm { rows: t, cols: d, depth: r * t, a_transposed: true, ..plain };
+            self.batched(kv(x.dv), scores(x.p, st), qrows(x.o), dv_gemm, 1.0, batch);
+            // dP = dO Vᵀ, in f32 where S was.
+            self.batched(scores(x.s, Store::F32), qrows(x.o), kv(x.v), s_gemm, 1.0, batch);
+            // dS = P (dP - delta), in place of P.
+            self.launch_x(
+                "attn_dsoftmax",
+                st,
+                super::row_grid(rows).min(65535),
+                THREADS,
+                0,
+                &[Arg::Ptr(x.p), Arg::Ptr(x.s), Arg::Ptr(delta + rows_lse), Arg::I64(rows as i64), i32_of(t)],
+            );
+            // dQ = scale dS K: [R*T, T] x [T, D]; dK = scale dSᵀ Q: [T, R*T] x [R*T, D].
+            let dq_gemm = Gemm { rows: r * t, cols: d, depth: t, ..plain };
+            self.batched(qrows(x.dq), scores(x.p, st), kv(x.k), dq_gemm, scale, batch);
+            self.batched(kv(x.dk), scores(x.p, st), qrows(x.q), dv_gemm, scale, batch);
+            self.heads(st, dq.ptr + first_q, x.dq, qh, false);
+            self.heads(st, dk.ptr + first_kv, x.dk, kvh, false);
+            self.heads(st, dv.ptr + first_kv, x.dv, kvh, false);
+        }
+        true
+    }
+}

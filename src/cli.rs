@@ -187,6 +187,10 @@ enum Command {
         /// Data parallel: the ranks that will train it (for the global batch).
         #[arg(long, value_name = "N", default_value_t = 1)]
         nproc: usize,
+        /// Predict the step time on this GPU (H100, H200, A100, L40S, 4090, 3090): per kernel
+        /// class, MFU, whether it fits, the whole run.
+        #[arg(long, value_name = "NAME")]
+        gpu: Option<String>,
     },
     /// Print the fully resolved config as TOML.
     Config {
@@ -488,8 +492,15 @@ fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
             crate::generate::run(&dir, &prompt, &opts, device)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan { file, set, nproc } => {
-            print_plan(&load(&file, &set)?, nproc.max(1))?;
+        Command::Plan { file, set, nproc, gpu } => {
+            let gpu = gpu
+                .map(|name| crate::roofline::find(&name).map_err(|why| usage(&format!("--gpu {name}"), &why)))
+                .transpose()?;
+            let runs = load(&file, &set)?;
+            print_plan(&runs, nproc.max(1))?;
+            if let Some(gpu) = gpu {
+                print_gpu_plan(&runs, gpu)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { file, set, sources } => {
@@ -750,6 +761,42 @@ fn print_plan(runs: &[PlannedRun], ranks: usize) -> Result<()> {
             "global batch: batch_size x accumulation_steps x {ranks} ranks rows per step; step time is one rank's"
         ));
     }
+    Ok(())
+}
+
+/// Each run's predicted step on `gpu`, class by class (see `roofline`).
+fn print_gpu_plan(runs: &[PlannedRun], gpu: &crate::roofline::Gpu) -> Result<()> {
+    say(&format!(
+        "on {} ({:.0} TFLOP/s bf16 tensor, {:.1} f32, {:.0} GB/s, {:.0} GB; {}):",
+        gpu.name, gpu.tensor_tflops, gpu.cuda_tflops, gpu.bandwidth_gbs, gpu.memory_gb, gpu.source
+    ));
+    for run in runs {
+        let c = &run.config;
+        let p = crate::roofline::predict_run(c, gpu)?;
+        say(&format!("{}: {}", run.tag.as_deref().unwrap_or(&c.name), p.describe(planned_steps(c))));
+        say(&format!(
+            "  {:<10} {:>6} {:>10} {:>10} {:>9} {:>6}",
+            "class", "calls", "GFLOP", "GB moved", "ms", "share"
+        ));
+        for sh in &p.shares {
+            say(&format!(
+                "  {:<10} {:>6} {:>10.1} {:>10.2} {:>9.3} {:>5.0}%",
+                sh.class.name(),
+                sh.calls,
+                sh.flops / 1e9,
+                sh.bytes / 1e9,
+                sh.seconds * 1e3,
+                100.0 * sh.seconds / p.step_seconds
+            ));
+        }
+        say(&format!(
+            "  memory {}B of {:.0} GB: {}",
+            human(p.memory_bytes),
+            gpu.memory_gb,
+            if p.fits { "fits" } else { "does not fit" }
+        ));
+    }
+    say("efficiencies assumed per class (src/roofline.rs), until a GPU measures them");
     Ok(())
 }
 

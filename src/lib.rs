@@ -12,6 +12,7 @@ pub mod eval;
 pub mod generate;
 pub mod metrics;
 pub mod report;
+pub mod roofline;
 pub mod run_dir;
 pub mod runner;
 pub mod selftest;

@@ -183,6 +183,17 @@ pub enum Dtype {
     Float16,
 }
 
+impl Dtype {
+    /// The name a config file spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Float32 => "float32",
+            Dtype::Bfloat16 => "bfloat16",
+            Dtype::Float16 => "float16",
+        }
+    }
+}
+
 /// Where the engine runs: `auto`, `cpu`, `cuda` (the first GPU) or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {

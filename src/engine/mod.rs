@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dry;
 pub mod gpu;
 pub mod hf;
 pub mod kernels;

@@ -35,14 +35,6 @@ impl Placement {
     }
 }
 
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::Float32 => "float32",
-        Dtype::Bfloat16 => "bfloat16",
-        Dtype::Float16 => "float16",
-    }
-}
-
 /// Decides device and dtype: `auto` is the first GPU when a driver and a GPU are found, else
 /// the CPU (saying why); on the CPU bfloat16/float16 train in float32 (as MiniMind does on a
 /// CPU) with one warning naming the key and where it was set. A GPU that cannot be used is a
@@ -68,7 +60,7 @@ pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placeme
             if t.dtype != Dtype::Float32 {
                 notes.push(format!(
                     "warning: train.dtype = \"{}\" (from {}): the CPU engine trains in float32, as MiniMind does on a CPU",
-                    dtype_name(t.dtype),
+                    t.dtype.name(),
                     origin("train.dtype")
                 ));
             }
@@ -109,6 +101,6 @@ pub fn choices(t: &TrainConfig, p: &Placement) -> (crate::run_dir::Choice, crate
     use crate::run_dir::Choice;
     (
         Choice { requested: t.device.to_string(), effective: p.device.to_string() },
-        Choice { requested: dtype_name(t.dtype).into(), effective: dtype_name(p.dtype).into() },
+        Choice { requested: t.dtype.name().into(), effective: p.dtype.name().into() },
     )
 }

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use super::Placement;
 use super::checkpoint::{self, TrainerState};
 use super::schedule::lr_at;
-use crate::config::Config;
+use crate::config::{Config, Dtype};
 use crate::cost::Cost;
 use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok, hold_out};
 use crate::dist::World;
@@ -324,7 +324,7 @@ fn phases<K: Kernels>(
     for note in placement.all_notes().chain(&restore_notes).chain(&metric_notes) {
         console.line(note);
     }
-    header(&mut console, run, config, &data, &split);
+    header(&mut console, run, config, &data, &split, (&device, placement.dtype));
     if world.size() > 1 || s.comm != CommChoice::Auto {
         console.line(&format!(
             "data parallel: rank {} of {} ({}), {} rank(s) on {} host(s); gradients: {}",
@@ -543,7 +543,16 @@ fn restore<K: Kernels>(
     Ok((engine, state, notes))
 }
 
-fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data, split: &Split) {
+/// The run's first lines; `on` is the device (as the backend names it) and the dtype: on a
+/// GPU the model knows, the step time is its prediction, else this machine's matrix speed.
+fn header(
+    console: &mut Console,
+    run: &RunDir,
+    config: &Config,
+    data: &Data,
+    split: &Split,
+    on: (&str, Dtype),
+) {
     let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, split.global);
     let ranks = match split.global / split.local {
         1 => String::new(),
@@ -567,8 +576,17 @@ fn header(console: &mut Console, run: &RunDir, config: &Config, data: &Data, spl
         config.data.path.display(),
         human(data.ds.tokens() as f64)
     ));
-    let gflops = crate::cost::machine_gflops(config.train.threads).ok();
+    let gpu = crate::roofline::find(on.0).ok().filter(|_| config.train.device != crate::config::Device::Cpu);
+    let gflops = if gpu.is_some() { None } else { crate::cost::machine_gflops(config.train.threads).ok() };
     console.line(&format!("cost: {}", Cost::of(config, Some(split.total), gflops).describe()));
+    // The run's own dtype on its GPU (a resolved placement may differ from the config's).
+    let mut placed = config.clone();
+    placed.train.dtype = on.1;
+    if let Some(gpu) = gpu
+        && let Ok(p) = crate::roofline::predict_run(&placed, gpu)
+    {
+        console.line(&p.describe(Some(split.total)));
+    }
 }
 
 /// How the step loop ended.

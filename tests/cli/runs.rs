@@ -398,6 +398,40 @@ fn the_shipped_experiments_train_on_the_cpu_as_shipped() {
     assert_eq!(s.runs().len(), 1, "no folder for a run that cannot start");
 }
 
+/// `plan --gpu` prices a run on a named GPU, class by class, before any GPU is rented; a
+/// name the model does not know is a usage error listing the ones it does.
+#[test]
+fn plan_gpu_predicts_the_step_per_kernel_class() {
+    let args = ["plan", "experiments/bench/dense.toml", "--set", "train.dtype=\"bfloat16\"", "--gpu", "h200"];
+    let out = stdout(&expect(minimind(&repo()).args(args), 0));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("bench_dense: predicted on H200 (bfloat16): "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(" ms/step, ") && line.contains(" tokens/s, MFU ") && line.contains("steps"),
+        "{line}"
+    );
+    for class in ["attention", "matmul", "pointwise", "norm", "optimizer", "loss"] {
+        assert!(out.lines().any(|l| l.trim_start().starts_with(&format!("{class} "))), "{class}: {out}");
+    }
+    assert!(out.contains("of 141 GB: fits"), "{out}");
+    let moe = stdout(&expect(
+        minimind(&repo()).args(["plan", "experiments/bench/moe.toml", "--gpu", "rtx 3090"]),
+        0,
+    ));
+    assert!(
+        moe.contains("predicted on RTX 3090") && moe.lines().any(|l| l.trim_start().starts_with("routing ")),
+        "{moe}"
+    );
+    let o = expect(minimind(&repo()).args(["plan", "experiments/bench/dense.toml", "--gpu", "voodoo2"]), 2);
+    let err = stderr(&o);
+    assert!(err.starts_with("error: --gpu voodoo2: no GPU named \"voodoo2\""), "{err}");
+    for known in ["H100 SXM", "H200", "A100 80GB", "L40S", "RTX 4090", "RTX 3090"] {
+        assert!(err.contains(known), "{known}: {err}");
+    }
+}
+
 #[test]
 fn plan_dry_run_and_the_run_header_show_the_cost() {
     let o = expect(minimind(&repo()).args(["plan", "experiments/base.toml"]), 0);

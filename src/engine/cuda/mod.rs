@@ -256,8 +256,11 @@ pub struct Cuda {
     embed_scratch: Mutex<DBuf<i32>>,
     /// The tensor-core attention's scores and probabilities (see `attention`).
     attn: Mutex<attention::Scratch>,
-    /// Launches so far, per kernel (in the order of [`kernel_names`]).
+    /// Launches so far, per kernel (in the order of [`kernel_names`]), matrix products (a
+    /// batch counts once) and reads the host waited for.
     launches: Vec<std::sync::atomic::AtomicU64>,
+    gemms: std::sync::atomic::AtomicU64,
+    host_reads: std::sync::atomic::AtomicU64,
     /// The first failure, until a `check` reports it.
     error: Mutex<Option<String>>,
     /// Something failed: no more work goes to the device (a CUDA error is sticky, and a
@@ -307,6 +310,29 @@ impl Cuda {
             .sum()
     }
 
+    /// Launches so far by kernel, each kernel's forms together under its template's name
+    /// (`attention_forward_tiled` for its `_d64` form too), with the matrix products as
+    /// `gemm` and the host's reads as `host read`: the launch trace `engine::dry` mirrors.
+    pub fn launch_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = std::collections::BTreeMap::new();
+        for (name, n) in kernel_names().iter().zip(&self.launches) {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                let base =
+                    ["_f32", "_bf16", "_f16"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                let base = ["_d64", "_d128"].iter().find_map(|s| base.strip_suffix(s)).unwrap_or(base);
+                *out.entry(base.to_string()).or_insert(0) += n;
+            }
+        }
+        for (name, n) in [("gemm", &self.gemms), ("host read", &self.host_reads)] {
+            if n.load(Relaxed) > 0 {
+                out.insert(name.to_string(), n.load(Relaxed));
+            }
+        }
+        out
+    }
+
     /// How this GPU's kernels were obtained (none on the emulator).
     pub fn build(&self) -> Option<&driver::Build> {
         self.build.as_ref()
@@ -332,6 +358,8 @@ impl Cuda {
             embed_scratch: Mutex::new(embed_scratch),
             attn: Mutex::default(),
             launches: kernel_names().iter().map(|_| 0.into()).collect(),
+            gemms: 0.into(),
+            host_reads: 0.into(),
             error: Mutex::new(None),
             broken: std::sync::atomic::AtomicBool::new(false),
             name,
@@ -450,6 +478,7 @@ impl Cuda {
         if self.failed() {
             return false;
         }
+        self.host_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.dev.dtoh(src, dst) {
             Ok(()) => true,
             Err(e) => {
@@ -679,6 +708,7 @@ impl Kernels for Cuda {
             stride_b: 0,
             stride_c: 0,
         };
+        self.gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.dev.gemm(&call) {
             self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e}"));
         }
@@ -1853,6 +1883,48 @@ mod tests {
         assert_eq!((tiled.launches_of("attn_softmax"), tiled.launches_of("attention_forward_tiled")), (0, 1));
         for (a, b) in fallback.iter().zip(&all_at_once) {
             assert!(crate::engine::conformance::rel(a, b) < 2e-2, "the tiled kernels agree within bf16");
+        }
+    }
+
+    #[test]
+    fn cuda_the_dry_backend_launches_what_the_cuda_engine_does() {
+        // The step-time model prices the dry backend's calls; they must be the CUDA engine's:
+        // one optimiser step of two micro-batches, kernel by kernel, in every dtype. MoE
+        // routing depends on the tokens (an expert without rows skips its products), so MoE
+        // compares the routing kernels only.
+        use crate::engine::dry::Dry;
+        use crate::engine::{Engine, OptimConfig};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+        let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
+        for dtype in [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16] {
+            for use_moe in [false, true] {
+                let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
+                cfg.use_moe = use_moe;
+                let mut gpu = Engine::new(Cuda::emulated(dtype).unwrap(), cfg.clone(), 2, 40).unwrap();
+                gpu.init_weights(1);
+                let before = gpu.kernels.launch_counts();
+                crate::roofline::one_step(&mut gpu, 2, 1e-3, &optim);
+                gpu.kernels.check().unwrap();
+                let mut cuda = gpu.kernels.launch_counts();
+                for (k, n) in before {
+                    *cuda.get_mut(&k).unwrap() -= n;
+                }
+                cuda.retain(|_, n| *n > 0);
+                let mut dry = Engine::new(Dry::new(dtype), cfg, 2, 40).unwrap();
+                crate::roofline::one_step(&mut dry, 2, 1e-3, &optim);
+                let mut counted = std::collections::BTreeMap::<String, u64>::new();
+                for call in dry.kernels.take() {
+                    *counted.entry(call.kernel.to_string()).or_insert(0) += 1;
+                }
+                if use_moe {
+                    let routing = |k: &String| {
+                        k.starts_with("moe_") || k.ends_with("_rows") || k == "slot_dots" || k == "host read"
+                    };
+                    cuda.retain(|k, _| routing(k));
+                    counted.retain(|k, _| routing(k));
+                }
+                assert_eq!(counted, cuda, "{dtype:?} moe {use_moe}: dry (left) against the emulated GPU");
+            }
         }
     }
 

@@ -1,0 +1,464 @@
+//! A backend that computes nothing and counts what the CUDA engine would do: every kernel
+//! launch, matrix product and host read of a step, with its class, FLOPs and the bytes it
+//! moves. `plan --gpu` runs one training step of the model on it and prices the counts on a
+//! named GPU (`crate::roofline`). Each method mirrors the launches of `engine::cuda` (a test
+//! holds the two to the same launch counts, kernel by kernel).
+//!
+//! Bytes count what a kernel reads and writes once: f32 buffers 4 bytes an element,
+//! activations 2 in bf16/f16. MoE routing is taken as balanced (every expert gets N*K/E rows).
+//! Shapes as in the trait: N rows, C channels, H/G heads, D head dim, V vocabulary, E experts,
+//! K experts per token, R = H/G.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use crate::config::Dtype;
+
+/// What a call's time is made of, for the step-time model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// The linear layers and the LM head (cuBLAS).
+    Matmul,
+    /// Attention: its products and the passes around them.
+    Attention,
+    /// RMSNorm forward and backward.
+    Norm,
+    /// RoPE, SwiGLU, residual adds, casts, fills, the embedding.
+    Pointwise,
+    /// Cross-entropy over the logits.
+    Loss,
+    /// Gradient norm, clipping, AdamW.
+    Optimizer,
+    /// MoE routing: top-k, dispatch, aux loss, gathers and combines, the host's read of the
+    /// expert offsets.
+    Routing,
+}
+
+impl Class {
+    pub const ALL: [Class; 7] = [
+        Class::Matmul,
+        Class::Attention,
+        Class::Norm,
+        Class::Pointwise,
+        Class::Loss,
+        Class::Optimizer,
+        Class::Routing,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Matmul => "matmul",
+            Class::Attention => "attention",
+            Class::Norm => "norm",
+            Class::Pointwise => "pointwise",
+            Class::Loss => "loss",
+            Class::Optimizer => "optimizer",
+            Class::Routing => "routing",
+        }
+    }
+}
+
+/// Where a call's arithmetic runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Tensor cores (16-bit operands, f32 accumulation).
+    Tensor,
+    /// CUDA cores in f32 (TF32 off): float32 products, the tiled attention.
+    Cuda,
+    /// Neither: a memory-bound kernel.
+    Memory,
+    /// The host waits for the device (a device-to-host read).
+    Host,
+}
+
+/// One thing the device does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    /// The kernel's name in `kernels.cu` (without its storage suffix), `gemm`, or `host read`.
+    pub kernel: &'static str,
+    pub class: Class,
+    pub unit: Unit,
+    pub flops: f64,
+    pub bytes: f64,
+    /// The tiled attention kernels: shared-memory bound on the CUDA cores.
+    pub tiled: bool,
+}
+
+/// The backend. Buffers are lengths; every call is recorded.
+pub struct Dry {
+    dtype: Dtype,
+    /// Attention as before the tensor-core path (the tiled f32 kernels in every dtype): what
+    /// BENCHMARKS.md compares against.
+    tiled_attention: bool,
+    calls: Mutex<Vec<Call>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    len: usize,
+    size: usize,
+}
+
+/// A view: its length and bytes per element.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    len: usize,
+    size: usize,
+}
+
+impl View {
+    fn bytes(&self) -> f64 {
+        (self.len * self.size) as f64
+    }
+}
+
+/// Balanced routing: each expert's first row.
+pub struct Route {
+    offsets: Vec<usize>,
+}
+
+impl Dry {
+    pub fn new(dtype: Dtype) -> Dry {
+        Dry { dtype, tiled_attention: false, calls: Mutex::new(Vec::new()) }
+    }
+
+    /// The engine as it was before attention went to the tensor cores (2026-12-05).
+    pub fn with_tiled_attention(dtype: Dtype) -> Dry {
+        Dry { tiled_attention: true, ..Dry::new(dtype) }
+    }
+
+    /// The calls recorded so far, and forgets them.
+    pub fn take(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn act(&self) -> usize {
+        if self.dtype == Dtype::Float32 { 4 } else { 2 }
+    }
+
+    /// Whether attention runs on the tensor cores (bf16/f16 runs).
+    fn tensor(&self) -> bool {
+        self.dtype != Dtype::Float32 && !self.tiled_attention
+    }
+
+    fn record(&self, kernel: &'static str, class: Class, unit: Unit, flops: f64, bytes: f64) {
+        let call = Call { kernel, class, unit, flops, bytes, tiled: false };
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
+    }
+
+    /// A memory-bound kernel moving `bytes`.
+    fn pass(&self, kernel: &'static str, class: Class, bytes: f64) {
+        self.record(kernel, class, Unit::Memory, 0.0, bytes);
+    }
+
+    /// A matrix product (or `batch` of them) of `g`'s shape: operands in `ab` bytes an
+    /// element, the output in `out`.
+    fn gemm(&self, class: Class, g: Gemm, batch: usize, ab: usize, out: usize) {
+        let (m, n, k) = (g.rows as f64, g.cols as f64, g.depth as f64);
+        let unit = if ab == 2 { Unit::Tensor } else { Unit::Cuda };
+        let bytes = batch as f64
+            * ((m * k + k * n) * ab as f64 + m * n * out as f64 * (1.0 + g.accumulate as u8 as f64));
+        self.record("gemm", class, unit, batch as f64 * 2.0 * m * n * k, bytes);
+    }
+
+    /// The tiled attention kernel `kernel` doing `products` causal [T, T, D] products per
+    /// (sequence, head) of `s` (half squares: masked tiles are skipped).
+    fn tiled(&self, kernel: &'static str, s: AttnShape, products: f64) {
+        let (b, t, h, d) = (s.b as f64, s.t as f64, s.h as f64, s.d as f64);
+        let flops = products * 2.0 * b * h * t * t / 2.0 * d;
+        let a = self.act() as f64;
+        let bytes = a * b * t * (2.0 * h + 2.0 * s.g as f64) * d;
+        let call = Call { kernel, class: Class::Attention, unit: Unit::Cuda, flops, bytes, tiled: true };
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
+    }
+}
+
+impl Kernels for Dry {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn describe(&self) -> String {
+        "a dry run (nothing computed)".into()
+    }
+
+    type Buf = Buf;
+    type Idx = usize;
+    type Acc = usize;
+    type Route = Route;
+    type Attn = ();
+    type V<'a> = View;
+    type M<'a> = View;
+    type I<'a> = usize;
+
+    fn alloc(&self, len: usize) -> Buf {
+        Buf { len, size: 4 }
+    }
+    fn alloc_act(&self, len: usize) -> Buf {
+        Buf { len, size: self.act() }
+    }
+    fn len(&self, buf: &Buf) -> usize {
+        buf.len
+    }
+    fn view(&self, buf: &Buf, r: Range<usize>) -> View {
+        assert!(r.end <= buf.len, "view {r:?} of {}", buf.len);
+        View { len: r.len(), size: buf.size }
+    }
+    fn view_mut(&self, buf: &mut Buf, r: Range<usize>) -> View {
+        self.view(buf, r)
+    }
+    fn upload(&self, _: View, _: &[f32]) {}
+    fn download(&self, _: View, out: &mut [f32]) {
+        out.fill(0.0);
+    }
+    fn alloc_idx(&self, len: usize) -> usize {
+        len
+    }
+    fn idx(&self, _: &usize, r: Range<usize>) -> usize {
+        r.len()
+    }
+    fn upload_idx(&self, _: &mut usize, _: &[i32]) {}
+    fn alloc_acc(&self, len: usize) -> usize {
+        len
+    }
+    fn read_acc(&self, _: &usize, out: &mut [f64]) {
+        // float16's loss scaler reads the step's gradient norm every step.
+        self.record("host read", Class::Optimizer, Unit::Host, 0.0, 8.0 * out.len() as f64);
+        out.fill(0.0);
+    }
+    fn zero_acc(&self, _: &mut usize, _: Range<usize>) {
+        self.pass("zero_acc", Class::Optimizer, 0.0);
+    }
+    fn fold_acc(&self, _: &mut usize, _: usize, _: usize, _: f64, _: f64) {
+        self.pass("fold_acc", Class::Loss, 0.0);
+    }
+    fn new_route(&self) -> Route {
+        Route { offsets: Vec::new() }
+    }
+    fn new_attn(&self, _: AttnShape, _: bool) {}
+    fn attn_scratch_len(&self, s: AttnShape, _: bool) -> usize {
+        s.b * s.h * s.t
+    }
+
+    fn fill(&self, out: View, _: f32) {
+        self.pass("fill", Class::Pointwise, out.bytes());
+    }
+    fn add(&self, out: View, x: View) {
+        self.pass("add", Class::Pointwise, 2.0 * out.bytes() + x.bytes());
+    }
+    fn cast(&self, out: View, x: View) {
+        self.pass("cast", Class::Pointwise, out.bytes() + x.bytes());
+    }
+    fn matmul(&self, out: View, a: View, _: View, g: Gemm) {
+        if g.rows == 0 || g.cols == 0 {
+            return;
+        }
+        if g.depth == 0 {
+            if !g.accumulate {
+                self.fill(View { len: g.rows * g.cols, size: out.size }, 0.0);
+            }
+            return;
+        }
+        self.gemm(Class::Matmul, g, 1, a.size, out.size);
+    }
+
+    fn embed_forward(&self, out: View, _: View, ids: usize, _: usize) {
+        self.pass("embed_forward", Class::Pointwise, 2.0 * out.bytes() + 4.0 * ids as f64);
+    }
+    fn embed_backward(&self, demb: View, dout: View, ids: usize, c: usize) {
+        // The sort of positions by id (kernels.cu): counts per chunk and id, prefix, offsets,
+        // places; then each touched row read and written once, each position's row read.
+        let (n, v) = (ids as f64, (demb.len / c) as f64);
+        let chunks = (ids.div_ceil(super::gpu::EMBED_CHUNK)) as f64;
+        self.pass("embed_sort_count", Class::Pointwise, 4.0 * (chunks * v + 2.0 * n));
+        self.pass("embed_sort_prefix", Class::Pointwise, 4.0 * (2.0 * chunks * v + v));
+        self.pass("embed_sort_offsets", Class::Pointwise, 8.0 * v);
+        self.pass("embed_sort_place", Class::Pointwise, 4.0 * 5.0 * n);
+        let touched = v.min(n) * c as f64 * 4.0;
+        self.pass("embed_backward", Class::Pointwise, dout.bytes() + 2.0 * touched + 4.0 * (n + v));
+    }
+
+    fn rmsnorm_forward(&self, y: View, rstd: View, x: View, _: View, _: usize, _: f32) {
+        self.pass("rmsnorm_forward", Class::Norm, y.bytes() + rstd.bytes() + x.bytes());
+    }
+    fn rmsnorm_backward(&self, dx: View, _: View, dy: View, x: View, _: View, rstd: View, c: usize) {
+        let parts = (super::gpu::DW_PARTS.min(rstd.len.max(1)) * c * 4) as f64;
+        self.pass(
+            "rmsnorm_backward_dx",
+            Class::Norm,
+            2.0 * dx.bytes() + dy.bytes() + x.bytes() + rstd.bytes(),
+        );
+        self.pass("rmsnorm_backward_dw_partial", Class::Norm, dy.bytes() + x.bytes() + rstd.bytes() + parts);
+        self.pass("rmsnorm_backward_dw_sum", Class::Norm, parts + 8.0 * c as f64);
+    }
+    fn rope(&self, x: View, _: View, _: View, _: Positions, _: usize, _: usize, _: bool) {
+        self.pass("rope", Class::Pointwise, 2.0 * x.bytes());
+    }
+
+    fn attention_forward(&self, out: View, _: &mut (), _: View, _: View, _: View, _: View, s: AttnShape) {
+        if !self.tensor() {
+            let kernel = if s.d <= 128 { "attention_forward_tiled" } else { "attention_forward" };
+            return self.tiled(kernel, s, 2.0);
+        }
+        let (a, f) = (self.act() as f64, 4.0);
+        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
+        let r = h / g;
+        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        let scores = (b * h * t * t) as f64;
+        for n in [nq, nkv, nkv] {
+            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
+        }
+        let plain = Gemm {
+            rows: r * t,
+            cols: t,
+            depth: d,
+            a_transposed: false,
+            b_transposed: true,
+            accumulate: false,
+        };
+        self.gemm(Class::Attention, plain, b * g, 2, 4);
+        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * (b * h * t) as f64);
+        self.gemm(Class::Attention, Gemm { cols: d, depth: t, b_transposed: false, ..plain }, b * g, 2, 2);
+        self.pass("attn_heads", Class::Attention, 2.0 * a * out.len as f64);
+    }
+    fn attention_backward(
+        &self,
+        _: View,
+        _: View,
+        _: View,
+        _: &(),
+        _: View,
+        dout: View,
+        _: View,
+        _: View,
+        _: View,
+        _: View,
+        s: AttnShape,
+    ) {
+        let a = self.act() as f64;
+        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
+        let rows = (b * h * t) as f64;
+        if !self.tensor() && d > 128 {
+            self.tiled("attention_backward_dq", s, 3.0);
+            return self.tiled("attention_backward_dkv", s, 4.0);
+        }
+        self.pass("attention_delta", Class::Attention, 2.0 * dout.bytes() + 4.0 * rows);
+        if !self.tensor() {
+            self.tiled("attention_backward_dq_tiled", s, 3.0);
+            return self.tiled("attention_backward_dkv_tiled", s, 4.0);
+        }
+        let f = 4.0;
+        let r = h / g;
+        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        let scores = (b * h * t * t) as f64;
+        for n in [nq, nkv, nkv, nq] {
+            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
+        }
+        let s_gemm = Gemm {
+            rows: r * t,
+            cols: t,
+            depth: d,
+            a_transposed: false,
+            b_transposed: true,
+            accumulate: false,
+        };
+        let dv_gemm = Gemm {
+            rows: t,
+            cols: d,
+            depth: r * t,
+            a_transposed: true,
+            b_transposed: false,
+            accumulate: false,
+        };
+        let dq_gemm = Gemm {
+            rows: r * t,
+            cols: d,
+            depth: t,
+            a_transposed: false,
+            b_transposed: false,
+            accumulate: false,
+        };
+        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
+        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * rows);
+        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
+        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
+        self.pass("attn_dsoftmax", Class::Attention, scores * (2.0 * a + f) + f * rows);
+        self.gemm(Class::Attention, dq_gemm, b * g, 2, 2);
+        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
+        for n in [nq, nkv, nkv] {
+            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
+        }
+    }
+    fn attention_decode(&self, _: View, _: View, k: View, v: View, _: usize, _: AttnShape) {
+        self.pass("attention_decode", Class::Attention, k.bytes() + v.bytes());
+    }
+
+    fn swiglu_forward(&self, act: View, gu: View, _: usize) {
+        self.pass("swiglu_forward", Class::Pointwise, act.bytes() + gu.bytes());
+    }
+    fn swiglu_backward(&self, dgu: View, dact: View, gu: View, _: usize) {
+        self.pass("swiglu_backward", Class::Pointwise, dgu.bytes() + dact.bytes() + gu.bytes());
+    }
+    fn cross_entropy(&self, logits: View, losses: View, targets: usize, _: usize, _: f32) {
+        // Two reads of each row (max, then the sum of exponentials) and one write.
+        self.pass("cross_entropy", Class::Loss, 3.0 * logits.bytes() + losses.bytes() + 4.0 * targets as f64);
+    }
+    fn sum_to_acc(&self, _: &mut usize, _: usize, x: View) {
+        self.pass("sum_to_acc", Class::Loss, x.bytes());
+    }
+
+    fn route(&self, route: &mut Route, logits: View, b: usize, t: usize, rc: RouterConfig) {
+        let (n, e, k) = (b * t, rc.experts, rc.top_k);
+        let slots = (n * k) as f64;
+        self.pass("moe_topk", Class::Routing, logits.bytes() + 4.0 * (n * e) as f64 + 8.0 * slots);
+        self.pass("moe_dispatch", Class::Routing, 4.0 * 3.0 * slots);
+        if rc.alpha > 0.0 {
+            // Each (group, expert) thread scans its group's slots and scores.
+            self.pass("moe_aux_terms", Class::Routing, 4.0 * e as f64 * (slots + n as f64));
+        }
+        self.record("host read", Class::Routing, Unit::Host, 0.0, 4.0 * (e + 1) as f64);
+        route.offsets = (0..=e).map(|x| n * k * x / e).collect();
+    }
+    fn expert_offsets<'a>(&self, route: &'a Route) -> &'a [usize] {
+        &route.offsets
+    }
+    fn aux_to_acc(&self, _: &mut usize, _: usize, _: &Route) {
+        self.pass("moe_aux_sum", Class::Routing, 0.0);
+    }
+    fn gather_rows(&self, out: View, _: View, _: &Route, _: usize) {
+        self.pass("gather_rows", Class::Routing, 2.0 * out.bytes());
+    }
+    fn combine_rows(&self, out: View, y: View, _: &Route, _: bool, _: usize, accumulate: bool) {
+        self.pass("combine_rows", Class::Routing, y.bytes() + out.bytes() * (1.0 + accumulate as u8 as f64));
+    }
+    fn slot_dots(&self, out: View, dy: View, y: View, _: &Route, _: usize) {
+        self.pass("slot_dots", Class::Routing, out.bytes() + y.bytes() + y.len as f64 * dy.size as f64);
+    }
+    fn spread_rows(&self, out: View, _: View, _: &Route, _: usize) {
+        self.pass("spread_rows", Class::Routing, 2.0 * out.bytes());
+    }
+    fn router_backward(
+        &self,
+        _: &mut Route,
+        slot_dw: View,
+        dlogits: View,
+        _: usize,
+        _: usize,
+        _: RouterConfig,
+        _: f32,
+    ) {
+        self.pass("moe_router_backward", Class::Routing, 3.0 * dlogits.bytes() + 3.0 * slot_dw.bytes());
+    }
+
+    fn sum_squares_to_acc(&self, _: &mut usize, _: usize, x: View) {
+        self.pass("sum_squares_partial", Class::Optimizer, x.bytes());
+        self.pass("sum_partials", Class::Optimizer, 8.0 * 512.0);
+    }
+    fn clip_coef(&self, _: &mut usize, _: usize, _: usize, _: usize, _: f32, _: f64) {
+        self.pass("clip_coef", Class::Optimizer, 0.0);
+    }
+    fn adamw(&self, p: View, px: Option<View>, _: View, _: View, _: View, _: AdamW, _: &usize, _: usize) {
+        // Reads p, g, m, v; writes p, g (zeroed), m, v and the 16-bit copy.
+        self.pass("adamw", Class::Optimizer, 8.0 * p.bytes() + px.map_or(0.0, |x| x.bytes()));
+    }
+}

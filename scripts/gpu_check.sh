@@ -15,7 +15,9 @@
 #                check ending in ok / FAILED / SKIPPED; the last line is the verdict.
 #   speed        minimind bench for MiniMind2-small dense and MoE at 32 x 512 in bf16 and f32,
 #                eager PyTorch (bf16, f32) and torch.compile (bf16) on the same GPU, one table
-#                with tokens/s, MFU and the ratios.
+#                with tokens/s, MFU and the ratios; then the step-time model's prediction per
+#                kernel class against the profile measured on this GPU (bench --profile): what
+#                to recalibrate src/roofline.rs's efficiencies with.
 #
 # Everything printed also goes to $OUT/gpu_check-<stage>.txt ($OUT is what the GPU tool
 # brings back), or to $GPU_DIR when $OUT is unset. The binary finds the CUDA libraries itself
@@ -276,4 +278,9 @@ for m in ["dense", "moe"]:
         ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
         print(f"{m:<7}{dt:<10}{fmt(tps):>12}{mfu:>7}{fmt(eager):>13}{ratio(tps, eager):>11}{fmt(comp):>15}{ratio(tps, comp):>13}")
 EOF
+echo "== the step-time model against this GPU (dense bf16, 32 x 512)"
+shape=(--set train.batch_size=32 --set data.max_seq_len=512 --set train.accumulation_steps=1)
+timeout 60 "$mm" plan experiments/bench/dense.toml "${shape[@]}" --set train.dtype=bfloat16 --gpu "${gpu_name:-H200}" 2>&1 | tail -n 12
+timeout 120 "$mm" bench experiments/bench/dense.toml --steps 3 --profile --set train.device=cuda "${shape[@]}" \
+    --set train.dtype=bfloat16 2>&1 | tail -n 60
 echo "gpu_check speed took $(($(date +%s) - start)) s"

@@ -23,6 +23,9 @@ pub struct BenchReport {
     pub device: String,
     /// Per-kernel times over the timed steps, when profiling.
     pub profile: Vec<(String, KernelTime)>,
+    /// On a CUDA device, profiling: one step's calls as the step-time model counts them
+    /// (`engine::dry`: FLOPs and bytes per launch), to print beside the launches.
+    pub model: Vec<crate::engine::dry::Call>,
 }
 
 /// Runs `warmup` untimed steps, then `steps` timed ones: forward, backward, clip, AdamW, on
@@ -36,13 +39,16 @@ pub fn run(
     profile: bool,
 ) -> Result<BenchReport> {
     let pool = crate::train::thread_pool(config.train.threads)?;
-    pool.install(|| backend::run(device, dtype, profile, Bench { config, steps, warmup })?)
+    let on_gpu = matches!(device, Device::Cuda(_));
+    pool.install(|| backend::run(device, dtype, profile, Bench { config, steps, warmup, on_gpu })?)
 }
 
 struct Bench<'a> {
     config: &'a Config,
     steps: usize,
     warmup: usize,
+    /// The CUDA engine (a GPU or the emulator): its profile is launches, priced by the model.
+    on_gpu: bool,
 }
 
 impl Task for Bench<'_> {
@@ -85,6 +91,13 @@ impl Task for Bench<'_> {
         let tokens_per_step = b * t * accum;
         let tokens_per_s = (self.steps * tokens_per_step) as f64 / seconds;
         let gflops = 3.0 * flops_per_token(m, t) * tokens_per_s / 1e9;
+        let profile = engine.kernels.profile();
+        let model = if self.on_gpu && !profile.is_empty() {
+            let step = crate::roofline::Step { b, t, accumulation: accum };
+            crate::roofline::step_calls(m, step, engine.kernels.dtype(), &optim)?
+        } else {
+            Vec::new()
+        };
         Ok(BenchReport {
             steps: self.steps,
             tokens_per_step,
@@ -93,7 +106,8 @@ impl Task for Bench<'_> {
             gflops,
             threads: rayon::current_num_threads(),
             device: engine.kernels.describe(),
-            profile: engine.kernels.profile(),
+            profile,
+            model,
         })
     }
 }

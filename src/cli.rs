@@ -549,7 +549,9 @@ fn dispatch(cli: Cli, world: &crate::dist::World) -> Result<ExitCode> {
                     "{} steps of {} tokens in {:.2} s: {:.1} GFLOP/s",
                     r.steps, r.tokens_per_step, r.seconds, r.gflops
                 );
-                if profile {
+                if profile && !r.model.is_empty() {
+                    print_device_profile(&r);
+                } else if profile {
                     print_profile(&r);
                 }
                 println!("tokens_per_s={:.1}", r.tokens_per_s);
@@ -820,6 +822,68 @@ fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
         say(&format!("  cost: {}", cost_of(c).describe()));
     }
     Ok(())
+}
+
+/// The CUDA engine's profile: per kernel, launches per step (counted on the device), the
+/// FLOPs and bytes the step-time model gives them, the time measured on a GPU (the emulator
+/// cannot time) and the model's prediction on a GPU it knows; then per class, predicted
+/// against measured: the factor to recalibrate `roofline::efficiency` by.
+fn print_device_profile(r: &crate::bench::BenchReport) {
+    use std::collections::BTreeMap;
+    let gpu = crate::roofline::find(&r.device).ok();
+    let steps = r.steps as f64;
+    // The model's calls of one step, by kernel: FLOPs, bytes, predicted seconds, class.
+    let mut model: BTreeMap<&str, (f64, f64, f64, crate::engine::dry::Class)> = BTreeMap::new();
+    for c in &r.model {
+        let e = model.entry(c.kernel).or_insert((0.0, 0.0, 0.0, c.class));
+        e.0 += c.flops;
+        e.1 += c.bytes;
+        e.2 += gpu.map_or(0.0, |g| crate::roofline::seconds(c, g));
+    }
+    let measured = r.profile.iter().any(|(_, t)| t.seconds > 0.0);
+    println!(
+        "{:<30} {:>9} {:>10} {:>10} {:>12} {:>13}",
+        "kernel", "launches", "GFLOP", "MB moved", "measured ms", "predicted ms"
+    );
+    let mut classes: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for (name, t) in &r.profile {
+        let (flops, bytes, predicted, class) = model.get(name.as_str()).copied().unwrap_or((
+            0.0,
+            0.0,
+            0.0,
+            crate::engine::dry::Class::Pointwise,
+        ));
+        let ms = t.seconds * 1e3 / steps;
+        let c = classes.entry(class.name()).or_default();
+        *c = (c.0 + ms, c.1 + predicted * 1e3);
+        println!(
+            "{:<30} {:>9} {:>10.2} {:>10.1} {:>12} {:>13}",
+            name,
+            format!("{:.0}", t.calls as f64 / steps),
+            flops / 1e9,
+            bytes / 1e6,
+            if measured { format!("{ms:.3}") } else { "-".into() },
+            if gpu.is_some() { format!("{:.3}", predicted * 1e3) } else { "-".into() }
+        );
+    }
+    println!("per step; FLOPs and bytes as src/engine/dry.rs counts them");
+    match (gpu, measured) {
+        (Some(g), true) => {
+            println!(
+                "{:<12} {:>12} {:>13} {:>16}",
+                "class", "measured ms", "predicted ms", "predicted/measured"
+            );
+            for (class, (ms, predicted)) in &classes {
+                println!("{:<12} {:>12.3} {:>13.3} {:>16.2}", class, ms, predicted, predicted / ms.max(1e-9));
+            }
+            println!(
+                "on {}: a class's efficiency in src/roofline.rs times predicted/measured is what this GPU reached",
+                g.name
+            );
+        }
+        (None, true) => println!("no model of this GPU in src/roofline.rs: times measured, none predicted"),
+        (_, false) => println!("the emulator counts launches but cannot time them"),
+    }
 }
 
 fn print_profile(r: &crate::bench::BenchReport) {

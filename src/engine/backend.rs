@@ -15,7 +15,8 @@ pub trait Task {
 }
 
 /// Runs `task` on `device` (already resolved: `auto` means the CPU here) computing in
-/// `dtype`; `profiled` times every kernel call (CPU only).
+/// `dtype`; `profiled` records every kernel call (timed on the CPU and on a GPU; the CUDA
+/// emulator counts them).
 pub fn run<T: Task>(device: Device, dtype: Dtype, profiled: bool, task: T) -> Result<T::Out> {
     match device {
         Device::Auto | Device::Cpu => {
@@ -23,7 +24,11 @@ pub fn run<T: Task>(device: Device, dtype: Dtype, profiled: bool, task: T) -> Re
             Ok(task.run(if profiled { Cpu::profiled() } else { Cpu::new() }))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(ordinal) => Ok(task.run(super::cuda::Cuda::new(ordinal, dtype)?)),
+        Device::Cuda(ordinal) => {
+            let mut cuda = super::cuda::Cuda::new(ordinal, dtype)?;
+            cuda.set_profiling(profiled);
+            Ok(task.run(cuda))
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
             let _ = dtype;

@@ -340,3 +340,30 @@ fn cuda_gpu_check_correctness_stage_runs_on_the_emulator() {
     let log = fs::read_to_string(out.join("gpu_check-correctness.txt")).unwrap();
     assert!(log.trim_end().ends_with("verdict: correctness ok (6 checks passed)"), "{log}");
 }
+
+/// `bench --profile` on the CUDA engine lists, per kernel, launches per step with the FLOPs
+/// and bytes the step-time model gives them; the emulator counts but cannot time.
+#[test]
+fn cuda_emulated_bench_profile_counts_launches_flops_and_bytes() {
+    let s = Scratch::new();
+    let dir = folder(&s, "bench");
+    let mut cmd = emulated(minimind(&dir));
+    cmd.args(["bench", "micro.toml", "--steps", "1", "--profile", "--set", "train.device=cuda"]);
+    cmd.args(["--set", "train.dtype=bfloat16", "--set", "train.accumulation_steps=1"]);
+    let out = stdout(&expect(&mut cmd, 0));
+    assert!(out.contains("kernel") && out.contains("launches") && out.contains("MB moved"), "{out}");
+    let row = |name: &str| -> Vec<String> {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name}: {out}"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    // One layer: q, k, v, o, gate|up, down and the LM head forward, two products each
+    // backward; the attention's two batched products forward, five backward.
+    assert_eq!(row("gemm")[1], "28", "{out}");
+    assert!(row("gemm")[2].parse::<f64>().unwrap() > 0.0, "{out}");
+    assert_eq!(row("attn_softmax")[1], "2", "{out}");
+    assert_eq!(row("adamw")[4], "-", "no time on the emulator: {out}");
+    assert!(out.contains("the emulator counts launches but cannot time them"), "{out}");
+}

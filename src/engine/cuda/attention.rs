@@ -172,7 +172,7 @@ impl Cuda {
             stride_c: out.stride,
         };
         self.gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.dev.gemm(&call) {
+        if let Err(e) = self.timed(super::GEMM, || self.dev.gemm(&call)) {
             self.fail(|| format!("cuBLAS batched gemm {batch} x {}x{}x{}: {e}", g.rows, g.cols, g.depth));
         }
     }

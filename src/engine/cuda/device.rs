@@ -145,6 +145,17 @@ pub trait Device: Send + Sync {
     }
     /// The stream NCCL should queue on (none on the emulator).
     fn stream(&self) -> Option<Arc<CudaStream>>;
+    /// Profiling: a timing mark queued on the stream, or none where the device cannot time
+    /// its work (the emulator).
+    fn mark(&self) -> Option<usize> {
+        None
+    }
+    /// Seconds between two marks, once the work between them is done.
+    fn between(&self, _start: usize, _end: usize) -> Option<f64> {
+        None
+    }
+    /// Forgets every mark (they are reused).
+    fn clear_marks(&self) {}
     /// The library versions, for meta.json.
     fn versions(&self) -> String;
 }

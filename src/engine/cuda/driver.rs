@@ -62,6 +62,8 @@ pub struct Gpu {
     staging: Mutex<Staging>,
     /// `MINIMIND_CUDA_SYNC`: wait after each launch and product.
     sync: bool,
+    /// Profiling marks: timing events, and how many are in use (the rest are reused).
+    marks: Mutex<(Vec<CudaEvent>, usize)>,
     pub build: Build,
 }
 
@@ -208,6 +210,7 @@ impl Gpu {
             opted_in,
             staging: Mutex::default(),
             sync,
+            marks: Mutex::default(),
             build,
         };
         Ok((gpu, (major, minor)))
@@ -394,6 +397,26 @@ impl Device for Gpu {
     }
     fn stream(&self) -> Option<Arc<CudaStream>> {
         Some(self.stream.clone())
+    }
+    fn mark(&self) -> Option<usize> {
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let (events, used) = &mut *marks;
+        if *used == events.len() {
+            let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            events.push(self.ctx.new_event(timing).ok()?);
+        }
+        events[*used].record(&self.stream).ok()?;
+        *used += 1;
+        Some(*used - 1)
+    }
+    fn between(&self, start: usize, end: usize) -> Option<f64> {
+        let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let (events, _) = &*marks;
+        let ms = events.get(start)?.elapsed_ms(events.get(end)?).ok()?;
+        Some(ms as f64 / 1e3)
+    }
+    fn clear_marks(&self) {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner()).1 = 0;
     }
     fn versions(&self) -> String {
         use super::libs::{Lib, get};

@@ -128,6 +128,20 @@ pub fn compile_with_report(arch: &str) -> Result<nvrtc::Compiled> {
         .map_err(|e| anyhow!("the CUDA kernels do not compile for {arch}: {e}"))
 }
 
+/// The profile's name for a matrix product.
+const GEMM: usize = usize::MAX;
+
+/// One profiled launch or product: the kernel (or [`GEMM`]) and the device's timing marks
+/// around it, where it can time.
+type Timed = (usize, Option<(usize, usize)>);
+
+/// A kernel's name without its storage and head-width forms: the template's name
+/// (`attention_forward_tiled_d64_bf16` -> `attention_forward_tiled`), as `engine::dry` names it.
+fn base_name(name: &str) -> &str {
+    let base = ["_f32", "_bf16", "_f16"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    ["_d64", "_d128"].iter().find_map(|s| base.strip_suffix(s)).unwrap_or(base)
+}
+
 /// Threads per block for elementwise and row kernels.
 const THREADS: u32 = 256;
 /// Blocks of the grid-stride reductions (their partial sums are added in order).
@@ -261,6 +275,9 @@ pub struct Cuda {
     launches: Vec<std::sync::atomic::AtomicU64>,
     gemms: std::sync::atomic::AtomicU64,
     host_reads: std::sync::atomic::AtomicU64,
+    /// Profiling (`bench --profile`): every launch and product in order (a kernel's index in
+    /// [`kernel_names`], or [`GEMM`]), with the device's timing marks around it on a GPU.
+    profiling: Option<Mutex<Vec<Timed>>>,
     /// The first failure, until a `check` reports it.
     error: Mutex<Option<String>>,
     /// Something failed: no more work goes to the device (a CUDA error is sticky, and a
@@ -333,6 +350,21 @@ impl Cuda {
         out
     }
 
+    /// Records every launch and product from now on, timed on a GPU (see [`Kernels::profile`]).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on.then(Mutex::default);
+    }
+
+    /// Queues `work` (kernel `id`, or [`GEMM`]), timed when profiling.
+    fn timed(&self, id: usize, work: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+        let Some(p) = &self.profiling else { return work() };
+        let start = self.dev.mark();
+        let r = work();
+        let end = self.dev.mark();
+        p.lock().unwrap_or_else(|e| e.into_inner()).push((id, start.zip(end)));
+        r
+    }
+
     /// How this GPU's kernels were obtained (none on the emulator).
     pub fn build(&self) -> Option<&driver::Build> {
         self.build.as_ref()
@@ -360,6 +392,7 @@ impl Cuda {
             launches: kernel_names().iter().map(|_| 0.into()).collect(),
             gemms: 0.into(),
             host_reads: 0.into(),
+            profiling: None,
             error: Mutex::new(None),
             broken: std::sync::atomic::AtomicBool::new(false),
             name,
@@ -416,7 +449,7 @@ impl Cuda {
             return;
         }
         self.launches[kernel].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.dev.launch(kernel, grid, block, shared, args) {
+        if let Err(e) = self.timed(kernel, || self.dev.launch(kernel, grid, block, shared, args)) {
             self.fail(|| {
                 format!(
                     "CUDA kernel {} (grid {grid}, block {block}, {shared} B shared memory) failed: {e}",
@@ -500,6 +533,30 @@ impl Kernels for Cuda {
 
     fn free_memory(&self) -> Option<u64> {
         self.memory().map(|(free, _)| free as u64)
+    }
+
+    /// Per kernel (its template's name; products as `gemm`): launches and, on a GPU, the
+    /// seconds between the marks around them (zero on the emulator, which cannot time).
+    /// FLOPs and bytes come from `engine::dry` (see `bench`).
+    fn profile(&self) -> Vec<(String, crate::engine::KernelTime)> {
+        let Some(p) = &self.profiling else { return Vec::new() };
+        let mut by = std::collections::BTreeMap::<&str, crate::engine::KernelTime>::new();
+        for &(id, marks) in p.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let name = if id == GEMM { "gemm" } else { base_name(&kernel_names()[id]) };
+            let t = by.entry(name).or_default();
+            t.calls += 1;
+            t.seconds += marks.and_then(|(a, b)| self.dev.between(a, b)).unwrap_or(0.0);
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(k, t)| (k.to_string(), t)).collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds).then(b.1.calls.cmp(&a.1.calls)));
+        v
+    }
+
+    fn reset_profile(&self) {
+        if let Some(p) = &self.profiling {
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.dev.clear_marks();
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -709,7 +766,7 @@ impl Kernels for Cuda {
             stride_c: 0,
         };
         self.gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.dev.gemm(&call) {
+        if let Err(e) = self.timed(GEMM, || self.dev.gemm(&call)) {
             self.fail(|| format!("cuBLAS gemm {m}x{n}x{k}: {e}"));
         }
     }

@@ -83,7 +83,9 @@ fn device_memory_with(
     let grads = if accumulation > 1 { 2.0 } else { 1.0 };
     let copy = if act == Dtype::Float32 { 0.0 } else { 2.0 };
     let workspace = workspace_bytes(m, b, t, Footprint::Cuda { act }) as f64;
-    let scratch = crate::engine::gpu::kernel_scratch_bytes(b * t, m.hidden_size, m.vocab_size) as f64;
+    let (slots, e) = if m.use_moe { (b * t * m.num_experts_per_tok, m.n_routed_experts) } else { (0, 0) };
+    let scratch =
+        crate::engine::gpu::kernel_scratch_bytes(b * t, m.hidden_size, m.vocab_size, slots, e) as f64;
     let attention = if act == Dtype::Float32 {
         0.0
     } else {

@@ -147,6 +147,17 @@ impl Dry {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
     }
 
+    /// The counting sort of `n` positions over `v` keys (kernels.cu): counts per chunk and
+    /// key, their prefix, the offsets, the places.
+    fn sort(&self, n: usize, v: usize, class: Class) {
+        let chunks = n.div_ceil(super::gpu::SORT_CHUNK) as f64;
+        let (n, v) = (n as f64, v as f64);
+        self.pass("sort_count", class, 4.0 * (chunks * v + 2.0 * n));
+        self.pass("sort_prefix", class, 4.0 * (2.0 * chunks * v + v));
+        self.pass("sort_offsets", class, 8.0 * v);
+        self.pass("sort_place", class, 4.0 * 5.0 * n);
+    }
+
     /// A memory-bound kernel moving `bytes`.
     fn pass(&self, kernel: &'static str, class: Class, bytes: f64) {
         self.record(kernel, class, Unit::Memory, 0.0, bytes);
@@ -266,14 +277,10 @@ impl Kernels for Dry {
         self.pass("embed_forward", Class::Pointwise, 2.0 * out.bytes() + 4.0 * ids as f64);
     }
     fn embed_backward(&self, demb: View, dout: View, ids: usize, c: usize) {
-        // The sort of positions by id (kernels.cu): counts per chunk and id, prefix, offsets,
-        // places; then each touched row read and written once, each position's row read.
+        // The positions sorted by id, then each touched row read and written once, each
+        // position's row read.
         let (n, v) = (ids as f64, (demb.len / c) as f64);
-        let chunks = (ids.div_ceil(super::gpu::EMBED_CHUNK)) as f64;
-        self.pass("embed_sort_count", Class::Pointwise, 4.0 * (chunks * v + 2.0 * n));
-        self.pass("embed_sort_prefix", Class::Pointwise, 4.0 * (2.0 * chunks * v + v));
-        self.pass("embed_sort_offsets", Class::Pointwise, 8.0 * v);
-        self.pass("embed_sort_place", Class::Pointwise, 4.0 * 5.0 * n);
+        self.sort(ids, demb.len / c, Class::Pointwise);
         let touched = v.min(n) * c as f64 * 4.0;
         self.pass("embed_backward", Class::Pointwise, dout.bytes() + 2.0 * touched + 4.0 * (n + v));
     }
@@ -411,10 +418,11 @@ impl Kernels for Dry {
         let (n, e, k) = (b * t, rc.experts, rc.top_k);
         let slots = (n * k) as f64;
         self.pass("moe_topk", Class::Routing, logits.bytes() + 4.0 * (n * e) as f64 + 8.0 * slots);
-        self.pass("moe_dispatch", Class::Routing, 4.0 * 3.0 * slots);
+        self.sort(n * k, e, Class::Routing);
+        self.pass("moe_place", Class::Routing, 4.0 * 3.0 * slots);
         if rc.alpha > 0.0 {
-            // Each (group, expert) thread scans its group's slots and scores.
-            self.pass("moe_aux_terms", Class::Routing, 4.0 * e as f64 * (slots + n as f64));
+            // Each (group, expert) block reads its group's slots and its scores.
+            self.pass("moe_aux_terms", Class::Routing, 4.0 * e as f64 * slots + 4.0 * (n * e) as f64);
         }
         self.record("host read", Class::Routing, Unit::Host, 0.0, 4.0 * (e + 1) as f64);
         route.offsets = (0..=e).map(|x| n * k * x / e).collect();

@@ -19,18 +19,19 @@ impl std::error::Error for Unusable {}
 pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Row groups of RMSNorm's weight gradient on a GPU (partial sums added in order).
 pub const DW_PARTS: usize = 256;
-/// Positions per block of the embedding backward's sort (`EMBED_CHUNK` in kernels.cu).
-pub const EMBED_CHUNK: usize = 256;
+/// Positions per block of the counting sort (`SORT_CHUNK` in kernels.cu).
+pub const SORT_CHUNK: usize = 256;
 
 /// Bytes the CUDA kernels keep for themselves beside the model's buffers, training `n` rows
-/// of `c` channels over a vocabulary of `v`: RMSNorm's weight-gradient partials
-/// `[min(256, n), c]` f32, the embedding backward's sort (i32: a count per chunk of 256
-/// positions and id, a rank and a slot per position, a total and an offset per id), and
-/// cuBLAS's workspace. Pure.
-pub fn kernel_scratch_bytes(n: usize, c: usize, v: usize) -> u64 {
+/// of `c` channels over a vocabulary of `v`, and `slots` MoE slots over `e` experts (0 and 0
+/// without MoE): RMSNorm's weight-gradient partials `[min(256, n), c]` f32, the counting
+/// sort's scratch for the larger of its two uses (i32: a count per chunk of 256 positions and
+/// key, a rank and a slot per position, a total and an offset per key), and cuBLAS's
+/// workspace. Pure.
+pub fn kernel_scratch_bytes(n: usize, c: usize, v: usize, slots: usize, e: usize) -> u64 {
     let partials = 4 * DW_PARTS.min(n.max(1)) * c;
-    let sort = 4 * (n.div_ceil(EMBED_CHUNK) * v + 2 * n + 2 * v + 1);
-    (partials + sort + CUBLAS_WORKSPACE_BYTES) as u64
+    let sort = |n: usize, v: usize| 4 * (n.div_ceil(SORT_CHUNK) * v + 2 * n + 2 * v + 1);
+    (partials + sort(n, v).max(sort(slots, e)) + CUBLAS_WORKSPACE_BYTES) as u64
 }
 
 /// The share of free device memory the tensor-core attention may take for its scratch (the

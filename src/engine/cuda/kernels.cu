@@ -142,44 +142,37 @@ extern "C" __global__ void add_f32(float* out, const float* x, i64 n) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Embedding: out[n] = emb[ids[n]]. Backward adds each position's gradient row to its token's
-// row without atomics: the positions are sorted by token id (a stable counting sort in four
-// passes), then one block owns each token and adds its positions' rows in position order,
-// the order the CPU engine adds them in. So the sums do not depend on scheduling.
+// A stable counting sort of n positions by their key in [0, v) (token ids for the embedding
+// backward, experts for MoE dispatch), in four passes with no atomics: many blocks count and
+// rank, one thread per key scans the chunks, one block scans the keys, every position goes to
+// its slot. Positions with equal keys keep their order.
 
-extern "C" __global__ void embed_forward(float* out, const float* emb, const int* ids, int n, int c) {
-    int row = blockIdx.x;
-    if (row >= n) return;
-    const float* src = emb + (i64)ids[row] * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)row * c + j] = src[j];
-}
+// Positions per chunk: one block of SORT_CHUNK threads per chunk.
+#define SORT_CHUNK 256
 
-// Positions per chunk of the sort: one block of EMBED_CHUNK threads per chunk.
-#define EMBED_CHUNK 256
-
-// Sort, pass 1: per chunk of positions, each position's rank among the chunk's earlier
-// positions with the same id, and the chunk's count of each id (counts [chunks, v], this
-// chunk's row zeroed first).
-extern "C" __global__ void embed_sort_count(int* counts, int* rank, const int* ids, int n, int v) {
-    __shared__ int chunk[EMBED_CHUNK];
-    int first = blockIdx.x * EMBED_CHUNK, i = threadIdx.x, p = first + i;
+// Pass 1: per chunk of positions, each position's rank among the chunk's earlier positions
+// with the same key, and the chunk's count of each key (counts [chunks, v], this chunk's row
+// zeroed first).
+extern "C" __global__ void sort_count(int* counts, int* rank, const int* keys, int n, int v) {
+    __shared__ int chunk[SORT_CHUNK];
+    int first = blockIdx.x * SORT_CHUNK, i = threadIdx.x, p = first + i;
     int* row = counts + (i64)blockIdx.x * v;
     for (int x = threadIdx.x; x < v; x += blockDim.x) row[x] = 0;
-    chunk[i] = p < n ? ids[p] : -1;
+    chunk[i] = p < n ? keys[p] : -1;
     __syncthreads();
     if (p >= n) return;
     int id = chunk[i], before = 0, after = 0;
-    for (int j = 0; j < EMBED_CHUNK; j++) {
+    for (int j = 0; j < SORT_CHUNK; j++) {
         before += j < i && chunk[j] == id;
         after += j > i && chunk[j] == id;
     }
     rank[p] = before;
-    if (after == 0) row[id] = before + 1;  // the id's last position in the chunk writes its count
+    if (after == 0) row[id] = before + 1;  // the key's last position in the chunk writes its count
 }
 
-// Pass 2: per id, the chunks' counts become each chunk's first slot among the id's positions
-// (an exclusive running sum over the chunks), and the id's total goes to totals[id].
-extern "C" __global__ void embed_sort_prefix(int* counts, int* totals, int chunks, int v) {
+// Pass 2: per key, the chunks' counts become each chunk's first slot among the key's
+// positions (an exclusive running sum over the chunks), and the key's total to totals[key].
+extern "C" __global__ void sort_prefix(int* counts, int* totals, int chunks, int v) {
     for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < v; x += gridDim.x * blockDim.x) {
         int run = 0;
         for (int c = 0; c < chunks; c++) {
@@ -192,8 +185,8 @@ extern "C" __global__ void embed_sort_prefix(int* counts, int* totals, int chunk
 }
 
 // Pass 3, one block: offsets[x] = sum of totals[0..x] (offsets has v + 1 entries). Each
-// thread scans a contiguous run of ids; the runs' sums are scanned in order by thread 0.
-extern "C" __global__ void embed_sort_offsets(int* offsets, const int* totals, int v) {
+// thread scans a contiguous run of keys; the runs' sums are scanned in order by thread 0.
+extern "C" __global__ void sort_offsets(int* offsets, const int* totals, int v) {
     __shared__ int run_sum[1024];
     int t = threadIdx.x, per = (v + blockDim.x - 1) / blockDim.x;
     int lo = min(t * per, v), hi = min(lo + per, v);
@@ -218,12 +211,25 @@ extern "C" __global__ void embed_sort_offsets(int* offsets, const int* totals, i
     }
 }
 
-// Pass 4: every position to its slot; within an id, slots follow the positions' order.
-extern "C" __global__ void embed_sort_place(int* order, const int* ids, const int* rank, const int* counts, const int* offsets, int n, int v) {
+// Pass 4: every position to its slot; within a key, slots follow the positions' order.
+extern "C" __global__ void sort_place(int* order, const int* keys, const int* rank, const int* counts, const int* offsets, int n, int v) {
     for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < n; p += gridDim.x * blockDim.x) {
-        int id = ids[p];
-        order[offsets[id] + counts[(i64)(p / EMBED_CHUNK) * v + id] + rank[p]] = p;
+        int key = keys[p];
+        order[offsets[key] + counts[(i64)(p / SORT_CHUNK) * v + key] + rank[p]] = p;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedding: out[n] = emb[ids[n]]. Backward adds each position's gradient row to its token's
+// row without atomics: the positions are sorted by token id (the stable counting sort below),
+// then one block owns each token and adds its positions' rows in position order, the order
+// the CPU engine adds them in. So the sums do not depend on scheduling.
+
+extern "C" __global__ void embed_forward(float* out, const float* emb, const int* ids, int n, int c) {
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const float* src = emb + (i64)ids[row] * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(i64)row * c + j] = src[j];
 }
 
 // demb[x] += the gradient rows of token x's positions, in position order: one block per id.
@@ -1168,33 +1174,11 @@ extern "C" __global__ void moe_topk(float* scores, int* expert, float* weight, c
     }
 }
 
-// One block: each thread owns a contiguous run of slots, counts it per expert, then writes it
-// in order after an exclusive prefix over (expert, thread): stable in slot order. The shared
-// memory holds blockDim.x * e counters.
-extern "C" __global__ void moe_dispatch(int* pos, int* rows, int* offsets, const int* expert, int slots, int e, int k) {
-    DYNAMIC_SHARED(int, counts);  // [e][blockDim.x]
-    int tid = threadIdx.x, nt = blockDim.x;
-    int per = (slots + nt - 1) / nt;
-    int lo = min(tid * per, slots), hi = min(lo + per, slots);
-    for (int x = 0; x < e; x++) counts[x * nt + tid] = 0;
-    for (int i = lo; i < hi; i++) counts[expert[i] * nt + tid]++;
-    __syncthreads();
-    if (tid == 0) {
-        int run = 0;
-        for (int x = 0; x < e; x++) {
-            offsets[x] = run;
-            for (int q = 0; q < nt; q++) {
-                int c = counts[x * nt + q];
-                counts[x * nt + q] = run;
-                run += c;
-            }
-        }
-        offsets[e] = run;
-    }
-    __syncthreads();
-    for (int i = lo; i < hi; i++) {
-        int x = expert[i];
-        int p = counts[x * nt + tid]++;
+// Dispatch: the N*K slots sorted by expert (the stable counting sort above, keyed by expert)
+// give `order` (sorted position -> slot); each slot's position and each position's token.
+extern "C" __global__ void moe_place(int* pos, int* rows, const int* order, int slots, int k) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < slots; p += gridDim.x * blockDim.x) {
+        int i = order[p];
         pos[i] = p;
         rows[p] = i / k;
     }
@@ -1202,23 +1186,30 @@ extern "C" __global__ void moe_dispatch(int* pos, int* rows, int* offsets, const
 
 // The aux loss and its (constant per sequence and expert) gradient wrt the scores:
 // seq_aux: c[b,e] = count(e in sequence b) * E / (T*K), aux = alpha mean_b sum_e c * mean_t s,
-// grad = alpha c / (B*T); else over all tokens. One thread per (row of aux_grad, expert);
-// then thread 0 of block 0 sums the terms in order into acc[slot] (after a grid-wide pass in
-// a second launch, moe_aux_sum).
+// grad = alpha c / (B*T); else over all tokens. One block per (row of aux_grad, expert):
+// its threads count the group's slots that chose the expert and sum its scores, reduced in a
+// fixed tree; then thread 0 of a second launch (moe_aux_sum) adds the terms in order.
 extern "C" __global__ void moe_aux_terms(float* aux_grad, double* terms, const float* scores, const int* expert, int b, int t, int e, int k, float alpha, int seq_aux) {
+    __shared__ double shared[32];
     int groups = seq_aux ? b : 1;
-    for (int id = blockIdx.x * blockDim.x + threadIdx.x; id < groups * e; id += gridDim.x * blockDim.x) {
+    int tokens = seq_aux ? t : b * t;
+    for (int id = blockIdx.x; id < groups * e; id += gridDim.x) {
         int grp = id / e, x = id % e;
-        int tokens = seq_aux ? t : b * t;
         i64 first = seq_aux ? (i64)grp * t : 0;
-        int count = 0;
-        for (i64 slot = first * k; slot < (first + tokens) * k; slot++) count += expert[slot] == x;
-        double mean_s = 0.0;
-        for (i64 tok = first; tok < first + tokens; tok++) mean_s += (double)scores[tok * e + x];
-        mean_s /= tokens;
-        float c = seq_aux ? count * (float)e / (t * k) : count / (float)(tokens * k) * e;
-        aux_grad[id] = alpha * c / (seq_aux ? (float)(b * t) : (float)tokens);
-        terms[id] = (double)c * mean_s;
+        double count = 0.0, sum = 0.0;
+        for (i64 slot = first * k + threadIdx.x; slot < (first + tokens) * k; slot += blockDim.x) count += expert[slot] == x;
+        for (i64 tok = first + threadIdx.x; tok < first + tokens; tok += blockDim.x) sum += (double)scores[tok * e + x];
+        count = block_sum_f64(count, shared);
+        __syncthreads();
+        sum = block_sum_f64(sum, shared);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int n = (int)count;
+            double mean_s = sum / tokens;
+            float c = seq_aux ? n * (float)e / (t * k) : n / (float)(tokens * k) * e;
+            aux_grad[id] = alpha * c / (seq_aux ? (float)(b * t) : (float)tokens);
+            terms[id] = (double)c * mean_s;
+        }
     }
 }
 

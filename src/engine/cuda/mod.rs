@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Result, anyhow};
 
-use super::gpu::{DW_PARTS, EMBED_CHUNK};
+use super::gpu::{DW_PARTS, SORT_CHUNK};
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
 use crate::config::Dtype;
 use crate::metrics::human;
@@ -53,11 +53,11 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 /// The kernels `SOURCE` defines in one form (f32 throughout).
 const PLAIN: &[&str] = &[
     "add_f32",
+    "sort_count",
+    "sort_prefix",
+    "sort_offsets",
+    "sort_place",
     "embed_forward",
-    "embed_sort_count",
-    "embed_sort_prefix",
-    "embed_sort_offsets",
-    "embed_sort_place",
     "embed_backward",
     "rmsnorm_backward_dx",
     "rmsnorm_backward_dw_partial",
@@ -69,7 +69,7 @@ const PLAIN: &[&str] = &[
     "fold_acc",
     "clip_coef",
     "moe_topk",
-    "moe_dispatch",
+    "moe_place",
     "moe_aux_terms",
     "moe_aux_sum",
     "moe_router_backward",
@@ -266,8 +266,9 @@ pub struct Cuda {
     partials: Mutex<DBuf<f64>>,
     /// Partial column sums of RMSNorm's weight gradient `[DW_PARTS, C]`.
     dw_partials: Mutex<DBuf<f32>>,
-    /// The embedding backward's sort of positions by token id (see `embed_backward`).
-    embed_scratch: Mutex<DBuf<i32>>,
+    /// The counting sort's scratch (the embedding backward's positions by token, MoE
+    /// dispatch's slots by expert; see [`Cuda::sort`]).
+    sort_scratch: Mutex<DBuf<i32>>,
     /// The tensor-core attention's scores and probabilities (see `attention`).
     attn: Mutex<attention::Scratch>,
     /// Launches so far, per kernel (in the order of [`kernel_names`]), matrix products (a
@@ -381,13 +382,13 @@ impl Cuda {
         let partials =
             DBuf::zeroed(&dev, REDUCE_BLOCKS as usize).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
         let dw_partials = DBuf::zeroed(&dev, 1).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
-        let embed_scratch = DBuf::zeroed(&dev, 1).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
+        let sort_scratch = DBuf::zeroed(&dev, 1).map_err(|e| anyhow!("allocating on the GPU: {e}"))?;
         Ok(Cuda {
             dev,
             dtype,
             partials: Mutex::new(partials),
             dw_partials: Mutex::new(dw_partials),
-            embed_scratch: Mutex::new(embed_scratch),
+            sort_scratch: Mutex::new(sort_scratch),
             attn: Mutex::default(),
             launches: kernel_names().iter().map(|_| 0.into()).collect(),
             gemms: 0.into(),
@@ -457,6 +458,34 @@ impl Cuda {
                 )
             });
         }
+    }
+
+    /// A stable counting sort of `n` positions by their key in `[0, v)` (`keys`: i32 on the
+    /// device), with no atomics (kernels.cu); `then` gets the sorted order (position of each
+    /// rank) and the `v + 1` offsets, written to `offsets` when given, else to scratch.
+    fn sort(&self, keys: u64, n: usize, v: usize, offsets: Option<u64>, then: &dyn Fn(Arg, Arg)) {
+        let chunks = n.div_ceil(SORT_CHUNK);
+        let mut scratch = self.sort_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let need = chunks * v + 2 * n + 2 * v + 1;
+        if scratch.len() < need {
+            *scratch = self.alloc_of(need);
+        }
+        let at = |offset: usize| Arg::Ptr(scratch.ptr + 4 * offset as u64);
+        let (counts, rank, order) = (at(0), at(chunks * v), at(chunks * v + n));
+        let totals = at(chunks * v + 2 * n);
+        let offsets = offsets.map_or(at(chunks * v + 2 * n + v), Arg::Ptr);
+        let (keys, n_a, v_a) = (Arg::Ptr(keys), i32_of(n), i32_of(v));
+        self.launch("sort_count", chunks as u32, SORT_CHUNK as u32, 0, &[counts, rank, keys, n_a, v_a]);
+        self.launch("sort_prefix", Self::blocks(v), THREADS, 0, &[counts, totals, i32_of(chunks), v_a]);
+        self.launch("sort_offsets", 1, 1024, 0, &[offsets, totals, v_a]);
+        self.launch(
+            "sort_place",
+            Self::blocks(n),
+            THREADS,
+            0,
+            &[order, keys, rank, counts, offsets, n_a, v_a],
+        );
+        then(order, offsets);
     }
 
     /// Floats stored as `st`.
@@ -783,42 +812,17 @@ impl Kernels for Cuda {
     }
     fn embed_backward(&self, demb: DViewMut<'_>, dout: DView<'_>, ids: IView<'_>, c: usize) {
         f32_only("embed_backward", &[demb.st, dout.st]);
-        // The positions sorted by token id (kernels.cu), then one block per token: no atomics.
-        let (n, v) = (ids.len, demb.len / c);
-        let chunks = n.div_ceil(EMBED_CHUNK);
-        let mut scratch = self.embed_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let need = chunks * v + 2 * n + 2 * v + 1;
-        if scratch.len() < need {
-            *scratch = self.alloc_of(need);
-        }
-        let at = |offset: usize| Arg::Ptr(scratch.ptr + 4 * offset as u64);
-        let (counts, rank, order) = (at(0), at(chunks * v), at(chunks * v + n));
-        let (totals, offsets) = (at(chunks * v + 2 * n), at(chunks * v + 2 * n + v));
-        let ids_p = Arg::Ptr(ids.ptr);
-        let (n_a, v_a) = (i32_of(n), i32_of(v));
-        self.launch(
-            "embed_sort_count",
-            chunks as u32,
-            EMBED_CHUNK as u32,
-            0,
-            &[counts, rank, ids_p, n_a, v_a],
-        );
-        self.launch("embed_sort_prefix", Self::blocks(v), THREADS, 0, &[counts, totals, i32_of(chunks), v_a]);
-        self.launch("embed_sort_offsets", 1, 1024, 0, &[offsets, totals, v_a]);
-        self.launch(
-            "embed_sort_place",
-            Self::blocks(n),
-            THREADS,
-            0,
-            &[order, ids_p, rank, counts, offsets, n_a, v_a],
-        );
-        self.launch(
-            "embed_backward",
-            v.min(65535) as u32,
-            THREADS,
-            0,
-            &[Arg::Ptr(demb.ptr), Arg::Ptr(dout.ptr), order, offsets, v_a, i32_of(c)],
-        );
+        // The positions sorted by token id, then one block per token: no atomics.
+        let v = demb.len / c;
+        self.sort(ids.ptr, ids.len, v, None, &|order, offsets| {
+            self.launch(
+                "embed_backward",
+                v.min(65535) as u32,
+                THREADS,
+                0,
+                &[Arg::Ptr(demb.ptr), Arg::Ptr(dout.ptr), order, offsets, i32_of(v), i32_of(c)],
+            );
+        });
     }
 
     fn rmsnorm_forward(
@@ -1178,24 +1182,18 @@ impl Kernels for Cuda {
                 Arg::I32(rc.norm_topk_prob as i32),
             ],
         );
-        // One block: a counter per (expert, thread) in shared memory (48 KB at most).
-        let threads = (12288 / e.max(1)).clamp(32, 1024) as u32;
+        // The slots sorted by expert (stable: slot order within an expert), then each slot's
+        // position and each position's token.
         let (pos, rows, offs) = (self.ptr(&route.pos), self.ptr(&route.rows), self.ptr(&route.offsets_dev));
-        self.launch(
-            "moe_dispatch",
-            1,
-            threads,
-            threads * e as u32 * 4,
-            &[
-                Arg::Ptr(pos),
-                Arg::Ptr(rows),
-                Arg::Ptr(offs),
-                Arg::Ptr(expert),
-                i32_of(slots),
-                i32_of(e),
-                i32_of(k),
-            ],
-        );
+        self.sort(expert, slots, e, Some(offs), &|order, _| {
+            self.launch(
+                "moe_place",
+                Self::blocks(slots),
+                THREADS,
+                0,
+                &[Arg::Ptr(pos), Arg::Ptr(rows), order, i32_of(slots), i32_of(k)],
+            );
+        });
         route.has_aux = rc.alpha > 0.0;
         if route.has_aux {
             let groups = if rc.seq_aux { b } else { 1 };
@@ -1203,7 +1201,7 @@ impl Kernels for Cuda {
             let (ag, terms) = (self.ptr(&route.aux_grad), self.ptr(&route.terms));
             self.launch(
                 "moe_aux_terms",
-                Self::blocks(groups * e),
+                (groups * e).min(65535) as u32,
                 THREADS,
                 0,
                 &[
@@ -1514,26 +1512,32 @@ mod tests {
 
     #[test]
     fn cuda_emulated_launch_that_overruns_its_shared_memory_fails() {
-        // moe_dispatch keeps blockDim * E counters in dynamic shared memory: give it too few.
+        // The tiled attention stages its tiles in dynamic shared memory: give it too little.
         let emu = Cuda::emulated(Dtype::Float32).unwrap();
-        let (slots, e) = (8usize, 4usize);
-        let mut expert = emu.alloc_idx(slots);
-        emu.upload_idx(&mut expert, &[0, 1, 2, 3, 0, 1, 2, 3]);
-        let (pos, rows, offs) = (emu.alloc_idx(slots), emu.alloc_idx(slots), emu.alloc_idx(e + 1));
+        let s = AttnShape::new(1, 8, 1, 1, 16).unwrap();
+        let (q, out, lse) = (emu.alloc(8 * 16), emu.alloc(8 * 16), emu.alloc(8));
         let args = [
-            Arg::Ptr(pos.ptr),
-            Arg::Ptr(rows.ptr),
-            Arg::Ptr(offs.ptr),
-            Arg::Ptr(expert.ptr),
-            i32_of(slots),
-            i32_of(e),
+            Arg::Ptr(out.mem.ptr),
+            Arg::Ptr(lse.mem.ptr),
+            Arg::Ptr(q.mem.ptr),
+            Arg::Ptr(q.mem.ptr),
+            Arg::Ptr(q.mem.ptr),
             i32_of(1),
+            i32_of(8),
+            i32_of(1),
+            i32_of(1),
+            i32_of(16),
         ];
-        emu.launch("moe_dispatch", 1, 32, 32 * e as u32 * 4, &args);
+        let enough = attention_shared(16)[0];
+        let grid = tile_grid(s, 1);
+        emu.launch_x("attention_forward_tiled", Store::F32, grid, TILE_THREADS, enough, &args);
         emu.check().unwrap();
-        emu.launch("moe_dispatch", 1, 32, 32 * e as u32 * 2, &args);
+        emu.launch_x("attention_forward_tiled", Store::F32, grid, TILE_THREADS, enough / 2, &args);
         let err = emu.check().unwrap_err().to_string();
-        assert!(err.contains("wrote past its 256 bytes of dynamic shared memory"), "{err}");
+        assert!(
+            err.contains(&format!("wrote past its {} bytes of dynamic shared memory", enough / 2)),
+            "{err}"
+        );
     }
 
     #[test]

@@ -76,7 +76,6 @@ fn launch_shape(name: &str) -> Option<(u32, u32)> {
         "attention_forward_tiled_d64" => (TILE_THREADS, fwd),
         "attention_backward_dq_tiled_d64" => (TILE_THREADS, dq),
         "attention_backward_dkv_tiled_d64" => (TILE_THREADS, dkv),
-        "moe_dispatch" => (1024, 1024 * 4 * 4),
         "attention_delta"
         | "rmsnorm_forward"
         | "rmsnorm_backward_dx"
@@ -111,7 +110,7 @@ ptxas info    : Function properties for rmsnorm_forward_f32\n\
 ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
 ptxas info    : Used 16 registers, used 1 barriers, 128 bytes smem, 396 bytes cmem[0]\n\
 ptxas info    : Compile time = 10.156 ms\n\
-ptxas info    : Function properties for moe_dispatch\n\
+ptxas info    : Function properties for moe_place\n\
 ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
 ptxas info    : Used 32 registers, used 1 barriers\n";
         let got = parse(log);
@@ -124,7 +123,7 @@ ptxas info    : Used 32 registers, used 1 barriers\n";
                 spill_loads: 12,
                 smem: 128,
             },
-            Properties { name: "moe_dispatch".into(), registers: 32, ..Properties::default() },
+            Properties { name: "moe_place".into(), registers: 32, ..Properties::default() },
         ];
         assert_eq!(got, want);
     }

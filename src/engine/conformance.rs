@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use super::{Engine, SplitMix64, hf};
 
 /// One kernel's verdict.
@@ -98,6 +98,7 @@ cases! {
     "embed_forward" => case_embed_forward,
     "embed_backward" => case_embed_backward,
     "rmsnorm_forward" => case_rmsnorm_forward,
+    "add_rmsnorm_forward" => case_add_rmsnorm_forward,
     "rmsnorm_backward" => case_rmsnorm_backward,
     "rope (+ inverse, decode position)" => case_rope,
     "attention_forward" => case_attention_forward,
@@ -106,6 +107,7 @@ cases! {
     "attention, MiniMind's heads (T 40, D 64)" => case_attention_minimind,
     "attention, the widest tiled heads (D 128)" => case_attention_widest_tiled,
     "attention, wide heads (D 160)" => case_attention_wide,
+    "rope_attention, RoPE with attention (T 40, D 64)" => case_rope_attention,
     "attention_decode" => case_attention_decode,
     "swiglu_forward" => case_swiglu_forward,
     "swiglu_backward" => case_swiglu_backward,
@@ -193,6 +195,24 @@ fn case_embed_backward<K: Kernels>(k: &K) -> Vec<f32> {
     let ids = idx(k, &ids(n, V, 44));
     k.embed_backward(k.view_mut(&mut demb, 0..V * C), k.view(&dout, 0..n * C), k.idx(&ids, 0..n), C);
     host(k, &demb)
+}
+
+fn case_add_rmsnorm_forward<K: Kernels>(k: &K) -> Vec<f32> {
+    let n = 37;
+    let mut sum = up(k, &random(n * C, 52, 2.0));
+    let x = up(k, &random(n * C, 53, 1.0));
+    let w = up(k, &random(C, 54, 1.0));
+    let (mut y, mut r) = (k.alloc_act(n * C), k.alloc(n));
+    k.add_rmsnorm_forward(
+        k.view_mut(&mut y, 0..n * C),
+        k.view_mut(&mut r, 0..n),
+        k.view_mut(&mut sum, 0..n * C),
+        k.view(&x, 0..n * C),
+        k.view(&w, 0..C),
+        C,
+        1e-5,
+    );
+    [host(k, &y), host(k, &r), host(k, &sum)].concat()
 }
 
 fn case_rmsnorm_forward<K: Kernels>(k: &K) -> Vec<f32> {
@@ -343,6 +363,51 @@ fn case_attention_widest_tiled<K: Kernels>(k: &K) -> Vec<f32> {
 fn case_attention_wide<K: Kernels>(k: &K) -> Vec<f32> {
     let s = AttnShape::new(1, 9, 2, 1, 160).expect("a valid shape");
     [attention(k, s, false), attention(k, s, true)].concat()
+}
+
+/// RoPE and attention as training runs them (`rope_attention_forward` and its backward),
+/// at MiniMind's head width: the gradients with respect to the un-rotated q and k.
+fn case_rope_attention<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(2, 40, 8, 2, 64).expect("a valid shape");
+    let (n, hd, gd) = (s.b * s.t, s.h * s.d, s.g * s.d);
+    let (cos, sin) = tables(k, s.t, s.d);
+    let rot = || Rotary {
+        cos: k.view(&cos, 0..s.t * s.d),
+        sin: k.view(&sin, 0..s.t * s.d),
+        pos: Positions::sequences(s.t),
+    };
+    let mut q = up_act(k, &random(n * hd, 90, 1.0));
+    let mut kk = up_act(k, &random(n * gd, 91, 1.0));
+    let v = up_act(k, &random(n * gd, 92, 1.0));
+    let mut out = k.alloc_act(n * hd);
+    let mut saved = k.new_attn(s, false);
+    let mut scratch = k.alloc(k.attn_scratch_len(s, false));
+    let sl = k.len(&scratch);
+    k.rope_attention_forward(
+        k.view_mut(&mut out, 0..n * hd),
+        &mut saved,
+        k.view_mut(&mut scratch, 0..sl),
+        k.view_mut(&mut q, 0..n * hd),
+        k.view_mut(&mut kk, 0..n * gd),
+        k.view(&v, 0..n * gd),
+        s,
+        rot(),
+    );
+    let dout = up_act(k, &random(n * hd, 93, 1.0));
+    let (mut dq, mut dk, mut dv) = (k.alloc_act(n * hd), k.alloc_act(n * gd), k.alloc_act(n * gd));
+    k.rope_attention_backward(
+        k.view_mut(&mut dq, 0..n * hd),
+        k.view_mut(&mut dk, 0..n * gd),
+        k.view_mut(&mut dv, 0..n * gd),
+        &saved,
+        k.view_mut(&mut scratch, 0..sl),
+        k.view(&dout, 0..n * hd),
+        k.view(&out, 0..n * hd),
+        [k.view(&q, 0..n * hd), k.view(&kk, 0..n * gd), k.view(&v, 0..n * gd)],
+        s,
+        rot(),
+    );
+    [host(k, &out), host(k, &dq), host(k, &dk), host(k, &dv)].concat()
 }
 
 fn case_attention_decode<K: Kernels>(k: &K) -> Vec<f32> {
@@ -610,7 +675,7 @@ mod tests {
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (s, r) = (Cpu::new(), Cpu::new());
         let checks = kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0);
-        assert_eq!(checks.len(), 26);
+        assert_eq!(checks.len(), 28);
         for c in &checks {
             assert!(c.passed(), "{}: {:e}", c.name, c.worst);
         }
@@ -628,7 +693,7 @@ mod tests {
             x[0] += 1.0;
             out.push(Check { name: name.into(), worst: rel(&x, &y), tolerance: 1e-6 });
         });
-        assert_eq!(calls, 26);
+        assert_eq!(calls, 28);
         assert!(out.iter().all(|c| !c.passed()), "every perturbed output fails");
     }
 }

@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
-use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use crate::config::Dtype;
 
 /// What a call's time is made of, for the step-time model.
@@ -158,6 +158,94 @@ impl Dry {
         self.pass("sort_place", class, 4.0 * 5.0 * n);
     }
 
+    /// Attention forward as `engine::cuda` runs it; `rope`: rotated in the head-major copies.
+    fn forward(&self, out: View, s: AttnShape, rope: bool) {
+        if !self.tensor() {
+            let kernel = if s.d <= 128 { "attention_forward_tiled" } else { "attention_forward" };
+            return self.tiled(kernel, s, 2.0);
+        }
+        let (a, f) = (self.act() as f64, 4.0);
+        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
+        let r = h / g;
+        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        let scores = (b * h * t * t) as f64;
+        let copy = if rope { "attn_heads_rope" } else { "attn_heads" };
+        for (kernel, n) in [(copy, nq), (copy, nkv), ("attn_heads", nkv)] {
+            self.pass(kernel, Class::Attention, 2.0 * a * n);
+        }
+        let plain = Gemm {
+            rows: r * t,
+            cols: t,
+            depth: d,
+            a_transposed: false,
+            b_transposed: true,
+            accumulate: false,
+        };
+        self.gemm(Class::Attention, plain, b * g, 2, 4);
+        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * (b * h * t) as f64);
+        self.gemm(Class::Attention, Gemm { cols: d, depth: t, b_transposed: false, ..plain }, b * g, 2, 2);
+        self.pass("attn_heads", Class::Attention, 2.0 * a * out.len as f64);
+    }
+
+    /// Attention backward as `engine::cuda` runs it (after `rowsum(dO∘O)`); `rope`: the
+    /// copies rotate q and k and un-rotate dq and dk.
+    fn backward(&self, dout: View, s: AttnShape, rope: bool) {
+        let a = self.act() as f64;
+        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
+        let rows = (b * h * t) as f64;
+        if !self.tensor() && d > 128 {
+            self.tiled("attention_backward_dq", s, 3.0);
+            return self.tiled("attention_backward_dkv", s, 4.0);
+        }
+        self.pass("attention_delta", Class::Attention, 2.0 * dout.bytes() + 4.0 * rows);
+        if !self.tensor() {
+            self.tiled("attention_backward_dq_tiled", s, 3.0);
+            return self.tiled("attention_backward_dkv_tiled", s, 4.0);
+        }
+        let f = 4.0;
+        let r = h / g;
+        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        let scores = (b * h * t * t) as f64;
+        let copy = if rope { "attn_heads_rope" } else { "attn_heads" };
+        for (kernel, n) in [(copy, nq), (copy, nkv), ("attn_heads", nkv), ("attn_heads", nq)] {
+            self.pass(kernel, Class::Attention, 2.0 * a * n);
+        }
+        let s_gemm = Gemm {
+            rows: r * t,
+            cols: t,
+            depth: d,
+            a_transposed: false,
+            b_transposed: true,
+            accumulate: false,
+        };
+        let dv_gemm = Gemm {
+            rows: t,
+            cols: d,
+            depth: r * t,
+            a_transposed: true,
+            b_transposed: false,
+            accumulate: false,
+        };
+        let dq_gemm = Gemm {
+            rows: r * t,
+            cols: d,
+            depth: t,
+            a_transposed: false,
+            b_transposed: false,
+            accumulate: false,
+        };
+        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
+        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * rows);
+        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
+        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
+        self.pass("attn_dsoftmax", Class::Attention, scores * (2.0 * a + f) + f * rows);
+        self.gemm(Class::Attention, dq_gemm, b * g, 2, 2);
+        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
+        for (kernel, n) in [(copy, nq), (copy, nkv), ("attn_heads", nkv)] {
+            self.pass(kernel, Class::Attention, 2.0 * a * n);
+        }
+    }
+
     /// A memory-bound kernel moving `bytes`.
     fn pass(&self, kernel: &'static str, class: Class, bytes: f64) {
         self.record(kernel, class, Unit::Memory, 0.0, bytes);
@@ -298,35 +386,60 @@ impl Kernels for Dry {
         self.pass("rmsnorm_backward_dw_partial", Class::Norm, dy.bytes() + x.bytes() + rstd.bytes() + parts);
         self.pass("rmsnorm_backward_dw_sum", Class::Norm, parts + 8.0 * c as f64);
     }
+    fn add_rmsnorm_forward(&self, y: View, rstd: View, sum: View, x: View, _: View, _: usize, _: f32) {
+        self.pass(
+            "add_rmsnorm_forward",
+            Class::Norm,
+            y.bytes() + rstd.bytes() + 2.0 * sum.bytes() + x.bytes(),
+        );
+    }
     fn rope(&self, x: View, _: View, _: View, _: Positions, _: usize, _: usize, _: bool) {
         self.pass("rope", Class::Pointwise, 2.0 * x.bytes());
     }
 
+    fn rope_attention_forward(
+        &self,
+        out: View,
+        saved: &mut (),
+        scratch: View,
+        q: View,
+        k: View,
+        v: View,
+        s: AttnShape,
+        rot: Rotary<View>,
+    ) {
+        // On the tensor cores RoPE rides in the head-major copies of q and k.
+        let fused = self.tensor() && rot.pos == Positions::sequences(s.t);
+        if !fused {
+            self.rope(q, rot.cos, rot.sin, rot.pos, s.h, s.d, false);
+            self.rope(k, rot.cos, rot.sin, rot.pos, s.g, s.d, false);
+        }
+        let _ = (saved, scratch, v);
+        self.forward(out, s, fused);
+    }
+    fn rope_attention_backward(
+        &self,
+        dq: View,
+        dk: View,
+        dv: View,
+        saved: &(),
+        scratch: View,
+        dout: View,
+        out: View,
+        [q, k, v]: [View; 3],
+        s: AttnShape,
+        rot: Rotary<View>,
+    ) {
+        let fused = self.tensor() && rot.pos == Positions::sequences(s.t);
+        let _ = (dv, saved, scratch, out, q, k, v);
+        self.backward(dout, s, fused);
+        if !fused {
+            self.rope(dq, rot.cos, rot.sin, rot.pos, s.h, s.d, true);
+            self.rope(dk, rot.cos, rot.sin, rot.pos, s.g, s.d, true);
+        }
+    }
     fn attention_forward(&self, out: View, _: &mut (), _: View, _: View, _: View, _: View, s: AttnShape) {
-        if !self.tensor() {
-            let kernel = if s.d <= 128 { "attention_forward_tiled" } else { "attention_forward" };
-            return self.tiled(kernel, s, 2.0);
-        }
-        let (a, f) = (self.act() as f64, 4.0);
-        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
-        let r = h / g;
-        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
-        let scores = (b * h * t * t) as f64;
-        for n in [nq, nkv, nkv] {
-            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
-        }
-        let plain = Gemm {
-            rows: r * t,
-            cols: t,
-            depth: d,
-            a_transposed: false,
-            b_transposed: true,
-            accumulate: false,
-        };
-        self.gemm(Class::Attention, plain, b * g, 2, 4);
-        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * (b * h * t) as f64);
-        self.gemm(Class::Attention, Gemm { cols: d, depth: t, b_transposed: false, ..plain }, b * g, 2, 2);
-        self.pass("attn_heads", Class::Attention, 2.0 * a * out.len as f64);
+        self.forward(out, s, false);
     }
     fn attention_backward(
         &self,
@@ -342,59 +455,7 @@ impl Kernels for Dry {
         _: View,
         s: AttnShape,
     ) {
-        let a = self.act() as f64;
-        let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
-        let rows = (b * h * t) as f64;
-        if !self.tensor() && d > 128 {
-            self.tiled("attention_backward_dq", s, 3.0);
-            return self.tiled("attention_backward_dkv", s, 4.0);
-        }
-        self.pass("attention_delta", Class::Attention, 2.0 * dout.bytes() + 4.0 * rows);
-        if !self.tensor() {
-            self.tiled("attention_backward_dq_tiled", s, 3.0);
-            return self.tiled("attention_backward_dkv_tiled", s, 4.0);
-        }
-        let f = 4.0;
-        let r = h / g;
-        let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
-        let scores = (b * h * t * t) as f64;
-        for n in [nq, nkv, nkv, nq] {
-            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
-        }
-        let s_gemm = Gemm {
-            rows: r * t,
-            cols: t,
-            depth: d,
-            a_transposed: false,
-            b_transposed: true,
-            accumulate: false,
-        };
-        let dv_gemm = Gemm {
-            rows: t,
-            cols: d,
-            depth: r * t,
-            a_transposed: true,
-            b_transposed: false,
-            accumulate: false,
-        };
-        let dq_gemm = Gemm {
-            rows: r * t,
-            cols: d,
-            depth: t,
-            a_transposed: false,
-            b_transposed: false,
-            accumulate: false,
-        };
-        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
-        self.pass("attn_softmax", Class::Attention, scores * (f + a) + f * rows);
-        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
-        self.gemm(Class::Attention, s_gemm, b * g, 2, 4);
-        self.pass("attn_dsoftmax", Class::Attention, scores * (2.0 * a + f) + f * rows);
-        self.gemm(Class::Attention, dq_gemm, b * g, 2, 2);
-        self.gemm(Class::Attention, dv_gemm, b * g, 2, 2);
-        for n in [nq, nkv, nkv] {
-            self.pass("attn_heads", Class::Attention, 2.0 * a * n);
-        }
+        self.backward(dout, s, false);
     }
     fn attention_decode(&self, _: View, _: View, k: View, v: View, _: usize, _: AttnShape) {
         self.pass("attention_decode", Class::Attention, k.bytes() + v.bytes());

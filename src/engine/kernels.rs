@@ -106,6 +106,15 @@ impl Positions {
     }
 }
 
+/// RoPE's tables (`[positions, D]` cos and sin) and the rows' positions, for the attention
+/// calls that rotate q and k themselves.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotary<V> {
+    pub cos: V,
+    pub sin: V,
+    pub pos: Positions,
+}
+
 /// Calls, seconds and FLOPs of one kernel (matrix products keyed by shape).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelTime {
@@ -256,6 +265,20 @@ pub trait Kernels: Sync {
         c: usize,
         eps: f32,
     );
+    /// `sum += x`, then `y = rmsnorm(sum)` with `rstd`: the residual add and the next norm in
+    /// one pass over each row; the same bits as [`Kernels::add`] then
+    /// [`Kernels::rmsnorm_forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_forward(
+        &self,
+        y: Self::M<'_>,
+        rstd: Self::M<'_>,
+        sum: Self::M<'_>,
+        x: Self::V<'_>,
+        w: Self::V<'_>,
+        c: usize,
+        eps: f32,
+    );
     /// `dx += ...`, `dw += sum_n dy * x * rstd`.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
@@ -313,6 +336,38 @@ pub trait Kernels: Sync {
         k: Self::V<'_>,
         v: Self::V<'_>,
         s: AttnShape,
+    );
+    /// RoPE on `q` and `k` (as [`Kernels::rope`] with `rot`), then causal attention (as
+    /// [`Kernels::attention_forward`]). What `q` and `k` hold afterwards is the backend's: give
+    /// them unchanged to [`Kernels::rope_attention_backward`]. The CPU rotates them in place;
+    /// CUDA's tensor-core path rotates its head-major copies instead (a pass less each way).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_forward(
+        &self,
+        out: Self::M<'_>,
+        saved: &mut Self::Attn,
+        scratch: Self::M<'_>,
+        q: Self::M<'_>,
+        k: Self::M<'_>,
+        v: Self::V<'_>,
+        s: AttnShape,
+        rot: Rotary<Self::V<'_>>,
+    );
+    /// Gradients of the above with respect to the un-rotated `q` and `k`, and `v` (all
+    /// overwritten): attention's backward, then RoPE's.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_backward(
+        &self,
+        dq: Self::M<'_>,
+        dk: Self::M<'_>,
+        dv: Self::M<'_>,
+        saved: &Self::Attn,
+        scratch: Self::M<'_>,
+        dout: Self::V<'_>,
+        out: Self::V<'_>,
+        qkv: [Self::V<'_>; 3],
+        s: AttnShape,
+        rot: Rotary<Self::V<'_>>,
     );
     /// One decoding step: `q` `[H*D]` (one token) attends to the first `len` positions of the
     /// caches `k`/`v` `[positions, G*D]`; `out` `[H*D]`.

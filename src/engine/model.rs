@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use super::kernels::{AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::kernels::{AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use super::layout::{Ffn, Layout, Mlp};
 use crate::config::{Dtype, ModelConfig};
 
@@ -530,18 +530,19 @@ impl<K: Kernels> Model<'_, K> {
             Attention::Causal { shape, scratch } => {
                 self.linear(ops.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
                 self.linear(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
-                let pos = Positions::sequences(shape.t);
-                ops.rope(ops.view_mut(&mut a.q, 0..n * hd), cos, sin, pos, h, d, false);
-                ops.rope(ops.view_mut(&mut a.k, 0..n * gd), cos, sin, pos, g, d, false);
+                // RoPE on q and k, then attention (the backend may rotate copies instead:
+                // what a.q and a.k hold afterwards is for rope_attention_backward only).
+                let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
                 let scratch_len = ops.len(scratch);
-                ops.attention_forward(
+                ops.rope_attention_forward(
                     ops.view_mut(&mut a.att, 0..n * hd),
                     &mut a.attn,
                     ops.view_mut(scratch, 0..scratch_len),
-                    ops.view(&a.q, 0..n * hd),
-                    ops.view(&a.k, 0..n * gd),
+                    ops.view_mut(&mut a.q, 0..n * hd),
+                    ops.view_mut(&mut a.k, 0..n * gd),
                     ops.view(&a.v, 0..n * gd),
                     shape,
+                    rot,
                 );
             }
             Attention::Cached { k: kc, v: vc, pos } => {
@@ -571,11 +572,12 @@ impl<K: Kernels> Model<'_, K> {
             hd,
             false,
         );
-        ops.add(ops.view_mut(&mut a.mid, nc.clone()), ops.view(x, nc.clone()));
-        ops.rmsnorm_forward(
+        // mid += x, then xn2 = norm(mid): one pass.
+        ops.add_rmsnorm_forward(
             ops.view_mut(&mut a.xn2, nc.clone()),
             ops.view_mut(&mut a.rstd2, 0..n),
-            ops.view(&a.mid, nc.clone()),
+            ops.view_mut(&mut a.mid, nc.clone()),
+            ops.view(x, nc.clone()),
             self.wf(p, &lp.ln2),
             c,
             eps,
@@ -916,7 +918,8 @@ impl<K: Kernels> Model<'_, K> {
             self.linear_dx(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
             self.linear_dw(ops.view_mut(grads, lp.o.clone()), dmid, ops.view(&a.att, 0..n * hd), n, c, hd);
             let scratch_len = ops.len(&ws.attn_scratch);
-            ops.attention_backward(
+            let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
+            ops.rope_attention_backward(
                 ops.view_mut(&mut ws.dq, 0..n * hd),
                 ops.view_mut(&mut ws.dk, 0..n * gd),
                 ops.view_mut(&mut ws.dv, 0..n * gd),
@@ -924,15 +927,10 @@ impl<K: Kernels> Model<'_, K> {
                 ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
                 ops.view(&ws.datt, 0..n * hd),
                 ops.view(&a.att, 0..n * hd),
-                ops.view(&a.q, 0..n * hd),
-                ops.view(&a.k, 0..n * gd),
-                ops.view(&a.v, 0..n * gd),
+                [ops.view(&a.q, 0..n * hd), ops.view(&a.k, 0..n * gd), ops.view(&a.v, 0..n * gd)],
                 shape,
+                Rotary { cos, sin, pos: Positions::sequences(t) },
             );
-            let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
-            let pos = Positions::sequences(t);
-            ops.rope(ops.view_mut(&mut ws.dq, 0..n * hd), cos, sin, pos, h, d, true);
-            ops.rope(ops.view_mut(&mut ws.dk, 0..n * gd), cos, sin, pos, g, d, true);
             let xn1 = ops.view(&a.xn1, nc.clone());
             let (dq, dk, dv) =
                 (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));

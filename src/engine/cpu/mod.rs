@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use super::moe::Routing;
 
 /// Rows handed to one rayon task by row-wise kernels.
@@ -445,6 +445,31 @@ impl Kernels for Cpu {
         )
     }
 
+    fn add_rmsnorm_forward(
+        &self,
+        y: &mut [f32],
+        rstd: &mut [f32],
+        sum: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        c: usize,
+        eps: f32,
+    ) {
+        self.timed(
+            || "add_rmsnorm_forward".to_string(),
+            0.0,
+            || {
+                y.par_chunks_mut(c * ROWS_PER_TASK)
+                    .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+                    .zip(sum.par_chunks_mut(c * ROWS_PER_TASK).zip(x.par_chunks(c * ROWS_PER_TASK)))
+                    .for_each(|((y, r), (sum, x))| {
+                        sum.iter_mut().zip(x).for_each(|(s, x)| *s += x);
+                        rmsnorm_rows(y, r, sum, w, c, eps);
+                    });
+            },
+        )
+    }
+
     fn rmsnorm_backward(
         &self,
         dx: &mut [f32],
@@ -524,6 +549,41 @@ impl Kernels for Cpu {
                 });
             },
         )
+    }
+
+    fn rope_attention_forward(
+        &self,
+        out: &mut [f32],
+        saved: &mut Option<Vec<f32>>,
+        scratch: &mut [f32],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        s: AttnShape,
+        rot: Rotary<&[f32]>,
+    ) {
+        // In place: backward reads the rotated q and k.
+        self.rope(&mut *q, rot.cos, rot.sin, rot.pos, s.h, s.d, false);
+        self.rope(&mut *k, rot.cos, rot.sin, rot.pos, s.g, s.d, false);
+        self.attention_forward(out, saved, scratch, q, k, v, s);
+    }
+
+    fn rope_attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        saved: &Option<Vec<f32>>,
+        scratch: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        [q, k, v]: [&[f32]; 3],
+        s: AttnShape,
+        rot: Rotary<&[f32]>,
+    ) {
+        self.attention_backward(&mut *dq, &mut *dk, dv, saved, scratch, dout, out, q, k, v, s);
+        self.rope(dq, rot.cos, rot.sin, rot.pos, s.h, s.d, true);
+        self.rope(dk, rot.cos, rot.sin, rot.pos, s.g, s.d, true);
     }
 
     fn attention_forward(

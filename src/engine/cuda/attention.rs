@@ -19,6 +19,22 @@ use super::{Arg, Cuda, DView, DViewMut, THREADS, i32_of};
 use crate::engine::gpu::{ATTENTION_MEMORY_SHARE, attention_chunk, attention_scratch};
 use crate::engine::kernels::{AttnShape, Gemm};
 
+/// What a layer's attention forward keeps for its backward.
+pub struct Saved {
+    /// Each query row's log-sum-exp `[B, H, T]`.
+    pub lse: DBuf<f32>,
+    /// Whether q and k were rotated in place (the model's buffers hold them rotated), or
+    /// (tensor cores with RoPE fused) only their head-major copies were.
+    pub rotated_in_place: bool,
+}
+
+/// RoPE's tables on the device (`[T, D]` cos and sin), for sequences starting at position 0.
+#[derive(Clone, Copy)]
+pub(super) struct Tables {
+    pub cos: u64,
+    pub sin: u64,
+}
+
 /// The tensor-core attention's scratch, grown on first use to the chunk that fits.
 #[derive(Default)]
 pub struct Scratch {
@@ -83,28 +99,41 @@ impl Cuda {
             return None;
         }
         let have = scratch.buf.as_ref().map_or(0, |b| b.len());
+        // The chunks the scratch already holds: once it holds one sequence the tensor cores
+        // serve for good, so a layer's backward goes the way its forward went.
+        let fits = |room: usize| attention_chunk(s.b, Some(room), bytes_for);
         let chunk = if have >= bytes_for(s.b) {
             s.b
         } else {
-            // The budget is a share of what is free now, plus what the old scratch holds.
+            // Grow within a share of what is free now plus what the old scratch holds.
             let budget =
                 self.memory().map(|(free, _)| ((free + have) as f64 * ATTENTION_MEMORY_SHARE) as usize);
-            let chunk = attention_chunk(s.b, budget, bytes_for);
-            if chunk == 0 {
-                scratch.off = true;
-                return None;
-            }
-            if have < bytes_for(chunk) {
-                scratch.buf = None;
-                match DBuf::zeroed(&self.dev, bytes_for(chunk)) {
-                    Ok(buf) => scratch.buf = Some(buf),
-                    Err(_) => {
+            let want = attention_chunk(s.b, budget, bytes_for);
+            let old = scratch.buf.take();
+            let grown = if want > fits(have) {
+                drop(old);
+                DBuf::zeroed(&self.dev, bytes_for(want)).ok().map(|buf| (buf, want))
+            } else {
+                old.map(|buf| (buf, fits(have)))
+            };
+            match grown {
+                Some((buf, chunk)) if chunk > 0 => {
+                    scratch.buf = Some(buf);
+                    chunk
+                }
+                // The device refused what the budget allows: one sequence at a time, if it
+                // gives that; without budget for one, the tiled kernels.
+                _ => match (want > 0).then(|| DBuf::zeroed(&self.dev, bytes_for(1)).ok()).flatten() {
+                    Some(buf) => {
+                        scratch.buf = Some(buf);
+                        1
+                    }
+                    None => {
                         scratch.off = true;
                         return None;
                     }
-                }
+                },
             }
-            chunk
         };
         let base = scratch.buf.as_ref().map(|b| b.ptr)?;
         let (o, _) = attention_scratch(chunk, s.t, s.h, s.g, s.d, st.size());
@@ -124,25 +153,22 @@ impl Cuda {
     }
 
     /// Head-major copies: `dst [c, heads, T, D]` from rows `src [c*T, heads*D]`
-    /// (`to_heads`), or back.
-    fn heads(&self, st: Store, dst: u64, src: u64, x: Heads, to_heads: bool) {
+    /// (`to_heads`), or back; rotated by RoPE on the way in (by its inverse on the way back)
+    /// when `rot` is given.
+    fn heads(&self, st: Store, dst: u64, src: u64, x: Heads, to_heads: bool, rot: Option<Tables>) {
         let Heads { c, t, heads, d } = x;
-        self.launch_x(
-            "attn_heads",
-            st,
-            Self::blocks(c * heads * t * d),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(dst),
-                Arg::Ptr(src),
-                i32_of(c),
-                i32_of(t),
-                i32_of(heads),
-                i32_of(d),
-                Arg::I32(to_heads as i32),
-            ],
-        );
+        let dims = [i32_of(c), i32_of(t), i32_of(heads), i32_of(d), Arg::I32(to_heads as i32)];
+        match rot {
+            None => {
+                let args = [[Arg::Ptr(dst), Arg::Ptr(src)].as_slice(), &dims].concat();
+                self.launch_x("attn_heads", st, Self::blocks(c * heads * t * d), THREADS, 0, &args);
+            }
+            Some(r) => {
+                let ptrs = [Arg::Ptr(dst), Arg::Ptr(src), Arg::Ptr(r.cos), Arg::Ptr(r.sin)];
+                let args = [ptrs.as_slice(), &dims].concat();
+                self.launch_x("attn_heads_rope", st, Self::blocks(c * heads * t * d / 2), THREADS, 0, &args);
+            }
+        }
     }
 
     /// `batch` products `out_i (=) alpha op(a_i) op(b_i)` (row-major, as [`Gemm`] says).
@@ -203,13 +229,14 @@ impl Cuda {
 
     /// Forward on the tensor cores; false when the tiled kernels must serve (see
     /// [`Cuda::tensor_chunk`]).
+    /// Forward on the tensor cores, q and k rotated by RoPE in their head-major copies when
+    /// `rot` is given; false when the tiled kernels must serve (see [`Cuda::tensor_chunk`]).
     pub(super) fn attention_forward_tc(
         &self,
         out: &DViewMut<'_>,
         lse: u64,
-        q: &DView<'_>,
-        k: &DView<'_>,
-        v: &DView<'_>,
+        [q, k, v]: [&DView<'_>; 3],
+        rot: Option<Tables>,
         s: AttnShape,
     ) -> bool {
         let Some((x, chunk)) = self.tensor_chunk(s) else { return false };
@@ -227,9 +254,9 @@ impl Cuda {
             let (qh, kvh) = (Heads { c, t, heads: h, d }, Heads { c, t, heads: g, d });
             let batch = c * g;
             let (first_q, first_kv) = ((b0 * t * h * d) as u64 * xs, (b0 * t * g * d) as u64 * xs);
-            self.heads(st, x.q, q.ptr + first_q, qh, true);
-            self.heads(st, x.k, k.ptr + first_kv, kvh, true);
-            self.heads(st, x.v, v.ptr + first_kv, kvh, true);
+            self.heads(st, x.q, q.ptr + first_q, qh, true, rot);
+            self.heads(st, x.k, k.ptr + first_kv, kvh, true, rot);
+            self.heads(st, x.v, v.ptr + first_kv, kvh, true, None);
             // S = scale Q Kᵀ per (sequence, group): [R*T, D] x [T, D]ᵀ, in f32.
             let s_gemm = Gemm { rows: r * t, cols: t, depth: d, b_transposed: true, ..plain };
             self.batched(scores(x.s, Store::F32), qrows(x.q), kv(x.k), s_gemm, scale, batch);
@@ -237,19 +264,21 @@ impl Cuda {
             // O = P V: [R*T, T] x [T, D].
             let o_gemm = Gemm { rows: r * t, cols: d, depth: t, ..plain };
             self.batched(qrows(x.o), scores(x.p, st), kv(x.v), o_gemm, 1.0, batch);
-            self.heads(st, out.ptr + first_q, x.o, qh, false);
+            self.heads(st, out.ptr + first_q, x.o, qh, false, None);
         }
         true
     }
 
-    /// Backward on the tensor cores, given `[dout, q, k, v]`, the forward's `lse` and `delta`
-    /// = rowsum(dO∘O) `[B*H*T]`; false when the tiled kernels must serve.
+    /// Backward on the tensor cores, given `[dout, q, k, v]`, the forward's `lse` and
+    /// `delta` = rowsum(dO∘O) `[B*H*T]`; with `rot`, q and k are un-rotated (rotated in their
+    /// copies) and dq, dk come back through RoPE's inverse. False when the tiled kernels must
+    /// serve.
     pub(super) fn attention_backward_tc(
         &self,
         grads: [&DViewMut<'_>; 3],
         inputs: [&DView<'_>; 4],
-        lse: u64,
-        delta: u64,
+        (lse, delta): (u64, u64),
+        rot: Option<Tables>,
         s: AttnShape,
     ) -> bool {
         let Some((x, chunk)) = self.tensor_chunk(s) else { return false };
@@ -272,10 +301,10 @@ impl Cuda {
             let batch = c * g;
             let (first_q, first_kv) = ((b0 * t * h * d) as u64 * xs, (b0 * t * g * d) as u64 * xs);
             let (rows_lse, rows) = ((4 * b0 * h * t) as u64, c * h * t);
-            self.heads(st, x.q, q.ptr + first_q, qh, true);
-            self.heads(st, x.k, k.ptr + first_kv, kvh, true);
-            self.heads(st, x.v, v.ptr + first_kv, kvh, true);
-            self.heads(st, x.o, dout.ptr + first_q, qh, true);
+            self.heads(st, x.q, q.ptr + first_q, qh, true, rot);
+            self.heads(st, x.k, k.ptr + first_kv, kvh, true, rot);
+            self.heads(st, x.v, v.ptr + first_kv, kvh, true, None);
+            self.heads(st, x.o, dout.ptr + first_q, qh, true, None);
             // S again, then P from the forward's log-sum-exp.
             let s_gemm = Gemm { rows: r * t, cols: t, depth: d, b_transposed: true, ..plain };
             self.batched(scores(x.s, Store::F32), qrows(x.q), kv(x.k), s_gemm, scale, batch);
@@ -298,9 +327,9 @@ impl Cuda {
             let dq_gemm = Gemm { rows: r * t, cols: d, depth: t, ..plain };
             self.batched(qrows(x.dq), scores(x.p, st), kv(x.k), dq_gemm, scale, batch);
             self.batched(kv(x.dk), scores(x.p, st), qrows(x.q), dv_gemm, scale, batch);
-            self.heads(st, dq.ptr + first_q, x.dq, qh, false);
-            self.heads(st, dk.ptr + first_kv, x.dk, kvh, false);
-            self.heads(st, dv.ptr + first_kv, x.dv, kvh, false);
+            self.heads(st, dq.ptr + first_q, x.dq, qh, false, rot);
+            self.heads(st, dk.ptr + first_kv, x.dk, kvh, false, rot);
+            self.heads(st, dv.ptr + first_kv, x.dv, kvh, false, None);
         }
         true
     }

@@ -263,6 +263,30 @@ __device__ void rmsnorm_forward(X* y, float* rstd, const float* x, const float* 
 }
 INSTANTIATE(rmsnorm_forward, (X* y, float* rstd, const float* x, const float* w, int n, int c, float eps), (y, rstd, x, w, n, c, eps))
 
+// The residual add and the next norm in one pass over the row: sum += x (f32, the residual
+// stream), then y = w * sum * rstd. The same arithmetic, in the same order, as add_f32 then
+// rmsnorm_forward.
+template <typename X>
+__device__ void add_rmsnorm_forward(X* y, float* rstd, float* sum, const float* x, const float* w, int n, int c, float eps) {
+    __shared__ float shared[32];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    float* sr = sum + (i64)row * c;
+    const float* xr = x + (i64)row * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float v = sr[j] + xr[j];
+        sr[j] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, shared);
+    float r = rsqrtf(ss / c + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) y[(i64)row * c + j] = X(w[j] * (sr[j] * r));
+}
+INSTANTIATE(add_rmsnorm_forward, (X* y, float* rstd, float* sum, const float* x, const float* w, int n, int c, float eps),
+            (y, rstd, sum, x, w, n, c, eps))
+
 // dx += r w dy - r^3 (sum_j dy w x) / c * x, per row.
 extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
     __shared__ float shared[32];
@@ -913,6 +937,38 @@ __device__ void attn_heads(X* dst, const X* src, int c, int t, int heads, int d,
     }
 }
 INSTANTIATE(attn_heads, (X* dst, const X* src, int c, int t, int heads, int d, int to_heads), (dst, src, c, t, heads, d, to_heads))
+
+// The same copies with RoPE fused in (q and k): to heads, each pair (j, j + D/2) of row i of a
+// sequence rotated by position i; back from heads (the gradients), rotated by the inverse.
+// One thread per pair; the arithmetic of `rope`, rounded once.
+template <typename X>
+__device__ void attn_heads_rope(X* dst, const X* src, const float* cosb, const float* sinb, int c, int t, int heads, int d, int to_heads) {
+    int half = d / 2;
+    i64 total = (i64)c * heads * t * half;
+    for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < total; x += (i64)gridDim.x * blockDim.x) {
+        int j = x % half;
+        i64 rest = x / half;
+        int i = rest % t;
+        i64 bh = rest / t;
+        int hh = bh % heads;
+        i64 bb = bh / heads;
+        i64 head_major = (bh * t + i) * d;
+        i64 row_major = (bb * t + i) * heads * d + (i64)hh * d;
+        const float* cs = cosb + (i64)i * d;
+        const float* sn = sinb + (i64)i * d;
+        if (to_heads) {
+            float a = src[row_major + j], b = src[row_major + j + half];
+            dst[head_major + j] = X(a * cs[j] - b * sn[j]);
+            dst[head_major + j + half] = X(b * cs[half + j] + a * sn[half + j]);
+        } else {
+            float a = src[head_major + j], b = src[head_major + j + half];
+            dst[row_major + j] = X(a * cs[j] + b * sn[half + j]);
+            dst[row_major + j + half] = X(b * cs[half + j] - a * sn[j]);
+        }
+    }
+}
+INSTANTIATE(attn_heads_rope, (X* dst, const X* src, const float* cosb, const float* sinb, int c, int t, int heads, int d, int to_heads),
+            (dst, src, cosb, sinb, c, t, heads, d, to_heads))
 
 // P = causal softmax of the scaled scores S, one warp per row (row r of [c*H, T] is query
 // r % T): with from_lse, P = exp(S - lse[r]) (backward recomputes the forward's P); else lse

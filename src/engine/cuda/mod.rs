@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Result, anyhow};
 
 use super::gpu::{DW_PARTS, SORT_CHUNK};
-use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, RouterConfig};
+use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use crate::config::Dtype;
 use crate::metrics::human;
 use device::{Arg, DBuf, Device, GemmCall, Store, bytes, bytes_mut};
@@ -81,6 +81,7 @@ const TYPED: &[&str] = &[
     "fill",
     "cast",
     "rmsnorm_forward",
+    "add_rmsnorm_forward",
     "rope",
     "attention_forward",
     "attention_backward_dq",
@@ -96,6 +97,7 @@ const TYPED: &[&str] = &[
     "attention_backward_dkv_tiled_d64",
     "attention_backward_dkv_tiled_d128",
     "attn_heads",
+    "attn_heads_rope",
     "attn_softmax",
     "attn_dsoftmax",
     "attention_decode",
@@ -217,6 +219,19 @@ pub struct DViewMut<'a> {
     len: usize,
     st: Store,
     _borrow: PhantomData<&'a mut ()>,
+}
+
+impl<'a> DViewMut<'a> {
+    /// The same floats, to read. Views are handles to device memory, which the stream orders:
+    /// a kernel queued later reads what one queued earlier wrote through either.
+    fn read(&self) -> DView<'a> {
+        DView { ptr: self.ptr, len: self.len, st: self.st, _borrow: PhantomData }
+    }
+
+    /// The same floats, writable again (for a second kernel on them, queued after the first).
+    fn again(&self) -> DViewMut<'a> {
+        DViewMut { ptr: self.ptr, len: self.len, st: self.st, _borrow: PhantomData }
+    }
 }
 
 /// The store of a kernel's activation arguments: every one of `views` must share it (the
@@ -608,8 +623,8 @@ impl Kernels for Cuda {
     type Idx = DBuf<i32>;
     type Acc = DBuf<f64>;
     type Route = CudaRoute;
-    /// Each query row's log-sum-exp `[B, H, T]`.
-    type Attn = DBuf<f32>;
+    /// Each query row's log-sum-exp `[B, H, T]`, and how q and k were rotated.
+    type Attn = attention::Saved;
     type V<'a> = DView<'a>;
     type M<'a> = DViewMut<'a>;
     type I<'a> = IView<'a>;
@@ -716,8 +731,8 @@ impl Kernels for Cuda {
             aux_shape: (0, 1.0, 0.0),
         }
     }
-    fn new_attn(&self, s: AttnShape, _keep: bool) -> DBuf<f32> {
-        self.alloc_of(s.b * s.h * s.t)
+    fn new_attn(&self, s: AttnShape, _keep: bool) -> attention::Saved {
+        attention::Saved { lse: self.alloc_of(s.b * s.h * s.t), rotated_in_place: true }
     }
     fn attn_scratch_len(&self, s: AttnShape, _keep: bool) -> usize {
         // Backward's per-row delta = rowsum(dO * O).
@@ -853,6 +868,37 @@ impl Kernels for Cuda {
             ],
         );
     }
+    fn add_rmsnorm_forward(
+        &self,
+        y: DViewMut<'_>,
+        rstd: DViewMut<'_>,
+        sum: DViewMut<'_>,
+        x: DView<'_>,
+        w: DView<'_>,
+        c: usize,
+        eps: f32,
+    ) {
+        let n = rstd.len;
+        f32_only("add_rmsnorm_forward", &[rstd.st, sum.st, x.st, w.st]);
+        self.launch_x(
+            "add_rmsnorm_forward",
+            y.st,
+            n as u32,
+            THREADS,
+            0,
+            &[
+                Arg::Ptr(y.ptr),
+                Arg::Ptr(rstd.ptr),
+                Arg::Ptr(sum.ptr),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(w.ptr),
+                i32_of(n),
+                i32_of(c),
+                Arg::F32(eps),
+            ],
+        );
+    }
+
     fn rmsnorm_backward(
         &self,
         dx: DViewMut<'_>,
@@ -935,19 +981,95 @@ impl Kernels for Cuda {
         );
     }
 
+    fn rope_attention_forward(
+        &self,
+        out: DViewMut<'_>,
+        saved: &mut attention::Saved,
+        scratch: DViewMut<'_>,
+        q: DViewMut<'_>,
+        k: DViewMut<'_>,
+        v: DView<'_>,
+        s: AttnShape,
+        rot: Rotary<DView<'_>>,
+    ) {
+        // On the tensor cores, q and k are rotated in their head-major copies; elsewhere in
+        // place, as the CPU does.
+        let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
+        if rot.pos == Positions::sequences(s.t) {
+            let lse = self.ptr(&saved.lse);
+            if self.attention_forward_tc(&out, lse, [&q.read(), &k.read(), &v], Some(tables), s) {
+                saved.rotated_in_place = false;
+                return;
+            }
+        }
+        let (qv, kv) = (q.read(), k.read());
+        self.rope(q, rot.cos, rot.sin, rot.pos, s.h, s.d, false);
+        self.rope(k, rot.cos, rot.sin, rot.pos, s.g, s.d, false);
+        self.attention_forward(out, saved, scratch, qv, kv, v, s);
+    }
+
+    fn rope_attention_backward(
+        &self,
+        dq: DViewMut<'_>,
+        dk: DViewMut<'_>,
+        dv: DViewMut<'_>,
+        saved: &attention::Saved,
+        scratch: DViewMut<'_>,
+        dout: DView<'_>,
+        out: DView<'_>,
+        [q, k, v]: [DView<'_>; 3],
+        s: AttnShape,
+        rot: Rotary<DView<'_>>,
+    ) {
+        if !saved.rotated_in_place {
+            // The forward rotated only its head-major copies: backward does the same (the
+            // scratch that served it still does: see `attention::Cuda::tensor_chunk`).
+            let st = same_store("rope_attention_backward", &[dq.st, dk.st, dv.st, dout.st, out.st, q.st]);
+            let [b, t, h, d] = [s.b, s.t, s.h, s.d].map(i32_of);
+            let delta = scratch.ptr;
+            self.launch_x(
+                "attention_delta",
+                st,
+                row_grid(s.b * s.h * s.t),
+                THREADS,
+                0,
+                &[Arg::Ptr(delta), Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), b, t, h, d],
+            );
+            let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
+            let inputs = [&dout, &q, &k, &v];
+            if !self.attention_backward_tc(
+                [&dq, &dk, &dv],
+                inputs,
+                (self.ptr(&saved.lse), delta),
+                Some(tables),
+                s,
+            ) {
+                self.fail(|| {
+                    "the tensor-core attention lost its scratch between forward and backward".into()
+                });
+            }
+            return;
+        }
+        let (dqa, dka) = (dq.again(), dk.again());
+        self.attention_backward(dq, dk, dv, saved, scratch, dout, out, q, k, v, s);
+        self.rope(dqa, rot.cos, rot.sin, rot.pos, s.h, s.d, true);
+        self.rope(dka, rot.cos, rot.sin, rot.pos, s.g, s.d, true);
+    }
+
     fn attention_forward(
         &self,
         out: DViewMut<'_>,
-        saved: &mut DBuf<f32>,
+        saved: &mut attention::Saved,
         _scratch: DViewMut<'_>,
         q: DView<'_>,
         k: DView<'_>,
         v: DView<'_>,
         s: AttnShape,
     ) {
-        let lse = self.ptr(saved);
+        let lse = self.ptr(&saved.lse);
+        saved.rotated_in_place = true;
         let st = same_store("attention_forward", &[out.st, q.st, k.st, v.st]);
-        if self.attention_forward_tc(&out, lse, &q, &k, &v, s) {
+        if self.attention_forward_tc(&out, lse, [&q, &k, &v], None, s) {
             return;
         }
         assert!(s.d <= 256, "head_dim {} is above the CUDA attention's 256", s.d);
@@ -986,7 +1108,7 @@ impl Kernels for Cuda {
         dq: DViewMut<'_>,
         dk: DViewMut<'_>,
         dv: DViewMut<'_>,
-        saved: &DBuf<f32>,
+        saved: &attention::Saved,
         scratch: DViewMut<'_>,
         dout: DView<'_>,
         out: DView<'_>,
@@ -998,7 +1120,7 @@ impl Kernels for Cuda {
         let [b, t, h, g, d] = [s.b, s.t, s.h, s.g, s.d].map(i32_of);
         let st = same_store("attention_backward", &[dq.st, dk.st, dv.st, dout.st, out.st, q.st, k.st, v.st]);
         f32_only("attention_backward scratch", &[scratch.st]);
-        let (lse, delta) = (Arg::Ptr(self.ptr(saved)), Arg::Ptr(scratch.ptr));
+        let (lse, delta) = (Arg::Ptr(self.ptr(&saved.lse)), Arg::Ptr(scratch.ptr));
         let (dout_p, q_p, k_p, v_p) = (Arg::Ptr(dout.ptr), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr));
         let dq_args = [Arg::Ptr(dq.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         let dkv_args = [Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
@@ -1019,8 +1141,10 @@ impl Kernels for Cuda {
             0,
             &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
         );
-        let (lse_p, delta_p) = (self.ptr(saved), scratch.ptr);
-        if tensor && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], lse_p, delta_p, s) {
+        let (lse_p, delta_p) = (self.ptr(&saved.lse), scratch.ptr);
+        if tensor
+            && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s)
+        {
             return;
         }
         if s.d > TILED_MAX_D {
@@ -1895,8 +2019,8 @@ mod tests {
             gpu.download(gpu.view(b, 0..b.len), &mut h);
             h
         };
-        let mut lse = vec![0.0f32; saved.len()];
-        gpu.copy_down(saved.ptr, bytes_mut(&mut lse), "lse");
+        let mut lse = vec![0.0f32; saved.lse.len()];
+        gpu.copy_down(saved.lse.ptr, bytes_mut(&mut lse), "lse");
         vec![down(&out), lse, down(&dq), down(&dk), down(&dv)]
     }
 

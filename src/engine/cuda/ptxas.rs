@@ -77,6 +77,11 @@ fn launch_shape(name: &str) -> Option<(u32, u32)> {
         "attention_backward_dq_tiled_d64" => (TILE_THREADS, dq),
         "attention_backward_dkv_tiled_d64" => (TILE_THREADS, dkv),
         "attention_delta"
+        | "attn_heads"
+        | "attn_heads_rope"
+        | "attn_softmax"
+        | "attn_dsoftmax"
+        | "add_rmsnorm_forward"
         | "rmsnorm_forward"
         | "rmsnorm_backward_dx"
         | "rmsnorm_backward_dw_partial"
@@ -87,8 +92,10 @@ fn launch_shape(name: &str) -> Option<(u32, u32)> {
         | "adamw"
         | "embed_forward"
         | "embed_backward"
-        | "embed_sort_count"
+        | "sort_count"
         | "moe_topk"
+        | "moe_place"
+        | "moe_aux_terms"
         | "gather_rows"
         | "combine_rows"
         | "slot_dots"

@@ -217,7 +217,7 @@ pub fn machine_gflops(threads: usize) -> Result<f64> {
         && std::fs::create_dir_all(dir).is_ok()
     {
         // A cache: failing to keep it only costs a measurement next time.
-        let _ = crate::run_dir::write_atomic(&p, serde_json::to_string_pretty(&table)?.as_bytes());
+        let _ = crate::files::write_atomic(&p, serde_json::to_string_pretty(&table)?.as_bytes());
     }
     Ok(g)
 }

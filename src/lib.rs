@@ -9,6 +9,7 @@ pub mod data;
 pub mod dist;
 pub mod engine;
 pub mod eval;
+pub mod files;
 pub mod generate;
 pub mod metrics;
 pub mod report;

@@ -2,16 +2,15 @@
 //! name inside them.
 
 use std::fs;
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Local};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Layered};
+use crate::files::{lock_file, lock_holder, write_atomic};
 
 /// The folder name of a run: pure, so it can be tested with a table.
 pub fn folder_name(start: &DateTime<Local>, name: &str, tag: Option<&str>) -> String {
@@ -409,44 +408,6 @@ impl RunDir {
     }
 }
 
-/// An exclusive advisory lock (flock) on `path`, created if missing, with this process's id
-/// written into it. `wait`: block until it is free; else `None` when another process holds it.
-pub(crate) fn lock_file(path: &Path, wait: bool) -> Result<Option<fs::File>> {
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("opening the lock file {}", path.display()))?;
-    let op = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
-    loop {
-        // SAFETY: flock on a file descriptor owned by `file`, which outlives the call.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock => return Ok(None),
-            std::io::ErrorKind::Interrupted => continue,
-            _ => return Err(e).with_context(|| format!("locking {}", path.display())),
-        }
-    }
-    file.set_len(0)
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("writing this process's id into {}", path.display()))?;
-    Ok(Some(file))
-}
-
-/// The process id written in a lock file ("unknown" when it cannot be read).
-pub(crate) fn lock_holder(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    match text.trim() {
-        "" => "unknown".into(),
-        pid => pid.into(),
-    }
-}
-
 /// meta.json kept in memory and written through on every change. Clones share it, so the
 /// signal thread can record a forced quit with the step the loop last finished.
 #[derive(Clone)]
@@ -515,28 +476,6 @@ impl MetaFile {
 #[derive(Debug)]
 pub struct RunLock {
     _file: fs::File,
-}
-
-/// Writes a file under a temporary name of its own (unique per process and call, so two
-/// writers never share one), syncs it, then renames it into place.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().to_string());
-    let unique = format!(".{name}.{}.{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-    let tmp = path.with_file_name(unique);
-    write_synced(&tmp, bytes)
-        .and_then(|()| fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display())))
-        .inspect_err(|_e| {
-            let _ = fs::remove_file(&tmp);
-        })
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Writes a file and syncs it to disk before returning.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub fn start(
         }
         crate::metrics::say(&format!("checkpoint.resume = \"auto\": continuing {}", dir.root.display()));
         let (existing, layered) = config::load_run_config(&dir.config_path(), &[])?;
-        let diff = train::checkpoint::model_diff(&existing.model, &c.model, "checkpoint");
+        let diff = existing.model.differences(&c.model, "checkpoint");
         if !diff.is_empty() {
             bail!(
                 "checkpoint.resume = \"auto\" found {} but its model differs; differing keys:\n  {}\n  hint: set checkpoint.resume = \"never\" to start a new run",

@@ -90,7 +90,7 @@ pub fn submit(sweep: &Sweep) -> Result<()> {
     let points: Vec<(usize, &Path, usize)> = dirs.iter().map(|(i, d, t)| (*i, d.as_path(), *t)).collect();
     let text = script(&sweep.file.name, &sweep.file.launcher, &exe, &log_dir, &points);
     let path = log_dir.join("array.sh");
-    crate::run_dir::write_atomic(&path, text.as_bytes())?;
+    crate::files::write_atomic(&path, text.as_bytes())?;
     let out = Command::new("sbatch").arg("--parsable").arg(&path).output();
     let out = match out {
         Ok(o) => o,

@@ -13,8 +13,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, LauncherKind, LauncherSection, PlannedRun};
+use crate::files::{lock_file, write_atomic};
 use crate::metrics::say;
-use crate::run_dir::{Meta, RunDir, Status, lock_file, write_atomic};
+use crate::run_dir::{Meta, RunDir, Status};
 use crate::signals::Stop;
 
 /// `sweep.toml`: what the sweep is, enough to run or re-create any point.

@@ -57,6 +57,26 @@ impl ModelConfig {
     }
 
     /// Total trainable parameters (the output head is tied to the embedding).
+    /// Keys whose values differ between this model (the one `what` was made for) and `now`,
+    /// as `model.key (A in the <what>, B now)`.
+    pub fn differences(&self, now: &ModelConfig, what: &str) -> Vec<String> {
+        let (Ok(toml::Value::Table(x)), Ok(toml::Value::Table(y))) =
+            (toml::Value::try_from(self), toml::Value::try_from(now))
+        else {
+            return vec!["model".into()];
+        };
+        x.iter()
+            .filter(|(k, v)| y.get(*k) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "model.{k} ({} in the {what}, {} now)",
+                    v,
+                    y.get(k).map_or("-".into(), |v| v.to_string())
+                )
+            })
+            .collect()
+    }
+
     pub fn parameter_count(&self) -> u64 {
         let c = self.hidden_size as u64;
         let d = self.head_dim as u64;

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::jsonl::{Lines, Skipped, parse_line};
 use super::tokenizer::Tok;
-use crate::run_dir::{lock_file, lock_holder};
+use crate::files::{lock_file, lock_holder};
 use crate::signals::{Interrupted, Stop};
 
 const FORMAT: u32 = 2;
@@ -439,7 +439,7 @@ fn write_cache(
         tokens_sha256: tokens_out.finish()?,
         offsets_sha256: offsets_out.finish()?,
     };
-    crate::run_dir::write_synced(&tmp.join("info.json"), serde_json::to_string_pretty(&info)?.as_bytes())
+    crate::files::write_synced(&tmp.join("info.json"), serde_json::to_string_pretty(&info)?.as_bytes())
 }
 
 /// Tokenising progress: a bar on a terminal, else a line every `heartbeat`.

@@ -2,7 +2,7 @@
 //! tensor names, read and written. `lm_head.weight` is optional (tied to the embedding).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -173,6 +173,64 @@ impl HfConfig {
         m.validate()?;
         Ok(m)
     }
+}
+
+/// A model folder in the Hugging Face layout: `config.json` (MiniMind's field names),
+/// `model.safetensors` (MiniMind's tensor names; `lm_head.weight` may be absent, tied to the
+/// embedding) and `tokenizer.json`. What a run exports (`model/`) and what `eval`, `generate`,
+/// `from_weight` and the PyTorch fixtures are read as.
+pub struct Folder {
+    pub config: ModelConfig,
+    pub params: Vec<f32>,
+    /// Where its tokenizer.json is (not read here: the data layer loads tokenizers).
+    pub tokenizer: PathBuf,
+}
+
+/// Reads the model folder `dir` (its config and weights).
+pub fn read_folder(dir: &Path) -> Result<Folder> {
+    let config = read_config(&dir.join("config.json"))?;
+    let params = read_weights_file(&dir.join("model.safetensors"), &Layout::new(&config))?;
+    Ok(Folder { config, params, tokenizer: dir.join("tokenizer.json") })
+}
+
+/// The weights in the safetensors file `path`, for `layout`.
+pub fn read_weights_file(path: &Path, layout: &Layout) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    read_weights(&bytes, layout).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Weights for a model of shape `want` from a model folder (checked to be that shape) or a
+/// `.safetensors` file: `checkpoint.from_weight`.
+pub fn load_weights(path: &Path, want: &ModelConfig, layout: &Layout) -> Result<Vec<f32>> {
+    let file = if path.is_dir() {
+        let diff = read_config(&path.join("config.json"))?.differences(want, "weights");
+        if !diff.is_empty() {
+            bail!("{} is another model shape; differing keys:\n  {}", path.display(), diff.join("\n  "));
+        }
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    read_weights_file(&file, layout)
+}
+
+/// Writes the model folder `dir`: model.safetensors, then (after `between`, a testing aid's
+/// crash point) tokenizer.json, then config.json last, each atomically: a config.json means
+/// the folder is complete.
+pub fn write_folder(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[f32],
+    tokenizer: &Path,
+    between: &dyn Fn(),
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let weights = encode_weights(&Layout::new(config), params)?;
+    crate::files::write_atomic(&dir.join("model.safetensors"), &weights)?;
+    between();
+    let tok = std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
+    crate::files::write_atomic(&dir.join("tokenizer.json"), &tok)?;
+    crate::files::write_atomic(&dir.join("config.json"), config_json(config).as_bytes())
 }
 
 pub fn read_config(path: &Path) -> Result<ModelConfig> {

@@ -109,7 +109,7 @@ impl MetricsWriter {
                 for r in &kept {
                     w.serialize(r)?;
                 }
-                crate::run_dir::write_atomic(path, &w.into_inner().map_err(|e| e.into_error())?)?;
+                crate::files::write_atomic(path, &w.into_inner().map_err(|e| e.into_error())?)?;
             }
         }
         let new = !path.exists();

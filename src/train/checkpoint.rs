@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::config::ModelConfig;
 use crate::data::{Cursor, Fingerprint};
 use crate::engine::{Engine, Kernels, hf};
-use crate::run_dir::write_synced;
+use crate::files::{sync_dir, write_synced};
 
 const MARKER: &str = "COMPLETE";
 const FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
@@ -156,13 +156,6 @@ pub fn save<K: Kernels>(
     Ok(final_dir)
 }
 
-/// Makes a rename inside `dir` durable (best effort: not every file system allows it).
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
-
 /// Checkpoint folders that have a marker, oldest first.
 pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = fs::read_dir(dir)
@@ -227,20 +220,46 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
     Ok(Loaded { dir: dir.to_path_buf(), state, params, exp_avg, exp_avg_sq, adam_step })
 }
 
-/// Keys whose values differ between the model `a` that `what` was made for and the model `b`
-/// asked for now, as `model.key (A in the <what>, B now)`.
-pub fn model_diff(a: &ModelConfig, b: &ModelConfig, what: &str) -> Vec<String> {
-    let (Ok(toml::Value::Table(x)), Ok(toml::Value::Table(y))) =
-        (toml::Value::try_from(a), toml::Value::try_from(b))
-    else {
-        return vec!["model".into()];
-    };
-    x.iter()
-        .filter(|(k, v)| y.get(*k) != Some(v))
-        .map(|(k, v)| {
-            format!("model.{k} ({} in the {what}, {} now)", v, y.get(k).map_or("-".into(), |v| v.to_string()))
-        })
-        .collect()
+/// What to do with a damaged checkpoint met while looking for the newest intact one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Damaged {
+    /// Rename it `*.damaged` (the run's own lock held: the step's next checkpoint is then
+    /// written afresh).
+    SetAside,
+    /// Leave it (a reader that does not own the run).
+    Leave,
+}
+
+/// The newest checkpoint in `dir` that reads back intact (checksums first) for `layout`, and a
+/// note for each damaged one newer than it (set aside or left as `damaged` says).
+pub fn newest_intact(
+    dir: &Path,
+    layout: &crate::engine::Layout,
+    damaged: Damaged,
+) -> Result<(Option<Loaded>, Vec<String>)> {
+    let mut notes = Vec::new();
+    for (_, ck) in list(dir).into_iter().rev() {
+        let e = match load(&ck, layout) {
+            Ok(loaded) => return Ok((Some(loaded), notes)),
+            Err(e) => e,
+        };
+        let kept = match damaged {
+            Damaged::Leave => String::new(),
+            Damaged::SetAside => {
+                let aside = ck.with_extension("damaged");
+                match fs::rename(&ck, &aside) {
+                    Ok(()) => format!(" (kept as {})", aside.display()),
+                    Err(_) => {
+                        fs::remove_dir_all(&ck)
+                            .with_context(|| format!("removing the damaged checkpoint {}", ck.display()))?;
+                        " (removed)".to_string()
+                    }
+                }
+            }
+        };
+        notes.push(format!("warning: skipping damaged checkpoint {}: {e:#}{kept}", ck.display()));
+    }
+    Ok((None, notes))
 }
 
 #[cfg(test)]

@@ -4,8 +4,13 @@ pub mod checkpoint;
 mod ranks;
 mod run;
 pub mod schedule;
+mod session;
+mod start;
+mod trainer;
 
-pub use run::{Outcome, ResumeRequest, Session, follow, load_weights, rank_gpu, train};
+pub use ranks::gpu as rank_gpu;
+pub use run::{follow, train};
+pub use session::{Outcome, ResumeRequest, Session};
 
 use anyhow::{Context, Result};
 

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::config::{Config, Device, Dtype};
+use crate::config::{Config, Device, Dtype, PlannedRun};
 use crate::engine::backend::{self, Task};
-use crate::engine::{Engine, KernelTime, Kernels, OptimConfig, SplitMix64, flops_per_token};
+use crate::engine::{Engine, KernelTime, Kernels, flops_per_token};
+use crate::rng::SplitMix64;
 
 /// What one benchmark measured.
 #[derive(Clone, Debug)]
@@ -38,7 +39,7 @@ pub fn run(
     warmup: usize,
     profile: bool,
 ) -> Result<BenchReport> {
-    let pool = crate::train::thread_pool(config.train.threads)?;
+    let pool = crate::threads::pool(config.train.threads)?;
     let on_gpu = matches!(device, Device::Cuda(_));
     pool.install(|| backend::run(device, dtype, profile, Bench { config, steps, warmup, on_gpu })?)
 }
@@ -64,7 +65,7 @@ impl Task for Bench<'_> {
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % m.vocab_size as u64) as u32).collect();
         let targets: Vec<i32> =
             (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
-        let optim = OptimConfig::from_train(&config.train);
+        let optim = crate::train::optim_config(&config.train);
         let accum = config.train.accumulation_steps;
         let lr = config.train.learning_rate as f32;
         let step = |engine: &mut Engine<K>| {
@@ -110,4 +111,123 @@ impl Task for Bench<'_> {
             model,
         })
     }
+}
+
+/// `minimind bench`: each run's throughput (and with `profile` where the time goes) on the
+/// device it would train on.
+pub fn report(runs: &[PlannedRun], steps: usize, profile: bool) -> Result<()> {
+    for run in runs {
+        let c = &run.config;
+        let placement = crate::runner::preflight(c, &run.layered)?;
+        for note in placement.all_notes() {
+            println!("{note}");
+        }
+        let r = self::run(c, placement.device, placement.dtype, steps.max(1), 2, profile)?;
+        println!(
+            "{} on {}: hidden {} layers {} moe {} batch {} seq {} accumulation {} threads {}",
+            run.tag.as_deref().unwrap_or(&c.name),
+            r.device,
+            c.model.hidden_size,
+            c.model.num_hidden_layers,
+            c.model.use_moe,
+            c.train.batch_size,
+            c.data.max_seq_len,
+            c.train.accumulation_steps,
+            r.threads
+        );
+        println!(
+            "{} steps of {} tokens in {:.2} s: {:.1} GFLOP/s",
+            r.steps, r.tokens_per_step, r.seconds, r.gflops
+        );
+        if profile && !r.model.is_empty() {
+            print_device_profile(&r);
+        } else if profile {
+            print_profile(&r);
+        }
+        println!("tokens_per_s={:.1}", r.tokens_per_s);
+    }
+    Ok(())
+}
+
+/// The CUDA engine's profile: per kernel, launches per step (counted on the device), the
+/// FLOPs and bytes the step-time model gives them, the time measured on a GPU (the emulator
+/// cannot time) and the model's prediction on a GPU it knows; then per class, predicted
+/// against measured: the factor to recalibrate `roofline::efficiency` by.
+fn print_device_profile(r: &BenchReport) {
+    use std::collections::BTreeMap;
+    let gpu = crate::roofline::find(&r.device).ok();
+    let steps = r.steps as f64;
+    // The model's calls of one step, by kernel: FLOPs, bytes, predicted seconds, class.
+    let mut model: BTreeMap<&str, (f64, f64, f64, crate::engine::dry::Class)> = BTreeMap::new();
+    for c in &r.model {
+        let e = model.entry(c.kernel).or_insert((0.0, 0.0, 0.0, c.class));
+        e.0 += c.flops;
+        e.1 += c.bytes;
+        e.2 += gpu.map_or(0.0, |g| crate::roofline::seconds(c, g));
+    }
+    let measured = r.profile.iter().any(|(_, t)| t.seconds > 0.0);
+    println!(
+        "{:<30} {:>9} {:>10} {:>10} {:>12} {:>13}",
+        "kernel", "launches", "GFLOP", "MB moved", "measured ms", "predicted ms"
+    );
+    let mut classes: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for (name, t) in &r.profile {
+        let (flops, bytes, predicted, class) = model.get(name.as_str()).copied().unwrap_or((
+            0.0,
+            0.0,
+            0.0,
+            crate::engine::dry::Class::Pointwise,
+        ));
+        let ms = t.seconds * 1e3 / steps;
+        let c = classes.entry(class.name()).or_default();
+        *c = (c.0 + ms, c.1 + predicted * 1e3);
+        println!(
+            "{:<30} {:>9} {:>10.2} {:>10.1} {:>12} {:>13}",
+            name,
+            format!("{:.0}", t.calls as f64 / steps),
+            flops / 1e9,
+            bytes / 1e6,
+            if measured { format!("{ms:.3}") } else { "-".into() },
+            if gpu.is_some() { format!("{:.3}", predicted * 1e3) } else { "-".into() }
+        );
+    }
+    println!("per step; FLOPs and bytes as src/engine/dry.rs counts them");
+    match (gpu, measured) {
+        (Some(g), true) => {
+            println!(
+                "{:<12} {:>12} {:>13} {:>16}",
+                "class", "measured ms", "predicted ms", "predicted/measured"
+            );
+            for (class, (ms, predicted)) in &classes {
+                println!("{:<12} {:>12.3} {:>13.3} {:>16.2}", class, ms, predicted, predicted / ms.max(1e-9));
+            }
+            println!(
+                "on {}: a class's efficiency in src/roofline.rs times predicted/measured is what this GPU reached",
+                g.name
+            );
+        }
+        (None, true) => println!("no model of this GPU in src/roofline.rs: times measured, none predicted"),
+        (_, false) => println!("the emulator counts launches but cannot time them"),
+    }
+}
+
+fn print_profile(r: &BenchReport) {
+    let total: f64 = r.profile.iter().map(|(_, t)| t.seconds).sum();
+    println!("{:<36} {:>7} {:>9} {:>6} {:>8}", "kernel", "calls", "ms/step", "share", "GFLOP/s");
+    for (name, t) in &r.profile {
+        let gflops = if t.flops > 0.0 { format!("{:.1}", t.flops / t.seconds / 1e9) } else { "-".into() };
+        println!(
+            "{:<36} {:>7} {:>9.2} {:>5.1}% {:>8}",
+            name,
+            t.calls / r.steps as u64,
+            t.seconds * 1e3 / r.steps as f64,
+            100.0 * t.seconds / total,
+            gflops
+        );
+    }
+    println!(
+        "kernels total {:.1} ms/step of {:.1} ms/step wall",
+        total * 1e3 / r.steps as f64,
+        r.seconds * 1e3 / r.steps as f64
+    );
 }

@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::config::{Config, Dtype, ModelConfig};
+use crate::config::{Config, Dtype, ModelConfig, PlannedRun};
 use crate::engine::{
     Footprint, Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes,
 };
-use crate::metrics::{duration, human};
+use crate::metrics::say;
+use crate::units::{duration, human};
 
 /// Model FLOP rate of a training step over the measured 1024³ sgemm rate: about one at
 /// MiniMind2 shapes (BENCHMARKS.md: 0.98 dense, 1.12 MoE at 32 x 512; the model's larger
@@ -235,7 +236,7 @@ fn cache_file() -> Option<PathBuf> {
 fn measure_gflops(threads: usize) -> Result<f64> {
     const N: usize = 1024;
     let pool =
-        crate::train::thread_pool(threads).context("measuring this machine's matrix-multiply throughput")?;
+        crate::threads::pool(threads).context("measuring this machine's matrix-multiply throughput")?;
     pool.install(|| {
         let k = Cpu::new();
         let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
@@ -268,6 +269,72 @@ fn measure_gflops(threads: usize) -> Result<f64> {
         let secs = start.elapsed().as_secs_f64();
         Ok(2.0 * (N * N * N) as f64 * calls as f64 / secs / 1e9)
     })
+}
+
+/// Steps a run will take when that is known without tokenising: `max_steps`, or (rows being
+/// documents when unpacked) epochs over the non-blank lines of the data file.
+pub fn planned_steps(c: &Config) -> Option<usize> {
+    if let Some(n) = c.train.max_steps {
+        return Some(n);
+    }
+    if c.data.packing {
+        return None;
+    }
+    let file = std::fs::File::open(&c.data.path).ok()?;
+    let docs = crate::data::jsonl::Lines::new(std::io::BufReader::new(file)).count();
+    Some(c.train.epochs * (docs / c.train.batch_size) / c.train.accumulation_steps)
+}
+
+/// The run's cost with the measured throughput of this machine (measured once, cached).
+pub fn cost_of(c: &Config) -> Cost {
+    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads).ok())
+}
+
+/// The runs' costs; `ranks` data-parallel ranks multiply each step's batch (the global batch,
+/// `batch_size x accumulation_steps x ranks` rows) and its tokens.
+pub fn print_plan(runs: &[PlannedRun], ranks: usize) {
+    say(&format!(
+        "{:<24} {:>10} {:>14} {:>11} {:>10} {:>11} {:>10} {:>10}  overrides",
+        "run", "parameters", "global batch", "tokens/step", "memory", "FLOP/step", "step", "run"
+    ));
+    for run in runs {
+        let c = &run.config;
+        let cost = cost_of(c);
+        let point: Vec<String> =
+            run.layered.assigns.iter().map(|a| format!("{}={}", a.key, a.value)).collect();
+        let step = cost.step_seconds();
+        let (b, a) = (c.train.batch_size, c.train.accumulation_steps);
+        let batch = if ranks > 1 {
+            format!("{b}x{a}x{ranks}={}", b * a * ranks)
+        } else {
+            format!("{b}x{a}={}", b * a)
+        };
+        say(&format!(
+            "{:<24} {:>10} {:>14} {:>11} {:>10} {:>11} {:>10} {:>10}  {}",
+            run.tag.as_deref().unwrap_or(&c.name),
+            human(cost.parameters as f64),
+            batch,
+            human((c.derived.tokens_per_step * ranks as u64) as f64),
+            format!("{}B", human(cost.memory.peak)),
+            human(cost.flops_per_step),
+            step.map_or("?".into(), |s| format!("~{}", seconds(s))),
+            match (step, cost.steps) {
+                (Some(s), Some(n)) => format!("~{}", duration(s * n as f64)),
+                _ => "?".into(),
+            },
+            if point.is_empty() { "-".to_string() } else { point.join(" ") }
+        ));
+    }
+    say(&format!("{} run(s); time estimated from this machine's measured matrix-multiply speed", runs.len()));
+    if ranks > 1 {
+        say(&format!(
+            "global batch: batch_size x accumulation_steps x {ranks} ranks rows per step; step time is one rank's"
+        ));
+    }
+}
+
+fn seconds(s: f64) -> String {
+    if s < 10.0 { format!("{s:.2}s") } else { duration(s) }
 }
 
 #[cfg(test)]

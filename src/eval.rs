@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use crate::config::{Device, Dtype};
 use crate::data::jsonl::{Lines, parse_line};
 use crate::data::{Skipped, Tok, encode_row};
 use crate::engine::backend::{self, Task};
-use crate::engine::{Engine, Kernels, Layout};
+use crate::engine::{Engine, Kernels};
 
 /// An evaluation result, as `--json` prints it and meta.json records it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -81,34 +81,56 @@ pub fn mean_loss<K: Kernels>(
     EvalResult { loss: sum / count.max(1) as f64, tokens: count }
 }
 
-/// `minimind eval`: a Hugging Face style folder on the first `batches x b` rows of `data`,
-/// on `device` (float32).
-#[allow(clippy::too_many_arguments)]
-pub fn eval_dir(
-    dir: &Path,
-    data: &Path,
-    tokenizer: Option<&Path>,
-    t: usize,
-    b: usize,
-    batches: usize,
-    skip_bad_lines: bool,
-    device: Device,
-) -> Result<(EvalResult, Skipped)> {
-    if t < 2 || b == 0 || batches == 0 {
+/// What `minimind eval` evaluates.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Folder with config.json, model.safetensors and tokenizer.json.
+    #[arg(long)]
+    pub hf_dir: PathBuf,
+    /// JSON-lines file, one {"text": ...} per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Tokens per row, T.
+    #[arg(long)]
+    pub seq_len: usize,
+    /// Rows per batch, B.
+    #[arg(long)]
+    pub batch_size: usize,
+    /// Batches to evaluate.
+    #[arg(long, default_value_t = 1)]
+    pub batches: usize,
+    /// Tokenizer to use instead of HF_DIR/tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Skip (and count) malformed lines instead of failing.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// Print `{"loss": ..., "tokens": ...}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `minimind eval`: the model folder on the first `batches x batch_size` rows of the data, on
+/// `device` (float32), printed.
+pub fn command(a: &EvalArgs, device: Device) -> Result<()> {
+    let (t, b) = (a.seq_len, a.batch_size);
+    if t < 2 || b == 0 || a.batches == 0 {
         bail!("--seq-len must be at least 2, --batch-size and --batches at least 1");
     }
-    let cfg = crate::engine::hf::read_config(&dir.join("config.json"))?;
-    let tok_path = tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
-    let tok = Tok::load(&tok_path)?;
-    let weights_path = dir.join("model.safetensors");
-    let bytes =
-        std::fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
-    let weights = crate::engine::hf::read_weights(&bytes, &Layout::new(&cfg))
-        .with_context(|| format!("loading {}", weights_path.display()))?;
-    let (ids, targets, skipped) = first_rows(data, &tok, t, b * batches, skip_bad_lines)?;
-    let task = Eval { cfg, weights: &weights, ids: &ids, targets: &targets, b, t };
-    let result = backend::run(device, Dtype::Float32, false, task)??;
-    Ok((result, skipped))
+    let folder = crate::engine::hf::read_folder(&a.hf_dir)?;
+    let tok = Tok::load(a.tokenizer.as_ref().unwrap_or(&folder.tokenizer))?;
+    let (ids, targets, skipped) = first_rows(&a.data, &tok, t, b * a.batches, a.skip_bad_lines)?;
+    let task = Eval { cfg: folder.config, weights: &folder.params, ids: &ids, targets: &targets, b, t };
+    let r = backend::run(device, Dtype::Float32, false, task)??;
+    if let Some(s) = skipped.describe() {
+        crate::metrics::warn(&s);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("loss={} tokens={}", r.loss, r.tokens);
+    }
+    Ok(())
 }
 
 /// The evaluation, on whichever backend runs it.

@@ -4,20 +4,33 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::config::{Device, Dtype, ModelConfig};
 use crate::data::Tok;
 use crate::engine::backend::{self, Task};
 use crate::engine::layout::Layout;
-use crate::engine::{Engine, Kernels, SplitMix64, hf};
+use crate::engine::{Engine, Kernels, hf};
+use crate::rng::SplitMix64;
+use crate::train::checkpoint;
 
-#[derive(Clone, Debug)]
+/// How tokens are drawn.
+#[derive(clap::Args, Clone, Debug)]
 pub struct Sampling {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Softmax temperature; 0 picks the most likely token.
+    #[arg(long, default_value_t = 0.85)]
     pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.85)]
     pub top_p: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
 
@@ -34,36 +47,25 @@ fn load(dir: &Path) -> Result<Loaded> {
     let export = dir.join("model");
     let folder = if export.join("config.json").is_file() { export } else { dir.to_path_buf() };
     if folder.join("config.json").is_file() {
-        let cfg = hf::read_config(&folder.join("config.json"))?;
-        let tok = Tok::load(&folder.join("tokenizer.json"))?;
-        let layout = Layout::new(&cfg);
-        let path = folder.join("model.safetensors");
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let params =
-            hf::read_weights(&bytes, &layout).with_context(|| format!("loading {}", path.display()))?;
-        return Ok(Loaded { cfg, tok, params });
+        let f = hf::read_folder(&folder)?;
+        return Ok(Loaded { tok: Tok::load(&f.tokenizer)?, cfg: f.config, params: f.params });
     }
     let run = crate::run_dir::RunDir::open(dir).map_err(|_| {
         anyhow::anyhow!("{} has no config.json: give a run folder or a model folder", dir.display())
     })?;
     let (config, _) = crate::config::load_run_config(&run.config_path(), &[])?;
     let layout = Layout::new(&config.model);
-    let mut damaged = Vec::new();
-    for (_, ck) in crate::train::checkpoint::list(&run.checkpoints_dir()).into_iter().rev() {
-        match crate::train::checkpoint::load(&ck, &layout) {
-            Ok(loaded) => {
-                let tok = Tok::load(&config.data.tokenizer)?;
-                eprintln!("(no export yet: sampling from {}, step {})", ck.display(), loaded.state.step);
-                return Ok(Loaded { cfg: config.model, tok, params: loaded.params });
-            }
-            Err(e) => damaged.push(format!("{}: {e:#}", ck.display())),
-        }
+    let (newest, damaged) =
+        checkpoint::newest_intact(&run.checkpoints_dir(), &layout, checkpoint::Damaged::Leave)?;
+    let Some(loaded) = newest else {
+        let damaged = if damaged.is_empty() { String::new() } else { format!(" ({})", damaged.join("; ")) };
+        bail!("{} has no exported model and no complete checkpoint yet{damaged}", dir.display());
+    };
+    for note in &damaged {
+        eprintln!("{note}");
     }
-    bail!(
-        "{} has no exported model and no complete checkpoint yet{}",
-        dir.display(),
-        if damaged.is_empty() { String::new() } else { format!(" (damaged: {})", damaged.join("; ")) }
-    )
+    eprintln!("(no export yet: sampling from {}, step {})", loaded.dir.display(), loaded.state.step);
+    Ok(Loaded { tok: Tok::load(&config.data.tokenizer)?, cfg: config.model, params: loaded.params })
 }
 
 /// Samples a continuation of `prompt` on `device`, streaming it to stdout.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::metrics::{StepMetrics, say};
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, Status};
 use crate::sweep::{self, Sweep};
 
 /// One run, summarised from its meta.json and metrics.csv.
@@ -18,7 +18,7 @@ pub struct RunSummary {
     pub name: String,
     /// The sweep tag of a sweep's point.
     pub tag: Option<String>,
-    pub status: String,
+    pub status: Status,
     pub steps: usize,
     pub final_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
@@ -54,7 +54,7 @@ pub fn summarise(dir: &Path) -> Result<RunSummary> {
         path: dir.to_path_buf(),
         name: meta.name.clone(),
         tag: meta.sweep_tag.clone(),
-        status: sweep::status_name(meta.status).into(),
+        status: meta.status,
         steps: last.map_or(0, |r| r.step).max(meta.last_step.unwrap_or(0)),
         final_loss: last.map(|r| r.loss),
         best_val_loss: meta.best_val_loss,
@@ -119,7 +119,7 @@ fn row(r: &RunSummary, indent: &str) -> String {
         num(r.best_val_loss, 4),
         num(r.tokens_per_s, 0),
         r.started,
-        r.duration_s.map_or("-".into(), crate::metrics::duration)
+        r.duration_s.map_or("-".into(), crate::units::duration)
     )
 }
 
@@ -140,7 +140,7 @@ pub fn ls(root: &Path, json: bool) -> Result<()> {
                 say(&row(r, ""));
             }
             Found::Sweep(s) => {
-                let done = s.points.iter().filter(|p| p.status == "completed").count();
+                let done = s.points.iter().filter(|p| p.status == Status::Completed).count();
                 let folder = s.path.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string());
                 say(&format!("{folder}  (sweep {}: {done} of {} points completed)", s.name, s.points.len()));
                 for p in &s.points {
@@ -445,9 +445,9 @@ where
     };
     let x_label = |v: &f64| match x {
         XAxis::Step => format!("{v:.0}"),
-        XAxis::Tokens => crate::metrics::human(v.round()),
+        XAxis::Tokens => crate::units::human(v.round()),
         XAxis::Time if x1 < 60.0 => format!("{v:.1}s"),
-        XAxis::Time => crate::metrics::duration(*v),
+        XAxis::Time => crate::units::duration(*v),
     };
     chart
         .configure_mesh()

@@ -7,9 +7,11 @@
 //!
 //! The arithmetic is pure. The efficiencies are assumptions until measured (BENCHMARKS.md).
 
-use crate::config::{Config, Dtype, ModelConfig};
+use crate::config::{Config, Dtype, ModelConfig, PlannedRun};
 use crate::engine::dry::{Call, Class, Dry, Unit};
 use crate::engine::{Engine, Kernels, OptimConfig, flops_per_token};
+use crate::metrics::say;
+use crate::units::human;
 
 /// A GPU's peaks: dense tensor-core throughput with 16-bit operands and f32 accumulation,
 /// the CUDA cores' f32 throughput, memory bandwidth and size.
@@ -179,20 +181,20 @@ impl Prediction {
             self.gpu.name,
             self.dtype.name(),
             self.step_seconds * 1e3,
-            crate::metrics::human(self.tokens_per_s()),
+            human(self.tokens_per_s()),
             100.0 * self.mfu,
             classes.join(", ")
         );
         if let Some(n) = steps {
             line.push_str(&format!(
                 "; ~{} for {n} steps",
-                crate::metrics::duration(self.step_seconds * n as f64)
+                crate::units::duration(self.step_seconds * n as f64)
             ));
         }
         if !self.fits {
             line.push_str(&format!(
                 "; needs {}B, more than its {:.0} GB",
-                crate::metrics::human(self.memory_bytes),
+                human(self.memory_bytes),
                 self.gpu.memory_gb
             ));
         }
@@ -244,7 +246,7 @@ pub fn step_calls(
 /// The predicted step of run `c` on `gpu`, in its dtype.
 pub fn predict_run(c: &Config, gpu: &Gpu) -> anyhow::Result<Prediction> {
     let (step, dtype) = (Step::of(c), c.train.dtype);
-    let calls = step_calls(&c.model, step, dtype, &OptimConfig::from_train(&c.train))?;
+    let calls = step_calls(&c.model, step, dtype, &crate::train::optim_config(&c.train))?;
     Ok(predict(&c.model, step, dtype, &calls, gpu))
 }
 
@@ -279,6 +281,46 @@ pub fn predict(m: &ModelConfig, step: Step, dtype: Dtype, calls: &[Call], gpu: &
         memory_bytes,
         fits: memory_bytes <= gpu.memory_gb * 1e9,
     }
+}
+
+/// Each run's predicted step on `gpu`, class by class (see `roofline`).
+pub fn print_plan(runs: &[PlannedRun], gpu: &Gpu) -> anyhow::Result<()> {
+    say(&format!(
+        "on {} ({:.0} TFLOP/s bf16 tensor, {:.1} f32, {:.0} GB/s, {:.0} GB; {}):",
+        gpu.name, gpu.tensor_tflops, gpu.cuda_tflops, gpu.bandwidth_gbs, gpu.memory_gb, gpu.source
+    ));
+    for run in runs {
+        let c = &run.config;
+        let p = predict_run(c, gpu)?;
+        say(&format!(
+            "{}: {}",
+            run.tag.as_deref().unwrap_or(&c.name),
+            p.describe(crate::cost::planned_steps(c))
+        ));
+        say(&format!(
+            "  {:<10} {:>6} {:>10} {:>10} {:>9} {:>6}",
+            "class", "calls", "GFLOP", "GB moved", "ms", "share"
+        ));
+        for sh in &p.shares {
+            say(&format!(
+                "  {:<10} {:>6} {:>10.1} {:>10.2} {:>9.3} {:>5.0}%",
+                sh.class.name(),
+                sh.calls,
+                sh.flops / 1e9,
+                sh.bytes / 1e9,
+                sh.seconds * 1e3,
+                100.0 * sh.seconds / p.step_seconds
+            ));
+        }
+        say(&format!(
+            "  memory {}B of {:.0} GB: {}",
+            human(p.memory_bytes),
+            gpu.memory_gb,
+            if p.fits { "fits" } else { "does not fit" }
+        ));
+    }
+    say("efficiencies assumed per class (src/roofline.rs), until a GPU measures them");
+    Ok(())
 }
 
 #[cfg(test)]

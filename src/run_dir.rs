@@ -26,7 +26,7 @@ fn candidate(base: &str, n: usize) -> String {
     if n <= 1 { base.to_string() } else { format!("{base}-{n}") }
 }
 
-/// Run status, as meta.json records it.
+/// A run's status: what meta.json records, what a sweep's index.csv and `ls` show.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -36,6 +36,28 @@ pub enum Status {
     Completed,
     Failed,
     Stopped,
+    /// A sweep point whose folder was deleted (index.csv only; never in a meta.json).
+    Missing,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Stopped => "stopped",
+            Status::Missing => "missing",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    /// The name, padded as a table column asks (`{:<10}`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

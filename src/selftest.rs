@@ -22,8 +22,8 @@ fn gpu_tolerance(kernel: &str) -> f64 {
 /// Runs the suite on `device`; `fixtures` is the folder of PyTorch fixtures (skipped with a
 /// note when it is not there). Fails when any check fails.
 pub fn run(device: Device, fixtures: &Path) -> Result<()> {
-    let many = crate::train::thread_pool(0)?;
-    let one = crate::train::thread_pool(1)?;
+    let many = crate::threads::pool(0)?;
+    let one = crate::threads::pool(1)?;
     let mut checks: Vec<Check> = Vec::new();
     match device {
         Device::Cpu | Device::Auto => {

@@ -78,7 +78,12 @@ pub fn submit(sweep: &Sweep) -> Result<()> {
             );
         }
     }
-    let todo: Vec<_> = sweep.file.points.iter().filter(|p| rows[p.index].status != "completed").collect();
+    let todo: Vec<_> = sweep
+        .file
+        .points
+        .iter()
+        .filter(|p| rows[p.index].status != crate::run_dir::Status::Completed)
+        .collect();
     if todo.is_empty() {
         say("every point has completed");
         return Ok(());

@@ -54,8 +54,7 @@ pub struct IndexRow {
     pub index: usize,
     pub tag: String,
     pub run_dir: String,
-    /// queued, running, completed, failed, stopped, or missing (its folder was deleted).
-    pub status: String,
+    pub status: Status,
     pub steps: usize,
     pub final_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
@@ -185,7 +184,7 @@ fn index_row(p: &Point, dir: &Path) -> IndexRow {
         index: p.index,
         tag: p.tag.clone(),
         run_dir: p.folder.clone(),
-        status: "missing".into(),
+        status: Status::Missing,
         steps: 0,
         final_loss: None,
         best_val_loss: None,
@@ -198,10 +197,10 @@ fn index_row(p: &Point, dir: &Path) -> IndexRow {
             if dir.exists() { "meta.json unreadable".into() } else { "run folder was deleted".into() };
         return row;
     };
-    row.status = status_name(meta.status).into();
+    row.status = meta.status;
     if meta.status == Status::Running && run.try_lock().ok().flatten().is_some() {
         // Nobody holds it: the process that ran it is gone.
-        row.status = "stopped".into();
+        row.status = Status::Stopped;
         row.error = "its process died (kill -9, crash or lost node); resume continues it".into();
     }
     row.steps = meta.last_step.unwrap_or(0);
@@ -217,16 +216,6 @@ fn index_row(p: &Point, dir: &Path) -> IndexRow {
         row.tokens_per_s = Some(last.tokens_per_s);
     }
     row
-}
-
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Queued => "queued",
-        Status::Running => "running",
-        Status::Completed => "completed",
-        Status::Failed => "failed",
-        Status::Stopped => "stopped",
-    }
 }
 
 /// How a local sweep ended.
@@ -293,7 +282,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
     let gpus = crate::engine::gpu::probe().map_or(0, |g| g.names.len());
     let rows = sweep.refresh_index()?;
     let mut pending: Vec<&Point> =
-        sweep.file.points.iter().filter(|p| rows[p.index].status != "completed").collect();
+        sweep.file.points.iter().filter(|p| rows[p.index].status != Status::Completed).collect();
     let done = sweep.file.points.len() - pending.len();
     if done > 0 {
         say(&format!("{done} point(s) already completed; {} to run", pending.len()));
@@ -432,6 +421,23 @@ pub fn print_index(rows: &[IndexRow]) {
             r.error
         ));
     }
+}
+
+/// `minimind status SWEEP_DIR`: the index refreshed from the point folders and, for a sweep
+/// submitted to Slurm, each point's state in the queue.
+pub fn status(dir: &Path) -> Result<()> {
+    let sweep = Sweep::open(dir)?;
+    let rows = sweep.refresh_index()?;
+    print_index(&rows);
+    if let Some(job) = &sweep.file.slurm_job {
+        let queue = crate::slurm::queue(job);
+        say(&format!("Slurm job {job}:"));
+        for r in &rows {
+            let state = queue.get(&r.index).map_or("not in the queue", String::as_str);
+            say(&format!("  {:<4} {:<28} {state}", r.index, r.tag));
+        }
+    }
+    Ok(())
 }
 
 /// The launcher a sweep uses: its file's, overridden by `-j` and `--launcher`.

@@ -8,9 +8,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use minimind::engine::cpu::Cpu;
-use minimind::engine::{
-    Engine, Footprint, OptimConfig, SplitMix64, hf, keep_attention_probs, workspace_bytes,
-};
+use minimind::engine::{Engine, Footprint, OptimConfig, hf, keep_attention_probs, workspace_bytes};
+use minimind::rng::SplitMix64;
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);

@@ -202,7 +202,7 @@ fn losses_with_threads(threads: usize) -> Vec<u64> {
         let (b, t) = (4, 96);
         let mut engine = Engine::new(Cpu::new(), cfg, b, t).unwrap();
         engine.init_weights(7);
-        let mut rng = minimind::engine::SplitMix64::new(3);
+        let mut rng = minimind::rng::SplitMix64::new(3);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
         let targets: Vec<i32> =
             (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();
@@ -234,7 +234,7 @@ fn recomputing_attention_probabilities_changes_no_bit() {
     let run = |keep: bool| {
         let mut engine = Engine::with_attention_probs(Cpu::new(), cfg.clone(), b, t, keep).unwrap();
         engine.init_weights(11);
-        let mut rng = minimind::engine::SplitMix64::new(4);
+        let mut rng = minimind::rng::SplitMix64::new(4);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
         let targets: Vec<i32> =
             (0..b * t).map(|n| if n % t == t - 1 { -1 } else { ids[n + 1] as i32 }).collect();

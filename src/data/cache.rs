@@ -359,7 +359,7 @@ fn write_cache(
     let mut offsets_out = Hashed::create(tmp.join("offsets.bin"))?;
     offsets_out.write(&0u64.to_le_bytes())?;
     let mut progress = Progress::new(data, total_bytes, opts.quiet, opts.heartbeat);
-    let pool = crate::train::thread_pool(opts.threads)?;
+    let pool = crate::threads::pool(opts.threads)?;
     let (mut docs, mut ntok) = (0u64, 0u64);
     let mut skipped = Skipped::default();
     let mut chunk: Vec<(u64, std::result::Result<String, String>)> = Vec::with_capacity(LINES_PER_CHUNK);
@@ -488,9 +488,9 @@ impl Progress {
             "tokenising {}: {:.0}% of {}B, elapsed {}, ETA {}",
             self.name,
             100.0 * done as f64 / self.total.max(1) as f64,
-            crate::metrics::human(self.total as f64),
-            crate::metrics::duration(elapsed),
-            crate::metrics::duration(eta)
+            crate::units::human(self.total as f64),
+            crate::units::duration(elapsed),
+            crate::units::duration(eta)
         ));
     }
 

@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::DataConfig;
-use crate::engine::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::signals::Stop;
 pub use cache::TokenCache;
 pub use jsonl::Skipped;

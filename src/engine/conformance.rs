@@ -11,7 +11,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
-use super::{Engine, SplitMix64, hf};
+use super::{Engine, hf};
+use crate::rng::SplitMix64;
 
 /// One kernel's verdict.
 #[derive(Clone, Debug, PartialEq)]
@@ -594,7 +595,7 @@ pub fn kernels<S: Kernels, R: Kernels>(
 /// One PyTorch fixture through the engine on `kernels`: logits, loss, every gradient.
 pub fn fixture<K: Kernels>(kernels: K, dir: &Path, tol: FixtureTolerance) -> Result<Vec<Check>> {
     let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string());
-    let cfg = hf::read_config(&dir.join("config.json"))?;
+    let model = hf::read_folder(dir)?;
     let read =
         |f: &str| std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
     let batch_bytes = read("batch.safetensors")?;
@@ -612,9 +613,8 @@ pub fn fixture<K: Kernels>(kernels: K, dir: &Path, tol: FixtureTolerance) -> Res
         .map(|n| if n % t == t - 1 || labels[n + 1] < 0 { -1 } else { labels[n + 1] as i32 })
         .collect();
     let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-    let mut engine = Engine::new(kernels, cfg, b, t)?;
-    let weights = hf::read_weights(&read("model.safetensors")?, &engine.layout)?;
-    engine.set_params(&weights);
+    let mut engine = Engine::new(kernels, model.config, b, t)?;
+    engine.set_params(&model.params);
     let expected: serde_json::Value = serde_json::from_slice(&read("expected.json")?)?;
     let mut checks = Vec::new();
     let mut logits = vec![0.0; b * t * engine.config.vocab_size];

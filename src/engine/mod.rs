@@ -26,7 +26,8 @@ pub use model::{Footprint, KvCache, Losses, keep_attention_probs, rope_tables, w
 
 use std::ops::Range;
 
-use crate::config::{Dtype, ModelConfig, TrainConfig};
+use crate::config::{Dtype, ModelConfig};
+use crate::rng::SplitMix64;
 use model::{Model, Weights, Workspace, acc};
 pub use scaler::LossScaler;
 
@@ -39,18 +40,6 @@ pub struct OptimConfig {
     pub weight_decay: f32,
     /// Max global gradient norm; 0 disables clipping.
     pub grad_clip: f32,
-}
-
-impl OptimConfig {
-    pub fn from_train(t: &TrainConfig) -> OptimConfig {
-        OptimConfig {
-            beta1: t.betas[0] as f32,
-            beta2: t.betas[1] as f32,
-            eps: t.eps as f32,
-            weight_decay: t.weight_decay as f32,
-            grad_clip: t.grad_clip as f32,
-        }
-    }
 }
 
 /// A model with its parameters, gradients, AdamW state and workspace on one device.
@@ -289,7 +278,7 @@ impl<K: Kernels> Engine<K> {
         let first = self.grads_zero;
         self.grads_zero = false;
         let (k, total) = (&self.kernels, self.layout.total);
-        let model = Model { ops: k, m: &self.config, layout: &self.layout };
+        let model = Model::new(k, &self.config, &self.layout);
         let tv = &self.targets;
         let iv = k.idx(&self.ids, 0..n);
         let mut covered = 0;
@@ -347,7 +336,7 @@ impl<K: Kernels> Engine<K> {
     /// Summed loss over kept targets, and their count (no gradients).
     pub fn loss(&mut self, ids: &[u32], targets: &[i32]) -> (f64, usize) {
         let (n, kept) = self.load_batch(ids, Some(targets));
-        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model::new(&self.kernels, &self.config, &self.layout);
         let iv = self.kernels.idx(&self.ids, 0..n);
         model.loss(
             Self::weights(&self.params, &self.params_act),
@@ -364,7 +353,7 @@ impl<K: Kernels> Engine<K> {
     pub fn logits(&mut self, ids: &[u32], out: &mut [f32]) {
         let (n, _) = self.load_batch(ids, None);
         assert_eq!(out.len(), n * self.config.vocab_size, "logits buffer size");
-        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model::new(&self.kernels, &self.config, &self.layout);
         let iv = self.kernels.idx(&self.ids, 0..n);
         model.logits(Self::weights(&self.params, &self.params_act), &mut self.ws, &mut self.acc, iv, n, out);
     }
@@ -379,7 +368,7 @@ impl<K: Kernels> Engine<K> {
     pub fn decode(&mut self, cache: &mut KvCache<K>, token: u32, out: &mut [f32]) {
         assert!((token as usize) < self.config.vocab_size, "token id out of range");
         assert_eq!(out.len(), self.config.vocab_size, "logits buffer size");
-        let model = Model { ops: &self.kernels, m: &self.config, layout: &self.layout };
+        let model = Model::new(&self.kernels, &self.config, &self.layout);
         model.decode(Self::weights(&self.params, &self.params_act), cache, &mut self.acc, token as i32, out);
     }
 
@@ -490,28 +479,4 @@ pub fn flops_per_token(m: &ModelConfig, t: usize) -> f64 {
     let attn = 2.0 * h * d * (t as f64 + 1.0) / 2.0;
     let per_layer = attn_proj + mlp + attn;
     2.0 * (m.num_hidden_layers as f64 * per_layer + m.vocab_size as f64 * c)
-}
-
-/// A small, fast, splittable generator (SplitMix64) for initialisation and sampling.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    pub fn state(&self) -> u64 {
-        self.0
-    }
 }

@@ -368,18 +368,95 @@ impl<K: Kernels> KvCache<K> {
 
 /// Where a block's attention reads its keys and values.
 enum Attention<'w, K: Kernels> {
-    /// Causal over the rows of B sequences of T tokens (training, evaluation).
-    Causal { shape: AttnShape, scratch: &'w mut K::Buf },
-    /// One token at `pos`, against (and appended to) a layer's KV cache.
-    Cached { k: &'w mut K::Buf, v: &'w mut K::Buf, pos: usize },
+    /// Causal over the rows of B sequences of T tokens (training, evaluation), with the
+    /// workspace's scratch and RoPE tables.
+    Causal { shape: AttnShape },
+    /// One token at `pos`, against (and appended to) a layer's KV cache, with the cache's
+    /// RoPE tables.
+    Cached { k: &'w mut K::Buf, v: &'w mut K::Buf, pos: usize, cos: &'w K::Buf, sin: &'w K::Buf },
 }
 
-/// The model's computation: configuration, layout and kernels, no state of its own.
+impl<K: Kernels> Attention<'_, K> {
+    /// The rows a block works on (one when decoding).
+    fn rows(&self) -> Rows {
+        match self {
+            Attention::Causal { shape } => Rows { b: shape.b, t: shape.t },
+            Attention::Cached { .. } => Rows { b: 1, t: 1 },
+        }
+    }
+}
+
+/// The rows one call works on: B sequences of T tokens. MoE's aux loss is per sequence.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    b: usize,
+    t: usize,
+}
+
+impl Rows {
+    fn n(self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// What a backward pass works on: the micro-batch's rows and the factor on every gradient.
+#[derive(Clone, Copy, Debug)]
+struct Micro {
+    rows: Rows,
+    grad_scale: f32,
+}
+
+/// The model's dimensions (legend at the top), computed once from its config.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    c: usize,
+    d: usize,
+    h: usize,
+    g: usize,
+    hd: usize,
+    gd: usize,
+    i: usize,
+    v: usize,
+    e: usize,
+    /// Experts per token (K).
+    k: usize,
+    eps: f32,
+}
+
+impl Dims {
+    fn of(m: &ModelConfig) -> Dims {
+        let (d, h, g) = (m.head_dim, m.num_attention_heads, m.num_key_value_heads);
+        Dims {
+            c: m.hidden_size,
+            d,
+            h,
+            g,
+            hd: h * d,
+            gd: g * d,
+            i: m.intermediate_size,
+            v: m.vocab_size,
+            e: m.n_routed_experts,
+            k: m.num_experts_per_tok,
+            eps: m.rms_norm_eps as f32,
+        }
+    }
+}
+
+/// The model's computation: configuration, layout and kernels, no state of its own. Matrix
+/// products go straight to `ops.matmul` with a [`Gemm`] saying which of a linear layer's
+/// three products it is (`linear`, `linear_dx`, `linear_dw`) and its shape.
 pub struct Model<'a, K: Kernels> {
     /// The kernels (`ops`: `k` is the key projection, `K` the experts per token).
     pub ops: &'a K,
     pub m: &'a ModelConfig,
     pub layout: &'a Layout,
+    dims: Dims,
+}
+
+impl<'a, K: Kernels> Model<'a, K> {
+    pub fn new(ops: &'a K, m: &'a ModelConfig, layout: &'a Layout) -> Self {
+        Model { ops, m, layout, dims: Dims::of(m) }
+    }
 }
 
 impl<K: Kernels> Model<'_, K> {
@@ -403,41 +480,6 @@ impl<K: Kernels> Model<'_, K> {
         to
     }
 
-    /// `y[rows, out] (+)= x[rows, inp] Wᵀ`, W in PyTorch's `[out, inp]` layout.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        y: K::M<'_>,
-        x: K::V<'_>,
-        w: K::V<'_>,
-        rows: usize,
-        out: usize,
-        inp: usize,
-        accumulate: bool,
-    ) {
-        self.ops.matmul(y, x, w, Gemm::linear(rows, out, inp).accumulate(accumulate));
-    }
-
-    /// Backward to the input: `dx[rows, inp] (+)= dy[rows, out] W`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_dx(
-        &self,
-        dx: K::M<'_>,
-        dy: K::V<'_>,
-        w: K::V<'_>,
-        rows: usize,
-        out: usize,
-        inp: usize,
-        accumulate: bool,
-    ) {
-        self.ops.matmul(dx, dy, w, Gemm::linear_dx(rows, out, inp).accumulate(accumulate));
-    }
-
-    /// Backward to the weight: `dW[out, inp] += dy[rows, out]ᵀ x[rows, inp]`.
-    fn linear_dw(&self, dw: K::M<'_>, dy: K::V<'_>, x: K::V<'_>, rows: usize, out: usize, inp: usize) {
-        self.ops.matmul(dw, dy, x, Gemm::linear_dw(rows, out, inp));
-    }
-
     /// Forward through the blocks and the final norm for the `n` rows of `ids`; leaves
     /// `ws.xnf` = normed output and adds the MoE layers' aux losses to `acc[MB_AUX]`.
     fn trunk_forward(
@@ -449,26 +491,12 @@ impl<K: Kernels> Model<'_, K> {
         n: usize,
     ) {
         let ops = self.ops;
-        let c = self.m.hidden_size;
-        let (b, t) = (n / ws.t, ws.t);
+        let c = self.dims.c;
         ops.zero_acc(acc, acc::MB_AUX..acc::MB_AUX + 1);
         ops.embed_forward(ops.view_mut(&mut ws.resid[0], 0..n * c), self.wf(p, &self.layout.embed), ids, c);
-        let shape = shape_of(self.m, b, t);
+        let shape = shape_of(self.m, n / ws.t, ws.t);
         for l in 0..self.layout.layers.len() {
-            let (before, after) = ws.resid.split_at_mut(l + 1);
-            let attention = Attention::Causal { shape, scratch: &mut ws.attn_scratch };
-            let (cos, sin) = (&ws.cos, &ws.sin);
-            self.block_forward(
-                p,
-                l,
-                &mut ws.layers[l],
-                &before[l],
-                &mut after[0],
-                n,
-                attention,
-                (cos, sin),
-                acc,
-            );
+            self.block_forward(p, ws, l, Attention::Causal { shape }, acc);
         }
         self.final_norm(p, ws, n);
     }
@@ -476,39 +504,35 @@ impl<K: Kernels> Model<'_, K> {
     /// `xnf = norm(last block's output)` over `n` rows.
     fn final_norm(&self, p: Weights<'_, K>, ws: &mut Workspace<K>, n: usize) {
         let ops = self.ops;
-        let c = self.m.hidden_size;
+        let c = self.dims.c;
         ops.rmsnorm_forward(
             ops.view_mut(&mut ws.xnf, 0..n * c),
             ops.view_mut(&mut ws.rstdf, 0..n),
             ops.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
             self.wf(p, &self.layout.norm),
             c,
-            self.m.rms_norm_eps as f32,
+            self.dims.eps,
         );
     }
 
-    /// One block over `n` rows: `out = mid + mlp(n2(mid))`, `mid = x + o(attn(...))`.
-    #[allow(clippy::too_many_arguments)]
+    /// Block `l` over the rows of `attention`, from `x = ws.resid[l]` to
+    /// `out = ws.resid[l + 1]`: `out = mid + mlp(n2(mid))`, `mid = x + o(attn(...))`.
     fn block_forward(
         &self,
         p: Weights<'_, K>,
+        ws: &mut Workspace<K>,
         l: usize,
-        a: &mut LayerActs<K>,
-        x: &K::Buf,
-        out: &mut K::Buf,
-        n: usize,
         attention: Attention<'_, K>,
-        (cos, sin): (&K::Buf, &K::Buf),
         acc: &mut K::Acc,
     ) {
         let ops = self.ops;
-        let m = self.m;
         let lp = &self.layout.layers[l];
-        let (c, d) = (m.hidden_size, m.head_dim);
-        let (h, g) = (m.num_attention_heads, m.num_key_value_heads);
-        let (hd, gd) = (h * d, g * d);
-        let eps = m.rms_norm_eps as f32;
+        let Dims { c, d, h, g, hd, gd, eps, .. } = self.dims;
+        let rows = attention.rows();
+        let n = rows.n();
         let nc = 0..n * c;
+        let (before, after) = ws.resid.split_at_mut(l + 1);
+        let (x, out, a) = (&before[l], &mut after[0], &mut ws.layers[l]);
         ops.rmsnorm_forward(
             ops.view_mut(&mut a.xn1, nc.clone()),
             ops.view_mut(&mut a.rstd1, 0..n),
@@ -518,26 +542,21 @@ impl<K: Kernels> Model<'_, K> {
             eps,
         );
         let xn1 = ops.view(&a.xn1, nc.clone());
-        // MoE's aux loss is per sequence: B sequences of T tokens (one token when decoding).
-        let (b, t) = match &attention {
-            Attention::Causal { shape, .. } => (shape.b, shape.t),
-            Attention::Cached { .. } => (1, 1),
-        };
-        let table = ops.len(cos);
-        let (cos, sin) = (ops.view(cos, 0..table), ops.view(sin, 0..table));
-        self.linear(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), n, hd, c, false);
+        ops.matmul(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), Gemm::linear(n, hd, c));
         match attention {
-            Attention::Causal { shape, scratch } => {
-                self.linear(ops.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), n, gd, c, false);
-                self.linear(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), n, gd, c, false);
+            Attention::Causal { shape } => {
+                ops.matmul(ops.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), Gemm::linear(n, gd, c));
+                ops.matmul(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), Gemm::linear(n, gd, c));
                 // RoPE on q and k, then attention (the backend may rotate copies instead:
                 // what a.q and a.k hold afterwards is for rope_attention_backward only).
+                let table = ops.len(&ws.cos);
+                let (cos, sin) = (ops.view(&ws.cos, 0..table), ops.view(&ws.sin, 0..table));
                 let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
-                let scratch_len = ops.len(scratch);
+                let scratch_len = ops.len(&ws.attn_scratch);
                 ops.rope_attention_forward(
                     ops.view_mut(&mut a.att, 0..n * hd),
                     &mut a.attn,
-                    ops.view_mut(scratch, 0..scratch_len),
+                    ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
                     ops.view_mut(&mut a.q, 0..n * hd),
                     ops.view_mut(&mut a.k, 0..n * gd),
                     ops.view(&a.v, 0..n * gd),
@@ -545,13 +564,14 @@ impl<K: Kernels> Model<'_, K> {
                     rot,
                 );
             }
-            Attention::Cached { k: kc, v: vc, pos } => {
+            Attention::Cached { k: kc, v: vc, pos, cos, sin } => {
                 let row = pos * gd..(pos + 1) * gd;
-                self.linear(ops.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), 1, gd, c, false);
-                self.linear(ops.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), 1, gd, c, false);
+                ops.matmul(ops.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), Gemm::linear(1, gd, c));
+                ops.matmul(ops.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), Gemm::linear(1, gd, c));
+                let table = ops.len(cos);
+                let (cos, sin) = (ops.view(cos, 0..table), ops.view(sin, 0..table));
                 ops.rope(ops.view_mut(&mut a.q, 0..hd), cos, sin, Positions::at(pos), h, d, false);
                 ops.rope(ops.view_mut(kc, row), cos, sin, Positions::at(pos), g, d, false);
-                let shape = shape_of(m, 1, 1);
                 let cached = 0..(pos + 1) * gd;
                 ops.attention_decode(
                     ops.view_mut(&mut a.att, 0..hd),
@@ -559,19 +579,12 @@ impl<K: Kernels> Model<'_, K> {
                     ops.view(kc, cached.clone()),
                     ops.view(vc, cached),
                     pos + 1,
-                    shape,
+                    shape_of(self.m, 1, 1),
                 );
             }
         }
-        self.linear(
-            ops.view_mut(&mut a.mid, nc.clone()),
-            ops.view(&a.att, 0..n * hd),
-            self.w(p, &lp.o),
-            n,
-            c,
-            hd,
-            false,
-        );
+        let att = ops.view(&a.att, 0..n * hd);
+        ops.matmul(ops.view_mut(&mut a.mid, nc.clone()), att, self.w(p, &lp.o), Gemm::linear(n, c, hd));
         // mid += x, then xn2 = norm(mid): one pass.
         ops.add_rmsnorm_forward(
             ops.view_mut(&mut a.xn2, nc.clone()),
@@ -583,51 +596,174 @@ impl<K: Kernels> Model<'_, K> {
             eps,
         );
         match (&lp.mlp, &mut a.mlp) {
-            (Mlp::Dense(f), MlpActs::Dense(fa)) => {
-                self.ffn_forward(p, f, fa, 0..n, &a.xn2, 0..n, out, false);
-            }
+            (Mlp::Dense(f), MlpActs::Dense(fa)) => self.ffn_forward(p, f, fa, 0..n, &a.xn2, out, false),
             (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
-                self.moe_forward(p, router, experts, shared, ma, &a.xn2, out, b, t, acc);
+                let moe = MoeParams { router, experts, shared };
+                self.moe_forward(p, moe, ma, &a.xn2, out, rows, acc);
             }
             _ => unreachable!("layout and workspace built from the same config"),
         }
         ops.add(ops.view_mut(out, nc.clone()), ops.view(&a.mid, nc));
     }
 
-    /// `out[out_rows] (+)= ffn(x[x_rows])`, keeping activations in `fa[act_rows]`.
+    /// Backward of [`Self::block_forward`] for block `l`: `ws.dresid` holds d(out) and leaves
+    /// holding d(x); the block's weight gradients are added to `grads`.
+    fn block_backward(
+        &self,
+        p: Weights<'_, K>,
+        grads: &mut K::Buf,
+        ws: &mut Workspace<K>,
+        l: usize,
+        mb: Micro,
+    ) {
+        let ops = self.ops;
+        let lp = &self.layout.layers[l];
+        let Dims { c, d, hd, gd, .. } = self.dims;
+        let (n, t) = (mb.rows.n(), mb.rows.t);
+        let nc = 0..n * c;
+        let a = &mut ws.layers[l];
+        // mlp: d(out) in dresid; d(xn2) into dtmp.
+        let dout = self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone());
+        let grad = FfnGrad { x: &a.xn2, dy: dout, dx: &mut ws.dtmp, accumulate: false };
+        match (&lp.mlp, &mut a.mlp) {
+            (Mlp::Dense(f), MlpActs::Dense(fa)) => {
+                self.ffn_backward(p, grads, f, (fa, &mut ws.dffn), 0..n, grad)
+            }
+            (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
+                let moe = MoeParams { router, experts, shared };
+                let s = MoeScratch {
+                    dffn: &mut ws.dffn,
+                    dyout: &mut ws.dyout,
+                    dxg: &mut ws.dxg,
+                    slot_dw: &mut ws.slot_dw,
+                };
+                self.moe_backward(p, grads, moe, ma, s, grad, mb);
+            }
+            _ => unreachable!("layout and workspace built from the same config"),
+        }
+        ops.rmsnorm_backward(
+            ops.view_mut(&mut ws.dresid, nc.clone()),
+            ops.view_mut(grads, lp.ln2.clone()),
+            ops.view(&ws.dtmp, nc.clone()),
+            ops.view(&a.mid, nc.clone()),
+            self.wf(p, &lp.ln2),
+            ops.view(&a.rstd2, 0..n),
+            c,
+        );
+        // attention: mid = x + att Woᵀ.
+        let dmid = ops.view(self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone()), nc.clone());
+        ops.matmul(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), Gemm::linear_dx(n, c, hd));
+        let att = ops.view(&a.att, 0..n * hd);
+        ops.matmul(ops.view_mut(grads, lp.o.clone()), dmid, att, Gemm::linear_dw(n, c, hd));
+        let scratch_len = ops.len(&ws.attn_scratch);
+        let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
+        ops.rope_attention_backward(
+            ops.view_mut(&mut ws.dq, 0..n * hd),
+            ops.view_mut(&mut ws.dk, 0..n * gd),
+            ops.view_mut(&mut ws.dv, 0..n * gd),
+            &a.attn,
+            ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
+            ops.view(&ws.datt, 0..n * hd),
+            ops.view(&a.att, 0..n * hd),
+            [ops.view(&a.q, 0..n * hd), ops.view(&a.k, 0..n * gd), ops.view(&a.v, 0..n * gd)],
+            shape_of(self.m, mb.rows.b, t),
+            Rotary { cos, sin, pos: Positions::sequences(t) },
+        );
+        // q, k, v = xn1 [Wq; Wk; Wv]ᵀ: d(xn1) sums the three.
+        let xn1 = ops.view(&a.xn1, nc.clone());
+        let (dq, dk, dv) =
+            (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), Gemm::linear_dx(n, hd, c));
+        let dx_kv = Gemm::linear_dx(n, gd, c).accumulate(true);
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), dx_kv);
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), dx_kv);
+        ops.matmul(ops.view_mut(grads, lp.q.clone()), dq, xn1, Gemm::linear_dw(n, hd, c));
+        ops.matmul(ops.view_mut(grads, lp.k.clone()), dk, xn1, Gemm::linear_dw(n, gd, c));
+        ops.matmul(ops.view_mut(grads, lp.v.clone()), dv, xn1, Gemm::linear_dw(n, gd, c));
+        ops.rmsnorm_backward(
+            ops.view_mut(&mut ws.dresid, nc.clone()),
+            ops.view_mut(grads, lp.ln1.clone()),
+            ops.view(&ws.dtmp, nc.clone()),
+            ops.view(&ws.resid[l], nc.clone()),
+            self.wf(p, &lp.ln1),
+            ops.view(&a.rstd1, 0..n),
+            c,
+        );
+    }
+
+    /// `out[rows] (+)= ffn(x[rows])`, keeping activations in `fa[rows]`.
     #[allow(clippy::too_many_arguments)]
     fn ffn_forward(
         &self,
         p: Weights<'_, K>,
         f: &Ffn,
         fa: &mut FfnActs<K>,
-        act_rows: Range<usize>,
+        rows: Range<usize>,
         x: &K::Buf,
-        x_rows: Range<usize>,
         out: &mut K::Buf,
         accumulate: bool,
     ) {
         let ops = self.ops;
-        let (c, i) = (self.m.hidden_size, self.m.intermediate_size);
-        let rows = act_rows.len();
-        if rows == 0 {
+        let Dims { c, i, .. } = self.dims;
+        let r = rows.len();
+        if r == 0 {
             return;
         }
-        let ar = act_rows.start * i..act_rows.end * i;
-        let gr = 2 * act_rows.start * i..2 * act_rows.end * i;
-        let xv = ops.view(x, x_rows.start * c..x_rows.end * c);
+        let (ar, cr) = (rows.start * i..rows.end * i, rows.start * c..rows.end * c);
+        let gr = 2 * rows.start * i..2 * rows.end * i;
         // [gate | up] = x [W_g; W_u]ᵀ: the two weights are adjacent in the flat buffer.
-        self.linear(ops.view_mut(&mut fa.gu, gr.clone()), xv, self.w(p, &f.gate_up()), rows, 2 * i, c, false);
-        ops.swiglu_forward(ops.view_mut(&mut fa.act, ar.clone()), ops.view(&fa.gu, gr), i);
-        self.linear(
-            ops.view_mut(out, x_rows.start * c..x_rows.end * c),
-            ops.view(&fa.act, ar),
-            self.w(p, &f.down),
-            rows,
-            c,
-            i,
-            accumulate,
+        let xv = ops.view(x, cr.clone());
+        ops.matmul(
+            ops.view_mut(&mut fa.gu, gr.clone()),
+            xv,
+            self.w(p, &f.gate_up()),
+            Gemm::linear(r, 2 * i, c),
         );
+        ops.swiglu_forward(ops.view_mut(&mut fa.act, ar.clone()), ops.view(&fa.gu, gr), i);
+        let down = Gemm::linear(r, c, i).accumulate(accumulate);
+        ops.matmul(ops.view_mut(out, cr), ops.view(&fa.act, ar), self.w(p, &f.down), down);
+    }
+
+    /// Backward of [`Self::ffn_forward`] over `rows`: weight gradients added, `grad.dx[rows]`
+    /// overwritten (or added to with `grad.accumulate`). `dffn` is scratch of the same rows.
+    fn ffn_backward(
+        &self,
+        p: Weights<'_, K>,
+        grads: &mut K::Buf,
+        f: &Ffn,
+        (fa, dffn): (&FfnActs<K>, &mut FfnActs<K>),
+        rows: Range<usize>,
+        grad: FfnGrad<'_, K>,
+    ) {
+        let ops = self.ops;
+        let Dims { c, i, .. } = self.dims;
+        let r = rows.len();
+        if r == 0 {
+            return;
+        }
+        let (ar, cr) = (rows.start * i..rows.end * i, rows.start * c..rows.end * c);
+        let gr = 2 * rows.start * i..2 * rows.end * i;
+        let dyv = ops.view(grad.dy, cr.clone());
+        // da = dy W_d; dW_d += dyᵀ a
+        ops.matmul(
+            ops.view_mut(&mut dffn.act, ar.clone()),
+            dyv,
+            self.w(p, &f.down),
+            Gemm::linear_dx(r, c, i),
+        );
+        let act = ops.view(&fa.act, ar.clone());
+        ops.matmul(ops.view_mut(grads, f.down.clone()), dyv, act, Gemm::linear_dw(r, c, i));
+        ops.swiglu_backward(
+            ops.view_mut(&mut dffn.gu, gr.clone()),
+            ops.view(&dffn.act, ar),
+            ops.view(&fa.gu, gr.clone()),
+            i,
+        );
+        // dx = [dg | du] [W_g; W_u]; d[W_g; W_u] += [dg | du]ᵀ x
+        let dgu = ops.view(&dffn.gu, gr);
+        let dx = Gemm::linear_dx(r, 2 * i, c).accumulate(grad.accumulate);
+        ops.matmul(ops.view_mut(grad.dx, cr.clone()), dgu, self.w(p, &f.gate_up()), dx);
+        ops.matmul(ops.view_mut(grads, f.gate_up()), dgu, ops.view(grad.x, cr), Gemm::linear_dw(r, 2 * i, c));
     }
 
     /// MoE forward for one layer: route, gather, one GEMM chain per expert, combine, shared;
@@ -636,58 +772,94 @@ impl<K: Kernels> Model<'_, K> {
     fn moe_forward(
         &self,
         p: Weights<'_, K>,
-        router: &Range<usize>,
-        experts: &[Ffn],
-        shared: &[Ffn],
+        moe: MoeParams<'_>,
         ma: &mut MoeActs<K>,
         xn: &K::Buf,
         out: &mut K::Buf,
-        b: usize,
-        t: usize,
+        rows: Rows,
         acc: &mut K::Acc,
     ) {
         let ops = self.ops;
-        let m = self.m;
-        let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
-        self.linear(
-            ops.view_mut(&mut ma.logits, 0..n * e),
-            ops.view(xn, 0..n * c),
-            self.w(p, router),
-            n,
-            e,
-            c,
-            false,
-        );
-        ops.route(&mut ma.route, ops.view(&ma.logits, 0..n * e), b, t, router_config(m));
+        let Dims { c, e, k, .. } = self.dims;
+        let n = rows.n();
+        let slots = n * k;
+        let xv = ops.view(xn, 0..n * c);
+        ops.matmul(ops.view_mut(&mut ma.logits, 0..n * e), xv, self.w(p, moe.router), Gemm::linear(n, e, c));
+        ops.route(&mut ma.route, ops.view(&ma.logits, 0..n * e), rows.b, rows.t, router_config(self.m));
         ops.aux_to_acc(acc, acc::MB_AUX, &ma.route);
-        let slots = n * m.num_experts_per_tok;
-        ops.gather_rows(ops.view_mut(&mut ma.xg, 0..slots * c), ops.view(xn, 0..n * c), &ma.route, c);
-        for x in 0..experts.len() {
+        ops.gather_rows(ops.view_mut(&mut ma.xg, 0..slots * c), xv, &ma.route, c);
+        for (x, f) in moe.experts.iter().enumerate() {
             let offsets = ops.expert_offsets(&ma.route);
-            let rows = offsets[x]..offsets[x + 1];
-            self.ffn_forward(
-                p,
-                &experts[x],
-                &mut ma.experts,
-                rows.clone(),
-                &ma.xg,
-                rows,
-                &mut ma.yout,
-                false,
-            );
+            self.ffn_forward(p, f, &mut ma.experts, offsets[x]..offsets[x + 1], &ma.xg, &mut ma.yout, false);
         }
+        let yout = ops.view(&ma.yout, 0..slots * c);
+        ops.combine_rows(ops.view_mut(out, 0..n * c), yout, &ma.route, true, c, false);
+        // The shared experts add on top of the routed output.
+        for (f, fa) in moe.shared.iter().zip(ma.shared.iter_mut()) {
+            self.ffn_forward(p, f, fa, 0..n, xn, out, true);
+        }
+    }
+
+    /// Backward of [`Self::moe_forward`]: `grad.dy` is d(layer mlp output); `grad.dx` gets
+    /// d(xn) (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_backward(
+        &self,
+        p: Weights<'_, K>,
+        grads: &mut K::Buf,
+        moe: MoeParams<'_>,
+        ma: &mut MoeActs<K>,
+        s: MoeScratch<'_, K>,
+        grad: FfnGrad<'_, K>,
+        mb: Micro,
+    ) {
+        let ops = self.ops;
+        let Dims { c, e, k, .. } = self.dims;
+        let n = mb.rows.n();
+        let slots = n * k;
+        let FfnGrad { x: xn, dy, dx, .. } = grad;
+        let dyv = ops.view(dy, 0..n * c);
+        // d(weight of slot) = <dy, expert output>; each routed expert sees weight * dy.
+        ops.slot_dots(ops.view_mut(s.slot_dw, 0..slots), dyv, ops.view(&ma.yout, 0..slots * c), &ma.route, c);
+        ops.spread_rows(ops.view_mut(s.dyout, 0..slots * c), dyv, &ma.route, c);
+        for (x, f) in moe.experts.iter().enumerate() {
+            let offsets = ops.expert_offsets(&ma.route);
+            let expert = FfnGrad { x: &ma.xg, dy: s.dyout, dx: s.dxg, accumulate: false };
+            self.ffn_backward(p, grads, f, (&ma.experts, s.dffn), offsets[x]..offsets[x + 1], expert);
+        }
+        // Back to token order, slots summed in a fixed order.
         ops.combine_rows(
-            ops.view_mut(out, 0..n * c),
-            ops.view(&ma.yout, 0..slots * c),
+            ops.view_mut(dx, 0..n * c),
+            ops.view(s.dxg, 0..slots * c),
             &ma.route,
-            true,
+            false,
             c,
             false,
         );
-        // The shared experts add on top of the routed output.
-        for (f, fa) in shared.iter().zip(ma.shared.iter_mut()) {
-            self.ffn_forward(p, f, fa, 0..n, xn, 0..n, out, true);
+        for (f, fa) in moe.shared.iter().zip(&ma.shared) {
+            let shared = FfnGrad { x: xn, dy, dx, accumulate: true };
+            self.ffn_backward(p, grads, f, (fa, s.dffn), 0..n, shared);
         }
+        let (b, t) = (mb.rows.b, mb.rows.t);
+        let cfg = router_config(self.m);
+        ops.router_backward(
+            &mut ma.route,
+            ops.view(s.slot_dw, 0..slots),
+            ops.view_mut(&mut ma.dlogits, 0..n * e),
+            b,
+            t,
+            cfg,
+            mb.grad_scale,
+        );
+        let dl = ops.view(self.act_of(&ma.dlogits, &mut ma.dlogits_act, 0..n * e), 0..n * e);
+        ops.matmul(
+            ops.view_mut(grads, moe.router.clone()),
+            dl,
+            ops.view(xn, 0..n * c),
+            Gemm::linear_dw(n, e, c),
+        );
+        let dx_router = Gemm::linear_dx(n, e, c).accumulate(true);
+        ops.matmul(ops.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), dx_router);
     }
 
     /// One micro-batch of `n` rows: forward, loss, backward; gradients are *added* to
@@ -710,7 +882,8 @@ impl<K: Kernels> Model<'_, K> {
     ) {
         self.trunk_forward(p, ws, acc, ids, n);
         self.head(p, Some(grads), ws, acc, targets, n, grad_scale / kept.max(1) as f32);
-        self.trunk_backward(p, grads, ws, ids, n, grad_scale, ready);
+        let mb = Micro { rows: Rows { b: n / ws.t, t: ws.t }, grad_scale };
+        self.trunk_backward(p, grads, ws, ids, mb, ready);
     }
 
     /// Forward only: the summed loss over kept targets into `acc[MB_LM]` (for eval).
@@ -738,19 +911,13 @@ impl<K: Kernels> Model<'_, K> {
         out: &mut [f32],
     ) {
         let ops = self.ops;
-        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
+        let Dims { c, v, .. } = self.dims;
         self.trunk_forward(p, ws, acc, ids, n);
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
-            self.linear(
-                ops.view_mut(&mut ws.logits, 0..rows * v),
-                ops.view(&ws.xnf, r0 * c..(r0 + rows) * c),
-                self.w(p, &self.layout.embed),
-                rows,
-                v,
-                c,
-                false,
-            );
+            let x = ops.view(&ws.xnf, r0 * c..(r0 + rows) * c);
+            let emb = self.w(p, &self.layout.embed);
+            ops.matmul(ops.view_mut(&mut ws.logits, 0..rows * v), x, emb, Gemm::linear(rows, v, c));
             ops.download(ops.view(&ws.logits, 0..rows * v), &mut out[r0 * v..(r0 + rows) * v]);
         }
     }
@@ -765,34 +932,21 @@ impl<K: Kernels> Model<'_, K> {
         out: &mut [f32],
     ) {
         let ops = self.ops;
-        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
+        let Dims { c, v, .. } = self.dims;
         let pos = cache.len;
         assert!(pos < cache.capacity, "the KV cache holds {} positions", cache.capacity);
         ops.upload_idx(&mut cache.ids, &[token]);
-        let ws = &mut cache.ws;
-        ops.embed_forward(
-            ops.view_mut(&mut ws.resid[0], 0..c),
-            self.wf(p, &self.layout.embed),
-            ops.idx(&cache.ids, 0..1),
-            c,
-        );
+        let embed = self.wf(p, &self.layout.embed);
+        ops.embed_forward(ops.view_mut(&mut cache.ws.resid[0], 0..c), embed, ops.idx(&cache.ids, 0..1), c);
         for l in 0..self.layout.layers.len() {
-            let (before, after) = ws.resid.split_at_mut(l + 1);
             let (kc, vc) = &mut cache.layers[l];
-            let attention = Attention::Cached { k: kc, v: vc, pos };
-            let tables = (&cache.cos, &cache.sin);
-            self.block_forward(p, l, &mut ws.layers[l], &before[l], &mut after[0], 1, attention, tables, acc);
+            let attention = Attention::Cached { k: kc, v: vc, pos, cos: &cache.cos, sin: &cache.sin };
+            self.block_forward(p, &mut cache.ws, l, attention, acc);
         }
+        let ws = &mut cache.ws;
         self.final_norm(p, ws, 1);
-        self.linear(
-            ops.view_mut(&mut ws.logits, 0..v),
-            ops.view(&ws.xnf, 0..c),
-            self.w(p, &self.layout.embed),
-            1,
-            v,
-            c,
-            false,
-        );
+        let (x, emb) = (ops.view(&ws.xnf, 0..c), self.w(p, &self.layout.embed));
+        ops.matmul(ops.view_mut(&mut ws.logits, 0..v), x, emb, Gemm::linear(1, v, c));
         ops.download(ops.view(&ws.logits, 0..v), &mut out[..v]);
         cache.len += 1;
     }
@@ -811,19 +965,17 @@ impl<K: Kernels> Model<'_, K> {
         dz_scale: f32,
     ) {
         let ops = self.ops;
-        let (c, v) = (self.m.hidden_size, self.m.vocab_size);
+        let Dims { c, v, .. } = self.dims;
         let emb = &self.layout.embed;
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             let xr = r0 * c..(r0 + rows) * c;
-            self.linear(
+            let x = ops.view(&ws.xnf, xr.clone());
+            ops.matmul(
                 ops.view_mut(&mut ws.logits, 0..rows * v),
-                ops.view(&ws.xnf, xr.clone()),
+                x,
                 self.w(p, emb),
-                rows,
-                v,
-                c,
-                false,
+                Gemm::linear(rows, v, c),
             );
             ops.cross_entropy(
                 ops.view_mut(&mut ws.logits, 0..rows * v),
@@ -834,30 +986,37 @@ impl<K: Kernels> Model<'_, K> {
             );
             if let Some(g) = grads.as_deref_mut() {
                 let dz = ops.view(&ws.logits, 0..rows * v);
-                self.linear_dx(ops.view_mut(&mut ws.dxn, xr.clone()), dz, self.w(p, emb), rows, v, c, false);
-                self.linear_dw(ops.view_mut(g, emb.clone()), dz, ops.view(&ws.xnf, xr), rows, v, c);
+                ops.matmul(
+                    ops.view_mut(&mut ws.dxn, xr.clone()),
+                    dz,
+                    self.w(p, emb),
+                    Gemm::linear_dx(rows, v, c),
+                );
+                ops.matmul(
+                    ops.view_mut(g, emb.clone()),
+                    dz,
+                    ops.view(&ws.xnf, xr),
+                    Gemm::linear_dw(rows, v, c),
+                );
             }
         }
         ops.sum_to_acc(acc, acc::MB_LM, ops.view(&ws.row_loss, 0..n));
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Backward from `ws.dxn` (d of the final norm's output) through the final norm, every
+    /// block ([`Self::block_backward`], last first) and the embedding; `ready` gets each span
+    /// of `grads` as it is finished.
     fn trunk_backward(
         &self,
         p: Weights<'_, K>,
         grads: &mut K::Buf,
         ws: &mut Workspace<K>,
         ids: K::I<'_>,
-        n: usize,
-        grad_scale: f32,
+        mb: Micro,
         ready: Ready<'_, K>,
     ) {
         let ops = self.ops;
-        let m = self.m;
-        let (t, b) = (ws.t, n / ws.t);
-        let (c, d) = (m.hidden_size, m.head_dim);
-        let (h, g) = (m.num_attention_heads, m.num_key_value_heads);
-        let (hd, gd) = (h * d, g * d);
+        let (n, c) = (mb.rows.n(), self.dims.c);
         let nc = 0..n * c;
         let lay = self.layout;
         ops.fill(ops.view_mut(&mut ws.dresid, nc.clone()), 0.0);
@@ -865,189 +1024,18 @@ impl<K: Kernels> Model<'_, K> {
             ops.view_mut(&mut ws.dresid, nc.clone()),
             ops.view_mut(grads, lay.norm.clone()),
             ops.view(&ws.dxn, nc.clone()),
-            ops.view(&ws.resid[m.num_hidden_layers], nc.clone()),
+            ops.view(&ws.resid[self.m.num_hidden_layers], nc.clone()),
             self.wf(p, &lay.norm),
             ops.view(&ws.rstdf, 0..n),
             c,
         );
         ready(grads, lay.norm.clone());
-        let shape = shape_of(m, b, t);
-        for (l, lp) in lay.layers.iter().enumerate().rev() {
-            let a = &mut ws.layers[l];
-            // mlp: dresid = d(out); d(xn2) into dtmp.
-            let dout = self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone());
-            match (&lp.mlp, &mut a.mlp) {
-                (Mlp::Dense(f), MlpActs::Dense(fa)) => {
-                    self.ffn_backward(p, grads, f, fa, &mut ws.dffn, 0..n, &a.xn2, dout, &mut ws.dtmp, false);
-                }
-                (Mlp::Moe { router, experts, shared }, MlpActs::Moe(ma)) => {
-                    let scratch = MoeScratch {
-                        dffn: &mut ws.dffn,
-                        dyout: &mut ws.dyout,
-                        dxg: &mut ws.dxg,
-                        slot_dw: &mut ws.slot_dw,
-                    };
-                    let moe = MoeParams { router, experts, shared };
-                    self.moe_backward(
-                        p,
-                        grads,
-                        moe,
-                        ma,
-                        scratch,
-                        &a.xn2,
-                        dout,
-                        &mut ws.dtmp,
-                        b,
-                        t,
-                        grad_scale,
-                    );
-                }
-                _ => unreachable!("layout and workspace built from the same config"),
-            }
-            ops.rmsnorm_backward(
-                ops.view_mut(&mut ws.dresid, nc.clone()),
-                ops.view_mut(grads, lp.ln2.clone()),
-                ops.view(&ws.dtmp, nc.clone()),
-                ops.view(&a.mid, nc.clone()),
-                self.wf(p, &lp.ln2),
-                ops.view(&a.rstd2, 0..n),
-                c,
-            );
-            // attention: mid = x + att Woᵀ.
-            let dmid = ops.view(self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone()), nc.clone());
-            self.linear_dx(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), n, c, hd, false);
-            self.linear_dw(ops.view_mut(grads, lp.o.clone()), dmid, ops.view(&a.att, 0..n * hd), n, c, hd);
-            let scratch_len = ops.len(&ws.attn_scratch);
-            let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
-            ops.rope_attention_backward(
-                ops.view_mut(&mut ws.dq, 0..n * hd),
-                ops.view_mut(&mut ws.dk, 0..n * gd),
-                ops.view_mut(&mut ws.dv, 0..n * gd),
-                &a.attn,
-                ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
-                ops.view(&ws.datt, 0..n * hd),
-                ops.view(&a.att, 0..n * hd),
-                [ops.view(&a.q, 0..n * hd), ops.view(&a.k, 0..n * gd), ops.view(&a.v, 0..n * gd)],
-                shape,
-                Rotary { cos, sin, pos: Positions::sequences(t) },
-            );
-            let xn1 = ops.view(&a.xn1, nc.clone());
-            let (dq, dk, dv) =
-                (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));
-            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), n, hd, c, false);
-            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), n, gd, c, true);
-            self.linear_dx(ops.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), n, gd, c, true);
-            self.linear_dw(ops.view_mut(grads, lp.q.clone()), dq, xn1, n, hd, c);
-            self.linear_dw(ops.view_mut(grads, lp.k.clone()), dk, xn1, n, gd, c);
-            self.linear_dw(ops.view_mut(grads, lp.v.clone()), dv, xn1, n, gd, c);
-            ops.rmsnorm_backward(
-                ops.view_mut(&mut ws.dresid, nc.clone()),
-                ops.view_mut(grads, lp.ln1.clone()),
-                ops.view(&ws.dtmp, nc.clone()),
-                ops.view(&ws.resid[l], nc.clone()),
-                self.wf(p, &lp.ln1),
-                ops.view(&a.rstd1, 0..n),
-                c,
-            );
+        for l in (0..lay.layers.len()).rev() {
+            self.block_backward(p, grads, ws, l, mb);
             ready(grads, lay.layer_span(l));
         }
         ops.embed_backward(ops.view_mut(grads, lay.embed.clone()), ops.view(&ws.dresid, nc), ids, c);
         ready(grads, lay.embed.clone());
-    }
-
-    /// Backward of `out[rows] (+)= ffn(x[rows])`: weight gradients added, `dx[rows]`
-    /// overwritten (or added to with `accumulate`). `dffn` is scratch of the same rows.
-    #[allow(clippy::too_many_arguments)]
-    fn ffn_backward(
-        &self,
-        p: Weights<'_, K>,
-        grads: &mut K::Buf,
-        f: &Ffn,
-        fa: &FfnActs<K>,
-        dffn: &mut FfnActs<K>,
-        rows: Range<usize>,
-        x: &K::Buf,
-        dy: &K::Buf,
-        dx: &mut K::Buf,
-        accumulate: bool,
-    ) {
-        let ops = self.ops;
-        let (c, i) = (self.m.hidden_size, self.m.intermediate_size);
-        let r = rows.len();
-        if r == 0 {
-            return;
-        }
-        let (ar, cr) = (rows.start * i..rows.end * i, rows.start * c..rows.end * c);
-        let gr = 2 * rows.start * i..2 * rows.end * i;
-        let dyv = ops.view(dy, cr.clone());
-        // da = dy W_d; dW_d += dyᵀ a
-        self.linear_dx(ops.view_mut(&mut dffn.act, ar.clone()), dyv, self.w(p, &f.down), r, c, i, false);
-        self.linear_dw(ops.view_mut(grads, f.down.clone()), dyv, ops.view(&fa.act, ar.clone()), r, c, i);
-        ops.swiglu_backward(
-            ops.view_mut(&mut dffn.gu, gr.clone()),
-            ops.view(&dffn.act, ar),
-            ops.view(&fa.gu, gr.clone()),
-            i,
-        );
-        // dx = [dg | du] [W_g; W_u]; d[W_g; W_u] += [dg | du]ᵀ x
-        let dgu = ops.view(&dffn.gu, gr);
-        self.linear_dx(ops.view_mut(dx, cr.clone()), dgu, self.w(p, &f.gate_up()), r, 2 * i, c, accumulate);
-        self.linear_dw(ops.view_mut(grads, f.gate_up()), dgu, ops.view(x, cr), r, 2 * i, c);
-    }
-
-    /// MoE backward for one layer: `dy` is d(layer mlp output); `dx` gets d(xn) (overwritten).
-    #[allow(clippy::too_many_arguments)]
-    fn moe_backward(
-        &self,
-        p: Weights<'_, K>,
-        grads: &mut K::Buf,
-        moe: MoeParams<'_>,
-        ma: &mut MoeActs<K>,
-        s: MoeScratch<'_, K>,
-        xn: &K::Buf,
-        dy: &K::Buf,
-        dx: &mut K::Buf,
-        b: usize,
-        t: usize,
-        grad_scale: f32,
-    ) {
-        let ops = self.ops;
-        let m = self.m;
-        let (n, c, e) = (b * t, m.hidden_size, m.n_routed_experts);
-        let slots = n * m.num_experts_per_tok;
-        let dyv = ops.view(dy, 0..n * c);
-        // d(weight of slot) = <dy, expert output>; each routed expert sees weight * dy.
-        ops.slot_dots(ops.view_mut(s.slot_dw, 0..slots), dyv, ops.view(&ma.yout, 0..slots * c), &ma.route, c);
-        ops.spread_rows(ops.view_mut(s.dyout, 0..slots * c), dyv, &ma.route, c);
-        for (x, f) in moe.experts.iter().enumerate() {
-            let offsets = ops.expert_offsets(&ma.route);
-            let rows = offsets[x]..offsets[x + 1];
-            self.ffn_backward(p, grads, f, &ma.experts, s.dffn, rows, &ma.xg, s.dyout, s.dxg, false);
-        }
-        // Back to token order, slots summed in a fixed order.
-        ops.combine_rows(
-            ops.view_mut(dx, 0..n * c),
-            ops.view(s.dxg, 0..slots * c),
-            &ma.route,
-            false,
-            c,
-            false,
-        );
-        for (f, fa) in moe.shared.iter().zip(&ma.shared) {
-            self.ffn_backward(p, grads, f, fa, s.dffn, 0..n, xn, dy, dx, true);
-        }
-        ops.router_backward(
-            &mut ma.route,
-            ops.view(s.slot_dw, 0..slots),
-            ops.view_mut(&mut ma.dlogits, 0..n * e),
-            b,
-            t,
-            router_config(m),
-            grad_scale,
-        );
-        let dl = ops.view(self.act_of(&ma.dlogits, &mut ma.dlogits_act, 0..n * e), 0..n * e);
-        self.linear_dw(ops.view_mut(grads, moe.router.clone()), dl, ops.view(xn, 0..n * c), n, e, c);
-        self.linear_dx(ops.view_mut(dx, 0..n * c), dl, self.w(p, moe.router), n, e, c, true);
     }
 }
 
@@ -1065,4 +1053,13 @@ struct MoeScratch<'s, K: Kernels> {
     dyout: &'s mut K::Buf,
     dxg: &'s mut K::Buf,
     slot_dw: &'s mut K::Buf,
+}
+
+/// A feed-forward's input and the gradients through it: `dy` in, `dx` out (overwritten, or
+/// added to with `accumulate`).
+struct FfnGrad<'b, K: Kernels> {
+    x: &'b K::Buf,
+    dy: &'b K::Buf,
+    dx: &'b mut K::Buf,
+    accumulate: bool,
 }

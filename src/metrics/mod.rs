@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::units::duration;
+
 /// One row of metrics.csv. `tokens_per_s` and `elapsed_s` are wall-clock; every other column
 /// is a deterministic function of the config (bit-identical across an exact resume).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -158,31 +160,6 @@ pub fn interactive() -> bool {
 /// A warning on stderr; a closed stderr is not an error.
 pub fn warn(text: &str) {
     let _ = writeln!(std::io::stderr(), "warning: {text}");
-}
-
-/// One format for every large number: 145.0M, 1.2K, 3.4G, 512.
-pub fn human(x: f64) -> String {
-    const UNITS: [(f64, &str); 5] = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")];
-    for (scale, unit) in UNITS {
-        if x.abs() >= scale {
-            return format!("{:.1}{unit}", x / scale);
-        }
-    }
-    if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.1}") }
-}
-
-/// A duration in seconds, readably: 45s, 3m12s, 1h04m, 2d03h.
-pub fn duration(secs: f64) -> String {
-    if !secs.is_finite() {
-        return "?".into();
-    }
-    let s = secs.max(0.0).round() as u64;
-    match s {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s if s < 86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        s => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
 }
 
 /// Where a training step stands, for the console.
@@ -399,18 +376,6 @@ impl StepMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn human_and_duration_tables() {
-        for (x, want) in
-            [(145.0e6, "145.0M"), (25_830_000.0, "25.8M"), (1234.0, "1.2K"), (512.0, "512"), (3.4e9, "3.4G")]
-        {
-            assert_eq!(human(x), want);
-        }
-        for (s, want) in [(45.0, "45s"), (192.0, "3m12s"), (3840.0, "1h04m"), (183_600.0, "2d03h")] {
-            assert_eq!(duration(s), want);
-        }
-    }
 
     #[test]
     fn metrics_rows_to_keep() {

@@ -99,7 +99,6 @@ pub fn save<K: Kernels>(
     if final_dir.join(MARKER).is_file() {
         return Ok(final_dir);
     }
-    let tmp = dir.join(format!(".{}.tmp", dir_name(state.step)));
     // Leftovers of writers that died mid-checkpoint are never complete: clear them.
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -109,51 +108,61 @@ pub fn save<K: Kernels>(
     }
     let existing: Vec<usize> = list(dir).into_iter().map(|(s, _)| s).filter(|&s| s < state.step).collect();
     let (before, after) = prune_plan(&existing, keep_last);
-    let remove = |steps: Vec<usize>| -> Result<()> {
-        for step in steps {
-            let old = dir.join(dir_name(step));
-            fs::remove_dir_all(&old)
-                .with_context(|| format!("removing the old checkpoint {}", old.display()))?;
-        }
-        Ok(())
-    };
-    remove(before)?;
-    let write = || -> Result<()> {
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let params = engine.params_host();
-        let model = hf::encode_weights(&engine.layout, &params)?;
-        drop(params);
-        let (m, v) = engine.moments_host();
-        let n = m.len();
-        let optim = hf::encode(
-            &[("exp_avg".into(), vec![n], &m), ("exp_avg_sq".into(), vec![n], &v)],
-            Some([("adam_step".to_string(), engine.step.to_string())].into()),
-        )?;
-        drop((m, v));
-        let state_json =
-            serde_json::to_vec_pretty(&TrainerState { loss_scale: engine.scaler, ..state.clone() })?;
-        let mut marker = String::new();
-        for (name, bytes) in FILES.iter().zip([&model, &optim, &state_json]) {
-            write_synced(&tmp.join(name), bytes)?;
-            marker.push_str(&format!("{name} {} {}\n", bytes.len(), sha256(bytes)));
-        }
-        crate::signals::crash_point("checkpoint", state.step);
-        write_synced(&tmp.join(MARKER), marker.as_bytes())?;
-        if final_dir.exists() {
-            fs::remove_dir_all(&final_dir)
-                .with_context(|| format!("removing the incomplete {}", final_dir.display()))?;
-        }
-        fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
-        sync_dir(dir);
-        Ok(())
-    };
-    if let Err(e) = write() {
+    remove_steps(dir, &before)?;
+    let tmp = dir.join(format!(".{}.tmp", dir_name(state.step)));
+    let written = encode(engine, state).and_then(|files| publish(dir, &tmp, &final_dir, &files, state.step));
+    if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e).with_context(|| format!("writing checkpoint {}", final_dir.display()));
     }
-    remove(after)?;
+    remove_steps(dir, &after)?;
     Ok(final_dir)
+}
+
+/// Removes the checkpoints of `steps` in `dir`.
+fn remove_steps(dir: &Path, steps: &[usize]) -> Result<()> {
+    for &step in steps {
+        let old = dir.join(dir_name(step));
+        fs::remove_dir_all(&old).with_context(|| format!("removing the old checkpoint {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The bytes of [`FILES`]: weights, AdamW's moments and step, the trainer's state.
+fn encode<K: Kernels>(engine: &Engine<K>, state: &TrainerState) -> Result<[Vec<u8>; 3]> {
+    let params = engine.params_host();
+    let model = hf::encode_weights(&engine.layout, &params)?;
+    drop(params);
+    let (m, v) = engine.moments_host();
+    let n = m.len();
+    let optim = hf::encode(
+        &[("exp_avg".into(), vec![n], &m), ("exp_avg_sq".into(), vec![n], &v)],
+        Some([("adam_step".to_string(), engine.step.to_string())].into()),
+    )?;
+    drop((m, v));
+    let state_json = serde_json::to_vec_pretty(&TrainerState { loss_scale: engine.scaler, ..state.clone() })?;
+    Ok([model, optim, state_json])
+}
+
+/// Writes `files` into `tmp`, synced, then the marker with their sizes and checksums, then
+/// renames `tmp` to `final_dir`: a checkpoint folder either has all of it or does not exist.
+fn publish(dir: &Path, tmp: &Path, final_dir: &Path, files: &[Vec<u8>; 3], step: usize) -> Result<()> {
+    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut marker = String::new();
+    for (name, bytes) in FILES.iter().zip(files) {
+        write_synced(&tmp.join(name), bytes)?;
+        marker.push_str(&format!("{name} {} {}\n", bytes.len(), sha256(bytes)));
+    }
+    crate::signals::crash_point("checkpoint", step);
+    write_synced(&tmp.join(MARKER), marker.as_bytes())?;
+    if final_dir.exists() {
+        fs::remove_dir_all(final_dir)
+            .with_context(|| format!("removing the incomplete {}", final_dir.display()))?;
+    }
+    fs::rename(tmp, final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    sync_dir(dir);
+    Ok(())
 }
 
 /// Checkpoint folders that have a marker, oldest first.

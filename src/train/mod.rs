@@ -12,13 +12,19 @@ pub use ranks::gpu as rank_gpu;
 pub use run::{follow, train};
 pub use session::{Outcome, ResumeRequest, Session};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::config::{ConfigError, Device, Dtype, Origin, TrainConfig};
 
-/// A rayon pool of `threads` workers (0: one per core) for the CPU engine.
-pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the CPU thread pool")
+/// AdamW's settings from the user's `[train]` section (the engine knows only its own config).
+pub fn optim_config(t: &TrainConfig) -> crate::engine::OptimConfig {
+    crate::engine::OptimConfig {
+        beta1: t.betas[0] as f32,
+        beta2: t.betas[1] as f32,
+        eps: t.eps as f32,
+        weight_decay: t.weight_decay as f32,
+        grad_clip: t.grad_clip as f32,
+    }
 }
 
 /// Where a run trains and in which precision, decided from `[train]` and this build/machine.

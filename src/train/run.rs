@@ -32,7 +32,7 @@ pub fn train(
         }
         let placement = &ranks::placement(placement, world)?;
         let task = Training(Ctx { run, meta, config, placement, s });
-        super::thread_pool(ranks::threads(config.train.threads, world.local_size))?
+        crate::threads::pool(ranks::threads(config.train.threads, world.local_size))?
             .install(|| backend::run(placement.device, placement.dtype, false, task)?)
     });
     let result = std::panic::catch_unwind(session).unwrap_or_else(|panic| {

@@ -10,8 +10,8 @@ use super::session::Refused;
 use crate::config::Config;
 use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok, hold_out};
 use crate::engine::{Engine, Kernels, hf};
-use crate::metrics::human;
 use crate::run_dir::{MetaFile, ResumeRecord, RunDir};
+use crate::units::human;
 
 /// The run's data, opened: rows, batches and the validation rows.
 pub struct Data {

@@ -26,9 +26,10 @@ use crate::config::{Config, Device, Dtype};
 use crate::cost::Cost;
 use crate::engine::comm::{self, CommChoice, Communicator};
 use crate::engine::{Engine, Kernels, OptimConfig, StepStats, hf};
-use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics, duration, human};
+use crate::metrics::{Console, MetricsWriter, Progress, StepMetrics};
 use crate::run_dir::{FinalEval, MetaFile, RunDir, Status};
 use crate::signals;
+use crate::units::{duration, human};
 
 /// Rows of the final evaluation recorded in meta.json (one micro-batch).
 const FINAL_EVAL_BATCHES: usize = 1;
@@ -128,7 +129,7 @@ impl<'a, K: Kernels> Trainer<'a, K> {
             split,
             console,
             metrics,
-            optim: OptimConfig::from_train(&config.train),
+            optim: super::optim_config(&config.train),
             ids: vec![0; b * t],
             targets: vec![0; b * t],
             trace: open_trace(s)?,

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{SendPtr, exp, gemm_strided, simd_fn};
+use super::{Dst, Operand, SendPtr, exp, gemm_strided, simd_fn};
 use crate::engine::kernels::AttnShape;
 
 const BLOCK: usize = 32;
@@ -66,19 +66,10 @@ unsafe fn probs_block(
     unsafe {
         // S[r0..r1, 0..r1] = scale * q kᵀ
         gemm_strided(
-            r1 - r0,
-            r1,
-            s.d,
-            pb.add(r0 * t),
-            t as isize,
-            false,
-            qb.add(r0 * hd),
-            hd as isize,
-            1,
-            kb,
-            1,
-            gd as isize,
-            scale,
+            [r1 - r0, r1, s.d],
+            Dst::set(pb.add(r0 * t), t).with(scale, false),
+            Operand::rows(qb.add(r0 * hd), hd),
+            Operand::transposed(kb, gd),
             false,
         );
         for i in r0..r1 {
@@ -108,19 +99,10 @@ unsafe fn tri_t_rows(
 ) {
     unsafe {
         gemm_strided(
-            s1 - s0,
-            d,
-            t - s0,
-            dst.add(s0 * dst_rs),
-            dst_rs as isize,
-            accumulate,
-            m.add(s0 * t + s0),
-            1,
-            t as isize,
-            x.add(s0 * x_rs),
-            x_rs as isize,
-            1,
-            beta,
+            [s1 - s0, d, t - s0],
+            Dst::set(dst.add(s0 * dst_rs), dst_rs).with(beta, accumulate),
+            Operand::transposed(m.add(s0 * t + s0), t),
+            Operand::rows(x.add(s0 * x_rs), x_rs),
             false,
         );
     }
@@ -155,19 +137,10 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
                 probs_block(pb, qb, kb, r0, r1, t, s);
                 // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
                 gemm_strided(
-                    r1 - r0,
-                    d,
-                    r1,
-                    ob.add(r0 * hd),
-                    hd as isize,
-                    false,
-                    pb.add(r0 * t),
-                    t as isize,
-                    1,
-                    vb,
-                    gd as isize,
-                    1,
-                    1.0,
+                    [r1 - r0, d, r1],
+                    Dst::set(ob.add(r0 * hd), hd),
+                    Operand::rows(pb.add(r0 * t), t),
+                    Operand::rows(vb, gd),
                     false,
                 );
             }
@@ -241,19 +214,10 @@ pub fn backward(
                     let rows = r1 - r0;
                     // dP[r0..r1, 0..r1] = dO v^T
                     gemm_strided(
-                        rows,
-                        r1,
-                        d,
-                        db.add(r0 * t),
-                        t as isize,
-                        false,
-                        dob.add(r0 * hd),
-                        hd as isize,
-                        1,
-                        vb,
-                        1,
-                        gd as isize,
-                        1.0,
+                        [rows, r1, d],
+                        Dst::set(db.add(r0 * t), t),
+                        Operand::rows(dob.add(r0 * hd), hd),
+                        Operand::transposed(vb, gd),
                         false,
                     );
                     // dS = P * (dP - rowsum(P * dP)), zero above the diagonal.
@@ -263,19 +227,10 @@ pub fn backward(
                     }
                     // dq[r0..r1] = scale * dS k
                     gemm_strided(
-                        rows,
-                        d,
-                        r1,
-                        dqb.add(r0 * hd),
-                        hd as isize,
-                        false,
-                        db.add(r0 * t),
-                        t as isize,
-                        1,
-                        kb,
-                        gd as isize,
-                        1,
-                        scale,
+                        [rows, d, r1],
+                        Dst::set(dqb.add(r0 * hd), hd).with(scale, false),
+                        Operand::rows(db.add(r0 * t), t),
+                        Operand::rows(kb, gd),
                         false,
                     );
                 }

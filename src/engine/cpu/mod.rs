@@ -208,37 +208,70 @@ pub fn in_gemm() -> bool {
     IN_GEMM.with(|c| c.get())
 }
 
-/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` over strided matrices (strides in elements:
-/// `rs` between rows, `cs` between columns).
+/// One input of a matrix product: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Operand {
+    /// A row-major matrix whose rows are `ld` elements apart.
+    pub fn rows(ptr: *const f32, ld: usize) -> Operand {
+        Operand { ptr, rs: ld as isize, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `ld` elements apart.
+    pub fn transposed(ptr: *const f32, ld: usize) -> Operand {
+        Operand { ptr, rs: 1, cs: ld as isize }
+    }
+}
+
+/// The output of a matrix product, row-major with rows `ld` elements apart:
+/// `dst (+)= beta * lhs rhs` (added with `accumulate`).
+#[derive(Clone, Copy)]
+pub(crate) struct Dst {
+    pub ptr: *mut f32,
+    pub ld: usize,
+    pub accumulate: bool,
+    pub beta: f32,
+}
+
+impl Dst {
+    /// `dst = lhs rhs`, rows `ld` apart.
+    pub fn set(ptr: *mut f32, ld: usize) -> Dst {
+        Dst { ptr, ld, accumulate: false, beta: 1.0 }
+    }
+
+    /// The same output, scaled by `beta` and added with `accumulate`.
+    pub fn with(self, beta: f32, accumulate: bool) -> Dst {
+        Dst { beta, accumulate, ..self }
+    }
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` over strided matrices, on the rayon pool when
+/// `parallel`.
 ///
 /// # Safety
 /// The pointers must cover the strided extents and `dst` must not alias the inputs.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
+    [m, n, k]: [usize; 3],
+    dst: Dst,
+    lhs: Operand,
+    rhs: Operand,
     parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     let par = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    let (ptr, ld, accumulate, beta) = (dst.ptr, dst.ld as isize, dst.accumulate, dst.beta);
     IN_GEMM.with(|c| c.set(true));
     unsafe {
         gemm::gemm(
-            m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false,
-            false, false, par,
+            m, n, k, ptr, 1, ld, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta,
+            false, false, false, par,
         );
     }
     IN_GEMM.with(|c| c.set(false));
@@ -382,25 +415,11 @@ impl Kernels for Cpu {
                 assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shapes");
                 let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
                 let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+                let lhs = Operand { ptr: a.as_ptr(), rs: a_rs, cs: a_cs };
+                let rhs = Operand { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
+                let dst = Dst::set(out.as_mut_ptr(), n).with(1.0, accumulate);
                 // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
-                unsafe {
-                    gemm_strided(
-                        m,
-                        n,
-                        k,
-                        out.as_mut_ptr(),
-                        n as isize,
-                        accumulate,
-                        a.as_ptr(),
-                        a_rs,
-                        a_cs,
-                        b.as_ptr(),
-                        b_rs,
-                        b_cs,
-                        1.0,
-                        true,
-                    );
-                }
+                unsafe { gemm_strided([m, n, k], dst, lhs, rhs, true) }
             },
         )
     }

@@ -15,7 +15,7 @@
 //! serve. Shapes: B sequences, T tokens, H/G heads, D head dim, R = H/G.
 
 use super::device::{DBuf, GemmCall, Store};
-use super::{Arg, Cuda, DView, DViewMut, THREADS, i32_of};
+use super::{Arg, Cuda, DView, DViewMut, THREADS, i32_of, typed};
 use crate::engine::gpu::{ATTENTION_MEMORY_SHARE, attention_chunk, attention_scratch};
 use crate::engine::kernels::{AttnShape, Gemm};
 
@@ -161,12 +161,24 @@ impl Cuda {
         match rot {
             None => {
                 let args = [[Arg::Ptr(dst), Arg::Ptr(src)].as_slice(), &dims].concat();
-                self.launch_x("attn_heads", st, Self::blocks(c * heads * t * d), THREADS, 0, &args);
+                self.launch_kernel(
+                    typed("attn_heads", st),
+                    Self::blocks(c * heads * t * d),
+                    THREADS,
+                    0,
+                    &args,
+                );
             }
             Some(r) => {
                 let ptrs = [Arg::Ptr(dst), Arg::Ptr(src), Arg::Ptr(r.cos), Arg::Ptr(r.sin)];
                 let args = [ptrs.as_slice(), &dims].concat();
-                self.launch_x("attn_heads_rope", st, Self::blocks(c * heads * t * d / 2), THREADS, 0, &args);
+                self.launch_kernel(
+                    typed("attn_heads_rope", st),
+                    Self::blocks(c * heads * t * d / 2),
+                    THREADS,
+                    0,
+                    &args,
+                );
             }
         }
     }
@@ -210,21 +222,7 @@ impl Cuda {
             Lse::Write(p) => (p, false),
             Lse::Read(p) => (p, true),
         };
-        self.launch_x(
-            "attn_softmax",
-            st,
-            super::row_grid(rows).min(65535),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(p),
-                Arg::Ptr(lse),
-                Arg::Ptr(s),
-                Arg::I64(rows as i64),
-                i32_of(t),
-                Arg::I32(from_lse as i32),
-            ],
-        );
+        launch!(self, typed("attn_softmax", st), super::row_grid(rows).min(65535), THREADS; Arg::Ptr(p), Arg::Ptr(lse), Arg::Ptr(s), rows as i64, t, Arg::I32(from_lse as i32));
     }
 
     /// Forward on the tensor cores; false when the tiled kernels must serve (see
@@ -315,14 +313,7 @@ impl Cuda {
             // dP = dO Vᵀ, in f32 where S was.
             self.batched(scores(x.s, Store::F32), qrows(x.o), kv(x.v), s_gemm, 1.0, batch);
             // dS = P (dP - delta), in place of P.
-            self.launch_x(
-                "attn_dsoftmax",
-                st,
-                super::row_grid(rows).min(65535),
-                THREADS,
-                0,
-                &[Arg::Ptr(x.p), Arg::Ptr(x.s), Arg::Ptr(delta + rows_lse), Arg::I64(rows as i64), i32_of(t)],
-            );
+            launch!(self, typed("attn_dsoftmax", st), super::row_grid(rows).min(65535), THREADS; Arg::Ptr(x.p), Arg::Ptr(x.s), Arg::Ptr(delta + rows_lse), rows as i64, t);
             // dQ = scale dS K: [R*T, T] x [T, D]; dK = scale dSᵀ Q: [T, R*T] x [R*T, D].
             let dq_gemm = Gemm { rows: r * t, cols: d, depth: t, ..plain };
             self.batched(qrows(x.dq), scores(x.p, st), kv(x.k), dq_gemm, scale, batch);

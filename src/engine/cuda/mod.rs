@@ -32,8 +32,20 @@ use anyhow::{Result, anyhow};
 use super::gpu::{DW_PARTS, SORT_CHUNK};
 use super::kernels::{AdamW, AttnShape, Gemm, Kernels, Positions, Rotary, RouterConfig};
 use crate::config::Dtype;
-use crate::metrics::human;
+use crate::units::human;
 use device::{Arg, DBuf, Device, GemmCall, Store, bytes, bytes_mut};
+
+/// `launch!(gpu, kernel, grid, block[, shared BYTES]; args...)`: one launch with its kernel,
+/// grid and block stated once and each argument converted by `Arg::from` (a view or buffer is
+/// its device pointer, a `usize` a checked CUDA `int`, `i64`/`f32`/`f64` themselves).
+macro_rules! launch {
+    ($gpu:expr, $kernel:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {
+        $gpu.launch_kernel($kernel, $grid, $block, 0, &[$(Arg::from($arg)),*])
+    };
+    ($gpu:expr, $kernel:expr, $grid:expr, $block:expr, shared $shared:expr; $($arg:expr),* $(,)?) => {
+        $gpu.launch_kernel($kernel, $grid, $block, $shared, &[$(Arg::from($arg)),*])
+    };
+}
 
 mod attention;
 mod blas;
@@ -194,6 +206,95 @@ fn row_grid(rows: usize) -> u32 {
 
 fn i32_of(x: usize) -> Arg {
     Arg::I32(i32::try_from(x).expect("a size that fits a CUDA int"))
+}
+
+/// Which compiled kernel a launch runs: one of [`PLAIN`], or form `form` (see [`tiled_form`])
+/// of one of [`TYPED`] for activations stored as `st`.
+#[derive(Clone, Copy, Debug)]
+enum Kernel<'a> {
+    Plain(&'a str),
+    Typed { name: &'a str, form: usize, st: Store },
+}
+
+fn plain(name: &str) -> Kernel<'_> {
+    Kernel::Plain(name)
+}
+
+fn typed(name: &str, st: Store) -> Kernel<'_> {
+    form(name, 0, st)
+}
+
+fn form(name: &str, form: usize, st: Store) -> Kernel<'_> {
+    Kernel::Typed { name, form, st }
+}
+
+impl Kernel<'_> {
+    /// Its launch index, in [`kernel_names`] order.
+    fn index(self) -> usize {
+        match self {
+            Kernel::Plain(name) => {
+                PLAIN.iter().position(|&k| k == name).expect("every plain kernel is in PLAIN")
+            }
+            Kernel::Typed { name, form, st } => {
+                let t = TYPED.iter().position(|&k| k == name).expect("every template is in TYPED") + form;
+                PLAIN.len() + 3 * t + st.index()
+            }
+        }
+    }
+}
+
+impl From<usize> for Arg {
+    fn from(x: usize) -> Arg {
+        i32_of(x)
+    }
+}
+
+impl From<i32> for Arg {
+    fn from(x: i32) -> Arg {
+        Arg::I32(x)
+    }
+}
+
+impl From<i64> for Arg {
+    fn from(x: i64) -> Arg {
+        Arg::I64(x)
+    }
+}
+
+impl From<f32> for Arg {
+    fn from(x: f32) -> Arg {
+        Arg::F32(x)
+    }
+}
+
+impl From<f64> for Arg {
+    fn from(x: f64) -> Arg {
+        Arg::F64(x)
+    }
+}
+
+impl From<&DView<'_>> for Arg {
+    fn from(v: &DView<'_>) -> Arg {
+        Arg::Ptr(v.ptr)
+    }
+}
+
+impl From<&DViewMut<'_>> for Arg {
+    fn from(v: &DViewMut<'_>) -> Arg {
+        Arg::Ptr(v.ptr)
+    }
+}
+
+impl From<&IView<'_>> for Arg {
+    fn from(v: &IView<'_>) -> Arg {
+        Arg::Ptr(v.ptr)
+    }
+}
+
+impl<T> From<&DBuf<T>> for Arg {
+    fn from(b: &DBuf<T>) -> Arg {
+        Arg::Ptr(b.ptr)
+    }
 }
 
 /// Floats on the device: f32, or activations in the run's 16-bit format.
@@ -433,31 +534,10 @@ impl Cuda {
         self.broken.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Launches kernel `name` (one of [`PLAIN`]) on `grid` blocks of `block` threads.
-    fn launch(&self, name: &str, grid: u32, block: u32, shared: u32, args: &[Arg]) {
-        let kernel = PLAIN.iter().position(|&k| k == name).expect("every plain kernel is in PLAIN");
-        self.launch_at(kernel, grid, block, shared, args);
-    }
-
-    /// Launches the form of template `name` (one of [`TYPED`]) for activations stored as `st`.
-    fn launch_x(&self, name: &str, st: Store, grid: u32, block: u32, shared: u32, args: &[Arg]) {
-        self.launch_form(name, 0, st, grid, block, shared, args);
-    }
-
-    /// Launches form `form` of template `name` (see [`tiled_form`]) for activations `st`.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_form(
-        &self,
-        name: &str,
-        form: usize,
-        st: Store,
-        grid: u32,
-        block: u32,
-        shared: u32,
-        args: &[Arg],
-    ) {
-        let t = TYPED.iter().position(|&k| k == name).expect("every template is in TYPED") + form;
-        self.launch_at(PLAIN.len() + 3 * t + st.index(), grid, block, shared, args);
+    /// Launches `kernel` on `grid` blocks of `block` threads with `shared` bytes of dynamic
+    /// shared memory (through [`launch!`], which converts the arguments).
+    fn launch_kernel(&self, kernel: Kernel, grid: u32, block: u32, shared: u32, args: &[Arg]) {
+        self.launch_at(kernel.index(), grid, block, shared, args);
     }
 
     fn launch_at(&self, kernel: usize, grid: u32, block: u32, shared: u32, args: &[Arg]) {
@@ -490,16 +570,10 @@ impl Cuda {
         let totals = at(chunks * v + 2 * n);
         let offsets = offsets.map_or(at(chunks * v + 2 * n + v), Arg::Ptr);
         let (keys, n_a, v_a) = (Arg::Ptr(keys), i32_of(n), i32_of(v));
-        self.launch("sort_count", chunks as u32, SORT_CHUNK as u32, 0, &[counts, rank, keys, n_a, v_a]);
-        self.launch("sort_prefix", Self::blocks(v), THREADS, 0, &[counts, totals, i32_of(chunks), v_a]);
-        self.launch("sort_offsets", 1, 1024, 0, &[offsets, totals, v_a]);
-        self.launch(
-            "sort_place",
-            Self::blocks(n),
-            THREADS,
-            0,
-            &[order, keys, rank, counts, offsets, n_a, v_a],
-        );
+        launch!(self, plain("sort_count"), chunks as u32, SORT_CHUNK as u32; counts, rank, keys, n_a, v_a);
+        launch!(self, plain("sort_prefix"), Self::blocks(v), THREADS; counts, totals, chunks, v_a);
+        launch!(self, plain("sort_offsets"), 1, 1024; offsets, totals, v_a);
+        launch!(self, plain("sort_place"), Self::blocks(n), THREADS; order, keys, rank, counts, offsets, n_a, v_a);
         then(order, offsets);
     }
 
@@ -701,17 +775,11 @@ impl Kernels for Cuda {
     }
     fn zero_acc(&self, acc: &mut DBuf<f64>, slots: Range<usize>) {
         let p = self.ptr(acc);
-        self.launch("zero_acc", 1, 32, 0, &[Arg::Ptr(p), i32_of(slots.start), i32_of(slots.end)]);
+        launch!(self, plain("zero_acc"), 1, 32; Arg::Ptr(p), slots.start, slots.end);
     }
     fn fold_acc(&self, acc: &mut DBuf<f64>, src: usize, dst: usize, div1: f64, div2: f64) {
         let p = self.ptr(acc);
-        self.launch(
-            "fold_acc",
-            1,
-            32,
-            0,
-            &[Arg::Ptr(p), i32_of(src), i32_of(dst), Arg::F64(div1), Arg::F64(div2)],
-        );
+        launch!(self, plain("fold_acc"), 1, 32; Arg::Ptr(p), src, dst, div1, div2);
     }
 
     fn new_route(&self) -> CudaRoute {
@@ -740,36 +808,16 @@ impl Kernels for Cuda {
     }
 
     fn fill(&self, out: DViewMut<'_>, value: f32) {
-        self.launch_x(
-            "fill",
-            out.st,
-            Self::blocks(out.len),
-            THREADS,
-            0,
-            &[Arg::Ptr(out.ptr), Arg::F32(value), Arg::I64(out.len as i64)],
-        );
+        launch!(self, typed("fill", out.st), Self::blocks(out.len), THREADS; &out, value, out.len as i64);
     }
     fn add(&self, out: DViewMut<'_>, x: DView<'_>) {
         f32_only("add", &[out.st, x.st]);
-        self.launch(
-            "add_f32",
-            Self::blocks(out.len),
-            THREADS,
-            0,
-            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(out.len as i64)],
-        );
+        launch!(self, plain("add_f32"), Self::blocks(out.len), THREADS; &out, &x, out.len as i64);
     }
     fn cast(&self, out: DViewMut<'_>, x: DView<'_>) {
         assert_eq!(out.len, x.len, "cast size");
         f32_only("cast source", &[x.st]);
-        self.launch_x(
-            "cast",
-            out.st,
-            Self::blocks(out.len),
-            THREADS,
-            0,
-            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(out.len as i64)],
-        );
+        launch!(self, typed("cast", out.st), Self::blocks(out.len), THREADS; &out, &x, out.len as i64);
     }
     fn matmul(&self, out: DViewMut<'_>, a: DView<'_>, b: DView<'_>, g: Gemm) {
         let Gemm { rows: m, cols: n, depth: k, a_transposed, b_transposed, accumulate } = g;
@@ -817,26 +865,14 @@ impl Kernels for Cuda {
 
     fn embed_forward(&self, out: DViewMut<'_>, emb: DView<'_>, ids: IView<'_>, c: usize) {
         f32_only("embed_forward", &[out.st, emb.st]);
-        self.launch(
-            "embed_forward",
-            ids.len as u32,
-            THREADS,
-            0,
-            &[Arg::Ptr(out.ptr), Arg::Ptr(emb.ptr), Arg::Ptr(ids.ptr), i32_of(ids.len), i32_of(c)],
-        );
+        launch!(self, plain("embed_forward"), ids.len as u32, THREADS; &out, &emb, &ids, ids.len, c);
     }
     fn embed_backward(&self, demb: DViewMut<'_>, dout: DView<'_>, ids: IView<'_>, c: usize) {
         f32_only("embed_backward", &[demb.st, dout.st]);
         // The positions sorted by token id, then one block per token: no atomics.
         let v = demb.len / c;
         self.sort(ids.ptr, ids.len, v, None, &|order, offsets| {
-            self.launch(
-                "embed_backward",
-                v.min(65535) as u32,
-                THREADS,
-                0,
-                &[Arg::Ptr(demb.ptr), Arg::Ptr(dout.ptr), order, offsets, i32_of(v), i32_of(c)],
-            );
+            launch!(self, plain("embed_backward"), v.min(65535) as u32, THREADS; &demb, &dout, order, offsets, v, c);
         });
     }
 
@@ -851,22 +887,7 @@ impl Kernels for Cuda {
     ) {
         let n = rstd.len;
         f32_only("rmsnorm_forward", &[rstd.st, x.st, w.st]);
-        self.launch_x(
-            "rmsnorm_forward",
-            y.st,
-            n as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(y.ptr),
-                Arg::Ptr(rstd.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(w.ptr),
-                i32_of(n),
-                i32_of(c),
-                Arg::F32(eps),
-            ],
-        );
+        launch!(self, typed("rmsnorm_forward", y.st), n as u32, THREADS; &y, &rstd, &x, &w, n, c, eps);
     }
     fn add_rmsnorm_forward(
         &self,
@@ -880,23 +901,7 @@ impl Kernels for Cuda {
     ) {
         let n = rstd.len;
         f32_only("add_rmsnorm_forward", &[rstd.st, sum.st, x.st, w.st]);
-        self.launch_x(
-            "add_rmsnorm_forward",
-            y.st,
-            n as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(y.ptr),
-                Arg::Ptr(rstd.ptr),
-                Arg::Ptr(sum.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(w.ptr),
-                i32_of(n),
-                i32_of(c),
-                Arg::F32(eps),
-            ],
-        );
+        launch!(self, typed("add_rmsnorm_forward", y.st), n as u32, THREADS; &y, &rstd, &sum, &x, &w, n, c, eps);
     }
 
     fn rmsnorm_backward(
@@ -911,41 +916,15 @@ impl Kernels for Cuda {
     ) {
         let n = rstd.len;
         f32_only("rmsnorm_backward", &[dx.st, dw.st, dy.st, x.st, w.st, rstd.st]);
-        self.launch(
-            "rmsnorm_backward_dx",
-            n as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(dx.ptr),
-                Arg::Ptr(dy.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(w.ptr),
-                Arg::Ptr(rstd.ptr),
-                i32_of(n),
-                i32_of(c),
-            ],
-        );
+        launch!(self, plain("rmsnorm_backward_dx"), n as u32, THREADS; &dx, &dy, &x, &w, &rstd, n, c);
         let parts = DW_PARTS.min(n.max(1));
         let mut partial = self.dw_partials.lock().unwrap_or_else(|e| e.into_inner());
         if partial.len() < parts * c {
             *partial = self.alloc_of(parts * c);
         }
         let pp = self.ptr(&partial);
-        self.launch(
-            "rmsnorm_backward_dw_partial",
-            parts as u32,
-            THREADS,
-            0,
-            &[Arg::Ptr(pp), Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(rstd.ptr), i32_of(n), i32_of(c)],
-        );
-        self.launch(
-            "rmsnorm_backward_dw_sum",
-            Self::blocks(c),
-            THREADS,
-            0,
-            &[Arg::Ptr(dw.ptr), Arg::Ptr(pp), i32_of(parts), i32_of(c)],
-        );
+        launch!(self, plain("rmsnorm_backward_dw_partial"), parts as u32, THREADS; Arg::Ptr(pp), &dy, &x, &rstd, n, c);
+        launch!(self, plain("rmsnorm_backward_dw_sum"), Self::blocks(c), THREADS; &dw, Arg::Ptr(pp), parts, c);
     }
 
     fn rope(
@@ -961,24 +940,7 @@ impl Kernels for Cuda {
         let n = x.len / (heads * d);
         let work = n * heads * d / 2;
         f32_only("rope tables", &[cos.st, sin.st]);
-        self.launch_x(
-            "rope",
-            x.st,
-            Self::blocks(work),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(cos.ptr),
-                Arg::Ptr(sin.ptr),
-                i32_of(n),
-                i32_of(heads),
-                i32_of(d),
-                i32_of(pos.first),
-                i32_of(pos.period),
-                Arg::I32(inverse as i32),
-            ],
-        );
+        launch!(self, typed("rope", x.st), Self::blocks(work), THREADS; &x, &cos, &sin, n, heads, d, pos.first, pos.period, Arg::I32(inverse as i32));
     }
 
     fn rope_attention_forward(
@@ -1027,14 +989,7 @@ impl Kernels for Cuda {
             let st = same_store("rope_attention_backward", &[dq.st, dk.st, dv.st, dout.st, out.st, q.st]);
             let [b, t, h, d] = [s.b, s.t, s.h, s.d].map(i32_of);
             let delta = scratch.ptr;
-            self.launch_x(
-                "attention_delta",
-                st,
-                row_grid(s.b * s.h * s.t),
-                THREADS,
-                0,
-                &[Arg::Ptr(delta), Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), b, t, h, d],
-            );
+            launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; Arg::Ptr(delta), &dout, &out, b, t, h, d);
             let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
             let inputs = [&dout, &q, &k, &v];
             if !self.attention_backward_tc(
@@ -1089,17 +1044,15 @@ impl Kernels for Cuda {
         if s.d <= TILED_MAX_D {
             let shared = attention_shared(s.d)[0];
             let grid = tile_grid(s, s.h);
-            self.launch_form(
-                "attention_forward_tiled",
-                tiled_form(s.d),
-                st,
+            self.launch_kernel(
+                form("attention_forward_tiled", tiled_form(s.d), st),
                 grid,
                 TILE_THREADS,
                 shared,
                 &args,
             );
         } else {
-            self.launch_x("attention_forward", st, row_grid(s.b * s.h * s.t), THREADS, 0, &args);
+            self.launch_kernel(typed("attention_forward", st), row_grid(s.b * s.h * s.t), THREADS, 0, &args);
         }
     }
 
@@ -1127,20 +1080,25 @@ impl Kernels for Cuda {
         let tensor = Store::of(self.dtype) != Store::F32;
         if s.d > TILED_MAX_D && !tensor {
             // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
-            self.launch_x("attention_backward_dq", st, row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
-            self.launch_x("attention_backward_dkv", st, row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
+            self.launch_kernel(
+                typed("attention_backward_dq", st),
+                row_grid(s.b * s.h * s.t),
+                THREADS,
+                0,
+                &dq_args,
+            );
+            self.launch_kernel(
+                typed("attention_backward_dkv", st),
+                row_grid(s.b * s.g * s.t),
+                THREADS,
+                0,
+                &dkv_args,
+            );
             return;
         }
         // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows
         // (or, in 16 bits, the products on the tensor cores).
-        self.launch_x(
-            "attention_delta",
-            st,
-            row_grid(s.b * s.h * s.t),
-            THREADS,
-            0,
-            &[delta, dout_p, Arg::Ptr(out.ptr), b, t, h, d],
-        );
+        launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; delta, dout_p, &out, b, t, h, d);
         let (lse_p, delta_p) = (self.ptr(&saved.lse), scratch.ptr);
         if tensor
             && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s)
@@ -1148,24 +1106,32 @@ impl Kernels for Cuda {
             return;
         }
         if s.d > TILED_MAX_D {
-            self.launch_x("attention_backward_dq", st, row_grid(s.b * s.h * s.t), THREADS, 0, &dq_args);
-            self.launch_x("attention_backward_dkv", st, row_grid(s.b * s.g * s.t), THREADS, 0, &dkv_args);
+            self.launch_kernel(
+                typed("attention_backward_dq", st),
+                row_grid(s.b * s.h * s.t),
+                THREADS,
+                0,
+                &dq_args,
+            );
+            self.launch_kernel(
+                typed("attention_backward_dkv", st),
+                row_grid(s.b * s.g * s.t),
+                THREADS,
+                0,
+                &dkv_args,
+            );
             return;
         }
         let [_, dq_shared, dkv_shared] = attention_shared(s.d);
-        self.launch_form(
-            "attention_backward_dq_tiled",
-            tiled_form(s.d),
-            st,
+        self.launch_kernel(
+            form("attention_backward_dq_tiled", tiled_form(s.d), st),
             tile_grid(s, s.h),
             TILE_THREADS,
             dq_shared,
             &dq_args,
         );
-        self.launch_form(
-            "attention_backward_dkv_tiled",
-            tiled_form(s.d),
-            st,
+        self.launch_kernel(
+            form("attention_backward_dkv_tiled", tiled_form(s.d), st),
             tile_grid(s, s.g),
             TILE_THREADS,
             dkv_shared,
@@ -1183,48 +1149,18 @@ impl Kernels for Cuda {
         s: AttnShape,
     ) {
         let st = same_store("attention_decode", &[out.st, q.st, k.st, v.st]);
-        self.launch_x(
-            "attention_decode",
-            st,
-            (s.h * 32).div_ceil(THREADS as usize) as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(q.ptr),
-                Arg::Ptr(k.ptr),
-                Arg::Ptr(v.ptr),
-                i32_of(len),
-                i32_of(s.h),
-                i32_of(s.g),
-                i32_of(s.d),
-            ],
-        );
+        launch!(self, typed("attention_decode", st), (s.h * 32).div_ceil(THREADS as usize) as u32, THREADS; &out, &q, &k, &v, len, s.h, s.g, s.d);
     }
 
     fn swiglu_forward(&self, act: DViewMut<'_>, gu: DView<'_>, i: usize) {
         let rows = act.len / i;
         let st = same_store("swiglu_forward", &[act.st, gu.st]);
-        self.launch_x(
-            "swiglu_forward",
-            st,
-            Self::blocks(act.len),
-            THREADS,
-            0,
-            &[Arg::Ptr(act.ptr), Arg::Ptr(gu.ptr), Arg::I64(rows as i64), i32_of(i)],
-        );
+        launch!(self, typed("swiglu_forward", st), Self::blocks(act.len), THREADS; &act, &gu, rows as i64, i);
     }
     fn swiglu_backward(&self, dgu: DViewMut<'_>, dact: DView<'_>, gu: DView<'_>, i: usize) {
         let rows = dact.len / i;
         let st = same_store("swiglu_backward", &[dgu.st, dact.st, gu.st]);
-        self.launch_x(
-            "swiglu_backward",
-            st,
-            Self::blocks(dact.len),
-            THREADS,
-            0,
-            &[Arg::Ptr(dgu.ptr), Arg::Ptr(dact.ptr), Arg::Ptr(gu.ptr), Arg::I64(rows as i64), i32_of(i)],
-        );
+        launch!(self, typed("swiglu_backward", st), Self::blocks(dact.len), THREADS; &dgu, &dact, &gu, rows as i64, i);
     }
 
     fn cross_entropy(
@@ -1237,33 +1173,13 @@ impl Kernels for Cuda {
     ) {
         let rows = targets.len;
         f32_only("cross_entropy losses", &[losses.st]);
-        self.launch_x(
-            "cross_entropy",
-            logits.st,
-            rows as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(logits.ptr),
-                Arg::Ptr(losses.ptr),
-                Arg::Ptr(targets.ptr),
-                i32_of(rows),
-                i32_of(vocab),
-                Arg::F32(scale),
-            ],
-        );
+        launch!(self, typed("cross_entropy", logits.st), rows as u32, THREADS; &logits, &losses, &targets, rows, vocab, scale);
     }
 
     fn sum_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
         let p = self.ptr(acc);
         f32_only("sum_to_acc", &[x.st]);
-        self.launch(
-            "sum_to_acc",
-            1,
-            1024,
-            0,
-            &[Arg::Ptr(p), i32_of(slot), Arg::Ptr(x.ptr), Arg::I64(x.len as i64)],
-        );
+        launch!(self, plain("sum_to_acc"), 1, 1024; Arg::Ptr(p), slot, &x, x.len as i64);
     }
 
     fn route(&self, route: &mut CudaRoute, logits: DView<'_>, b: usize, t: usize, rc: RouterConfig) {
@@ -1290,57 +1206,19 @@ impl Kernels for Cuda {
         route.k = k;
         let (scores, expert, weight) =
             (self.ptr(&route.scores), self.ptr(&route.expert), self.ptr(&route.weight));
-        self.launch(
-            "moe_topk",
-            Self::blocks(n),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(scores),
-                Arg::Ptr(expert),
-                Arg::Ptr(weight),
-                Arg::Ptr(logits.ptr),
-                i32_of(n),
-                i32_of(e),
-                i32_of(k),
-                Arg::I32(rc.norm_topk_prob as i32),
-            ],
-        );
+        launch!(self, plain("moe_topk"), Self::blocks(n), THREADS; Arg::Ptr(scores), Arg::Ptr(expert), Arg::Ptr(weight), &logits, n, e, k, Arg::I32(rc.norm_topk_prob as i32));
         // The slots sorted by expert (stable: slot order within an expert), then each slot's
         // position and each position's token.
         let (pos, rows, offs) = (self.ptr(&route.pos), self.ptr(&route.rows), self.ptr(&route.offsets_dev));
         self.sort(expert, slots, e, Some(offs), &|order, _| {
-            self.launch(
-                "moe_place",
-                Self::blocks(slots),
-                THREADS,
-                0,
-                &[Arg::Ptr(pos), Arg::Ptr(rows), order, i32_of(slots), i32_of(k)],
-            );
+            launch!(self, plain("moe_place"), Self::blocks(slots), THREADS; Arg::Ptr(pos), Arg::Ptr(rows), order, slots, k);
         });
         route.has_aux = rc.alpha > 0.0;
         if route.has_aux {
             let groups = if rc.seq_aux { b } else { 1 };
             route.aux_shape = (groups * e, groups as f64, rc.alpha);
             let (ag, terms) = (self.ptr(&route.aux_grad), self.ptr(&route.terms));
-            self.launch(
-                "moe_aux_terms",
-                (groups * e).min(65535) as u32,
-                THREADS,
-                0,
-                &[
-                    Arg::Ptr(ag),
-                    Arg::Ptr(terms),
-                    Arg::Ptr(scores),
-                    Arg::Ptr(expert),
-                    i32_of(b),
-                    i32_of(t),
-                    i32_of(e),
-                    i32_of(k),
-                    Arg::F32(rc.alpha),
-                    Arg::I32(rc.seq_aux as i32),
-                ],
-            );
+            launch!(self, plain("moe_aux_terms"), (groups * e).min(65535) as u32, THREADS; Arg::Ptr(ag), Arg::Ptr(terms), Arg::Ptr(scores), Arg::Ptr(expert), b, t, e, k, rc.alpha, Arg::I32(rc.seq_aux as i32));
         }
         // The one read per MoE layer: each expert's rows, to size its matrix products.
         route.offsets_raw.resize(e + 1, 0);
@@ -1362,27 +1240,14 @@ impl Kernels for Cuda {
         }
         let (count, divisor, alpha) = route.aux_shape;
         let (p, terms) = (self.ptr(acc), self.ptr(&route.terms));
-        self.launch(
-            "moe_aux_sum",
-            1,
-            32,
-            0,
-            &[Arg::Ptr(p), i32_of(slot), Arg::Ptr(terms), i32_of(count), Arg::F64(divisor), Arg::F32(alpha)],
-        );
+        launch!(self, plain("moe_aux_sum"), 1, 32; Arg::Ptr(p), slot, Arg::Ptr(terms), count, divisor, alpha);
     }
 
     fn gather_rows(&self, out: DViewMut<'_>, x: DView<'_>, route: &CudaRoute, c: usize) {
         let count = out.len / c;
         let rows = self.ptr(&route.rows);
         let st = same_store("gather_rows", &[out.st, x.st]);
-        self.launch_x(
-            "gather_rows",
-            st,
-            count as u32,
-            THREADS,
-            0,
-            &[Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::Ptr(rows), i32_of(count), i32_of(c)],
-        );
+        launch!(self, typed("gather_rows", st), count as u32, THREADS; &out, &x, Arg::Ptr(rows), count, c);
     }
 
     fn combine_rows(
@@ -1397,24 +1262,7 @@ impl Kernels for Cuda {
         let n = out.len / c;
         let (pos, weight) = (self.ptr(&route.pos), self.ptr(&route.weight));
         f32_only("combine_rows output", &[out.st]);
-        self.launch_x(
-            "combine_rows",
-            y.st,
-            n as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(y.ptr),
-                Arg::Ptr(pos),
-                Arg::Ptr(weight),
-                i32_of(n),
-                i32_of(route.k),
-                i32_of(c),
-                Arg::I32(weighted as i32),
-                Arg::I32(accumulate as i32),
-            ],
-        );
+        launch!(self, typed("combine_rows", y.st), n as u32, THREADS; &out, &y, Arg::Ptr(pos), Arg::Ptr(weight), n, route.k, c, Arg::I32(weighted as i32), Arg::I32(accumulate as i32));
     }
 
     fn slot_dots(&self, out: DViewMut<'_>, dy: DView<'_>, y: DView<'_>, route: &CudaRoute, c: usize) {
@@ -1422,44 +1270,14 @@ impl Kernels for Cuda {
         let pos = self.ptr(&route.pos);
         f32_only("slot_dots output", &[out.st]);
         let st = same_store("slot_dots", &[dy.st, y.st]);
-        self.launch_x(
-            "slot_dots",
-            st,
-            slots as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(dy.ptr),
-                Arg::Ptr(y.ptr),
-                Arg::Ptr(pos),
-                i32_of(slots),
-                i32_of(route.k),
-                i32_of(c),
-            ],
-        );
+        launch!(self, typed("slot_dots", st), slots as u32, THREADS; &out, &dy, &y, Arg::Ptr(pos), slots, route.k, c);
     }
 
     fn spread_rows(&self, out: DViewMut<'_>, dy: DView<'_>, route: &CudaRoute, c: usize) {
         let slots = out.len / c;
         let (pos, weight) = (self.ptr(&route.pos), self.ptr(&route.weight));
         let st = same_store("spread_rows", &[out.st, dy.st]);
-        self.launch_x(
-            "spread_rows",
-            st,
-            slots as u32,
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(dy.ptr),
-                Arg::Ptr(pos),
-                Arg::Ptr(weight),
-                i32_of(slots),
-                i32_of(route.k),
-                i32_of(c),
-            ],
-        );
+        launch!(self, typed("spread_rows", st), slots as u32, THREADS; &out, &dy, Arg::Ptr(pos), Arg::Ptr(weight), slots, route.k, c);
     }
 
     fn router_backward(
@@ -1480,49 +1298,16 @@ impl Kernels for Cuda {
             self.ptr(&route.weight),
             self.ptr(&route.aux_grad),
         );
-        self.launch(
-            "moe_router_backward",
-            Self::blocks(n),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(dlogits.ptr),
-                Arg::Ptr(scores),
-                Arg::Ptr(expert),
-                Arg::Ptr(weight),
-                Arg::Ptr(slot_dw.ptr),
-                Arg::Ptr(ag),
-                i32_of(n),
-                i32_of(t),
-                i32_of(rc.experts),
-                i32_of(rc.top_k),
-                Arg::I32(rc.norm_topk_prob as i32),
-                Arg::I32(rc.seq_aux as i32),
-                Arg::I32(route.has_aux as i32),
-                Arg::F32(aux_scale),
-            ],
-        );
+        launch!(self, plain("moe_router_backward"), Self::blocks(n), THREADS; &dlogits, Arg::Ptr(scores), Arg::Ptr(expert), Arg::Ptr(weight), &slot_dw, Arg::Ptr(ag), n, t, rc.experts, rc.top_k, Arg::I32(rc.norm_topk_prob as i32), Arg::I32(rc.seq_aux as i32), Arg::I32(route.has_aux as i32), aux_scale);
     }
 
     fn sum_squares_to_acc(&self, acc: &mut DBuf<f64>, slot: usize, x: DView<'_>) {
         f32_only("sum_squares_to_acc", &[x.st]);
         let partials = self.partials.lock().unwrap_or_else(|e| e.into_inner());
         let pp = self.ptr(&partials);
-        self.launch(
-            "sum_squares_partial",
-            REDUCE_BLOCKS,
-            THREADS,
-            0,
-            &[Arg::Ptr(pp), Arg::Ptr(x.ptr), Arg::I64(x.len as i64)],
-        );
+        launch!(self, plain("sum_squares_partial"), REDUCE_BLOCKS, THREADS; Arg::Ptr(pp), &x, x.len as i64);
         let p = self.ptr(acc);
-        self.launch(
-            "sum_partials",
-            1,
-            32,
-            0,
-            &[Arg::Ptr(p), i32_of(slot), Arg::Ptr(pp), Arg::I32(REDUCE_BLOCKS as i32)],
-        );
+        launch!(self, plain("sum_partials"), 1, 32; Arg::Ptr(p), slot, Arg::Ptr(pp), Arg::I32(REDUCE_BLOCKS as i32));
     }
 
     fn clip_coef(
@@ -1535,20 +1320,7 @@ impl Kernels for Cuda {
         inv_scale: f64,
     ) {
         let p = self.ptr(acc);
-        self.launch(
-            "clip_coef",
-            1,
-            32,
-            0,
-            &[
-                Arg::Ptr(p),
-                i32_of(sum_sq),
-                i32_of(norm),
-                i32_of(coef),
-                Arg::F32(max_norm),
-                Arg::F64(inv_scale),
-            ],
-        );
+        launch!(self, plain("clip_coef"), 1, 32; Arg::Ptr(p), sum_sq, norm, coef, max_norm, inv_scale);
     }
 
     fn adamw(
@@ -1577,29 +1349,7 @@ impl Kernels for Cuda {
         let bc2_sqrt = bc2.sqrt() as f32;
         let decay = 1.0 - h.lr * h.weight_decay;
         let a = self.ptr(acc);
-        self.launch_x(
-            "adamw",
-            st,
-            Self::blocks(p.len).min(4096),
-            THREADS,
-            0,
-            &[
-                Arg::Ptr(p.ptr),
-                Arg::Ptr(px),
-                Arg::Ptr(g.ptr),
-                Arg::Ptr(m.ptr),
-                Arg::Ptr(v.ptr),
-                Arg::I64(p.len as i64),
-                Arg::F32(h.beta1),
-                Arg::F32(h.beta2),
-                Arg::F32(h.eps),
-                Arg::F32(step_size),
-                Arg::F32(bc2_sqrt),
-                Arg::F32(decay),
-                Arg::Ptr(a),
-                i32_of(coef),
-            ],
-        );
+        launch!(self, typed("adamw", st), Self::blocks(p.len).min(4096), THREADS; &p, Arg::Ptr(px), &g, &m, &v, p.len as i64, h.beta1, h.beta2, h.eps, step_size, bc2_sqrt, decay, Arg::Ptr(a), coef);
     }
 }
 
@@ -1654,9 +1404,15 @@ mod tests {
         ];
         let enough = attention_shared(16)[0];
         let grid = tile_grid(s, 1);
-        emu.launch_x("attention_forward_tiled", Store::F32, grid, TILE_THREADS, enough, &args);
+        emu.launch_kernel(typed("attention_forward_tiled", Store::F32), grid, TILE_THREADS, enough, &args);
         emu.check().unwrap();
-        emu.launch_x("attention_forward_tiled", Store::F32, grid, TILE_THREADS, enough / 2, &args);
+        emu.launch_kernel(
+            typed("attention_forward_tiled", Store::F32),
+            grid,
+            TILE_THREADS,
+            enough / 2,
+            &args,
+        );
         let err = emu.check().unwrap_err().to_string();
         assert!(
             err.contains(&format!("wrote past its {} bytes of dynamic shared memory", enough / 2)),
@@ -1961,7 +1717,7 @@ mod tests {
             let mut buf = gpu.alloc(n + 1);
             gpu.upload(gpu.view_mut(&mut buf, 0..n + 1), &vec![1.0; n + 1]);
             let p = buf.mem.ptr;
-            gpu.launch("add_f32", 4, 256, 0, &[Arg::Ptr(p + 4), Arg::Ptr(p), Arg::I64(n as i64)]);
+            launch!(gpu, plain("add_f32"), 4, 256; Arg::Ptr(p + 4), Arg::Ptr(p), n as i64);
             gpu.check().unwrap();
             let mut out = vec![0.0; n + 1];
             gpu.download(gpu.view(&buf, 0..n + 1), &mut out);
@@ -1976,7 +1732,7 @@ mod tests {
     /// Attention forward and backward of shape `s` on `gpu` with seeded inputs; `ready` runs
     /// once everything is allocated. Returns out, lse, dq, dk, dv.
     fn attention_round(gpu: &Cuda, s: AttnShape, ready: &dyn Fn()) -> Vec<Vec<f32>> {
-        let mut rng = crate::engine::SplitMix64::new(7);
+        let mut rng = crate::rng::SplitMix64::new(7);
         let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
         let (nq, nkv) = (s.b * s.t * s.h * s.d, s.b * s.t * s.g * s.d);
         let mut up = |n: usize| {

@@ -1,14 +1,158 @@
-//! Runs planned experiments and resumes run folders: placement, the memory check, run folders
-//! and their locks, auto-resume. The edge between the CLI and the training loop.
+//! Runs planned experiments and resumes run folders: every decision of `run` and `resume`
+//! (a dry run, ranks or one process, the owner or a follower of a data-parallel run, one run
+//! or a sweep, failures gathered), placement, the memory check, run folders and their locks,
+//! auto-resume. The edge between the CLI and the training loop.
 
-use std::path::Path;
+mod args;
+mod launch;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 
+use args::usage;
+pub use args::{SessionArgs, TestingAids};
+
 use crate::config::{self, Assign, Config, ConfigError, Layered, PlannedRun, Resume};
 use crate::cost::{self, Cost};
+use crate::dist::World;
+use crate::metrics::say;
 use crate::run_dir::{Meta, MetaFile, Override, RunDir, RunLock, Status, folder_name};
 use crate::train::{self, Outcome, Placement, ResumeRequest, Session};
+
+/// `minimind run FILES...`: every run of the experiment files (every sweep point), or with
+/// `dry_run` what would be created; as ranks with `--nproc`, or as one rank of a launch.
+pub fn run_experiments(
+    files: &[PathBuf],
+    dry_run: bool,
+    args: SessionArgs,
+    world: &World,
+) -> Result<ExitCode> {
+    args.check()?;
+    let experiments = files.iter().map(|f| load(f, &args.set)).collect::<Result<Vec<_>>>()?;
+    if dry_run {
+        experiments.iter().try_for_each(|runs| print_dry_run(runs))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(n) = args.ranks() {
+        let run = launch::one_run(&experiments, &format!("--nproc {n}"), "--nproc")?;
+        return launch::ranks(n, world, Some(&run.config.train));
+    }
+    let session = args.session(world)?;
+    if world.size() > 1 {
+        // Every rank resolved the same command; rank 0 creates the run and tells the others,
+        // which check their own resolution against it.
+        let run = launch::one_run(&experiments, "the launch", "a data-parallel launch")?;
+        let outcome = if world.is_owner() {
+            start(run, std::env::args().collect(), session)?.1
+        } else {
+            train::follow(&session, Some(&run.config))?
+        };
+        return Ok(exit(outcome));
+    }
+    run_each(&experiments, &args, &session)
+}
+
+/// Each experiment in turn (a single run, or a sweep); with several files a failed one is
+/// reported and the rest still run, a signal stops them all.
+fn run_each(experiments: &[Vec<PlannedRun>], args: &SessionArgs, session: &Session) -> Result<ExitCode> {
+    let mut failed = Vec::new();
+    for runs in experiments {
+        let result = match runs.as_slice() {
+            [run] if run.tag.is_none() => {
+                start(run, std::env::args().collect(), session.clone()).map(|(_, o)| o)
+            }
+            points => {
+                let file_launcher = &points[0].layered.merged.launcher;
+                let l = crate::sweep::launcher(file_launcher, args.jobs, args.launcher);
+                let sweep = crate::sweep::Sweep::create(points, l, std::env::args().collect())?;
+                run_sweep(&sweep, session)
+            }
+        };
+        match result {
+            Ok(Outcome::Completed) => {}
+            Ok(outcome) => return Ok(exit(outcome)),
+            Err(e) if experiments.len() > 1 => {
+                let _ = writeln!(std::io::stderr(), "error: {}: {e:#}", runs[0].config.name);
+                failed.push(runs[0].config.name.clone());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} experiments failed: {}", failed.len(), experiments.len(), failed.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `minimind resume DIR`: a run folder continues from its last complete checkpoint (`--set`
+/// limited to [`RESUMABLE_KEYS`]), a sweep folder runs its unfinished points; as ranks with
+/// `--nproc`, or as one rank of a launch.
+pub fn resume(root: &Path, allow_data_change: bool, args: SessionArgs, world: &World) -> Result<ExitCode> {
+    args.check()?;
+    let sets = args.sets()?;
+    let sweep = crate::sweep::is_sweep(root);
+    if let Some(n) = args.ranks() {
+        if sweep {
+            return Err(
+                usage(&format!("--nproc {n}"), "--nproc continues one run folder, not a sweep").into()
+            );
+        }
+        return launch::ranks(n, world, None);
+    }
+    if args.jobs.is_some() || args.launcher.is_some() {
+        launch::relaunch(root, args.jobs, args.launcher)?;
+    }
+    let session = args.session(world)?;
+    if world.size() > 1 && sweep {
+        let why = "a data-parallel launch continues one run folder, not a sweep";
+        return Err(usage("the launch", why).into());
+    }
+    let outcome = if !world.is_owner() {
+        train::follow(&session, None)?
+    } else if sweep {
+        anyhow::ensure!(sets.is_empty(), "--set applies to one run folder, not to a sweep folder");
+        run_sweep(&crate::sweep::Sweep::open(root)?, &session)?
+    } else {
+        resume_run(root, &sets, allow_data_change, session)?
+    };
+    Ok(exit(outcome))
+}
+
+fn exit(outcome: Outcome) -> ExitCode {
+    ExitCode::from(outcome.exit_code())
+}
+
+/// Loads an experiment with this process's environment and the given `--set` arguments.
+pub fn load(file: &Path, set: &[String]) -> Result<Vec<PlannedRun>> {
+    let env = config::parse_env(std::env::vars())?;
+    for w in &env.warnings {
+        crate::metrics::warn(w);
+    }
+    let sets = args::parse_sets(set)?;
+    Ok(config::load(file, &env.assigns, &sets)?)
+}
+
+/// `run --dry-run`: the folders that would be created, with the placement notes and cost.
+fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
+    let now = chrono::Local::now();
+    for run in runs {
+        let c = &run.config;
+        let folder = folder_name(&now, &c.name, run.tag.as_deref());
+        let placement = preflight(c, &run.layered)?;
+        say(&format!(
+            "would create {} (config.toml, meta.json, metrics.csv, checkpoints/)",
+            c.checkpoint.save_dir.join(folder).display()
+        ));
+        for note in placement.all_notes() {
+            say(&format!("  {note}"));
+        }
+        say(&format!("  cost: {}", cost::cost_of(c).describe()));
+    }
+    Ok(())
+}
 
 /// Keys `minimind resume --set` may change: they change neither the model nor the order of the
 /// data, so the run stays one run.
@@ -91,13 +235,9 @@ pub fn start(
     Ok((dir, outcome))
 }
 
-/// `minimind resume RUN_DIR [--set k=v]...`: continues from the last complete checkpoint,
-/// `sets` limited to [`RESUMABLE_KEYS`].
-pub fn resume(root: &Path, sets: &[Assign], allow_data_change: bool, session: Session) -> Result<Outcome> {
-    if crate::sweep::is_sweep(root) {
-        anyhow::ensure!(sets.is_empty(), "--set applies to one run folder, not to a sweep folder");
-        return resume_sweep(root, &session);
-    }
+/// Continues the run folder `root` from its last complete checkpoint, `sets` limited to
+/// [`RESUMABLE_KEYS`].
+fn resume_run(root: &Path, sets: &[Assign], allow_data_change: bool, session: Session) -> Result<Outcome> {
     let dir = RunDir::open(root)?;
     let lock = dir.lock()?;
     let refused: Vec<&Assign> = sets.iter().filter(|a| !RESUMABLE_KEYS.contains(&a.key.as_str())).collect();
@@ -210,13 +350,6 @@ pub fn run_sweep(sweep: &crate::sweep::Sweep, session: &Session) -> Result<Outco
     }
 }
 
-/// `minimind resume SWEEP_DIR`: completed points are skipped, interrupted ones resume from
-/// their checkpoints, the rest start.
-fn resume_sweep(root: &Path, session: &Session) -> Result<Outcome> {
-    let sweep = crate::sweep::Sweep::open(root)?;
-    run_sweep(&sweep, session)
-}
-
 /// The newest unfinished run of this experiment (and sweep point) in `save_dir` that no live
 /// process holds, locked; runs still alive are skipped with a note.
 fn find_resumable(
@@ -250,12 +383,4 @@ fn find_resumable(
         crate::metrics::say(&n);
     }
     Ok(None)
-}
-
-/// The process exit code of an outcome: 0, or 128 + the signal.
-pub fn exit_code(o: Outcome) -> u8 {
-    match o {
-        Outcome::Completed => 0,
-        Outcome::Stopped(sig) => (128 + sig) as u8,
-    }
 }

@@ -118,6 +118,11 @@ enum Command {
     },
     /// Print the JSON schema of experiment files.
     Schema,
+    /// Print a shell completion script: `minimind completions bash > ~/.local/share/bash-completion/completions/minimind`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Runs and sweeps under a folder: status, steps, losses, throughput, start, duration.
     Ls {
         /// The folder to look in.
@@ -241,6 +246,7 @@ fn dispatch(cli: Cli, world: &World) -> Result<ExitCode> {
         Command::Config { file, set, sources } => print_config(&file, &set, sources).map(ok),
         Command::Validate { files } => Ok(validate(&files)),
         Command::Schema => Ok(print_text(&config::schema_json())),
+        Command::Completions { shell } => Ok(completions(shell)),
         Command::Ls { dir, json } => crate::report::ls(&dir, json).map(ok),
         Command::Compare { runs } => crate::report::compare(&runs).map(ok),
         Command::Plot { runs, output, metric, x, log_y } => {
@@ -262,6 +268,13 @@ fn ok(_: ()) -> ExitCode {
 
 fn print_text(text: &str) -> ExitCode {
     print!("{text}");
+    ExitCode::SUCCESS
+}
+
+/// The completion script of `shell` for every command and option, on stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "minimind", &mut std::io::stdout());
     ExitCode::SUCCESS
 }
 

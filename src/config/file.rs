@@ -30,6 +30,8 @@ pub struct ExperimentFile {
     pub train: TrainSection,
     /// Logging, checkpoints, resuming and where runs are written.
     pub checkpoint: CheckpointSection,
+    /// What a run records besides metrics.csv.
+    pub metrics: MetricsSection,
     /// A grid (and/or zip) of values for dotted keys; one run per point.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep: Option<SweepSection>,
@@ -47,6 +49,7 @@ impl Default for ExperimentFile {
             data: DataSection::default(),
             train: TrainSection::default(),
             checkpoint: CheckpointSection::default(),
+            metrics: MetricsSection::default(),
             sweep: None,
             launcher: LauncherSection::default(),
         }
@@ -367,6 +370,21 @@ impl Default for CheckpointSection {
             resume: Resume::Never,
             save_dir: "runs".into(),
         }
+    }
+}
+
+/// What a run records besides metrics.csv (which it always writes).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Also write TensorBoard event files (the scalars of metrics.csv and the resolved config)
+    /// into the run folder: `tensorboard --logdir runs/` shows every run and sweep point.
+    pub tensorboard: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { tensorboard: true }
     }
 }
 

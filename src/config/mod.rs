@@ -16,8 +16,8 @@ pub use error::{ConfigError, ConfigErrors, Origin};
 pub use file::{ExperimentFile, LauncherKind, LauncherSection};
 pub use load::{Assign, EnvLayer, Layered, OWN_VARS, env_name, is_config_var, parse_env, parse_set};
 pub use resolve::{
-    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, ModelConfig, ModelProblem, Resume,
-    Schedule, TrainConfig,
+    CheckpointConfig, Config, DataConfig, Derived, Device, Dtype, MetricsConfig, ModelConfig, ModelProblem,
+    Resume, Schedule, TrainConfig,
 };
 pub use sweep::short_float;
 

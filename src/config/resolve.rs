@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, ConfigErrors, Problems};
-use super::file::{DataSection, ModelSection, TrainSection};
+use super::file::{DataSection, MetricsSection, ModelSection, TrainSection};
 use super::load::Layered;
 
 pub use super::file::{Device, Dtype, Resume, Schedule};
@@ -21,6 +21,8 @@ pub struct Config {
     pub data: DataConfig,
     pub train: TrainConfig,
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Informational values computed from the rest.
     pub derived: Derived,
 }
@@ -111,6 +113,9 @@ pub struct DataConfig {
 
 /// Optimisation settings; nothing to derive, so the file's form is the resolved form.
 pub type TrainConfig = TrainSection;
+
+/// What a run records besides metrics.csv, as written.
+pub type MetricsConfig = MetricsSection;
 
 /// Checkpointing, with absolute paths.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -240,7 +245,8 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
         parameters: model.parameter_count(),
         tokens_per_step: (t.batch_size * t.accumulation_steps * data.max_seq_len) as u64,
     };
-    Ok(Config { name, seed: f.seed, model, data, train: t.clone(), checkpoint, derived })
+    let metrics = f.metrics.clone();
+    Ok(Config { name, seed: f.seed, model, data, train: t.clone(), checkpoint, metrics, derived })
 }
 
 /// The model section with its derived values filled in (not yet checked).

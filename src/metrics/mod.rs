@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::duration;
 
+mod tensorboard;
+pub use tensorboard::EventWriter;
+
 /// One row of metrics.csv. `tokens_per_s` and `elapsed_s` are wall-clock; every other column
 /// is a deterministic function of the config (bit-identical across an exact resume).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -90,6 +93,8 @@ pub fn rows_to_keep(text: &str, step: usize) -> (Vec<StepMetrics>, Vec<String>) 
 pub struct MetricsWriter {
     file: File,
     path: PathBuf,
+    /// The same rows as TensorBoard events, when the run writes them.
+    events: Option<EventWriter>,
 }
 
 impl MetricsWriter {
@@ -126,7 +131,20 @@ impl MetricsWriter {
             file.write_all(&w.into_inner().map_err(|e| e.into_error())?)
                 .with_context(|| format!("writing the header of {}", path.display()))?;
         }
-        Ok((MetricsWriter { file, path: path.to_path_buf() }, notes))
+        Ok((MetricsWriter { file, path: path.to_path_buf(), events: None }, notes))
+    }
+
+    /// Also writes every row as TensorBoard events into `dir` (see [`EventWriter::open`]);
+    /// returns notes about what a resume's repair dropped.
+    pub fn with_events(
+        &mut self,
+        dir: &Path,
+        resume_step: Option<usize>,
+        config: &str,
+    ) -> Result<Vec<String>> {
+        let (events, notes) = EventWriter::open(dir, resume_step, config)?;
+        self.events = Some(events);
+        Ok(notes)
     }
 
     pub fn write(&mut self, row: &StepMetrics) -> Result<()> {
@@ -136,7 +154,11 @@ impl MetricsWriter {
         self.file
             .write_all(&bytes)
             .and_then(|()| self.file.flush())
-            .with_context(|| format!("appending a row to {}", self.path.display()))
+            .with_context(|| format!("appending a row to {}", self.path.display()))?;
+        match self.events.as_mut() {
+            Some(e) => e.write(row),
+            None => Ok(()),
+        }
     }
 }
 
@@ -160,6 +182,40 @@ pub fn interactive() -> bool {
 /// A warning on stderr; a closed stderr is not an error.
 pub fn warn(text: &str) {
     let _ = writeln!(std::io::stderr(), "warning: {text}");
+}
+
+/// How the user runs this program, for the commands hints print: `minimind` when that name
+/// on the PATH is this executable (`cargo install --path .`), else this executable's path
+/// (`./target/release/minimind` under the working folder).
+pub fn program() -> String {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let Ok(exe) = std::env::current_exe().and_then(|e| e.canonicalize()) else {
+            return "minimind".into();
+        };
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let cwd = std::env::current_dir().unwrap_or_default();
+        program_name(&exe, &path, &cwd, &|p| p.canonicalize().ok())
+    })
+    .clone()
+}
+
+/// [`program`]'s decision: `exe` (canonical), the PATH, the working folder, and how a path
+/// resolves (to a canonical file, when it exists). Pure given `resolve`.
+pub fn program_name(
+    exe: &Path,
+    path: &std::ffi::OsStr,
+    cwd: &Path,
+    resolve: &dyn Fn(&Path) -> Option<PathBuf>,
+) -> String {
+    let first = std::env::split_paths(path).find_map(|dir| resolve(&dir.join("minimind")));
+    if first.as_deref() == Some(exe) {
+        return "minimind".into();
+    }
+    match exe.strip_prefix(cwd) {
+        Ok(rel) => format!("./{}", rel.display()),
+        Err(_) => exe.display().to_string(),
+    }
 }
 
 /// Where a training step stands, for the console.
@@ -376,6 +432,25 @@ impl StepMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_program_is_named_as_the_user_runs_it() {
+        let exe = Path::new("/home/u/minimind/target/release/minimind");
+        let installed = Path::new("/home/u/.cargo/bin/minimind");
+        let cwd = Path::new("/home/u/minimind");
+        // (PATH, where `minimind` on it resolves, working folder) -> the name printed.
+        let table: [(&str, Option<&Path>, &Path, &str); 4] = [
+            ("/usr/bin:/home/u/.cargo/bin", Some(exe), cwd, "minimind"),
+            ("/usr/bin:/home/u/.cargo/bin", Some(installed), cwd, "./target/release/minimind"),
+            ("/usr/bin", None, cwd, "./target/release/minimind"),
+            ("/usr/bin", None, Path::new("/tmp"), "/home/u/minimind/target/release/minimind"),
+        ];
+        for (path, found, cwd, want) in table {
+            let resolve =
+                |p: &Path| found.filter(|_| p.starts_with("/home/u/.cargo/bin")).map(Path::to_path_buf);
+            assert_eq!(program_name(exe, std::ffi::OsStr::new(path), cwd, &resolve), want, "{path} {cwd:?}");
+        }
+    }
 
     #[test]
     fn metrics_rows_to_keep() {

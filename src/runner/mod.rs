@@ -290,8 +290,9 @@ fn continue_run(
         }
         if !extended {
             bail!(
-                "{} already completed ({done} steps)\n  hint: to train further, raise the step count: minimind resume {} --set train.max_steps={}",
+                "{} already completed ({done} steps)\n  hint: to train further, raise the step count: {} resume {} --set train.max_steps={}",
                 dir.root.display(),
+                crate::metrics::program(),
                 dir.root.display(),
                 (done * 2).max(1)
             );
@@ -342,7 +343,7 @@ pub fn run_sweep(sweep: &crate::sweep::Sweep, session: &Session) -> Result<Outco
     }
     match ended {
         Ended::Stopped(sig) => {
-            crate::metrics::say(&format!("continue with: minimind resume {}", sweep.root.display()));
+            say(&format!("continue with: {} resume {}", crate::metrics::program(), sweep.root.display()));
             Ok(Outcome::Stopped(sig))
         }
         Ended::Done { failed: 0 } => Ok(Outcome::Completed),

@@ -157,7 +157,7 @@ impl<'a, K: Kernels> Trainer<'a, K> {
                 "{}: stopping before the export; the final checkpoint is written",
                 signals::name(sig)
             ));
-            self.console.line(&format!("continue with: minimind resume {run}"));
+            self.console.line(&format!("continue with: {} resume {run}", crate::metrics::program()));
             return Ok(Outcome::Stopped(sig));
         }
         self.console.finish();
@@ -358,7 +358,8 @@ impl<'a, K: Kernels> Trainer<'a, K> {
             let dir = self.checkpoint()?;
             self.console.line(&format!("stopped by {name} after step {step}; checkpoint {}", dir.display()));
         }
-        self.console.line(&format!("continue with: minimind resume {}", self.ctx.run.root.display()));
+        let me = crate::metrics::program();
+        self.console.line(&format!("continue with: {me} resume {}", self.ctx.run.root.display()));
         self.console.finish();
         Ok(sig)
     }
@@ -394,6 +395,7 @@ impl<'a, K: Kernels> Trainer<'a, K> {
         let (b, t) = (config.train.batch_size, config.data.max_seq_len);
         let loss = self.last_loss.map_or_else(|| "-".to_string(), |l| format!("{l:.4}"));
         let (root, model) = (run.root.display(), run.model_dir());
+        let me = crate::metrics::program();
         let lines = [
             format!(
                 "done in {} ({} of training in all): {} steps, {} tokens ({} with padding), final loss {loss}, eval loss {eval_loss:.4} on the first {eval_rows} rows",
@@ -404,13 +406,13 @@ impl<'a, K: Kernels> Trainer<'a, K> {
                 human(state.tokens_seen as f64),
             ),
             format!("model exported to {}; next:", model.display()),
-            format!("  minimind generate {root} --prompt \"...\"     sample text"),
+            format!("  {me} generate {root} --prompt \"...\"     sample text"),
             format!(
-                "  minimind eval --hf-dir {} --data {} --seq-len {t} --batch-size {b}     loss on data",
+                "  {me} eval --hf-dir {} --data {} --seq-len {t} --batch-size {b}     loss on data",
                 model.display(),
                 config.data.path.display()
             ),
-            format!("  minimind resume {root} --set train.max_steps={}     train further", state.step * 2),
+            format!("  {me} resume {root} --set train.max_steps={}     train further", state.step * 2),
         ];
         for line in lines {
             self.console.line(&line);
@@ -510,12 +512,16 @@ fn record_start(ctx: Ctx<'_>, state: &TrainerState, split: &Split, device: &str)
     Ok(())
 }
 
-/// Rank 0's metrics.csv (rows after a resume's step dropped), with notes.
+/// Rank 0's metrics.csv and TensorBoard events (rows after a resume's step dropped), with notes.
 fn open_metrics(ctx: Ctx<'_>, state: &TrainerState) -> Result<(Option<MetricsWriter>, Vec<String>)> {
     if !ctx.s.world.is_owner() {
         return Ok((None, Vec::new()));
     }
-    let (w, notes) = MetricsWriter::open(&ctx.run.metrics_path(), ctx.s.resume.as_ref().map(|_| state.step))?;
+    let resume = ctx.s.resume.as_ref().map(|_| state.step);
+    let (mut w, mut notes) = MetricsWriter::open(&ctx.run.metrics_path(), resume)?;
+    if ctx.config.metrics.tensorboard {
+        notes.extend(w.with_events(&ctx.run.root, resume, &crate::config::render(ctx.config, None))?);
+    }
     Ok((Some(w), notes))
 }
 

@@ -8,6 +8,7 @@ mod dist;
 mod faults;
 mod runs;
 mod sweeps;
+mod tensorboard;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -576,3 +576,28 @@ fn validation_loss_is_what_eval_says_of_the_same_weights_on_the_same_rows() {
     let held = s.runs().into_iter().last().unwrap();
     assert!(meta(&held)["best_val_loss"].as_f64().unwrap() > 0.0);
 }
+
+/// The summary's next steps name the command the user has: `minimind` when that is this
+/// binary on the PATH, else the binary's path; completion scripts for the shells.
+#[test]
+fn next_steps_name_the_command_the_user_has_and_completions_print() {
+    let s = Scratch::new();
+    s.micro("");
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_minimind")).unwrap();
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let out = stdout(&o);
+    assert!(out.contains(&format!("  {} generate ", exe.display())), "not on the PATH: its path\n{out}");
+    let bin = s.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(&exe, bin.join("minimind")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let o = expect(run_quiet(s.path(), &["micro.toml"]).env("PATH", path), 0);
+    let out = stdout(&o);
+    assert!(out.contains("\n  minimind generate "), "on the PATH: its name\n{out}");
+    assert!(out.contains("\n  minimind resume "), "{out}");
+    for (shell, marker) in [("bash", "_minimind()"), ("zsh", "#compdef minimind"), ("fish", "complete -c minimind")] {
+        let o = expect(minimind(s.path()).args(["completions", shell]), 0);
+        assert!(stdout(&o).contains(marker), "{shell}");
+        assert!(stdout(&o).contains("resume"), "{shell}: every command");
+    }
+}

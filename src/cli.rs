@@ -116,6 +116,11 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Data: `data prepare FILE` builds an experiment's token cache ahead of training.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Print the JSON schema of experiment files.
     Schema,
     /// Print a shell completion script: `minimind completions bash > ~/.local/share/bash-completion/completions/minimind`.
@@ -186,6 +191,25 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Tokenise an experiment's data into its token cache now (shards in parallel, resumable),
+    /// with progress and a summary: documents, tokens, skipped rows, tokens per document.
+    Prepare {
+        /// Experiment file (TOML).
+        file: PathBuf,
+        /// Override a key: `section.key=value` (TOML value syntax); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// No progress bar, plain lines only.
+        #[arg(long)]
+        quiet: bool,
+        /// Testing aid: stop as if interrupted once this many shards are tokenised.
+        #[arg(long, hide = true)]
+        stop_after_shards: Option<usize>,
+    },
+}
+
 /// Parses the command line, runs the command, prints any error chain; 0 ok, 1 failure, 2 bad
 /// config or usage.
 pub fn main() -> ExitCode {
@@ -245,6 +269,9 @@ fn dispatch(cli: Cli, world: &World) -> Result<ExitCode> {
         Command::Plan { file, set, nproc, gpu } => plan(&file, &set, nproc, gpu.as_deref()).map(ok),
         Command::Config { file, set, sources } => print_config(&file, &set, sources).map(ok),
         Command::Validate { files } => Ok(validate(&files)),
+        Command::Data { command: DataCommand::Prepare { file, set, quiet, stop_after_shards } } => {
+            prepare(&file, &set, quiet, stop_after_shards)
+        }
         Command::Schema => Ok(print_text(&config::schema_json())),
         Command::Completions { shell } => Ok(completions(shell)),
         Command::Ls { dir, json } => crate::report::ls(&dir, json).map(ok),
@@ -300,6 +327,13 @@ fn plan(file: &Path, set: &[String], nproc: usize, gpu: Option<&str>) -> Result<
         Some(gpu) => crate::roofline::print_plan(&runs, gpu),
         None => Ok(()),
     }
+}
+
+/// `data prepare`: the experiment's token caches, stoppable like training.
+fn prepare(file: &Path, set: &[String], quiet: bool, stop_after_shards: Option<usize>) -> Result<ExitCode> {
+    let runs = load(file, set)?;
+    let stop = crate::signals::install()?;
+    crate::prepare::prepare(&runs, &crate::prepare::Prepare { quiet, stop: &stop, stop_after_shards })
 }
 
 /// `config`: each run's resolved config as TOML, with `sources` where each value came from.

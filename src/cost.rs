@@ -272,7 +272,7 @@ fn measure_gflops(threads: usize) -> Result<f64> {
 }
 
 /// Steps a run will take when that is known without tokenising: `max_steps`, or (rows being
-/// documents when unpacked) epochs over the non-blank lines of the data file.
+/// documents when unpacked) epochs over the documents (see `source::count_documents`).
 pub fn planned_steps(c: &Config) -> Option<usize> {
     if let Some(n) = c.train.max_steps {
         return Some(n);
@@ -280,8 +280,7 @@ pub fn planned_steps(c: &Config) -> Option<usize> {
     if c.data.packing {
         return None;
     }
-    let file = std::fs::File::open(&c.data.path).ok()?;
-    let docs = crate::data::jsonl::Lines::new(std::io::BufReader::new(file)).count();
+    let docs = crate::data::source::count_documents(&c.data.path)? as usize;
     Some(c.train.epochs * (docs / c.train.batch_size) / c.train.accumulation_steps)
 }
 

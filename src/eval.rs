@@ -1,15 +1,13 @@
 //! Evaluation: mean next-token loss of a model on the first rows of a jsonl file, in file
 //! order, encoded as MiniMind encodes them (`[bos] + tokens[:T-2] + [eos]`, padded).
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Device, Dtype};
-use crate::data::jsonl::{Lines, parse_line};
+use crate::data::source;
 use crate::data::{Skipped, Tok, encode_row};
 use crate::engine::backend::{self, Task};
 use crate::engine::{Engine, Kernels};
@@ -23,40 +21,49 @@ pub struct EvalResult {
     pub tokens: usize,
 }
 
-/// The first `rows` documents of `path` as `(ids, targets)`, `rows x t` each, read as the
-/// token cache reads the file: malformed lines are an error, or skipped (and counted) with
-/// `skip_bad_lines`.
+/// The first `rows` documents of the data at `path` (a file, folder or glob of shards, their
+/// text in `field`) as `(ids, targets)`, `rows x t` each, read as the token cache reads them:
+/// unusable rows are an error, or skipped (and counted) with `skip_bad_lines`.
 pub fn first_rows(
-    path: &Path,
+    (path, field): (&Path, &str),
     tok: &Tok,
     t: usize,
     rows: usize,
     skip_bad_lines: bool,
 ) -> Result<(Vec<u32>, Vec<i32>, Skipped)> {
-    let f = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
     let mut skipped = Skipped::default();
-    for line in Lines::new(BufReader::new(f)) {
-        if ids.len() == rows * t {
-            break;
-        }
-        let (no, line) = line.with_context(|| format!("reading {}", path.display()))?;
-        let text = match line.and_then(|l| parse_line(&l)) {
-            Ok(text) => text,
-            Err(_) if skip_bad_lines => {
-                skipped.add(no);
-                continue;
+    let mut docs = Vec::new();
+    'shards: for shard in source::shards(path)? {
+        let mut reader = source::open(&shard, field)?;
+        loop {
+            docs.clear();
+            let more = reader.fill(&mut docs, 256, 1 << 20)?;
+            for (no, text) in docs.drain(..) {
+                if ids.len() == rows * t {
+                    break 'shards;
+                }
+                let text = match text {
+                    Ok(text) => text,
+                    Err(_) if skip_bad_lines => {
+                        skipped.add(no);
+                        continue;
+                    }
+                    Err(why) => bail!(
+                        "{}:{no}: malformed line: {why}\n  hint: fix the line, or skip such lines (data.skip_bad_lines = true, or --skip-bad-lines for eval)",
+                        shard.display()
+                    ),
+                };
+                let tokens = tok.encode(&text)?;
+                let start = ids.len();
+                ids.resize(start + t, 0);
+                targets.resize(start + t, 0);
+                encode_row(&tokens, t, tok.bos, tok.eos, tok.pad, &mut ids[start..], &mut targets[start..]);
             }
-            Err(why) => bail!(
-                "{}:{no}: malformed line: {why}\n  hint: fix the line, or skip such lines (data.skip_bad_lines = true, or --skip-bad-lines for eval)",
-                path.display()
-            ),
-        };
-        let tokens = tok.encode(&text)?;
-        let start = ids.len();
-        ids.resize(start + t, 0);
-        targets.resize(start + t, 0);
-        encode_row(&tokens, t, tok.bos, tok.eos, tok.pad, &mut ids[start..], &mut targets[start..]);
+            if !more {
+                break;
+            }
+        }
     }
     if ids.is_empty() {
         bail!("data file {} has no documents", path.display());
@@ -87,9 +94,13 @@ pub struct EvalArgs {
     /// Folder with config.json, model.safetensors and tokenizer.json.
     #[arg(long)]
     pub hf_dir: PathBuf,
-    /// JSON-lines file, one {"text": ...} per line.
+    /// The documents: a JSON-lines file (one {"text": ...} per line), a folder or a glob of
+    /// shards (.jsonl, .jsonl.zst, .jsonl.gz, .parquet).
     #[arg(long)]
     pub data: PathBuf,
+    /// The JSON field (or Parquet column) holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
     /// Tokens per row, T.
     #[arg(long)]
     pub seq_len: usize,
@@ -119,7 +130,8 @@ pub fn command(a: &EvalArgs, device: Device) -> Result<()> {
     }
     let folder = crate::engine::hf::read_folder(&a.hf_dir)?;
     let tok = Tok::load(a.tokenizer.as_ref().unwrap_or(&folder.tokenizer))?;
-    let (ids, targets, skipped) = first_rows(&a.data, &tok, t, b * a.batches, a.skip_bad_lines)?;
+    let (ids, targets, skipped) =
+        first_rows((&a.data, &a.text_field), &tok, t, b * a.batches, a.skip_bad_lines)?;
     let task = Eval { cfg: folder.config, weights: &folder.params, ids: &ids, targets: &targets, b, t };
     let r = backend::run(device, Dtype::Float32, false, task)??;
     if let Some(s) = skipped.describe() {

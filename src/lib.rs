@@ -12,6 +12,7 @@ pub mod eval;
 pub mod files;
 pub mod generate;
 pub mod metrics;
+pub mod prepare;
 pub mod report;
 pub mod rng;
 pub mod roofline;

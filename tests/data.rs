@@ -16,6 +16,7 @@ fn setup(lines: &[&str], packing: bool, t: usize) -> (tempfile::TempDir, Dataset
         tokenizer: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/minimind_tokenizer.json"),
         max_seq_len: t,
         packing,
+        text_field: "text".into(),
         skip_bad_lines: false,
         num_workers: 1,
         val_path: None,
@@ -27,6 +28,7 @@ fn setup(lines: &[&str], packing: bool, t: usize) -> (tempfile::TempDir, Dataset
         quiet: true,
         heartbeat: std::time::Duration::from_secs(10),
         stop: &Stop::never(),
+        stop_after_shards: None,
     };
     let (ds, tok) = Dataset::open(&cfg, 6400, &opts).unwrap();
     (dir, ds, tok)

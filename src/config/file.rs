@@ -123,8 +123,10 @@ impl Default for ModelSection {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// JSON-lines file, one `{"text": ...}` per line (relative to this file). MiniMind's
-    /// `--data_path`.
+    /// The training documents (relative to this file): a JSON-lines file (one `{"text": ...}`
+    /// per line), a folder of shards, or a glob such as "fineweb/sample/*.parquet"; shards are
+    /// read in sorted path order, by extension: `.jsonl`/`.json`, `.jsonl.zst`, `.jsonl.gz`,
+    /// `.parquet`. MiniMind's `--data_path`.
     pub path: String,
     /// Hugging Face `tokenizer.json` (relative to this file).
     pub tokenizer: String,
@@ -133,12 +135,15 @@ pub struct DataSection {
     /// false: one document per row as MiniMind does (`[bos] + tokens[:T-2] + [eos]`, padded);
     /// true: documents joined with eos and cut into full rows.
     pub packing: bool,
-    /// Skip (and count) malformed lines instead of failing on the first one.
+    /// The JSON field (or Parquet column) holding each document's text.
+    pub text_field: String,
+    /// Skip (and count) malformed lines, damaged compressed data and damaged Parquet row
+    /// groups instead of failing on the first one.
     pub skip_bad_lines: bool,
     /// Threads used to tokenise the data when building the token cache; 0 = all cores.
     /// MiniMind's `--num_workers`.
     pub num_workers: usize,
-    /// Validation data: a second JSON-lines file (relative to this file); its first
+    /// Validation data: a second file, folder or glob as `path` (relative to this file); its first
     /// `checkpoint.eval_batches x train.batch_size` documents, encoded as `minimind eval` does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_path: Option<String>,
@@ -154,6 +159,7 @@ impl Default for DataSection {
             tokenizer: "data/minimind_tokenizer.json".into(),
             max_seq_len: 512,
             packing: false,
+            text_field: "text".into(),
             skip_bad_lines: false,
             num_workers: 0,
             val_path: None,

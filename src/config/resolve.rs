@@ -103,6 +103,8 @@ pub struct DataConfig {
     pub tokenizer: PathBuf,
     pub max_seq_len: usize,
     pub packing: bool,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
     pub skip_bad_lines: bool,
     pub num_workers: usize,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -381,12 +383,15 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors
             format!("{} is too short: a row needs at least bos and eos", d.max_seq_len),
         ));
     }
-    let path = problems.take(existing_path(l, "data.path", &d.path));
+    let path = problems.take(data_path(l, "data.path", &d.path));
     let tokenizer = problems.take(existing_path(l, "data.tokenizer", &d.tokenizer));
     let val_path = match &d.val_path {
-        Some(p) => problems.take(existing_path(l, "data.val_path", p)),
+        Some(p) => problems.take(data_path(l, "data.val_path", p)),
         None => None,
     };
+    if d.text_field.is_empty() {
+        problems.push(ConfigError::new(l.origin_of("data.text_field"), Some("data.text_field"), "is empty"));
+    }
     let frac = d.val_fraction;
     let err = |key: &str, msg: String| ConfigError::new(l.origin_of(key), Some(key), msg);
     if !(0.0..1.0).contains(&frac) {
@@ -414,11 +419,26 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors
         tokenizer: tokenizer.expect("checked"),
         max_seq_len: d.max_seq_len,
         packing: d.packing,
+        text_field: d.text_field.clone(),
         skip_bad_lines: d.skip_bad_lines,
         num_workers: d.num_workers,
         val_path,
         val_fraction: frac,
     })
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+/// Resolves a data path (a file, a folder or a glob) against the folder of the layer that set
+/// it; it must name at least one shard.
+fn data_path(l: &Layered, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    let path = absolute(&l.base_dir_of(key).join(value));
+    match crate::data::source::shards(&path) {
+        Ok(_) => Ok(path),
+        Err(why) => Err(ConfigError::new(l.origin_of(key), Some(key), format!("{why:#}"))),
+    }
 }
 
 /// Resolves a path value against the folder of the layer that set it; it must exist.

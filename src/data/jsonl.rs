@@ -1,5 +1,5 @@
 //! Reading JSON-lines data, one `{"text": ...}` per line. The token cache and evaluation both
-//! read through here, so they accept and reject exactly the same lines.
+//! read through here (via `source`), so they accept and reject exactly the same lines.
 
 use std::io::BufRead;
 
@@ -23,6 +23,11 @@ impl<R: BufRead> Lines<R> {
     /// Bytes consumed so far (for progress).
     pub fn bytes_read(&self) -> u64 {
         self.bytes
+    }
+
+    /// Lines read so far, blank ones included.
+    pub fn line_number(&self) -> u64 {
+        self.number
     }
 }
 
@@ -51,13 +56,14 @@ impl<R: BufRead> Iterator for Lines<R> {
     }
 }
 
-/// The `text` of one jsonl line, or why the line is unusable.
-pub fn parse_line(line: &str) -> Result<String, String> {
+/// The text in `field` (`data.text_field`, usually "text") of one jsonl line, or why the line
+/// is unusable.
+pub fn parse_line(line: &str, field: &str) -> Result<String, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
-    match v.get("text") {
+    match v.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err("\"text\" is not a string".into()),
-        None => Err("no \"text\" field".into()),
+        Some(_) => Err(format!("{field:?} is not a string")),
+        None => Err(format!("no {field:?} field")),
     }
 }
 

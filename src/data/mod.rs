@@ -1,8 +1,9 @@
-//! Data: jsonl -> tokenizer -> memory-mapped token cache -> rows of T tokens -> shuffled
+//! Data: shards (jsonl, compressed, Parquet) -> tokenizer -> memory-mapped token cache -> rows of T tokens -> shuffled
 //! micro-batches, with a cursor that is part of the resume state.
 
 pub mod cache;
 pub mod jsonl;
+pub mod source;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -66,6 +67,8 @@ pub struct OpenOptions<'a> {
     /// Progress lines this often when there is no progress bar.
     pub heartbeat: Duration,
     pub stop: &'a Stop,
+    /// Testing aid: stop as if interrupted once this many shards are tokenised.
+    pub stop_after_shards: Option<usize>,
 }
 
 /// Training rows over a token cache, encoded as `data.packing` says.
@@ -85,9 +88,6 @@ impl Dataset {
     /// Loads the tokenizer, builds or opens the cache (under `opts.cache_root`), checks the
     /// vocabulary against the model's.
     pub fn open(cfg: &DataConfig, vocab_size: usize, opts: &OpenOptions<'_>) -> Result<(Dataset, Tok)> {
-        if !cfg.path.is_file() {
-            bail!("data file {} does not exist", cfg.path.display());
-        }
         let tok = Tok::load(&cfg.tokenizer)?;
         if tok.vocab_size() > vocab_size {
             bail!(
@@ -103,11 +103,13 @@ impl Dataset {
             &tok,
             &cache::CacheOptions {
                 root: opts.cache_root,
+                text_field: &cfg.text_field,
                 skip_bad_lines: cfg.skip_bad_lines,
                 threads: cfg.num_workers,
                 quiet: opts.quiet,
                 heartbeat: opts.heartbeat,
                 stop: opts.stop,
+                stop_after_shards: opts.stop_after_shards,
             },
         )?;
         let cache = opened.cache;
@@ -133,6 +135,11 @@ impl Dataset {
 
     pub fn samples(&self) -> usize {
         self.samples
+    }
+
+    /// The token cache the rows are read from.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
     }
 
     /// Lines of the data file skipped as malformed (with `data.skip_bad_lines`).

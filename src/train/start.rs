@@ -26,7 +26,13 @@ pub struct Data {
 pub fn open_data(config: &Config, s: &Session) -> Result<Data> {
     let b = config.train.batch_size;
     let cache_root = config.checkpoint.save_dir.join(".cache");
-    let opts = OpenOptions { cache_root: &cache_root, quiet: s.quiet, heartbeat: s.heartbeat, stop: &s.stop };
+    let opts = OpenOptions {
+        cache_root: &cache_root,
+        quiet: s.quiet,
+        heartbeat: s.heartbeat,
+        stop: &s.stop,
+        stop_after_shards: None,
+    };
     let (ds, tok) = Dataset::open(&config.data, config.model.vocab_size, &opts)?;
     let (train_rows, held_out) = hold_out(ds.samples(), config.data.val_fraction, config.seed);
     let batches = Batches::over(train_rows, b, config.seed)?;
@@ -42,7 +48,13 @@ pub fn open_data(config: &Config, s: &Session) -> Result<Data> {
         }
         Some((ids, targets))
     } else if let Some(path) = &config.data.val_path {
-        let (ids, targets, _) = crate::eval::first_rows(path, &tok, t, rows, config.data.skip_bad_lines)?;
+        let (ids, targets, _) = crate::eval::first_rows(
+            (path, &config.data.text_field),
+            &tok,
+            t,
+            rows,
+            config.data.skip_bad_lines,
+        )?;
         Some((ids, targets))
     } else {
         None

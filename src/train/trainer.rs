@@ -378,8 +378,13 @@ impl<'a, K: Kernels> Trainer<'a, K> {
             &crash,
         )?;
         let rows = b * FINAL_EVAL_BATCHES;
-        let (ids, targets, _) =
-            crate::eval::first_rows(&config.data.path, &self.data.tok, t, rows, config.data.skip_bad_lines)?;
+        let (ids, targets, _) = crate::eval::first_rows(
+            (&config.data.path, &config.data.text_field),
+            &self.data.tok,
+            t,
+            rows,
+            config.data.skip_bad_lines,
+        )?;
         let eval = crate::eval::mean_loss(&mut self.engine, &ids, &targets, b, t);
         let batches = FINAL_EVAL_BATCHES;
         let final_eval =

@@ -7,6 +7,7 @@ mod cuda;
 mod dist;
 mod faults;
 mod runs;
+mod shards;
 mod sweeps;
 mod tensorboard;
 

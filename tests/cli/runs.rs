@@ -595,7 +595,9 @@ fn next_steps_name_the_command_the_user_has_and_completions_print() {
     let out = stdout(&o);
     assert!(out.contains("\n  minimind generate "), "on the PATH: its name\n{out}");
     assert!(out.contains("\n  minimind resume "), "{out}");
-    for (shell, marker) in [("bash", "_minimind()"), ("zsh", "#compdef minimind"), ("fish", "complete -c minimind")] {
+    for (shell, marker) in
+        [("bash", "_minimind()"), ("zsh", "#compdef minimind"), ("fish", "complete -c minimind")]
+    {
         let o = expect(minimind(s.path()).args(["completions", shell]), 0);
         assert!(stdout(&o).contains(marker), "{shell}");
         assert!(stdout(&o).contains("resume"), "{shell}: every command");

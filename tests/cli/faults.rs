@@ -246,7 +246,8 @@ fn a_signal_during_tokenisation_stops_it_within_a_second() {
     s.micro("");
     let p = spawn_run(&s, &["micro.toml"]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !cache_entries(&s).iter().any(|e| e.starts_with(".building-")) {
+    // Shards are tokenised into `.partial-<cache>/`; `.building-` appears only for the final join.
+    while !cache_entries(&s).iter().any(|e| e.starts_with(".partial-")) {
         assert!(Instant::now() < deadline, "tokenising never started");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -262,7 +263,12 @@ fn a_signal_during_tokenisation_stops_it_within_a_second() {
         !cache_entries(&s)
             .iter()
             .any(|e| e.starts_with(".building-") || e.starts_with("tokens-") && !e.ends_with(".lock")),
-        "the partial cache is removed: {:?}",
+        "no cache is left half-joined or taken as complete: {:?}",
+        cache_entries(&s)
+    );
+    assert!(
+        cache_entries(&s).iter().any(|e| e.starts_with(".partial-")),
+        "the tokenised shards are kept for the next build: {:?}",
         cache_entries(&s)
     );
     let run = s.runs()[0].clone();

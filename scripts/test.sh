@@ -6,9 +6,10 @@
 #   scripts/test.sh          run the suites
 #   scripts/test.sh plan     print what would run and what would be skipped, run nothing
 #
-# The facts are detected; HAVE_MPI, HAVE_CXX, HAVE_NVRTC and IS_ROOT (1 or 0) override them, which is how
-# the decision is tested (tests/cli/main.rs). Root-only tests (a small tmpfs, a local Slurm
-# cluster) live inside the default suite and say SKIPPED themselves; the plan names them.
+# The facts are detected; HAVE_MPI, HAVE_CXX, HAVE_NVRTC, HAVE_PYDEPS and IS_ROOT (1 or 0) override
+# them, which is how the decision is tested (tests/cli/config.rs). Root-only tests (a small tmpfs,
+# a local Slurm cluster) and the read-backs with Python's tensorboard and pyarrow live inside the
+# default suite and say SKIPPED themselves; the plan names them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
@@ -31,6 +32,17 @@ detect_nvrtc() {
     python3 -c 'import nvidia.cuda_nvrtc' >/dev/null 2>&1
 }
 
+# Python's tensorboard and pyarrow (read-back of event files, a real client's Parquet file), from
+# .ci/deps/ where .ci/run installs them or from the system's Python.
+detect_pydeps() {
+    local pkg path
+    for pkg in tensorboard pyarrow; do
+        path=""
+        [ -d ".ci/deps/$pkg/$pkg" ] && path=".ci/deps/$pkg"
+        PYTHONPATH="$path" python3 -c "import $pkg" >/dev/null 2>&1 || return 1
+    done
+}
+
 fact() { # fact NAME DETECTOR: 1 or 0, the override first
     local value=${!1:-}
     if [ -n "$value" ]; then echo "$value"; elif "$2"; then echo 1; else echo 0; fi
@@ -43,9 +55,12 @@ mpi=$(fact HAVE_MPI detect_mpi)
 cxx=$(fact HAVE_CXX detect_cxx)
 root=$(fact IS_ROOT detect_root)
 nvrtc=$(fact HAVE_NVRTC detect_nvrtc)
+pydeps=$(fact HAVE_PYDEPS detect_pydeps)
 
 debian_mpi="sudo apt install libopenmpi-dev openmpi-bin clang libclang-dev"
 debian_cxx="sudo apt install g++"
+pip_pydeps="python3 -m pip install --target .ci/deps/tensorboard tensorboard==2.21.0 \
+&& python3 -m pip install --target .ci/deps/pyarrow pyarrow==21.0.0"
 pip_nvrtc="python3 -m pip install --target .ci/deps/nvrtc nvidia-cuda-nvrtc-cu12==12.9.86 (make test then finds it)"
 
 # The plan: one line per suite, "run <args>" or "skip <suite>|<why>|<install>".
@@ -53,6 +68,9 @@ plan() {
     echo "run test"
     if [ "$root" != 1 ]; then
         echo "note root-only tests (a full disk on a small tmpfs, a local Slurm cluster)|not root|run the tests as root (CI does)"
+    fi
+    if [ "$pydeps" != 1 ]; then
+        echo "note read-back tests (TensorBoard's reader, pyarrow's Parquet)|Python's tensorboard or pyarrow is missing|$pip_pydeps"
     fi
     if [ "$mpi" = 1 ]; then
         echo "run test --features mpi"

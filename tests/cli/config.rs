@@ -363,11 +363,11 @@ fn make_targets_honour_cargo_target_dir() {
 /// SKIPPED line with the install command and the rest still runs; under CI any skip fails.
 #[test]
 fn the_test_plan_skips_what_is_missing_and_fails_under_ci() {
-    let plan = |mpi: u8, cxx: u8, root: u8, ci: bool| {
+    let plan = |mpi: u8, cxx: u8, root: u8, py: u8, ci: bool| {
         let mut cmd = Command::new("bash");
         cmd.current_dir(repo()).args(["scripts/test.sh", "plan"]).env("CARGO", "cargo");
         cmd.env("HAVE_MPI", mpi.to_string()).env("HAVE_CXX", cxx.to_string());
-        cmd.env("IS_ROOT", root.to_string()).env("HAVE_NVRTC", "1");
+        cmd.env("IS_ROOT", root.to_string()).env("HAVE_NVRTC", "1").env("HAVE_PYDEPS", py.to_string());
         if ci {
             cmd.env("CI", "true");
         } else {
@@ -383,26 +383,31 @@ fn the_test_plan_skips_what_is_missing_and_fails_under_ci() {
         "RUN: cargo test --features cuda,mpi --test cli cuda\n",
     ]
     .concat();
-    // (mpi, c++, root): the suites that run, what is skipped and its install command.
-    type Row<'a> = ((u8, u8, u8), &'a [&'a str], &'a [&'a str]);
-    let table: [Row; 4] = [
-        ((1, 1, 1), &["--features mpi", "--features cuda,mpi --test cli cuda"], &[]),
+    // (mpi, c++, root, python packages): the suites that run, what is skipped and its install command.
+    type Row<'a> = ((u8, u8, u8, u8), &'a [&'a str], &'a [&'a str]);
+    let table: [Row; 5] = [
+        ((1, 1, 1, 1), &["--features mpi", "--features cuda,mpi --test cli cuda"], &[]),
         (
-            (0, 1, 1),
+            (0, 1, 1, 1),
             &["RUN: cargo test\n", "--features cuda --lib cuda", "--features cuda --test cli cuda"],
             &["SKIPPED: mpi ", "apt install libopenmpi-dev openmpi-bin clang libclang-dev"],
         ),
-        ((1, 0, 1), &["--features mpi\n"], &["SKIPPED: cuda ", "no C++ compiler", "apt install g++"]),
-        ((1, 1, 0), &["--features cuda,mpi --test cli cuda"], &["SKIPPED: root-only tests", "not root"]),
+        ((1, 0, 1, 1), &["--features mpi\n"], &["SKIPPED: cuda ", "no C++ compiler", "apt install g++"]),
+        ((1, 1, 0, 1), &["--features cuda,mpi --test cli cuda"], &["SKIPPED: root-only tests", "not root"]),
+        (
+            (1, 1, 1, 0),
+            &["--features cuda,mpi --test cli cuda"],
+            &["SKIPPED: read-back tests", "tensorboard==2.21.0", "pyarrow==21.0.0"],
+        ),
     ];
-    for ((mpi, cxx, root), runs, skips) in table {
-        let (code, out, err) = plan(mpi, cxx, root, false);
+    for ((mpi, cxx, root, py), runs, skips) in table {
+        let (code, out, err) = plan(mpi, cxx, root, py, false);
         assert_eq!(code, Some(0), "{out}{err}");
         for r in runs {
-            assert!(out.contains(r), "({mpi},{cxx},{root}): {r:?} should run\n{out}");
+            assert!(out.contains(r), "({mpi},{cxx},{root},{py}): {r:?} should run\n{out}");
         }
         for s in skips {
-            assert!(out.contains(s), "({mpi},{cxx},{root}): {s:?} missing\n{out}");
+            assert!(out.contains(s), "({mpi},{cxx},{root},{py}): {s:?} missing\n{out}");
         }
         if skips.is_empty() {
             assert_eq!(out, everything, "nothing missing: every suite, nothing skipped");
@@ -410,11 +415,11 @@ fn the_test_plan_skips_what_is_missing_and_fails_under_ci() {
             assert!(!out.contains("RUN: cargo test --features mpi\n") || mpi == 1, "{out}");
             assert!(!out.contains("--features cuda") || cxx == 1, "{out}");
             // Under CI the same plan fails, naming the skips.
-            let (code, _, err) = plan(mpi, cxx, root, true);
+            let (code, _, err) = plan(mpi, cxx, root, py, true);
             assert_eq!(code, Some(1), "a skip under CI must fail\n{err}");
             assert!(err.contains("skipped under CI"), "{err}");
         }
     }
-    let (code, out, _) = plan(1, 1, 1, true);
+    let (code, out, _) = plan(1, 1, 1, 1, true);
     assert_eq!((code, out), (Some(0), everything), "under CI with everything installed");
 }

@@ -9,7 +9,6 @@ use anyhow::{Result, bail};
 use crate::config::{Device, Dtype, ModelConfig};
 use crate::data::Tok;
 use crate::engine::backend::{self, Task};
-use crate::engine::layout::Layout;
 use crate::engine::{Engine, Kernels, hf};
 use crate::rng::SplitMix64;
 use crate::train::checkpoint;
@@ -54,9 +53,12 @@ fn load(dir: &Path) -> Result<Loaded> {
         anyhow::anyhow!("{} has no config.json: give a run folder or a model folder", dir.display())
     })?;
     let (config, _) = crate::config::load_run_config(&run.config_path(), &[])?;
-    let layout = Layout::new(&config.model);
-    let (newest, damaged) =
-        checkpoint::newest_intact(&run.checkpoints_dir(), &layout, checkpoint::Damaged::Leave)?;
+    let (newest, damaged) = checkpoint::newest_intact(
+        &run.checkpoints_dir(),
+        &config.model,
+        checkpoint::Damaged::Leave,
+        &|_| Ok(None),
+    )?;
     let Some(loaded) = newest else {
         let damaged = if damaged.is_empty() { String::new() } else { format!(" ({})", damaged.join("; ")) };
         bail!("{} has no exported model and no complete checkpoint yet{damaged}", dir.display());

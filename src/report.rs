@@ -45,23 +45,34 @@ pub enum Found {
     Sweep(SweepSummary),
 }
 
+/// A run as its files say: a damaged meta.json gives a `damaged` row (the folder name, the
+/// metrics that can be read) rather than none; a run meta.json calls running whose process is
+/// gone shows as `died`.
 pub fn summarise(dir: &Path) -> Result<RunSummary> {
     let run = RunDir::open(dir)?;
-    let meta = run.read_meta()?;
     let rows = crate::metrics::read(&run.metrics_path()).unwrap_or_default();
     let last = rows.last();
-    Ok(RunSummary {
+    let mut summary = RunSummary {
         path: dir.to_path_buf(),
-        name: meta.name.clone(),
-        tag: meta.sweep_tag.clone(),
-        status: meta.status,
-        steps: last.map_or(0, |r| r.step).max(meta.last_step.unwrap_or(0)),
+        name: dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string()),
+        tag: None,
+        status: Status::Damaged,
+        steps: last.map_or(0, |r| r.step),
         final_loss: last.map(|r| r.loss),
-        best_val_loss: meta.best_val_loss,
+        best_val_loss: rows.iter().filter_map(|r| r.val_loss).reduce(f64::min),
         tokens_per_s: last.map(|r| r.tokens_per_s),
-        started: meta.started_at.get(..19).unwrap_or(&meta.started_at).replace('T', " "),
+        started: String::new(),
         duration_s: last.map(|r| r.elapsed_s),
-    })
+    };
+    if let Ok(meta) = run.read_meta() {
+        summary.status = run.observed_status(&meta);
+        summary.name = meta.name.clone();
+        summary.tag = meta.sweep_tag.clone();
+        summary.steps = summary.steps.max(meta.last_step.unwrap_or(0));
+        summary.best_val_loss = meta.best_val_loss.or(summary.best_val_loss);
+        summary.started = meta.started_at.get(..19).unwrap_or(&meta.started_at).replace('T', " ");
+    }
+    Ok(summary)
 }
 
 /// Every run and sweep under `root` (a sweep's points listed with it, not on their own).
@@ -404,6 +415,34 @@ fn draw_file(data: &[Series], out: &Path, metric: Metric, x: XAxis, log_y: bool)
     Ok(())
 }
 
+/// Line colours, in order: each readable on white (contrast at least 3:1, tested), no yellow.
+const PALETTE: [(u8, u8, u8); 10] = [
+    (0x1f, 0x77, 0xb4), // blue
+    (0xd9, 0x5f, 0x02), // dark orange
+    (0x2c, 0xa0, 0x2c), // green
+    (0xd6, 0x27, 0x28), // red
+    (0x94, 0x67, 0xbd), // purple
+    (0x8c, 0x56, 0x4b), // brown
+    (0xc5, 0x1b, 0x7d), // magenta
+    (0x00, 0x83, 0x8f), // teal
+    (0x7f, 0x7f, 0x7f), // grey
+    (0x6b, 0x6b, 0x00), // olive
+];
+
+/// How many x ticks to ask for: on the step axis no more than there are integers in the
+/// range (plus its ends), so no step is labelled twice. Pure.
+fn x_label_count(x: XAxis, span: f64) -> usize {
+    match x {
+        XAxis::Step => (span.round() as usize + 1).clamp(2, 10),
+        XAxis::Tokens | XAxis::Time => 10,
+    }
+}
+
+/// A step-axis tick's label: the step, or nothing where a tick falls between two steps. Pure.
+fn integer_tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-6 { format!("{v:.0}") } else { String::new() }
+}
+
 fn draw<DB: plotters::prelude::DrawingBackend>(
     area: plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
@@ -444,7 +483,7 @@ where
         if y != 0.0 && (y.abs() < 1e-2 || y.abs() >= 1e5) { format!("{y:.2e}") } else { format!("{y:.3}") }
     };
     let x_label = |v: &f64| match x {
-        XAxis::Step => format!("{v:.0}"),
+        XAxis::Step => integer_tick(*v),
         XAxis::Tokens => crate::units::human(v.round()),
         XAxis::Time if x1 < 60.0 => format!("{v:.1}s"),
         XAxis::Time => crate::units::duration(*v),
@@ -453,13 +492,15 @@ where
         .configure_mesh()
         .x_desc(x.axis())
         .y_desc(if log_y { format!("{} (log scale)", metric.axis()) } else { metric.axis().to_string() })
+        .x_labels(x_label_count(x, x1 - x0))
         .x_label_formatter(&x_label)
         .y_label_formatter(&y_label)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| err(&e))?;
     for (i, (name, points)) in data.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let (r, g, b) = PALETTE[i % PALETTE.len()];
+        let color = RGBColor(r, g, b).to_rgba();
         chart
             .draw_series(LineSeries::new(points.iter().map(|&(px, py)| (px, tf(py))), color.stroke_width(2)))
             .map_err(|e| err(&e))?
@@ -481,6 +522,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_ticks_label_each_step_once() {
+        for (span, want) in [(0.0, 2), (1.0, 2), (7.0, 8), (9.0, 10), (200.0, 10)] {
+            assert_eq!(x_label_count(XAxis::Step, span), want, "span {span}");
+        }
+        assert_eq!(x_label_count(XAxis::Tokens, 3.0), 10);
+        let labels: Vec<String> = [4.0, 4.5, 5.0, 5.999_999_9, 6.25].map(integer_tick).to_vec();
+        assert_eq!(labels, ["4", "", "5", "6", ""]);
+    }
+
+    #[test]
+    fn every_line_colour_reads_on_white() {
+        // WCAG relative luminance and contrast against white (1.0).
+        let lin = |c: u8| {
+            let c = c as f64 / 255.0;
+            if c <= 0.04045 { c / 12.92 } else { ((c + 0.055) / 1.055).powf(2.4) }
+        };
+        for (r, g, b) in PALETTE {
+            let l = 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+            let contrast = 1.05 / (l + 0.05);
+            assert!(contrast >= 3.0, "#{r:02x}{g:02x}{b:02x}: contrast {contrast:.2}");
+            // No yellow: red and green both high with little blue.
+            assert!(!(r > 0xb0 && g > 0xb0 && b < 0x80), "#{r:02x}{g:02x}{b:02x} is yellow");
+        }
+    }
 
     #[test]
     fn differing_keys_table() {

@@ -38,6 +38,11 @@ pub enum Status {
     Stopped,
     /// A sweep point whose folder was deleted (index.csv only; never in a meta.json).
     Missing,
+    /// meta.json says running, but no process holds the run's lock: it died without recording
+    /// its end (kill -9, a crash, a lost node); `resume` continues it. Readers only.
+    Died,
+    /// meta.json cannot be read. Readers only; `resume` rebuilds it.
+    Damaged,
 }
 
 impl Status {
@@ -49,6 +54,8 @@ impl Status {
             Status::Failed => "failed",
             Status::Stopped => "stopped",
             Status::Missing => "missing",
+            Status::Died => "died",
+            Status::Damaged => "damaged",
         }
     }
 }
@@ -149,6 +156,9 @@ pub struct Meta {
     /// launcher, and the global batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world: Option<crate::dist::WorldInfo>,
+    /// Values that are legal but almost certainly wrong, as the run header warned of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -219,6 +229,7 @@ impl Meta {
             best_val_step: None,
             final_eval: None,
             world: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -308,8 +319,13 @@ impl RunDir {
     /// Creates a fresh, uniquely named run folder (`-2`, `-3`, ... when the name is taken) and
     /// takes its lock.
     pub fn create(save_dir: &Path, base_name: &str) -> Result<(RunDir, RunLock)> {
-        fs::create_dir_all(save_dir)
-            .with_context(|| format!("cannot create the runs folder {}", save_dir.display()))?;
+        if let Err(e) = fs::create_dir_all(save_dir) {
+            let why = crate::files::not_a_folder(save_dir).unwrap_or_else(|| e.to_string());
+            anyhow::bail!(
+                "cannot create the runs folder {}: {why}\n  hint: set checkpoint.save_dir to a folder (or a path where one can be made)",
+                save_dir.display()
+            );
+        }
         for n in 1.. {
             let root = save_dir.join(candidate(base_name, n));
             match fs::create_dir(&root) {
@@ -349,13 +365,22 @@ impl RunDir {
         match self.lock_with(false)? {
             Some(lock) => Ok(lock),
             None => {
-                let pid = lock_holder(&self.lock_path());
+                let (who, stop) = match lock_holder(&self.lock_path()) {
+                    Some(pid) => (format!("pid {pid}"), format!("stop it with `kill -INT {pid}`")),
+                    None => ("it has just started".into(), "stop that process with Ctrl-C".into()),
+                };
                 anyhow::bail!(
-                    "{} is in use by another minimind process (pid {pid}); one process trains a run folder at a time\n  hint: wait for it to finish, or stop it with `kill -INT {pid}`",
+                    "{} is in use by another minimind process ({who}); one process trains a run folder at a time\n  hint: wait for it to finish, or {stop}",
                     self.root.display()
                 )
             }
         }
+    }
+
+    /// The status a reader shows: meta.json's, except that a run it calls running whose lock
+    /// no process holds has died. Probes the lock without taking it.
+    pub fn observed_status(&self, meta: &Meta) -> Status {
+        if meta.status == Status::Running && self.holder().is_none() { Status::Died } else { meta.status }
     }
 
     /// The lock if it is free now, `None` if another process holds it.
@@ -394,6 +419,17 @@ impl RunDir {
     }
     pub fn log_path(&self) -> PathBuf {
         self.root.join("train.log")
+    }
+    /// A sweep point's stderr, kept by the sweep driver that started it (its errors; train.log
+    /// has the rest).
+    pub fn stderr_path(&self) -> PathBuf {
+        self.root.join("stderr.log")
+    }
+    /// Whether a live process holds the run (see [`crate::files::lock_is_held`]), and its pid
+    /// (`"?"` when it has not written it yet).
+    pub fn holder(&self) -> Option<String> {
+        crate::files::lock_is_held(&self.lock_path())
+            .then(|| lock_holder(&self.lock_path()).unwrap_or_else(|| "?".into()))
     }
     pub fn checkpoints_dir(&self) -> PathBuf {
         self.root.join("checkpoints")

@@ -115,7 +115,18 @@ impl Sweep {
     pub fn open(root: &Path) -> Result<Sweep> {
         let path = root.join(FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let file = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let file: SweepFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for p in &file.points {
+            if !is_plain_folder_name(Path::new(&p.folder)) {
+                bail!(
+                    "{}: point {} ({}) has folder `{}`, which is not a folder inside the sweep\n  hint: a point's folder is one name (its tag), as minimind writes it",
+                    path.display(),
+                    p.index,
+                    p.tag,
+                    p.folder
+                );
+            }
+        }
         Ok(Sweep { root: root.to_path_buf(), file })
     }
 
@@ -178,6 +189,12 @@ impl Sweep {
     }
 }
 
+/// Whether `folder` names one folder directly inside another (no `..`, `/` or root). Pure.
+fn is_plain_folder_name(folder: &Path) -> bool {
+    let mut parts = folder.components();
+    matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))
+}
+
 /// The index row of point `p` from its folder. Pure but for reading the folder.
 fn index_row(p: &Point, dir: &Path) -> IndexRow {
     let mut row = IndexRow {
@@ -193,14 +210,16 @@ fn index_row(p: &Point, dir: &Path) -> IndexRow {
     };
     let run = RunDir { root: dir.to_path_buf() };
     let Ok(meta) = run.read_meta() else {
-        row.error =
-            if dir.exists() { "meta.json unreadable".into() } else { "run folder was deleted".into() };
+        if dir.exists() {
+            row.status = Status::Damaged;
+            row.error = "meta.json unreadable; resume rebuilds it".into();
+        } else {
+            row.error = "run folder was deleted".into();
+        }
         return row;
     };
-    row.status = meta.status;
-    if meta.status == Status::Running && run.try_lock().ok().flatten().is_some() {
-        // Nobody holds it: the process that ran it is gone.
-        row.status = Status::Stopped;
+    row.status = run.observed_status(&meta);
+    if row.status == Status::Died {
         row.error = "its process died (kill -9, crash or lost node); resume continues it".into();
     }
     row.steps = meta.last_step.unwrap_or(0);
@@ -325,6 +344,12 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 break;
             }
             pending.pop();
+            if let Some(ended) = wait_for_earlier_process(sweep, p, stop) {
+                say(&format!("[{}/{total}] {} {ended}", p.index + 1, p.tag));
+                if ended.starts_with("completed") {
+                    continue;
+                }
+            }
             let threads = threads_per_point(cores, jobs, p.config.train.threads);
             let mut cmd = Command::new(&exe);
             cmd.arg("resume").arg(sweep.point_dir(p)).args(["--quiet", "--progress-every", "60"]);
@@ -336,7 +361,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 cmd.env("CUDA_VISIBLE_DEVICES", k.to_string());
                 place = format!("GPU {k}");
             }
-            let child = spawn_point(&mut cmd)?;
+            let child = spawn_point(&mut cmd, &RunDir { root: sweep.point_dir(p) })?;
             say(&format!("[{}/{total}] {} started ({place}, pid {})", p.index + 1, p.tag, child.id()));
             children.lock().unwrap_or_else(|e| e.into_inner()).push((child.id(), p.tag.clone()));
             running.push((child, p, held_gpu(device, slot, gpus)));
@@ -367,9 +392,14 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 Some(c) if c > 128 => {
                     format!("[{}/{total}] {} stopped after step {}", p.index + 1, p.tag, row.steps)
                 }
-                _ => {
+                code => {
                     failed += 1;
-                    format!("[{}/{total}] {} FAILED: {}", p.index + 1, p.tag, row.error)
+                    let why = if row.error.is_empty() {
+                        first_error(&RunDir { root: sweep.point_dir(p) }, code)
+                    } else {
+                        row.error.clone()
+                    };
+                    format!("[{}/{total}] {} FAILED: {why}", p.index + 1, p.tag)
                 }
             };
             say(&line);
@@ -387,16 +417,65 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
     })
 }
 
-/// Starts a point's process in a process group of its own, output discarded (it logs to its
-/// run folder). Config variables are not passed on: the point's resolved file already holds
-/// them.
-fn spawn_point(cmd: &mut Command) -> Result<Child> {
+/// A point that a process of an earlier driver still trains (a driver killed with -9 leaves its
+/// points stopping): waits for it to end, saying so, and returns how it ended; `None` when no
+/// process holds it.
+fn wait_for_earlier_process(sweep: &Sweep, p: &Point, stop: &Stop) -> Option<String> {
+    let run = RunDir { root: sweep.point_dir(p) };
+    let pid = run.holder()?;
+    say(&format!(
+        "{}: still trained by process {pid}, which an earlier sweep driver started; waiting for it to end",
+        p.tag
+    ));
+    while run.holder().is_some() && stop.requested().is_none() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let row = index_row(p, &run.root);
+    Some(match row.status {
+        Status::Completed => format!("completed (by process {pid}): {} steps", row.steps),
+        other => format!("{other} after step {} in process {pid}; continuing it", row.steps),
+    })
+}
+
+/// The first error a point's process printed (its stderr.log), for a FAILED line whose run
+/// recorded none.
+fn first_error(run: &RunDir, code: Option<i32>) -> String {
+    let text = std::fs::read_to_string(run.stderr_path()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines.iter().find(|l| l.starts_with("error")).or(lines.first()).map(|l| l.to_string()).unwrap_or_else(
+        || match code {
+            Some(c) => format!("exit code {c}, nothing on stderr"),
+            None => "killed by a signal".into(),
+        },
+    )
+}
+
+/// Starts a point's process in a process group of its own (a Ctrl-C reaches the driver, which
+/// forwards it), stdout discarded (it logs to its run folder), stderr kept in its folder's
+/// stderr.log. If the driver dies, the point gets SIGTERM (Linux's parent-death signal) and
+/// stops with a checkpoint, so no point trains on unnoticed. Config variables are not passed
+/// on: the point's resolved file already holds them.
+fn spawn_point(cmd: &mut Command, run: &RunDir) -> Result<Child> {
     use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+    let path = run.stderr_path();
+    let stderr = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).process_group(0);
     for (k, _) in std::env::vars() {
         if crate::config::is_config_var(&k) {
             cmd.env_remove(k);
         }
+    }
+    let driver = std::process::id() as i32;
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, raise).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            // The driver may have died before the line above: then nobody would signal us.
+            if libc::getppid() != driver {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
     }
     cmd.spawn().context("starting a sweep point")
 }
@@ -459,6 +538,22 @@ pub fn launcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_point_folder_stays_inside_the_sweep() {
+        for (folder, ok) in [
+            ("moe=0,lr=1e-3", true),
+            ("a", true),
+            ("../x", false),
+            ("a/b", false),
+            ("/tmp/x", false),
+            (".", false),
+            ("..", false),
+            ("", false),
+        ] {
+            assert_eq!(is_plain_folder_name(Path::new(folder)), ok, "{folder:?}");
+        }
+    }
 
     #[test]
     fn threads_table() {

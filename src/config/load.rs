@@ -136,6 +136,22 @@ pub fn layer_run_config(path: &Path, sets: &[Assign]) -> Result<Layered, ConfigE
         )
     })?;
     let mut table = check_text(path, &text, Kind::RunConfig)?;
+    // minimind writes every section of a run's config.toml; one missing means the file was
+    // emptied or cut short, and defaults must not stand in for what the run trained with.
+    let missing: Vec<&str> =
+        ["model", "data", "train", "checkpoint"].into_iter().filter(|s| !table.contains_key(*s)).collect();
+    if !missing.is_empty() {
+        return Err(ConfigError::new(
+            Origin::FileOnly(path.to_path_buf()),
+            None,
+            format!(
+                "the run's config.toml has no [{}] section: it was emptied or cut short (minimind writes every section)",
+                missing.join("], [")
+            ),
+        )
+        .hint("restore it (from git or a backup); each checkpoint's state.json also records the config it was trained with")
+        .into());
+    }
     table.remove("derived");
     if let Some(toml::Value::Table(model)) = table.get_mut("model") {
         model.remove("head_dim");

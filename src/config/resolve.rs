@@ -177,6 +177,26 @@ pub fn resolve(l: &Layered) -> Result<Config, ConfigErrors> {
         problems.push(err(p.key, p.message));
     }
     let data = problems.take(resolve_data(&f.data, l));
+    if let Some(d) = &data {
+        // The model must have a row for every id the tokenizer can emit (ids need not be dense).
+        match crate::data::tokenizer::Tok::load(&d.tokenizer) {
+            Ok(tok) if tok.id_limit > model.vocab_size => problems.push(
+                err(
+                    "data.tokenizer",
+                    format!(
+                        "{} emits ids up to {}, past model.vocab_size = {} (from {})",
+                        d.tokenizer.display(),
+                        tok.id_limit - 1,
+                        model.vocab_size,
+                        l.origin_of("model.vocab_size")
+                    ),
+                )
+                .hint(format!("set model.vocab_size = {}", tok.id_limit)),
+            ),
+            Ok(_) => {}
+            Err(e) => problems.push(err("data.tokenizer", format!("{e:#}"))),
+        }
+    }
     if f.data.max_seq_len > model.max_position_embeddings {
         problems.push(err(
             "data.max_seq_len",
@@ -384,7 +404,17 @@ fn resolve_data(d: &DataSection, l: &Layered) -> Result<DataConfig, ConfigErrors
         ));
     }
     let path = problems.take(data_path(l, "data.path", &d.path));
-    let tokenizer = problems.take(existing_path(l, "data.tokenizer", &d.tokenizer));
+    let tokenizer = problems.take(existing_path(l, "data.tokenizer", &d.tokenizer).and_then(|p| {
+        if p.is_dir() {
+            Err(ConfigError::new(
+                l.origin_of("data.tokenizer"),
+                Some("data.tokenizer"),
+                format!("{} is a folder; the tokenizer is a file (tokenizer.json)", p.display()),
+            ))
+        } else {
+            Ok(p)
+        }
+    }));
     let val_path = match &d.val_path {
         Some(p) => problems.take(data_path(l, "data.val_path", p)),
         None => None,

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::jsonl::Skipped;
+use super::mapped::Mapped;
 use super::source::{self, Doc};
 use super::tokenizer::Tok;
 use crate::files::{lock_file, lock_holder};
@@ -69,8 +69,8 @@ pub struct Shard {
 /// A memory-mapped token cache, checked against its header when opened.
 pub struct TokenCache {
     pub info: CacheInfo,
-    tokens: Option<Mmap>,
-    offsets: Mmap,
+    tokens: Option<Mapped>,
+    offsets: Mapped,
 }
 
 impl TokenCache {
@@ -96,6 +96,11 @@ impl TokenCache {
         let w = self.info.width;
         out.extend(tokens[a * w..b * w].chunks_exact(w).map(|c| token_at(c, w)));
     }
+}
+
+/// Bytes per token id in the cache: 16 bits while every id the tokenizer can emit fits.
+fn token_width(id_limit: usize) -> usize {
+    if id_limit <= 1 << 16 { 2 } else { 4 }
 }
 
 fn token_at(c: &[u8], width: usize) -> u32 {
@@ -178,7 +183,7 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
     };
     let name = format!("tokens-{}", &key[..16]);
     let dir = root.join(&name);
-    let vocab = tok.vocab_size();
+    let vocab = tok.id_limit;
     if dir.exists()
         && let Ok(cache) = open_checked(&dir, vocab, opts.stop)?
     {
@@ -193,7 +198,7 @@ pub fn open_or_build(data: &Path, tok_path: &Path, tok: &Tok, opts: &CacheOption
         if notes.is_empty() {
             let msg = format!(
                 "waiting for process {} to finish building the token cache {}",
-                lock_holder(&lock_path),
+                lock_holder(&lock_path).unwrap_or_else(|| "?".into()),
                 dir.display()
             );
             crate::metrics::say(&msg);
@@ -256,26 +261,27 @@ fn check_cache(
     if info.width != 2 && info.width != 4 {
         return Err(format!("token width {}", info.width));
     }
-    let mut map = |name: &str, want_len: u64, want_sha: &str| -> std::result::Result<Option<Mmap>, String> {
-        let path = dir.join(name);
-        let f = File::open(&path).map_err(|e| format!("{name}: {e}"))?;
-        let len = f.metadata().map_err(|e| format!("{name}: {e}"))?.len();
-        if len != want_len {
-            return Err(format!("{name} has {len} bytes where its header says {want_len}: truncated?"));
-        }
-        let bytes = if len == 0 {
-            None
-        } else {
-            // SAFETY: cache files are written once, renamed into place and never modified; the
-            // checksum below is taken over this very mapping.
-            Some(unsafe { Mmap::map(&f) }.map_err(|e| format!("{name}: {e}"))?)
+    let mut map =
+        |name: &str, want_len: u64, want_sha: &str| -> std::result::Result<Option<Mapped>, String> {
+            let path = dir.join(name);
+            let f = File::open(&path).map_err(|e| format!("{name}: {e}"))?;
+            let len = f.metadata().map_err(|e| format!("{name}: {e}"))?.len();
+            if len != want_len {
+                return Err(format!("{name} has {len} bytes where its header says {want_len}: truncated?"));
+            }
+            let bytes = if len == 0 {
+                None
+            } else {
+                // The checksum below is taken over this very mapping; a truncation under a live
+                // run is caught (see `mapped`).
+                Some(super::mapped::map(&f, &path).map_err(|e| format!("{name}: {e}"))?)
+            };
+            let sha = sha256(bytes.as_deref().unwrap_or(&[]))?;
+            if sha != want_sha {
+                return Err(format!("{name} does not match its checksum"));
+            }
+            Ok(bytes)
         };
-        let sha = sha256(bytes.as_deref().unwrap_or(&[]))?;
-        if sha != want_sha {
-            return Err(format!("{name} does not match its checksum"));
-        }
-        Ok(bytes)
-    };
     let tokens = map("tokens.bin", info.tokens * info.width as u64, &info.tokens_sha256)?;
     let offsets = map("offsets.bin", (info.documents + 1) * 8, &info.offsets_sha256)?
         .ok_or_else(|| "offsets.bin is empty".to_string())?;
@@ -405,7 +411,7 @@ fn build(h: &Header, tok: &Tok, opts: &CacheOptions<'_>, dir: &Path) -> Result<(
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("x");
     let partial = parent.join(format!(".partial-{name}"));
     fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let width = if tok.vocab_size() <= 1 << 16 { 2 } else { 4 };
+    let width = token_width(tok.id_limit);
     tokenise_shards(h, tok, opts, &partial, width)?;
     let tmp = parent.join(format!(".building-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
@@ -682,6 +688,14 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_width_follows_the_largest_id() {
+        // id_limit is one past the largest id: 65536 ids (0..=65535) still fit 16 bits.
+        for (limit, width) in [(6400, 2), (65535, 2), (65536, 2), (65537, 4), (151_936, 4)] {
+            assert_eq!(token_width(limit), width, "ids below {limit}");
+        }
+    }
 
     fn shard(name: &str, bytes: u64, sha: &str) -> Shard {
         Shard { path: PathBuf::from("/d").join(name), bytes, sha256: sha.into() }

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod jsonl;
+mod mapped;
 pub mod source;
 pub mod tokenizer;
 
@@ -89,12 +90,12 @@ impl Dataset {
     /// vocabulary against the model's.
     pub fn open(cfg: &DataConfig, vocab_size: usize, opts: &OpenOptions<'_>) -> Result<(Dataset, Tok)> {
         let tok = Tok::load(&cfg.tokenizer)?;
-        if tok.vocab_size() > vocab_size {
+        if tok.id_limit > vocab_size {
             bail!(
-                "tokenizer {} has {} tokens but model.vocab_size is {vocab_size}\n  hint: set model.vocab_size = {}",
+                "tokenizer {} emits ids up to {} but model.vocab_size is {vocab_size}\n  hint: set model.vocab_size = {}",
                 cfg.tokenizer.display(),
-                tok.vocab_size(),
-                tok.vocab_size()
+                tok.id_limit - 1,
+                tok.id_limit
             );
         }
         let opened = cache::open_or_build(
@@ -153,6 +154,18 @@ impl Dataset {
             data_sha256: i.data_sha256.clone(),
             tokenizer_sha256: i.tokenizer_sha256.clone(),
             tokens_sha256: i.tokens_sha256.clone(),
+        }
+    }
+
+    /// Fails, naming the file, when a token cache file of this process was cut short while it
+    /// was mapped (the rows read since then hold zeros; see `mapped`).
+    pub fn intact(&self) -> Result<()> {
+        match mapped::changed() {
+            None => Ok(()),
+            Some(path) => bail!(
+                "the token cache file {} was cut short while this run read it (another process truncated or rewrote it): the rows read since are not the data\n  hint: resume the run; the cache is checked and rebuilt when damaged",
+                path.display()
+            ),
         }
     }
 

@@ -13,6 +13,9 @@ pub struct Tok {
     pub eos: u32,
     /// `<|endoftext|>`: fills rows to T; never a target.
     pub pad: u32,
+    /// One past the largest id the tokenizer can emit (ids need not be dense): the model's
+    /// vocabulary must cover it, and it decides the token cache's width.
+    pub id_limit: usize,
 }
 
 impl Tok {
@@ -23,11 +26,14 @@ impl Tok {
         let id = |t: &str| {
             inner.token_to_id(t).ok_or_else(|| anyhow!("tokenizer {} has no {t} token", path.display()))
         };
-        Ok(Tok { bos: id("<|im_start|>")?, eos: id("<|im_end|>")?, pad: id("<|endoftext|>")?, inner })
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        let id_limit = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
+        Ok(Tok {
+            bos: id("<|im_start|>")?,
+            eos: id("<|im_end|>")?,
+            pad: id("<|endoftext|>")?,
+            id_limit,
+            inner,
+        })
     }
 
     /// Token ids of a text, without special tokens added (as MiniMind calls it).

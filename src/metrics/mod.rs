@@ -71,16 +71,23 @@ pub fn rows_to_keep(text: &str, step: usize) -> (Vec<StepMetrics>, Vec<String>) 
         body = &text[..cut];
     }
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(body.as_bytes());
-    let (mut kept, mut bad, mut later) = (Vec::new(), 0, 0);
-    for row in reader.deserialize::<StepMetrics>() {
+    let headers = reader.headers().cloned().unwrap_or_default();
+    let (mut kept, mut bad, mut later) = (Vec::new(), Vec::new(), 0);
+    for (n, record) in reader.records().enumerate() {
+        // Line n + 2: the header is line 1. A damaged row is named by its line and, when its
+        // first field still reads as one, its step.
+        let row = record.as_ref().ok().map(|r| (r.deserialize::<StepMetrics>(Some(&headers)), r.get(0)));
         match row {
-            Ok(r) if r.step <= step => kept.push(r),
-            Ok(_) => later += 1,
-            Err(_) => bad += 1,
+            Some((Ok(r), _)) if r.step <= step => kept.push(r),
+            Some((Ok(_), _)) => later += 1,
+            Some((Err(_), Some(first))) if first.parse::<usize>().is_ok() => {
+                bad.push(format!("line {} (step {first})", n + 2))
+            }
+            _ => bad.push(format!("line {}", n + 2)),
         }
     }
-    if bad > 0 {
-        notes.push(format!("metrics.csv: dropped {bad} damaged row(s)"));
+    if !bad.is_empty() {
+        notes.push(format!("metrics.csv: dropped {} damaged row(s): {}", bad.len(), bad.join(", ")));
     }
     if later > 0 {
         notes.push(format!("metrics.csv: {later} row(s) after step {step} dropped; those steps run again"));
@@ -88,8 +95,76 @@ pub fn rows_to_keep(text: &str, step: usize) -> (Vec<StepMetrics>, Vec<String>) 
     (kept, notes)
 }
 
+/// How train.log carries each metrics row (after the console's line for it), so that a lost
+/// metrics.csv can be restored from it.
+const LOG_PREFIX: &str = "row: ";
+
+/// A metrics row as its train.log line.
+pub fn log_line(row: &StepMetrics) -> String {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    let bytes = w.serialize(row).ok().and_then(|()| w.into_inner().ok()).unwrap_or_default();
+    format!("{LOG_PREFIX}{}", String::from_utf8_lossy(&bytes).trim_end())
+}
+
+/// The metrics rows a train.log holds, by step (a step logged again, after a resume, counts
+/// once: its latest line). Pure.
+fn rows_in_log(log: &str) -> std::collections::BTreeMap<usize, StepMetrics> {
+    let body: String =
+        log.lines().filter_map(|l| l.strip_prefix(LOG_PREFIX)).flat_map(|row| [row, "\n"]).collect();
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(body.as_bytes());
+    let header = csv::StringRecord::from(HEADER.to_vec());
+    reader
+        .records()
+        .filter_map(|r| r.ok()?.deserialize::<StepMetrics>(Some(&header)).ok())
+        .map(|r| (r.step, r))
+        .collect()
+}
+
+/// `kept` (metrics.csv's rows up to checkpoint step `step`) completed with the rows train.log
+/// holds for the steps metrics.csv lost (deleted, emptied, damaged), and a note naming
+/// them. Pure.
+fn restore_from_log(kept: Vec<StepMetrics>, log: &str, step: usize) -> (Vec<StepMetrics>, Option<String>) {
+    let mut by_step: std::collections::BTreeMap<usize, StepMetrics> =
+        rows_in_log(log).into_iter().filter(|(s, _)| *s <= step).collect();
+    let restored: Vec<usize> =
+        by_step.keys().copied().filter(|s| !kept.iter().any(|r| r.step == *s)).collect();
+    for r in kept {
+        by_step.insert(r.step, r);
+    }
+    let note = if !restored.is_empty() {
+        Some(format!(
+            "metrics.csv: restored {} row(s) from train.log (steps {})",
+            restored.len(),
+            ranges(&restored)
+        ))
+    } else if by_step.is_empty() && step > 0 {
+        Some(format!(
+            "metrics.csv: the rows of steps 1-{step} are gone for good (metrics.csv lost them and train.log holds none)"
+        ))
+    } else {
+        None
+    };
+    (by_step.into_values().collect(), note)
+}
+
+/// Sorted numbers as ranges: `1-4, 6, 9-10`. Pure.
+fn ranges(v: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i { format!("{}-{}", v[i], v[j]) } else { v[i].to_string() });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
 /// Appends rows to metrics.csv; on resume, first keeps only the rows up to the checkpoint (see
-/// [`rows_to_keep`]) so no step is ever listed twice.
+/// [`rows_to_keep`]) so no step is ever listed twice, and restores from train.log the rows it
+/// lost.
 pub struct MetricsWriter {
     file: File,
     path: PathBuf,
@@ -98,18 +173,25 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Opens (creating) metrics.csv; with `resume_step`, repairs it first. Returns notes about
-    /// what the repair dropped.
-    pub fn open(path: &Path, resume_step: Option<usize>) -> Result<(MetricsWriter, Vec<String>)> {
+    /// Opens (creating) metrics.csv; with `resume` (the checkpoint's step and the run's
+    /// train.log), repairs it first. Returns notes about what the repair dropped and restored.
+    pub fn open(path: &Path, resume: Option<(usize, &Path)>) -> Result<(MetricsWriter, Vec<String>)> {
         let mut notes = Vec::new();
-        if let Some(step) = resume_step
-            && path.exists()
-        {
-            let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let (kept, dropped) = rows_to_keep(&String::from_utf8_lossy(&text), step);
+        if let Some((step, log)) = resume {
+            let text = match fs::read(path) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let (kept, dropped) = rows_to_keep(&text, step);
             notes = dropped;
+            let log = fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            let (kept, restored) = restore_from_log(kept, &log, step);
+            notes.extend(restored);
             if kept.is_empty() {
-                fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+                if path.exists() {
+                    fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+                }
             } else {
                 let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
                 w.write_record(HEADER)?;
@@ -162,9 +244,11 @@ impl MetricsWriter {
     }
 }
 
+/// The complete rows of a metrics.csv, for readers: a torn last row (a crash mid-append) and
+/// damaged rows are left out (see [`rows_to_keep`]); only a file that cannot be read fails.
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    r.deserialize().collect::<Result<_, _>>().with_context(|| format!("parsing {}", path.display()))
+    let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(rows_to_keep(&String::from_utf8_lossy(&text), usize::MAX).0)
 }
 
 /// Prints a line on stdout; a closed stdout (`| head`) is not an error: returns false.
@@ -453,6 +537,53 @@ mod tests {
     }
 
     #[test]
+    fn lost_rows_come_back_from_train_log() {
+        let row = |s: usize, loss: f64| StepMetrics {
+            step: s,
+            epoch: 0,
+            tokens: 10 * s as u64,
+            tokens_padded: 12 * s as u64,
+            loss,
+            lm_loss: loss,
+            aux_loss: 0.0,
+            lr: 1e-3,
+            grad_norm: 0.5,
+            val_loss: (s == 2).then_some(4.25),
+            tokens_per_s: 100.0,
+            elapsed_s: s as f64,
+        };
+        // The log: steps 1-4, then a resume from step 2 logged 3 and 4 again (the latest wins),
+        // console lines between them.
+        let log = [
+            "step 1/9 ...".to_string(),
+            log_line(&row(1, 9.0)),
+            log_line(&row(2, 8.0)),
+            log_line(&row(3, 7.5)),
+            "resuming from step 2".into(),
+            log_line(&row(3, 7.0)),
+            log_line(&row(4, 6.0)),
+            "row: damaged,".into(),
+        ]
+        .join("\n");
+        assert_eq!(rows_in_log(&log).len(), 4);
+        // metrics.csv lost everything: rows up to the checkpoint's step 3 come back exactly.
+        let (rows, note) = restore_from_log(Vec::new(), &log, 3);
+        assert_eq!(rows, vec![row(1, 9.0), row(2, 8.0), row(3, 7.0)]);
+        assert_eq!(note.unwrap(), "metrics.csv: restored 3 row(s) from train.log (steps 1-3)");
+        // It kept step 2: only 1 and 3 are restored, and the kept row stays.
+        let (rows, note) = restore_from_log(vec![row(2, 8.0)], &log, 3);
+        assert_eq!(rows.len(), 3);
+        assert!(note.unwrap().ends_with("(steps 1, 3)"));
+        assert_eq!(restore_from_log(vec![row(1, 9.0)], "", 3), (vec![row(1, 9.0)], None));
+        let (rows, note) = restore_from_log(Vec::new(), "no rows here", 3);
+        assert!(rows.is_empty() && note.unwrap().contains("steps 1-3 are gone for good"));
+        assert_eq!(restore_from_log(Vec::new(), "", 0), (Vec::new(), None));
+        for (v, want) in [(vec![], ""), (vec![1, 2, 3, 5, 7, 8], "1-3, 5, 7-8"), (vec![4], "4")] {
+            assert_eq!(ranges(&v), want);
+        }
+    }
+
+    #[test]
     fn metrics_rows_to_keep() {
         let header = HEADER.join(",");
         let row = |s: usize| format!("{s},0,{},{},4.0,4.0,0.0,0.001,1.0,,100.0,1.0", s * 10, s * 12);
@@ -467,7 +598,12 @@ mod tests {
         let damaged = format!("{header}\n{}\nx,y\n{}\n", row(1), row(2));
         let (kept, notes) = rows_to_keep(&damaged, 5);
         assert_eq!(kept.len(), 2);
-        assert!(notes[0].contains("1 damaged row"), "{notes:?}");
+        assert!(notes[0].contains("1 damaged row(s): line 3"), "{notes:?}");
+        // A row whose step still reads but whose loss does not is named by its step.
+        let bad_loss = format!("{header}\n{}\n{}\n", row(1), row(2).replace("4.0,4.0", "4.0,4.x"));
+        let (kept, notes) = rows_to_keep(&bad_loss, 5);
+        assert_eq!(kept.len(), 1);
+        assert!(notes[0].contains("line 3 (step 2)"), "{notes:?}");
         assert_eq!(rows_to_keep("", 3), (Vec::new(), Vec::new()));
     }
 }

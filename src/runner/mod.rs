@@ -20,7 +20,7 @@ use crate::cost::{self, Cost};
 use crate::dist::World;
 use crate::metrics::say;
 use crate::run_dir::{Meta, MetaFile, Override, RunDir, RunLock, Status, folder_name};
-use crate::train::{self, Outcome, Placement, ResumeRequest, Session};
+use crate::train::{self, Outcome, Placement, RESUMABLE_KEYS, ResumeRequest, Session};
 
 /// `minimind run FILES...`: every run of the experiment files (every sweep point), or with
 /// `dry_run` what would be created; as ranks with `--nproc`, or as one rank of a launch.
@@ -154,26 +154,6 @@ fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
     Ok(())
 }
 
-/// Keys `minimind resume --set` may change: they change neither the model nor the order of the
-/// data, so the run stays one run.
-pub const RESUMABLE_KEYS: &[&str] = &[
-    "train.max_steps",
-    "train.epochs",
-    "train.threads",
-    "train.learning_rate",
-    "train.schedule",
-    "train.warmup_steps",
-    "train.min_lr_ratio",
-    "train.weight_decay",
-    "train.grad_clip",
-    "checkpoint.log_interval",
-    "checkpoint.save_interval",
-    "checkpoint.keep_last",
-    "checkpoint.eval_interval",
-    "checkpoint.eval_batches",
-    "data.num_workers",
-];
-
 /// Everything a run must pass before anything is created: a device/dtype it can train on and
 /// memory for its peak.
 pub fn preflight(c: &Config, layered: &Layered) -> Result<Placement, ConfigError> {
@@ -259,7 +239,18 @@ fn resume_run(root: &Path, sets: &[Assign], allow_data_change: bool, session: Se
         .iter()
         .map(|a| Override { key: a.key.clone(), value: a.value.to_string(), source: a.origin.to_string() })
         .collect();
-    let request = ResumeRequest { overrides, allow_data_change };
+    // A resume reads the run's config.toml: configuration variables are not applied to it.
+    let ignored: Vec<String> =
+        std::env::vars().map(|(k, _)| k).filter(|k| config::is_config_var(k)).collect();
+    let warnings = if ignored.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{} set in the environment, but a resume reads the run's config.toml: ignored (--set changes the keys a resume may change)",
+            ignored.join(", ")
+        )]
+    };
+    let request = ResumeRequest { overrides, allow_data_change, warnings };
     continue_run(&dir, lock, &config, &layered, &Session { resume: Some(request), ..session })
 }
 
@@ -277,11 +268,25 @@ fn continue_run(
     for n in notes {
         crate::metrics::warn(&n);
     }
+    let done = meta.last_step.unwrap_or(0);
+    let extended = session
+        .resume
+        .as_ref()
+        .is_some_and(|r| r.overrides.iter().any(|o| o.key == "train.max_steps" || o.key == "train.epochs"));
+    if meta.status == Status::Completed
+        && !extended
+        && let Some(n) = config.train.max_steps
+        && done < n
+    {
+        // A completed run ends at its last step: this status was written by hand or by an
+        // older version; the run goes on to its end without changing its schedule.
+        crate::metrics::warn(&format!(
+            "{} says completed, but its last step {done} is short of train.max_steps = {n}: continuing it to step {n}",
+            dir.meta_path().display()
+        ));
+        meta.status = Status::Stopped;
+    }
     if meta.status == Status::Completed {
-        let done = meta.last_step.unwrap_or(0);
-        let extended = session.resume.as_ref().is_some_and(|r| {
-            r.overrides.iter().any(|o| o.key == "train.max_steps" || o.key == "train.epochs")
-        });
         if let Some(n) = config.train.max_steps
             && extended
             && n <= done

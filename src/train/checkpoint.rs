@@ -49,6 +49,23 @@ pub struct TrainerState {
     /// How many ranks wrote this checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<usize>,
+    /// The run's resolved config (TOML) this checkpoint was trained with: a resume compares
+    /// config.toml with it (absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// A checkpoint written for another model shape than the run's config asks: not damage (its
+/// bytes are intact), so it is never set aside; the resume is refused naming the keys.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "checkpoint {} was written for another model shape than config.toml now gives; differing keys:\n  {}\n  hint: restore those values in config.toml, or start a new run from these weights with checkpoint.from_weight",
+    dir.display(),
+    keys.join("\n  ")
+)]
+pub struct OtherShape {
+    pub dir: PathBuf,
+    pub keys: Vec<String>,
 }
 
 pub fn dir_name(step: usize) -> String {
@@ -191,8 +208,9 @@ pub struct Loaded {
     pub adam_step: u64,
 }
 
-/// Reads and verifies one checkpoint against its marker.
-pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
+/// Reads and verifies one checkpoint against its marker, then against `model` (a shape
+/// change is [`OtherShape`], not damage) and its contents (see [`check_contents`]).
+pub fn load(dir: &Path, model: &ModelConfig) -> Result<Loaded> {
     let marker = fs::read_to_string(dir.join(MARKER)).context("no COMPLETE marker")?;
     let mut files = Vec::new();
     for line in marker.lines() {
@@ -210,7 +228,12 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
         bail!("marker lists {} files, expected {}", files.len(), FILES.len());
     }
     let state: TrainerState = serde_json::from_slice(&files[2]).context("state.json")?;
-    let params = hf::read_weights(&files[0], layout).context("model.safetensors")?;
+    let keys = state.model.differences(model, "checkpoint");
+    if !keys.is_empty() {
+        return Err(OtherShape { dir: dir.to_path_buf(), keys }.into());
+    }
+    let layout = crate::engine::Layout::new(model);
+    let params = hf::read_weights(&files[0], &layout).context("model.safetensors")?;
     let st = SafeTensors::deserialize(&files[1]).context("optimizer.safetensors")?;
     let vec_of = |name: &str| -> Result<Vec<f32>> {
         hf::to_f32(&st.tensor(name).with_context(|| format!("optimizer state has no {name}"))?)
@@ -226,7 +249,47 @@ pub fn load(dir: &Path, layout: &crate::engine::Layout) -> Result<Loaded> {
         .and_then(|m| m.get("adam_step"))
         .and_then(|s| s.parse().ok())
         .context("optimizer state has no adam_step")?;
-    Ok(Loaded { dir: dir.to_path_buf(), state, params, exp_avg, exp_avg_sq, adam_step })
+    let loaded = Loaded { dir: dir.to_path_buf(), state, params, exp_avg, exp_avg_sq, adam_step };
+    check_contents(&loaded).map_err(|why| anyhow::anyhow!("{why}"))?;
+    Ok(loaded)
+}
+
+/// What a checkpoint holds, beyond its checksums: finite weights and moments (a second moment
+/// is never negative), and no more AdamW updates than optimiser steps (float16 skips some).
+fn check_contents(ck: &Loaded) -> std::result::Result<(), String> {
+    let first_bad = |v: &[f32], ok: fn(f32) -> bool| v.iter().position(|&x| !ok(x));
+    if let Some(i) = first_bad(&ck.params, f32::is_finite) {
+        return Err(format!("model.safetensors: weight {i} is {} (not finite)", ck.params[i]));
+    }
+    if let Some(i) = first_bad(&ck.exp_avg, f32::is_finite) {
+        return Err(format!("optimizer.safetensors: exp_avg[{i}] is {} (not finite)", ck.exp_avg[i]));
+    }
+    if let Some(i) = first_bad(&ck.exp_avg_sq, |x| x.is_finite() && x >= 0.0) {
+        return Err(format!(
+            "optimizer.safetensors: exp_avg_sq[{i}] is {} (not finite and >= 0)",
+            ck.exp_avg_sq[i]
+        ));
+    }
+    if ck.adam_step > ck.state.step as u64 {
+        return Err(format!("adam_step {} is past the checkpoint's step {}", ck.adam_step, ck.state.step));
+    }
+    Ok(())
+}
+
+/// Whether a checkpoint's data cursor is where its step says, on the data the run opened:
+/// micro-batches consumed (`epoch x per_epoch + batch`) = `step x` micro-batches per step, and
+/// the batch within its epoch. `None` when it is. Pure.
+pub fn cursor_problem(state: &TrainerState, per_epoch: usize, per_step: usize) -> Option<String> {
+    let Cursor { epoch, batch } = state.cursor;
+    let consumed = epoch.checked_mul(per_epoch).and_then(|n| n.checked_add(batch));
+    let expected = state.step.checked_mul(per_step);
+    if batch > per_epoch || consumed.is_none() || consumed != expected {
+        return Some(format!(
+            "state.json: data cursor (epoch {epoch}, batch {batch}) is not where step {} leaves the data ({per_step} micro-batches a step, {per_epoch} an epoch)",
+            state.step
+        ));
+    }
+    None
 }
 
 /// What to do with a damaged checkpoint met while looking for the newest intact one.
@@ -239,17 +302,25 @@ pub enum Damaged {
     Leave,
 }
 
-/// The newest checkpoint in `dir` that reads back intact (checksums first) for `layout`, and a
-/// note for each damaged one newer than it (set aside or left as `damaged` says).
+/// The newest checkpoint in `dir` that reads back intact (checksums first) for `model` and
+/// passes `check` (the caller's own rules, such as the data cursor: `Some(why)` is damage, an
+/// error ends the search), and a note for each
+/// damaged one newer than it (set aside or left as `damaged` says). A checkpoint of another
+/// model shape is an error ([`OtherShape`]), never damage.
 pub fn newest_intact(
     dir: &Path,
-    layout: &crate::engine::Layout,
+    model: &ModelConfig,
     damaged: Damaged,
+    check: &dyn Fn(&Loaded) -> Result<Option<String>>,
 ) -> Result<(Option<Loaded>, Vec<String>)> {
     let mut notes = Vec::new();
     for (_, ck) in list(dir).into_iter().rev() {
-        let e = match load(&ck, layout) {
-            Ok(loaded) => return Ok((Some(loaded), notes)),
+        let e = match load(&ck, model) {
+            Ok(loaded) => match check(&loaded)? {
+                None => return Ok((Some(loaded), notes)),
+                Some(why) => anyhow::anyhow!("{why}"),
+            },
+            Err(e) if e.is::<OtherShape>() => return Err(e),
             Err(e) => e,
         };
         let kept = match damaged {

@@ -1,13 +1,16 @@
 //! The training loop and what it needs around the engine.
 
 pub mod checkpoint;
+mod edits;
 mod ranks;
 mod run;
 pub mod schedule;
 mod session;
 mod start;
 mod trainer;
+mod warnings;
 
+pub use edits::RESUMABLE_KEYS;
 pub use ranks::gpu as rank_gpu;
 pub use run::{follow, train};
 pub use session::{Outcome, ResumeRequest, Session};

@@ -34,6 +34,8 @@ pub struct ResumeRequest {
     pub overrides: Vec<Override>,
     /// Continue even though the data, tokenizer or tokens changed since the checkpoint.
     pub allow_data_change: bool,
+    /// Warnings about the request itself (settings it ignores), for the run header and meta.json.
+    pub warnings: Vec<String>,
 }
 
 /// Knobs of one session that are not part of the experiment.

@@ -6,11 +6,12 @@ use anyhow::{Result, bail};
 
 use super::Session;
 use super::checkpoint::{self, TrainerState};
+use super::edits;
 use super::session::Refused;
 use crate::config::Config;
 use crate::data::{Batches, Cursor, Dataset, OpenOptions, Tok, hold_out};
 use crate::engine::{Engine, Kernels, hf};
-use crate::run_dir::{MetaFile, ResumeRecord, RunDir};
+use crate::run_dir::{MetaFile, Override, ResumeRecord, RunDir};
 use crate::units::human;
 
 /// The run's data, opened: rows, batches and the validation rows.
@@ -89,19 +90,23 @@ pub fn restore<K: Kernels>(
     let mut data_changes = Vec::new();
     let owner = s.world.is_owner();
     let checkpoint = match &s.resume {
-        Some(_) if owner => newest(run, &start.engine, &mut start.notes)?,
+        Some(_) if owner => newest(run, config, data, &mut start.notes)?,
         _ => None,
     };
+    let mut overrides = s.resume.as_ref().map(|r| r.overrides.clone()).unwrap_or_default();
     match checkpoint {
-        Some(ck) => data_changes = from_checkpoint(&mut start, ck, (run, config), data, s)?,
+        Some(ck) => {
+            overrides.extend(hand_edits(&ck, config, &overrides, &mut start.notes));
+            data_changes = from_checkpoint(&mut start, ck, (run, config), data, s)?;
+        }
         None if !owner => {}
         None => from_scratch(&mut start, config, s.resume.is_some())?,
     }
-    if let Some(r) = &s.resume {
+    if s.resume.is_some() {
         let record = ResumeRecord {
             at: chrono::Local::now().to_rfc3339(),
             from_step: start.state.step,
-            overrides: r.overrides.clone(),
+            overrides,
             data_changes,
         };
         meta.update(|m| m.resumes.push(record))?;
@@ -109,27 +114,89 @@ pub fn restore<K: Kernels>(
     Ok(start)
 }
 
-/// The run's newest intact checkpoint (damaged newer ones set aside, with notes); fails when
-/// it was written for another model shape.
-fn newest<K: Kernels>(
+/// The run's resolved config as a TOML table (what checkpoints record).
+fn config_table(config: &Config) -> toml::Table {
+    toml::Table::try_from(config).expect("the resolved config is TOML-serialisable")
+}
+
+/// The run's newest checkpoint that is intact for this model shape, with its data cursor
+/// where its step says (damaged or misplaced newer ones set aside, with notes). Refused, never
+/// set aside: a checkpoint of another shape, or config.toml edited since it in a key that
+/// changes the model or the order of the data.
+fn newest(
     run: &RunDir,
-    engine: &Engine<K>,
+    config: &Config,
+    data: &Data,
     notes: &mut Vec<String>,
 ) -> Result<Option<checkpoint::Loaded>> {
-    let (ck, damaged) =
-        checkpoint::newest_intact(&run.checkpoints_dir(), &engine.layout, checkpoint::Damaged::SetAside)?;
-    notes.extend(damaged);
-    if let Some(ck) = &ck {
-        let diff = ck.state.model.differences(&engine.config, "checkpoint");
-        if !diff.is_empty() {
-            bail!(
-                "checkpoint {} was written for another model shape; differing keys:\n  {}",
-                ck.dir.display(),
-                diff.join("\n  ")
-            );
+    let now = data.ds.fingerprint();
+    let table = config_table(config);
+    let check = |ck: &checkpoint::Loaded| -> Result<Option<String>> {
+        if let Some(then) = ck.state.config.as_deref().and_then(|t| toml::from_str::<toml::Table>(t).ok()) {
+            let (_, refused) = edits::config_edits(&then, &table);
+            if !refused.is_empty() {
+                let keys: Vec<String> =
+                    refused.iter().map(|e| format!("{} ({} then, {} now)", e.key, e.then, e.now)).collect();
+                return Err(Refused(format!(
+                    "cannot resume {}: config.toml differs from the config {} was trained with, in keys that change the model or the order of the data:\n  {}\n  hint: restore them in config.toml, or start a new run from these weights with checkpoint.from_weight = \"{}\"",
+                    run.root.display(),
+                    ck.dir.display(),
+                    keys.join("\n  "),
+                    ck.dir.join("model.safetensors").display()
+                ))
+                .into());
+            }
         }
-    }
+        // On other data (a resume allowed to change it) the cursor has nothing to be checked against.
+        if ck.state.data.as_ref() != Some(&now) {
+            return Ok(None);
+        }
+        let per_step = ck.state.global_accumulation.unwrap_or(config.train.accumulation_steps);
+        Ok(checkpoint::cursor_problem(&ck.state, data.batches.per_epoch(), per_step))
+    };
+    let (ck, damaged) = checkpoint::newest_intact(
+        &run.checkpoints_dir(),
+        &config.model,
+        checkpoint::Damaged::SetAside,
+        &check,
+    )
+    .map_err(|e| match e.downcast::<checkpoint::OtherShape>() {
+        Ok(shape) => Refused(format!("cannot resume {}: {shape}", run.root.display())).into(),
+        Err(e) => e,
+    })?;
+    notes.extend(damaged);
     Ok(ck)
+}
+
+/// Keys a resume may change that differ between config.toml (its `--set` values aside, already
+/// in `sets`) and the config checkpoint `ck` was trained with: hand edits, recorded in
+/// meta.json as `--set` values are, and named in the run header.
+fn hand_edits(
+    ck: &checkpoint::Loaded,
+    config: &Config,
+    sets: &[Override],
+    notes: &mut Vec<String>,
+) -> Vec<Override> {
+    let Some(then) = ck.state.config.as_deref().and_then(|t| toml::from_str::<toml::Table>(t).ok()) else {
+        return Vec::new();
+    };
+    let (resumable, _) = edits::config_edits(&then, &config_table(config));
+    let mut out = Vec::new();
+    for e in resumable.into_iter().filter(|e| !sets.iter().any(|o| o.key == e.key)) {
+        notes.push(format!(
+            "config.toml was edited since {}: {} = {} (was {})",
+            ck.dir.display(),
+            e.key,
+            e.now,
+            e.then
+        ));
+        out.push(Override {
+            key: e.key,
+            value: e.now,
+            source: format!("config.toml, edited by hand (was {})", e.then),
+        });
+    }
+    out
 }
 
 /// Fails before anything is allocated when the device has too little free memory for the
@@ -168,7 +235,12 @@ fn fresh_state(config: &Config, data: &Data) -> TrainerState {
         loss_scale: None,
         global_accumulation: None,
         world_size: None,
+        config: Some(config_text(config)),
     }
+}
+
+fn config_text(config: &Config) -> String {
+    toml::to_string(config).expect("the resolved config is TOML-serialisable")
 }
 
 /// Continues from checkpoint `ck` when the data it trained on is the same (or the resume
@@ -211,7 +283,8 @@ fn from_checkpoint<K: Kernels>(
     }
     // Checkpoints from before data parallel were written by one process.
     let global = ck.state.global_accumulation.or(Some(config.train.accumulation_steps));
-    start.state = TrainerState { data: Some(now), global_accumulation: global, ..ck.state };
+    let config = Some(config_text(config));
+    start.state = TrainerState { data: Some(now), global_accumulation: global, config, ..ck.state };
     start.notes.push(format!("resuming from {} (step {})", ck.dir.display(), start.state.step));
     Ok(changes)
 }

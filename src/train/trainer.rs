@@ -21,7 +21,7 @@ use super::checkpoint::{self, TrainerState};
 use super::ranks::{self, Split, agreed_stop};
 use super::schedule::lr_at;
 use super::start::{self, Data};
-use super::{Outcome, Placement, Session};
+use super::{Outcome, Placement, Session, warnings};
 use crate::config::{Config, Device, Dtype};
 use crate::cost::Cost;
 use crate::engine::comm::{self, CommChoice, Communicator};
@@ -115,6 +115,7 @@ impl<'a, K: Kernels> Trainer<'a, K> {
         ranks::share_state(&s.world, &mut *comm, &mut engine, &mut state)?;
         let split = ranks::split(config, data.batches.per_epoch(), &mut state, s.world.size())?;
         notes.extend(split.note.clone());
+        notes.extend(record_warnings(ctx, &data, split.total)?);
         record_start(ctx, &state, &split, &device)?;
         let (metrics, metric_notes) = open_metrics(ctx, &state)?;
         notes.extend(metric_notes);
@@ -214,6 +215,8 @@ impl<'a, K: Kernels> Trainer<'a, K> {
                 return Ok(Some(sig));
             }
         }
+        // Rows read from a cache cut short under this run are zeros: never an update from them.
+        self.data.ds.intact()?;
         self.update(real);
         Ok(None)
     }
@@ -331,10 +334,11 @@ impl<'a, K: Kernels> Trainer<'a, K> {
             tokens_per_s: (state.tokens_seen - self.clock.last_tokens) as f64 / dt,
             elapsed_s: state.elapsed_s,
         };
+        self.console.line(&row.line(self.split.total));
         if let Some(m) = self.metrics.as_mut() {
             m.write(&row)?;
+            self.console.log_only(&crate::metrics::log_line(&row));
         }
-        self.console.line(&row.line(self.split.total));
         (self.clock.last_log, self.clock.last_tokens) = (Instant::now(), state.tokens_seen);
         Ok(())
     }
@@ -497,6 +501,27 @@ fn open_data_in_turn(config: &Config, s: &Session) -> Result<Data> {
     Ok(data)
 }
 
+/// Warnings about values that are legal but almost certainly wrong (and the resume's own),
+/// recorded in meta.json once each; returns them as header lines.
+fn record_warnings(ctx: Ctx<'_>, data: &Data, total_steps: usize) -> Result<Vec<String>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let facts = warnings::Facts { cores, total_steps, tokens: data.ds.tokens() };
+    let mut found = warnings::warnings(&ctx.config.train, &facts);
+    if let Some(r) = &ctx.s.resume {
+        found.extend(r.warnings.iter().cloned());
+    }
+    if !found.is_empty() {
+        ctx.meta.update(|m| {
+            for w in &found {
+                if !m.warnings.contains(w) {
+                    m.warnings.push(w.clone());
+                }
+            }
+        })?;
+    }
+    Ok(found.into_iter().map(|w| format!("warning: {w}")).collect())
+}
+
 /// meta.json as the steps begin: the step, the GPU, the ranks, running; a resume's changed
 /// config.toml (rank 0).
 fn record_start(ctx: Ctx<'_>, state: &TrainerState, split: &Split, device: &str) -> Result<()> {
@@ -523,7 +548,9 @@ fn open_metrics(ctx: Ctx<'_>, state: &TrainerState) -> Result<(Option<MetricsWri
         return Ok((None, Vec::new()));
     }
     let resume = ctx.s.resume.as_ref().map(|_| state.step);
-    let (mut w, mut notes) = MetricsWriter::open(&ctx.run.metrics_path(), resume)?;
+    let log = ctx.run.log_path();
+    let (mut w, mut notes) =
+        MetricsWriter::open(&ctx.run.metrics_path(), resume.map(|step| (step, log.as_path())))?;
     if ctx.config.metrics.tensorboard {
         notes.extend(w.with_events(&ctx.run.root, resume, &crate::config::render(ctx.config, None))?);
     }

@@ -677,10 +677,13 @@ fn a_disk_filling_while_metrics_are_appended_reports_that_first() {
         .map(|e| e.path())
         .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .unwrap();
+    // A row goes to metrics.csv, then to the TensorBoard events: whichever needs a new page of
+    // the full disk first reports it.
     let first = err.lines().find(|l| l.starts_with("error: ")).unwrap();
+    let csv = format!("appending a row to {}", run.join("metrics.csv").display());
+    let events = format!("appending to {}", run.join("events.out.tfevents").display());
     assert!(
-        first.contains(&format!("appending a row to {}", run.join("metrics.csv").display()))
-            && first.contains("No space left"),
+        (first.contains(&csv) || first.contains(&events)) && first.contains("No space left"),
         "the first error is the metrics one: {err}"
     );
     assert!(err.contains("could not record the failure in meta.json either"), "{err}");

@@ -8,6 +8,7 @@ mod dist;
 mod faults;
 mod runs;
 mod shards;
+mod silent;
 mod sweeps;
 mod tensorboard;
 

@@ -290,8 +290,9 @@ fn bad_tokenizer_and_sequence_length() {
     let s = Scratch::new();
     s.write("tok.json", "{ not a tokenizer");
     s.micro("");
-    let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 1);
-    assert!(stderr(&o).contains("cannot load tokenizer"), "{}", stderr(&o));
+    let o = expect(&mut run_quiet(s.path(), &["micro.toml"]), 2);
+    assert!(stderr(&o).contains("`data.tokenizer`: cannot load tokenizer"), "{}", stderr(&o));
+    assert!(!s.path().join("runs").exists(), "a config error, before any folder");
     let s = Scratch::new();
     s.micro("");
     let o = expect(&mut run_quiet(s.path(), &["micro.toml", "--set", "data.max_seq_len=128"]), 2);

@@ -303,3 +303,78 @@ pub fn slurm_logs(sweep: &Path) -> String {
         })
         .unwrap_or_default()
 }
+
+#[test]
+fn points_stop_with_a_killed_driver_and_a_resumed_sweep_waits_for_live_ones() {
+    let s = Scratch::new();
+    sweep_file(&s, GRID, 400);
+    // The driver killed with -9 while two points train: they get SIGTERM (their parent died)
+    // and stop with a checkpoint instead of training on unnoticed.
+    let mut p = Spawned::start(minimind(s.path()).args(["run", "micro.toml", "--quiet", "-j", "2"]));
+    p.wait_for("started", 60);
+    p.wait_for("started", 60);
+    std::thread::sleep(Duration::from_millis(800));
+    p.signal("KILL");
+    let _ = p.finish();
+    let sweep = sweeps(&s)[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let started: Vec<PathBuf> = ["moe=0,lr=1e-3", "moe=0,lr=3e-3"].iter().map(|t| sweep.join(t)).collect();
+    while started.iter().any(|r| meta(r)["status"] == "running") {
+        assert!(Instant::now() < deadline, "points still train after their driver died");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in &started {
+        let m = meta(r);
+        assert_eq!(
+            (m["status"].as_str(), m["reason"].as_str()),
+            (Some("stopped"), Some("stopped by SIGTERM"))
+        );
+    }
+
+    // A point trained by another process when the sweep resumes is waited for, not failed.
+    let point = started[0].clone();
+    let mut live = Spawned::start(minimind(s.path()).arg("resume").arg(&point).arg("--quiet"));
+    live.wait_for("resuming from", 30);
+    let o = expect(minimind(s.path()).args(["resume", "--quiet", "-j", "1"]).arg(&sweep), 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("moe=0,lr=1e-3: still trained by process") && out.contains("waiting for it to end"),
+        "{out}"
+    );
+    assert!(out.contains("moe=0,lr=1e-3 completed (by process"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    let (code, _, _) = live.finish();
+    assert_eq!(code, Some(0));
+    assert!(index(&sweep).iter().all(|r| r.1 == "completed"), "{:?}", index(&sweep));
+}
+
+#[test]
+fn a_failed_point_says_why_and_sweep_toml_keeps_points_inside() {
+    let s = Scratch::new();
+    let file = sweep_file(&s, GRID, 2);
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let sweep = sweeps(&s)[0].clone();
+    // A point whose process cannot start training (its config.toml broken by hand): the FAILED
+    // line carries the first error it printed, kept in the point's stderr.log.
+    let point = sweep.join("moe=1,lr=3e-3");
+    fs::write(
+        point.join("meta.json"),
+        fs::read_to_string(point.join("meta.json")).unwrap().replace("\"completed\"", "\"stopped\""),
+    )
+    .unwrap();
+    fs::write(point.join("config.toml"), "[model]\nhidden_size = \"wide\"\n").unwrap();
+    let o = expect(minimind(s.path()).args(["resume", "--quiet"]).arg(&sweep), 1);
+    let out = stdout(&o);
+    let line = out.lines().find(|l| l.contains("FAILED")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("hidden_size"), "the point's own first error: {line}");
+    assert!(fs::read_to_string(point.join("stderr.log")).unwrap().contains("hidden_size"));
+    // A hand-edited sweep.toml cannot send a point outside the sweep.
+    let text = fs::read_to_string(sweep.join("sweep.toml")).unwrap();
+    let escaped = text.replacen("folder = \"moe=0,lr=1e-3\"", "folder = \"../x\"", 1);
+    assert_ne!(text, escaped, "sweep.toml names its points' folders");
+    fs::write(sweep.join("sweep.toml"), escaped).unwrap();
+    let o = expect(minimind(s.path()).arg("resume").arg(&sweep), 1);
+    assert!(stderr(&o).contains("folder `../x`, which is not a folder inside the sweep"), "{}", stderr(&o));
+    assert!(!s.path().join("runs/x").exists());
+    let _ = file;
+}

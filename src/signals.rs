@@ -112,6 +112,38 @@ pub fn install() -> Result<Stop> {
     Ok(stop)
 }
 
+/// The variable through which a sweep driver hands its points the read end of a pipe whose
+/// write end only the driver holds: when the driver dies, however it dies, the read returns.
+pub const DRIVER_FD_VAR: &str = "MINIMIND_SWEEP_DRIVER_FD";
+
+/// In a sweep point: a thread that waits for the driver's end of the pipe to close and then
+/// sends this process SIGTERM, once, so it stops with a checkpoint as for any SIGTERM. (Linux's
+/// parent-death signal would fire again each time the dying driver's threads hand the process
+/// on to each other, which reads as a second signal: quit at once.)
+pub fn watch_driver() {
+    let Some(fd) = std::env::var(DRIVER_FD_VAR).ok().and_then(|v| v.parse::<i32>().ok()) else { return };
+    // Not for this process's own children (a point starts none, but nothing should inherit it).
+    // SAFETY: fcntl on a descriptor number; a bad one fails harmlessly.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("sweep-driver".into()).spawn(move || {
+        let mut byte = [0u8; 1];
+        loop {
+            // SAFETY: reads into a 1-byte buffer from a descriptor this process owns.
+            let n = unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+        }
+        // SAFETY: a process-directed signal to this process, handled by `install`'s thread.
+        unsafe { libc::kill(libc::getpid(), SIGTERM) };
+    });
+}
+
 /// Testing aid (`--crash-at POINT`): the place where the process kills itself with SIGKILL,
 /// exactly as `kill -9` would at that moment.
 static CRASH_AT: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -316,8 +316,8 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
             unsafe { libc::kill(*pid as i32, sig) };
         }
     })));
-    // Each running point with the GPU it holds, if any.
-    let mut running: Vec<(Child, &Point, Option<usize>)> = Vec::new();
+    // Each running point with the GPU it holds, if any, and the pipe end it watches.
+    let mut running: Vec<(Child, &Point, Option<usize>, std::os::fd::OwnedFd)> = Vec::new();
     let mut failed = 0;
     let mut forwarded = None;
     let mut last_refresh = Instant::now();
@@ -328,7 +328,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
         {
             forwarded = Some(sig);
             pending.clear();
-            for (child, p, _) in &running {
+            for (child, p, _, _) in &running {
                 say(&format!("{}: stopping (checkpoint of its last complete step)", p.tag));
                 // SAFETY: signals a child this process started.
                 unsafe { libc::kill(child.id() as i32, sig) };
@@ -361,10 +361,10 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 cmd.env("CUDA_VISIBLE_DEVICES", k.to_string());
                 place = format!("GPU {k}");
             }
-            let child = spawn_point(&mut cmd, &RunDir { root: sweep.point_dir(p) })?;
+            let (child, watched) = spawn_point(&mut cmd, &RunDir { root: sweep.point_dir(p) })?;
             say(&format!("[{}/{total}] {} started ({place}, pid {})", p.index + 1, p.tag, child.id()));
             children.lock().unwrap_or_else(|e| e.into_inner()).push((child.id(), p.tag.clone()));
-            running.push((child, p, held_gpu(device, slot, gpus)));
+            running.push((child, p, held_gpu(device, slot, gpus), watched));
         }
         if running.is_empty() {
             break;
@@ -376,7 +376,7 @@ pub fn run_local(sweep: &Sweep, jobs: usize, stop: &Stop) -> Result<Ended> {
                 i += 1;
                 continue;
             };
-            let (child, p, _) = running.remove(i);
+            let (child, p, _, _) = running.remove(i);
             children.lock().unwrap_or_else(|e| e.into_inner()).retain(|(pid, _)| *pid != child.id());
             let rows = sweep.refresh_index()?;
             let row = &rows[p.index];
@@ -452,10 +452,11 @@ fn first_error(run: &RunDir, code: Option<i32>) -> String {
 
 /// Starts a point's process in a process group of its own (a Ctrl-C reaches the driver, which
 /// forwards it), stdout discarded (it logs to its run folder), stderr kept in its folder's
-/// stderr.log. If the driver dies, the point gets SIGTERM (Linux's parent-death signal) and
-/// stops with a checkpoint, so no point trains on unnoticed. Config variables are not passed
-/// on: the point's resolved file already holds them.
-fn spawn_point(cmd: &mut Command, run: &RunDir) -> Result<Child> {
+/// stderr.log. It gets the read end of a pipe whose write end only this driver holds
+/// (`signals::watch_driver`): if the driver dies, the point stops with a checkpoint, so none
+/// trains on unnoticed. Config variables are not passed on: the point's resolved file already
+/// holds them.
+fn spawn_point(cmd: &mut Command, run: &RunDir) -> Result<(Child, std::os::fd::OwnedFd)> {
     use std::os::unix::process::CommandExt;
     let path = run.stderr_path();
     let stderr = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -465,19 +466,27 @@ fn spawn_point(cmd: &mut Command, run: &RunDir) -> Result<Child> {
             cmd.env_remove(k);
         }
     }
-    let driver = std::process::id() as i32;
-    // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, raise).
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors; both ends close on exec, the read end is made
+    // inheritable in the child alone (below).
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the pipe a sweep point watches");
+    }
+    let (read_end, write_end) = (fds[0], fds[1]);
+    cmd.env(crate::signals::DRIVER_FD_VAR, read_end.to_string());
+    // SAFETY: between fork and exec only fcntl, which is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
-            // The driver may have died before the line above: then nobody would signal us.
-            if libc::getppid() != driver {
-                libc::raise(libc::SIGTERM);
-            }
+            libc::fcntl(read_end, libc::F_SETFD, 0);
             Ok(())
         });
     }
-    cmd.spawn().context("starting a sweep point")
+    let child = cmd.spawn().context("starting a sweep point");
+    // SAFETY: the read end is the child's now; the write end is held (as an owned descriptor)
+    // while the point runs, and closes when it ends or when this driver dies.
+    unsafe { libc::close(read_end) };
+    let write_end = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(write_end) };
+    Ok((child?, write_end))
 }
 
 /// Prints the index as a table.

@@ -28,6 +28,7 @@ pub const OWN_VARS: &[&str] = &[
     "MINIMIND_CUDA_LIBS",
     "MINIMIND_CUDA_SYNC",
     "MINIMIND_CACHE_DIR",
+    crate::signals::DRIVER_FD_VAR,
 ];
 
 /// Whether environment variable `name` is meant for the config: under the prefix and not one

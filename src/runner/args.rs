@@ -78,6 +78,7 @@ impl SessionArgs {
     /// The session these options describe, its signal handlers installed.
     pub fn session(&self, world: &World) -> Result<Session> {
         let stop = crate::signals::install()?;
+        crate::signals::watch_driver();
         if let Some(point) = &self.aids.crash_at {
             crate::signals::set_crash_point(point.clone());
         }

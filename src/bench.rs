@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::config::{Config, Device, Dtype, PlannedRun};
 use crate::engine::backend::{self, Task};
@@ -147,6 +147,87 @@ pub fn report(runs: &[PlannedRun], steps: usize, profile: bool) -> Result<()> {
         println!("tokens_per_s={:.1}", r.tokens_per_s);
     }
     Ok(())
+}
+
+/// `minimind bench FILE --matmul`: the CPU's f32 products (the `gemm` crate) and bf16 products
+/// (`engine::cpu::bf16`, when the CPU has AVX512-BF16) at the first run's shapes, on its
+/// threads; `rounds` alternating rounds, medians. The peaks assume two 512-bit units per core
+/// at the clock /proc/cpuinfo reports (64 f32 FLOP per cycle with FMA, 128 with `vdpbf16ps`).
+pub fn matmul(runs: &[PlannedRun], rounds: usize) -> Result<()> {
+    use crate::engine::cpu::bf16;
+    let c = &runs.first().context("no run to measure")?.config;
+    let pool = crate::threads::pool(c.train.threads)?;
+    let threads = pool.current_num_threads();
+    let rows = c.train.batch_size * c.data.max_seq_len;
+    let has_bf16 = bf16::isa() == Ok(bf16::Isa::Avx512Bf16);
+    let mhz = cpu_mhz();
+    println!(
+        "{} ({}), {threads} thread(s), {:.0} MHz",
+        crate::run_dir::cpu_model(),
+        bf16::describe_cpu(),
+        mhz
+    );
+    let peak = |flop_per_cycle: f64| flop_per_cycle * mhz * 1e6 * threads as f64 / 1e9;
+    println!(
+        "peaks (assumed): f32 FMA {:.0} GFLOP/s, bf16 vdpbf16ps {:.0} GFLOP/s; {} alternating round(s), medians",
+        peak(64.0),
+        peak(128.0),
+        rounds.max(1)
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>7} {:>11}",
+        "product [M, N, K]", "f32 GF/s", "bf16 GF/s", "ratio", "bf16 % peak"
+    );
+    let m = &c.model;
+    for (name, shape, transposed) in
+        bf16::minimind_shapes(rows, m.hidden_size, m.intermediate_size, m.vocab_size)
+    {
+        let (lhs, rhs) = bf16::random_operands(shape, 3);
+        let mut out = vec![0f32; shape[0] * shape[1]];
+        let flop = 2.0 * shape.iter().map(|&d| d as f64).product::<f64>();
+        let mut time = |bf: bool| {
+            let t = Instant::now();
+            pool.install(|| bf16::product(shape, transposed, (&lhs, &rhs), &mut out, bf));
+            flop / t.elapsed().as_secs_f64() / 1e9
+        };
+        let (mut f32s, mut bf16s) = (Vec::new(), Vec::new());
+        time(false);
+        if has_bf16 {
+            time(true);
+        }
+        for _ in 0..rounds.max(1) {
+            f32s.push(time(false));
+            if has_bf16 {
+                bf16s.push(time(true));
+            }
+        }
+        let f = median(&mut f32s);
+        if has_bf16 {
+            let b = median(&mut bf16s);
+            println!("{name:<28} {f:>10.1} {b:>10.1} {:>6.2}x {:>10.0}%", b / f, 100.0 * b / peak(128.0));
+        } else {
+            println!("{name:<28} {f:>10.1} {:>10} {:>7} {:>11}", "-", "-", "-");
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The clock /proc/cpuinfo reports for the first core (MHz; 0 when unknown).
+fn cpu_mhz() -> f64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split_once(':'))
+                .and_then(|(_, v)| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// The CUDA engine's profile: per kernel, launches per step (counted on the device), the

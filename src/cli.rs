@@ -188,6 +188,10 @@ enum Command {
         /// Time every kernel and print where the time goes.
         #[arg(long)]
         profile: bool,
+        /// Time the CPU's matrix products at the experiment's shapes instead: f32 against bf16
+        /// (where the CPU has AVX512-BF16), GFLOP/s as medians of alternating rounds.
+        #[arg(long, conflicts_with = "profile")]
+        matmul: bool,
     },
 }
 
@@ -283,7 +287,11 @@ fn dispatch(cli: Cli, world: &World) -> Result<ExitCode> {
         Command::Selftest { device, fixtures } => {
             crate::selftest::run(device_arg(device)?, &fixtures).map(ok)
         }
-        Command::Bench { file, steps, set, profile } => {
+        Command::Bench { file, steps, set, profile, matmul: true } => {
+            let _ = profile;
+            crate::bench::matmul(&load(&file, &set)?, steps).map(ok)
+        }
+        Command::Bench { file, steps, set, profile, matmul: false } => {
             crate::bench::report(&load(&file, &set)?, steps, profile).map(ok)
         }
     }

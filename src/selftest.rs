@@ -35,6 +35,12 @@ pub fn run(device: Device, fixtures: &Path) -> Result<()> {
     }
     print(&checks);
     let mut all = checks;
+    if matches!(device, Device::Cpu | Device::Auto) {
+        let mut products = Vec::new();
+        many.install(|| bf16_products(&mut products));
+        print(&products);
+        all.extend(products);
+    }
     let names = ["dense_tiny", "moe_tiny", "dense_songci"];
     if names.iter().all(|n| fixtures.join(n).is_dir()) {
         let runs: Vec<(Dtype, FixtureTolerance)> = match device {
@@ -70,6 +76,39 @@ pub fn run(device: Device, fixtures: &Path) -> Result<()> {
     }
     say(&format!("all {} checks passed", all.len()));
     Ok(())
+}
+
+/// The CPU's bf16 products (each path this CPU has) against its f32 products at MiniMind2-small
+/// shapes: relative error of the whole output, at bf16's tolerance (inputs rounded to 8 bits
+/// of mantissa). Not yet used by training (issue #21).
+fn bf16_products(checks: &mut Vec<Check>) {
+    use crate::engine::cpu::bf16;
+    match bf16::isa() {
+        Ok(bf16::Isa::Avx512Bf16) => {}
+        Ok(isa) => {
+            say(&format!("bf16 products: path {} ({}): nothing to check", isa.name(), bf16::describe_cpu()));
+            return;
+        }
+        Err(why) => {
+            say(&format!("bf16 products: {why}"));
+            return;
+        }
+    }
+    say(&format!("bf16 products (avx512bf16; {}) against f32 products:", bf16::describe_cpu()));
+    for (name, shape, transposed) in bf16::minimind_shapes(256, 512, 1408, 6400) {
+        let (lhs, rhs) = bf16::random_operands(shape, 11);
+        let mut want = vec![0f32; shape[0] * shape[1]];
+        let mut got = want.clone();
+        bf16::product(shape, transposed, (&lhs, &rhs), &mut want, false);
+        bf16::product(shape, transposed, (&lhs, &rhs), &mut got, true);
+        let num: f64 = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+        checks.push(Check {
+            name: format!("matmul bf16 {name}"),
+            worst: (num / den.max(1e-300)).sqrt(),
+            tolerance: 1e-2,
+        });
+    }
 }
 
 fn print(checks: &[Check]) {

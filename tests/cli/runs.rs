@@ -604,3 +604,26 @@ fn next_steps_name_the_command_the_user_has_and_completions_print() {
         assert!(stdout(&o).contains("resume"), "{shell}: every command");
     }
 }
+
+#[test]
+fn cpu_selftest_checks_the_bf16_products_on_the_path_the_cpu_or_the_pin_gives() {
+    let fixtures = repo().join("../shared/fixtures");
+    let selftest = |isa: Option<&str>| {
+        let mut cmd = minimind(&repo());
+        cmd.args(["selftest", "--device", "cpu", "--fixtures"]).arg(&fixtures);
+        if let Some(isa) = isa {
+            cmd.env("MINIMIND_CPU_ISA", isa);
+        }
+        stdout(&expect(&mut cmd, 0))
+    };
+    let out = selftest(None);
+    let has_bf16 = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" avx512_bf16");
+    if has_bf16 {
+        assert_eq!(out.matches("matmul bf16 ").count(), 5, "{out}");
+    } else {
+        assert!(out.contains("bf16 products: path f32"), "{out}");
+    }
+    // Pinned off, the path is f32 and says so; an unknown pin is named.
+    assert!(selftest(Some("f32")).contains("bf16 products: path f32"));
+    assert!(selftest(Some("sse2")).contains("MINIMIND_CPU_ISA=sse2: expected f32, avx512bf16 or amx"));
+}

@@ -7,6 +7,7 @@
 #![allow(clippy::needless_range_loop)] // index loops read like the maths
 
 mod attention;
+pub mod bf16;
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -1,0 +1,430 @@
+//! bf16 matrix products on the CPU with f32 accumulation, as PyTorch's autocast computes them:
+//! the f32 operands are rounded to bf16 (nearest even) while they are packed, multiplied with
+//! the CPU's bf16 dot-product instruction, and summed in f32.
+//!
+//! Shapes: `dst[M, N] (+)= beta * lhs[M, K] rhs[K, N]`, the operands strided as
+//! [`super::Operand`] describes them. K is taken in pairs: `vdpbf16ps` multiplies two bf16
+//! pairs per f32 lane and adds both products to the lane.
+//!
+//! Layout (llm.c-style blocking over the `gemm` crate's conventions):
+//! - rhs is packed once per `KC` block into panels of `NR` = 32 columns: for each pair p of k,
+//!   the 32 columns' `(rhs[2p][j], rhs[2p+1][j])` as one u32 each (two zmm registers);
+//! - lhs is packed per `MC`-row block (on the worker that owns it) into panels of `MR` = 12
+//!   rows: for each pair p, the 12 rows' `(lhs[i][2p], lhs[i][2p+1])` as u32, broadcast one at
+//!   a time;
+//! - the microkernel keeps a 12 x 32 f32 tile in 24 zmm registers over the block's k pairs.
+//!
+//! Which instructions run is decided once per process ([`isa`]): `avx512bf16` when the CPU
+//! has AVX512-BF16, else `f32` (the caller keeps its f32 product); `MINIMIND_CPU_ISA` pins a
+//! path (`f32`, `avx512bf16`) so tests can take each one. AMX (which needs its own tile layout
+//! and the kernel's XTILEDATA permission) is detected and reported but not used yet.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::{Dst, Operand};
+
+/// The bf16 instruction path this process uses for matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// No bf16 instruction (or pinned off): products stay in f32.
+    F32,
+    /// AVX512-BF16's `vdpbf16ps` (Intel Cooper Lake and later, AMD Zen 4 and later).
+    Avx512Bf16,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::F32 => "f32",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// What this CPU offers: (AVX512-BF16, AMX-BF16).
+fn cpu_features() -> (bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86_64 CPU.
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
+        (avx, amx)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (false, false)
+}
+
+/// The path for `(has_avx512bf16, pinned)`: the pin wins when the CPU can run it; a pin it
+/// cannot run is an error, never a SIGILL. Pure.
+pub fn choose(has_avx512bf16: bool, pinned: Option<&str>) -> Result<Isa, String> {
+    match pinned {
+        None | Some("") => Ok(if has_avx512bf16 { Isa::Avx512Bf16 } else { Isa::F32 }),
+        Some("f32") => Ok(Isa::F32),
+        Some("avx512bf16") if has_avx512bf16 => Ok(Isa::Avx512Bf16),
+        Some("avx512bf16") => Err("MINIMIND_CPU_ISA=avx512bf16, but this CPU has no AVX512-BF16".into()),
+        Some("amx") => {
+            Err("MINIMIND_CPU_ISA=amx: the AMX path is not written yet (avx512bf16 or f32)".into())
+        }
+        Some(other) => Err(format!("MINIMIND_CPU_ISA={other}: expected f32, avx512bf16 or amx")),
+    }
+}
+
+/// The process's path, decided on first use from the CPU and `MINIMIND_CPU_ISA`.
+pub fn isa() -> Result<Isa, String> {
+    static ISA: OnceLock<Result<Isa, String>> = OnceLock::new();
+    ISA.get_or_init(|| choose(cpu_features().0, std::env::var("MINIMIND_CPU_ISA").ok().as_deref())).clone()
+}
+
+/// The CPU's bf16 instructions, in words (for selftest and benchmark headers).
+pub fn describe_cpu() -> String {
+    let (avx, amx) = cpu_features();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    format!("AVX512-BF16: {}, AMX-BF16: {}", yes(avx), yes(amx))
+}
+
+/// Rows of lhs per microkernel tile.
+const MR: usize = 12;
+/// Columns of rhs per microkernel tile (two zmm registers of f32).
+const NR: usize = 32;
+/// k elements per block (even): a rhs panel of `NR x KC` bf16 stays in L1/L2.
+const KC: usize = 512;
+/// Rows of lhs per block: one worker's packed lhs (`MC x KC` bf16) stays in L2.
+const MC: usize = 16 * MR;
+
+/// f32 -> bf16, rounded to nearest even (NaN stays NaN).
+fn bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 -> f32 (exact).
+pub fn f32_of(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Two bf16 as the u32 `vdpbf16ps` reads (the first in the low half).
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16(lo) as u32 | (bf16(hi) as u32) << 16
+}
+
+thread_local! {
+    /// Packing buffers, reused call after call (no allocation once warm).
+    static PACK_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACK_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` with bf16 products and f32 sums, on the rayon
+/// pool when `parallel`. Requires [`isa`] to be [`Isa::Avx512Bf16`].
+///
+/// # Safety
+/// As [`super::gemm_strided`]: the pointers cover the strided extents, `dst` aliases neither
+/// input; and the CPU has AVX512-BF16.
+pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Operand, parallel: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    PACK_B.with(|b| {
+        let mut b = b.borrow_mut();
+        for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
+            let kc = KC.min(k - k0.min(k));
+            let pairs = kc.div_ceil(2);
+            b.clear();
+            b.resize(panels * pairs * NR, 0);
+            // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
+            unsafe { pack_rhs(&mut b, rhs, k0, kc, n) };
+            // The first block writes (or accumulates, as dst asks), the others add.
+            let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
+            let packed: &[u32] = &b;
+            let blocks = m.div_ceil(MC);
+            let shared = Shared { dst, lhs };
+            let run = |bi: usize| {
+                let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
+                // SAFETY: row block bi of dst is written by this worker only; the inputs are
+                // read within the caller's extents.
+                let Shared { dst, lhs } = shared.get();
+                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc), n, packed) };
+            };
+            if parallel && blocks > 1 {
+                (0..blocks).into_par_iter().for_each(run);
+            } else {
+                (0..blocks).for_each(run);
+            }
+        }
+    });
+}
+
+/// The output and lhs as the workers see them: each writes its own rows of `dst` and reads
+/// `lhs`, which nobody writes during the product.
+#[derive(Clone, Copy)]
+struct Shared {
+    dst: Dst,
+    lhs: Operand,
+}
+impl Shared {
+    /// By value (a closure calling this captures the whole struct, not its pointer fields).
+    fn get(&self) -> Shared {
+        *self
+    }
+}
+
+// SAFETY: see `Shared`: disjoint writes, shared reads, all within the call.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// Packs rhs[k0..k0 + kc, 0..n] into NR-column panels of k pairs (zero past n and kc).
+unsafe fn pack_rhs(out: &mut [u32], rhs: Operand, k0: usize, kc: usize, n: usize) {
+    let pairs = kc.div_ceil(2);
+    let at = |r: usize, c: usize| -> f32 {
+        if r >= kc || c >= n {
+            return 0.0;
+        }
+        // SAFETY: (k0 + r, c) is inside the caller's rhs.
+        unsafe { *rhs.ptr.offset((k0 + r) as isize * rhs.rs + c as isize * rhs.cs) }
+    };
+    for (panel, chunk) in out.chunks_exact_mut(pairs * NR).enumerate() {
+        let c0 = panel * NR;
+        for p in 0..pairs {
+            for j in 0..NR {
+                chunk[p * NR + j] = pair(at(2 * p, c0 + j), at(2 * p + 1, c0 + j));
+            }
+        }
+    }
+}
+
+/// Rows i0..i0 + mc of dst over k block (k0, kc): packs its lhs rows, then every column panel.
+unsafe fn row_block(
+    dst: Dst,
+    lhs: Operand,
+    (i0, mc): (usize, usize),
+    (k0, kc): (usize, usize),
+    n: usize,
+    rhs: &[u32],
+) {
+    let pairs = kc.div_ceil(2);
+    let tiles = mc.div_ceil(MR);
+    PACK_A.with(|a| {
+        let mut a = a.borrow_mut();
+        a.clear();
+        a.resize(tiles * pairs * MR, 0);
+        let at = |r: usize, c: usize| -> f32 {
+            if r >= mc || c >= kc {
+                return 0.0;
+            }
+            // SAFETY: (i0 + r, k0 + c) is inside the caller's lhs.
+            unsafe { *lhs.ptr.offset((i0 + r) as isize * lhs.rs + (k0 + c) as isize * lhs.cs) }
+        };
+        for (t, chunk) in a.chunks_exact_mut(pairs * MR).enumerate() {
+            for p in 0..pairs {
+                for i in 0..MR {
+                    chunk[p * MR + i] = pair(at(t * MR + i, 2 * p), at(t * MR + i, 2 * p + 1));
+                }
+            }
+        }
+        for (panel, b) in rhs.chunks_exact(pairs * NR).enumerate() {
+            let j0 = panel * NR;
+            let cols = NR.min(n - j0);
+            for (t, a) in a.chunks_exact(pairs * MR).enumerate() {
+                let rows = MR.min(mc - t * MR);
+                let mut tile = [[0f32; NR]; MR];
+                // SAFETY: the packed panels hold `pairs` pairs each; the CPU has AVX512-BF16.
+                unsafe { micro(a, b, pairs, &mut tile) };
+                for (r, row) in tile.iter().enumerate().take(rows) {
+                    // SAFETY: row i0 + t*MR + r, columns j0.. j0 + cols of dst are this block's.
+                    let out = unsafe { dst.ptr.add((i0 + t * MR + r) * dst.ld + j0) };
+                    for (c, v) in row.iter().enumerate().take(cols) {
+                        // SAFETY: as above.
+                        unsafe {
+                            let o = out.add(c);
+                            *o = if dst.accumulate { *o + dst.beta * v } else { dst.beta * v };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The 12 x 32 tile `a^T b` over `pairs` k pairs, into `tile`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro(a: &[u32], b: &[u32], pairs: usize, tile: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..pairs {
+        // SAFETY: p < pairs and the panels hold pairs * NR (b) and pairs * MR (a) values.
+        let (b0, b1) = unsafe {
+            let bp = b.as_ptr().add(p * NR) as *const __m512i;
+            (_mm512_loadu_si512(bp), _mm512_loadu_si512(bp.add(1)))
+        };
+        // SAFETY: both are 512-bit vectors; the bits are 32 bf16 values.
+        let (b0, b1) = unsafe {
+            (std::mem::transmute::<__m512i, __m512bh>(b0), std::mem::transmute::<__m512i, __m512bh>(b1))
+        };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: p * MR + i < pairs * MR, the panel's length; the broadcast pair is 2 bf16.
+            let ai = unsafe {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *a.get_unchecked(p * MR + i) as i32
+                ))
+            };
+            row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+        }
+    }
+    for (row, out) in acc.iter().zip(tile.iter_mut()) {
+        // SAFETY: each tile row holds 32 f32.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), row[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), row[1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro(_: &[u32], _: &[u32], _: usize, _: &mut [[f32; NR]; MR]) {
+    unreachable!("no bf16 path is chosen off x86_64")
+}
+
+/// The shapes of MiniMind's products for a model of width `c` (MLP width `i`, vocabulary `v`)
+/// at `rows` = B x T tokens: `(name, [M, N, K], rhs transposed)`. The forward products read
+/// the weights `[out, in]` transposed; the weight gradients are `dy^T x` (K = rows).
+pub fn minimind_shapes(rows: usize, c: usize, i: usize, v: usize) -> Vec<(String, [usize; 3], bool)> {
+    vec![
+        (format!("x W_o^T   {rows}x{c}x{c}"), [rows, c, c], true),
+        (format!("x W_up^T  {rows}x{}x{c}", 2 * i), [rows, 2 * i, c], true),
+        (format!("h W_dn^T  {rows}x{c}x{i}"), [rows, c, i], true),
+        (format!("x E^T     {rows}x{v}x{c}"), [rows, v, c], true),
+        (format!("dy^T x    {}x{c}x{rows}", 2 * i), [2 * i, c, rows], false),
+    ]
+}
+
+/// Random inputs for `[m, n, k]`: lhs `[m, k]` row-major, rhs as stored (`[n, k]` read
+/// transposed, or `[k, n]`).
+pub fn random_operands([m, n, k]: [usize; 3], seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut s = seed;
+    let mut rand = move || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    ((0..m * k).map(|_| rand()).collect(), (0..n * k).map(|_| rand()).collect())
+}
+
+/// One product of `shape` into `out`: the bf16 path (`bf16`) or the f32 one (the `gemm`
+/// crate), rhs transposed or not; on the rayon pool.
+pub fn product(
+    shape: [usize; 3],
+    transposed: bool,
+    (lhs, rhs): (&[f32], &[f32]),
+    out: &mut [f32],
+    bf16: bool,
+) {
+    let [m, n, k] = shape;
+    assert!(lhs.len() >= m * k && rhs.len() >= n * k && out.len() >= m * n, "operands too small");
+    let b = if transposed { Operand::transposed(rhs.as_ptr(), k) } else { Operand::rows(rhs.as_ptr(), n) };
+    let (a, d) = (Operand::rows(lhs.as_ptr(), k), Dst::set(out.as_mut_ptr(), n));
+    if bf16 {
+        assert_eq!(isa(), Ok(Isa::Avx512Bf16), "the bf16 product needs AVX512-BF16");
+        // SAFETY: the sizes were checked above; the CPU has AVX512-BF16.
+        unsafe { gemm(shape, d, a, b, true) }
+    } else {
+        // SAFETY: the sizes were checked above.
+        unsafe { super::gemm_strided(shape, d, a, b, true) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_follows_the_cpu_and_the_pin() {
+        let table: [(bool, Option<&str>, Result<Isa, &str>); 8] = [
+            (true, None, Ok(Isa::Avx512Bf16)),
+            (false, None, Ok(Isa::F32)),
+            (true, Some("f32"), Ok(Isa::F32)),
+            (true, Some("avx512bf16"), Ok(Isa::Avx512Bf16)),
+            (false, Some("avx512bf16"), Err("no AVX512-BF16")),
+            (true, Some("amx"), Err("not written yet")),
+            (true, Some("sse"), Err("expected f32, avx512bf16 or amx")),
+            (false, Some(""), Ok(Isa::F32)),
+        ];
+        for (has, pin, want) in table {
+            match (choose(has, pin), want) {
+                (Ok(got), Ok(w)) => assert_eq!(got, w, "{has} {pin:?}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{has} {pin:?}: {e}"),
+                (got, w) => panic!("{has} {pin:?}: {got:?} vs {w:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        for (x, want) in [
+            (1.0f32, 0x3f80u16),
+            (f32::from_bits(0x3f80_8000), 0x3f80), // a tie: to the even 0x3f80
+            (f32::from_bits(0x3f81_8000), 0x3f82), // a tie: to the even 0x3f82
+            (f32::from_bits(0x3f80_8001), 0x3f81),
+            (-2.5, 0xc020),
+        ] {
+            assert_eq!(bf16(x), want, "{x}");
+        }
+        assert!(f32_of(bf16(f32::NAN)).is_nan());
+    }
+
+    /// The bf16 product against f32 products of the same bf16-rounded inputs (so only the
+    /// summation order differs), over ragged shapes, strides and both Dst modes.
+    #[test]
+    fn the_bf16_product_matches_f32_on_rounded_inputs() {
+        if isa() != Ok(Isa::Avx512Bf16) {
+            eprintln!("SKIPPED: this CPU has no AVX512-BF16 ({})", describe_cpu());
+            return;
+        }
+        let mut seed = 7u64;
+        let mut rand = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for [m, n, k] in [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3]] {
+            let a: Vec<f32> = (0..m * k).map(|_| f32_of(bf16(rand()))).collect();
+            let bt: Vec<f32> = (0..n * k).map(|_| f32_of(bf16(rand()))).collect(); // [n, k]
+            let mut want = vec![0f64; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * bt[j * k + p] as f64).sum();
+                }
+            }
+            for (accumulate, beta) in [(false, 1.0f32), (true, 0.5)] {
+                let mut got = vec![1f32; m * n];
+                // rhs given as the transpose of the row-major [n, k] matrix.
+                unsafe {
+                    gemm(
+                        [m, n, k],
+                        Dst::set(got.as_mut_ptr(), n).with(beta, accumulate),
+                        Operand::rows(a.as_ptr(), k),
+                        Operand::transposed(bt.as_ptr(), k),
+                        true,
+                    )
+                };
+                let base = if accumulate { 1.0 } else { 0.0 };
+                for (g, w) in got.iter().zip(&want) {
+                    let w = base + beta as f64 * w;
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(),
+                        "{m}x{n}x{k}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -151,33 +151,35 @@ pub fn report(runs: &[PlannedRun], steps: usize, profile: bool) -> Result<()> {
 
 /// `minimind bench FILE --matmul`: the CPU's f32 products (the `gemm` crate) and bf16 products
 /// (`engine::cpu::bf16`, when the CPU has AVX512-BF16) at the first run's shapes, on its
-/// threads; `rounds` alternating rounds, medians. The peaks assume two 512-bit units per core
-/// at the clock /proc/cpuinfo reports (64 f32 FLOP per cycle with FMA, 128 with `vdpbf16ps`).
+/// threads; `rounds` alternating rounds, medians; each against its instruction's peak as
+/// measured on these threads (`bf16::instruction_peaks`).
 pub fn matmul(runs: &[PlannedRun], rounds: usize) -> Result<()> {
     use crate::engine::cpu::bf16;
     let c = &runs.first().context("no run to measure")?.config;
     let pool = crate::threads::pool(c.train.threads)?;
     let threads = pool.current_num_threads();
     let rows = c.train.batch_size * c.data.max_seq_len;
-    let has_bf16 = bf16::isa() == Ok(bf16::Isa::Avx512Bf16);
-    let mhz = cpu_mhz();
+    println!("{} ({}), {threads} thread(s)", crate::run_dir::cpu_model(), bf16::describe_cpu());
+    let (f32_peak, dp_peak) = pool.install(bf16::instruction_peaks);
+    let amx_peak = pool.install(bf16::amx_peak);
+    let show = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.0} GFLOP/s"));
     println!(
-        "{} ({}), {threads} thread(s), {:.0} MHz",
-        crate::run_dir::cpu_model(),
-        bf16::describe_cpu(),
-        mhz
-    );
-    let peak = |flop_per_cycle: f64| flop_per_cycle * mhz * 1e6 * threads as f64 / 1e9;
-    println!(
-        "peaks (assumed): f32 FMA {:.0} GFLOP/s, bf16 vdpbf16ps {:.0} GFLOP/s; {} alternating round(s), medians",
-        peak(64.0),
-        peak(128.0),
+        "instruction peaks (measured): f32 FMA {f32_peak:.0} GFLOP/s, bf16 vdpbf16ps {}, AMX tdpbf16ps {}; {} alternating round(s), medians",
+        show(dp_peak),
+        show(amx_peak),
         rounds.max(1)
     );
-    println!(
-        "{:<28} {:>10} {:>10} {:>7} {:>11}",
-        "product [M, N, K]", "f32 GF/s", "bf16 GF/s", "ratio", "bf16 % peak"
-    );
+    // Each path's GFLOP/s, and its share of its own instruction's measured peak where known.
+    let mut paths = vec![bf16::Isa::F32];
+    paths.extend(bf16::available().into_iter().rev());
+    let peak_of = |p: bf16::Isa| match p {
+        bf16::Isa::F32 => Some(f32_peak),
+        bf16::Isa::Avx512Bf16 => dp_peak,
+        bf16::Isa::Amx => amx_peak,
+    };
+    let head: Vec<String> =
+        paths.iter().map(|p| format!("{:>17}", format!("{} GF/s (%)", p.name()))).collect();
+    println!("{:<28} {}  vs f32", "product [M, N, K]", head.join(" "));
     let m = &c.model;
     for (name, shape, transposed) in
         bf16::minimind_shapes(rows, m.hidden_size, m.intermediate_size, m.vocab_size)
@@ -185,29 +187,32 @@ pub fn matmul(runs: &[PlannedRun], rounds: usize) -> Result<()> {
         let (lhs, rhs) = bf16::random_operands(shape, 3);
         let mut out = vec![0f32; shape[0] * shape[1]];
         let flop = 2.0 * shape.iter().map(|&d| d as f64).product::<f64>();
-        let mut time = |bf: bool| {
+        let mut time = |path: bf16::Isa| {
             let t = Instant::now();
-            pool.install(|| bf16::product(shape, transposed, (&lhs, &rhs), &mut out, bf));
+            pool.install(|| bf16::product(shape, transposed, (&lhs, &rhs), &mut out, path));
             flop / t.elapsed().as_secs_f64() / 1e9
         };
-        let (mut f32s, mut bf16s) = (Vec::new(), Vec::new());
-        time(false);
-        if has_bf16 {
-            time(true);
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        for &p in &paths {
+            time(p);
         }
         for _ in 0..rounds.max(1) {
-            f32s.push(time(false));
-            if has_bf16 {
-                bf16s.push(time(true));
+            for (i, &p) in paths.iter().enumerate() {
+                runs[i].push(time(p));
             }
         }
-        let f = median(&mut f32s);
-        if has_bf16 {
-            let b = median(&mut bf16s);
-            println!("{name:<28} {f:>10.1} {b:>10.1} {:>6.2}x {:>10.0}%", b / f, 100.0 * b / peak(128.0));
-        } else {
-            println!("{name:<28} {f:>10.1} {:>10} {:>7} {:>11}", "-", "-", "-");
-        }
+        let medians: Vec<f64> = runs.iter_mut().map(|r| median(r)).collect();
+        let cells: Vec<String> = paths
+            .iter()
+            .zip(&medians)
+            .map(|(&p, &g)| {
+                let share = peak_of(p).map_or(String::new(), |peak| format!(" ({:.0}%)", 100.0 * g / peak));
+                format!("{:>17}", format!("{g:.1}{share}"))
+            })
+            .collect();
+        let best = medians[1..].iter().copied().fold(f64::NAN, f64::max);
+        let ratio = if best.is_nan() { "-".to_string() } else { format!("{:.2}x", best / medians[0]) };
+        println!("{name:<28} {}  {ratio}", cells.join(" "));
     }
     Ok(())
 }
@@ -215,19 +220,6 @@ pub fn matmul(runs: &[PlannedRun], rounds: usize) -> Result<()> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The clock /proc/cpuinfo reports for the first core (MHz; 0 when unknown).
-fn cpu_mhz() -> f64 {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .and_then(|l| l.split_once(':'))
-                .and_then(|(_, v)| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// The CUDA engine's profile: per kernel, launches per step (counted on the device), the

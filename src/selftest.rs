@@ -83,31 +83,34 @@ pub fn run(device: Device, fixtures: &Path) -> Result<()> {
 /// of mantissa). Not yet used by training (issue #21).
 fn bf16_products(checks: &mut Vec<Check>) {
     use crate::engine::cpu::bf16;
-    match bf16::isa() {
-        Ok(bf16::Isa::Avx512Bf16) => {}
-        Ok(isa) => {
-            say(&format!("bf16 products: path {} ({}): nothing to check", isa.name(), bf16::describe_cpu()));
-            return;
-        }
-        Err(why) => {
-            say(&format!("bf16 products: {why}"));
-            return;
-        }
+    let default = match bf16::isa() {
+        Ok(isa) => isa.name().to_string(),
+        Err(why) => format!("none ({why})"),
+    };
+    let paths = bf16::available();
+    say(&format!(
+        "bf16 products ({}; the default path {default}) against f32 products, on every path this CPU has:",
+        bf16::describe_cpu()
+    ));
+    if paths.is_empty() {
+        say("  no bf16 path on this CPU: nothing to check");
+        return;
     }
-    say(&format!("bf16 products (avx512bf16; {}) against f32 products:", bf16::describe_cpu()));
     for (name, shape, transposed) in bf16::minimind_shapes(256, 512, 1408, 6400) {
         let (lhs, rhs) = bf16::random_operands(shape, 11);
         let mut want = vec![0f32; shape[0] * shape[1]];
-        let mut got = want.clone();
-        bf16::product(shape, transposed, (&lhs, &rhs), &mut want, false);
-        bf16::product(shape, transposed, (&lhs, &rhs), &mut got, true);
-        let num: f64 = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+        bf16::product(shape, transposed, (&lhs, &rhs), &mut want, bf16::Isa::F32);
         let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-        checks.push(Check {
-            name: format!("matmul bf16 {name}"),
-            worst: (num / den.max(1e-300)).sqrt(),
-            tolerance: 1e-2,
-        });
+        for &path in &paths {
+            let mut got = vec![0f32; want.len()];
+            bf16::product(shape, transposed, (&lhs, &rhs), &mut got, path);
+            let num: f64 = got.iter().zip(&want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+            checks.push(Check {
+                name: format!("matmul {} {name}", path.name()),
+                worst: (num / den.max(1e-300)).sqrt(),
+                tolerance: 1e-2,
+            });
+        }
     }
 }
 

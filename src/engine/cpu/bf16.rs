@@ -14,10 +14,10 @@
 //!   a time;
 //! - the microkernel keeps a 12 x 32 f32 tile in 24 zmm registers over the block's k pairs.
 //!
-//! Which instructions run is decided once per process ([`isa`]): `avx512bf16` when the CPU
-//! has AVX512-BF16, else `f32` (the caller keeps its f32 product); `MINIMIND_CPU_ISA` pins a
-//! path (`f32`, `avx512bf16`) so tests can take each one. AMX (which needs its own tile layout
-//! and the kernel's XTILEDATA permission) is detected and reported but not used yet.
+//! Which instructions run is decided once per process ([`isa`]): AMX (`super::amx`, its own
+//! tile layout) when the CPU has AMX-BF16 and Linux grants the tile state, else `avx512bf16`
+//! when the CPU has AVX512-BF16, else `f32` (the caller keeps its f32 product);
+//! `MINIMIND_CPU_ISA` pins a path (`f32`, `avx512bf16`, `amx`) so tests can take each one.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -33,6 +33,8 @@ pub enum Isa {
     F32,
     /// AVX512-BF16's `vdpbf16ps` (Intel Cooper Lake and later, AMD Zen 4 and later).
     Avx512Bf16,
+    /// AMX-BF16's `tdpbf16ps` on 16 x 64-byte tiles (Intel Sapphire Rapids and later).
+    Amx,
 }
 
 impl Isa {
@@ -40,6 +42,7 @@ impl Isa {
         match self {
             Isa::F32 => "f32",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -61,25 +64,42 @@ fn cpu_features() -> (bool, bool) {
     (false, false)
 }
 
-/// The path for `(has_avx512bf16, pinned)`: the pin wins when the CPU can run it; a pin it
-/// cannot run is an error, never a SIGILL. Pure.
-pub fn choose(has_avx512bf16: bool, pinned: Option<&str>) -> Result<Isa, String> {
+/// The path for what the CPU can run (`paths`: the bf16 paths available, see [`available`])
+/// and the pin: the pin wins when the CPU can run it; a pin it cannot run is an error, never a
+/// SIGILL; unpinned, the fastest path (AMX, then AVX512-BF16, then f32). Pure.
+pub fn choose(paths: &[Isa], pinned: Option<&str>) -> Result<Isa, String> {
+    let has = |isa: Isa| paths.contains(&isa);
     match pinned {
-        None | Some("") => Ok(if has_avx512bf16 { Isa::Avx512Bf16 } else { Isa::F32 }),
+        None | Some("") => Ok([Isa::Amx, Isa::Avx512Bf16].into_iter().find(|&i| has(i)).unwrap_or(Isa::F32)),
         Some("f32") => Ok(Isa::F32),
-        Some("avx512bf16") if has_avx512bf16 => Ok(Isa::Avx512Bf16),
+        Some("avx512bf16") if has(Isa::Avx512Bf16) => Ok(Isa::Avx512Bf16),
         Some("avx512bf16") => Err("MINIMIND_CPU_ISA=avx512bf16, but this CPU has no AVX512-BF16".into()),
+        Some("amx") if has(Isa::Amx) => Ok(Isa::Amx),
         Some("amx") => {
-            Err("MINIMIND_CPU_ISA=amx: the AMX path is not written yet (avx512bf16 or f32)".into())
+            Err("MINIMIND_CPU_ISA=amx, but this CPU has no AMX-BF16 (or Linux did not grant its tiles)"
+                .into())
         }
         Some(other) => Err(format!("MINIMIND_CPU_ISA={other}: expected f32, avx512bf16 or amx")),
     }
 }
 
+/// The bf16 paths this CPU can run, in the order they are preferred.
+pub fn available() -> Vec<Isa> {
+    let (avx, amx) = cpu_features();
+    let mut out = Vec::new();
+    if amx && super::amx::permit() {
+        out.push(Isa::Amx);
+    }
+    if avx {
+        out.push(Isa::Avx512Bf16);
+    }
+    out
+}
+
 /// The process's path, decided on first use from the CPU and `MINIMIND_CPU_ISA`.
 pub fn isa() -> Result<Isa, String> {
     static ISA: OnceLock<Result<Isa, String>> = OnceLock::new();
-    ISA.get_or_init(|| choose(cpu_features().0, std::env::var("MINIMIND_CPU_ISA").ok().as_deref())).clone()
+    ISA.get_or_init(|| choose(&available(), std::env::var("MINIMIND_CPU_ISA").ok().as_deref())).clone()
 }
 
 /// The CPU's bf16 instructions, in words (for selftest and benchmark headers).
@@ -99,7 +119,7 @@ const KC: usize = 512;
 const MC: usize = 16 * MR;
 
 /// f32 -> bf16, rounded to nearest even (NaN stays NaN).
-fn bf16(x: f32) -> u16 {
+pub(super) fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
@@ -114,7 +134,7 @@ pub fn f32_of(b: u16) -> f32 {
 
 /// Two bf16 as the u32 `vdpbf16ps` reads (the first in the low half).
 fn pair(lo: f32, hi: f32) -> u32 {
-    bf16(lo) as u32 | (bf16(hi) as u32) << 16
+    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
 thread_local! {
@@ -296,6 +316,71 @@ unsafe fn micro(_: &[u32], _: &[u32], _: usize, _: &mut [[f32; NR]; MR]) {
     unreachable!("no bf16 path is chosen off x86_64")
 }
 
+/// `tdpbf16ps`'s peak on every thread of the current rayon pool at once (GFLOP/s), when the
+/// AMX path is available.
+pub fn amx_peak() -> Option<f64> {
+    available()
+        .contains(&Isa::Amx)
+        .then(|| rayon::broadcast(|_| super::amx::peak_gflops(2_000_000)).iter().sum())
+}
+
+/// The instructions' peaks on this CPU, measured: GFLOP/s of 512-bit f32 FMAs and (when the
+/// CPU has them) of `vdpbf16ps`, each from 12 independent accumulators on every thread of the
+/// current rayon pool at once. What a product's efficiency is judged against.
+pub fn instruction_peaks() -> (f64, Option<f64>) {
+    const ITERS: usize = 20_000_000;
+    let threads = rayon::current_num_threads() as f64;
+    let time = |f: &(dyn Fn() -> f32 + Sync), flop_per_instr: f64| {
+        let t = std::time::Instant::now();
+        let sink: f32 = rayon::broadcast(|_| f()).iter().sum();
+        std::hint::black_box(sink);
+        threads * 12.0 * ITERS as f64 * flop_per_instr / t.elapsed().as_secs_f64() / 1e9
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return (0.0, None);
+        }
+        // SAFETY: AVX-512F was detected above; AVX512-BF16 below.
+        let f32_peak = time(&|| unsafe { peak_loops::fma(ITERS) }, 32.0);
+        let bf16 = std::arch::is_x86_feature_detected!("avx512bf16")
+            .then(|| time(&|| unsafe { peak_loops::dpbf16(ITERS) }, 64.0));
+        (f32_peak, bf16)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (0.0, None)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak_loops {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma(iters: usize) -> f32 {
+        let a = _mm512_set1_ps(1e-9);
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, a);
+            }
+        }
+        acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dpbf16(iters: usize) -> f32 {
+        // SAFETY: 512 bits either way; the bits are 32 bf16 values of 1e-9-ish.
+        let a = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3089_3089)) };
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, a);
+            }
+        }
+        acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+    }
+}
+
 /// The shapes of MiniMind's products for a model of width `c` (MLP width `i`, vocabulary `v`)
 /// at `rows` = B x T tokens: `(name, [M, N, K], rhs transposed)`. The forward products read
 /// the weights `[out, in]` transposed; the weight gradients are `dy^T x` (K = rows).
@@ -320,26 +405,27 @@ pub fn random_operands([m, n, k]: [usize; 3], seed: u64) -> (Vec<f32>, Vec<f32>)
     ((0..m * k).map(|_| rand()).collect(), (0..n * k).map(|_| rand()).collect())
 }
 
-/// One product of `shape` into `out`: the bf16 path (`bf16`) or the f32 one (the `gemm`
-/// crate), rhs transposed or not; on the rayon pool.
+/// One product of `shape` into `out` on `path` (f32: the `gemm` crate), rhs transposed or
+/// not; on the rayon pool. Panics for a path this CPU cannot run.
 pub fn product(
     shape: [usize; 3],
     transposed: bool,
     (lhs, rhs): (&[f32], &[f32]),
     out: &mut [f32],
-    bf16: bool,
+    path: Isa,
 ) {
     let [m, n, k] = shape;
     assert!(lhs.len() >= m * k && rhs.len() >= n * k && out.len() >= m * n, "operands too small");
+    assert!(path == Isa::F32 || available().contains(&path), "this CPU cannot run {}", path.name());
     let b = if transposed { Operand::transposed(rhs.as_ptr(), k) } else { Operand::rows(rhs.as_ptr(), n) };
     let (a, d) = (Operand::rows(lhs.as_ptr(), k), Dst::set(out.as_mut_ptr(), n));
-    if bf16 {
-        assert_eq!(isa(), Ok(Isa::Avx512Bf16), "the bf16 product needs AVX512-BF16");
-        // SAFETY: the sizes were checked above; the CPU has AVX512-BF16.
-        unsafe { gemm(shape, d, a, b, true) }
-    } else {
-        // SAFETY: the sizes were checked above.
-        unsafe { super::gemm_strided(shape, d, a, b, true) }
+    // SAFETY: the sizes were checked above, and the CPU runs `path`.
+    unsafe {
+        match path {
+            Isa::F32 => super::gemm_strided(shape, d, a, b, true),
+            Isa::Avx512Bf16 => gemm(shape, d, a, b, true),
+            Isa::Amx => super::amx::gemm(shape, d, a, b, true),
+        }
     }
 }
 
@@ -349,21 +435,28 @@ mod tests {
 
     #[test]
     fn the_path_follows_the_cpu_and_the_pin() {
-        let table: [(bool, Option<&str>, Result<Isa, &str>); 8] = [
-            (true, None, Ok(Isa::Avx512Bf16)),
-            (false, None, Ok(Isa::F32)),
-            (true, Some("f32"), Ok(Isa::F32)),
-            (true, Some("avx512bf16"), Ok(Isa::Avx512Bf16)),
-            (false, Some("avx512bf16"), Err("no AVX512-BF16")),
-            (true, Some("amx"), Err("not written yet")),
-            (true, Some("sse"), Err("expected f32, avx512bf16 or amx")),
-            (false, Some(""), Ok(Isa::F32)),
+        let (both, avx, none): (&[Isa], &[Isa], &[Isa]) =
+            (&[Isa::Amx, Isa::Avx512Bf16], &[Isa::Avx512Bf16], &[]);
+        // (paths available, MINIMIND_CPU_ISA, the path or the error's words)
+        type Row<'a> = (&'a [Isa], Option<&'a str>, Result<Isa, &'a str>);
+        let table: [Row; 11] = [
+            (both, None, Ok(Isa::Amx)),
+            (avx, None, Ok(Isa::Avx512Bf16)),
+            (none, None, Ok(Isa::F32)),
+            (both, Some("f32"), Ok(Isa::F32)),
+            (both, Some("avx512bf16"), Ok(Isa::Avx512Bf16)),
+            (none, Some("avx512bf16"), Err("no AVX512-BF16")),
+            (both, Some("amx"), Ok(Isa::Amx)),
+            (avx, Some("amx"), Err("no AMX-BF16")),
+            (both, Some("sse"), Err("expected f32, avx512bf16 or amx")),
+            (none, Some(""), Ok(Isa::F32)),
+            (none, Some("f32"), Ok(Isa::F32)),
         ];
         for (has, pin, want) in table {
             match (choose(has, pin), want) {
-                (Ok(got), Ok(w)) => assert_eq!(got, w, "{has} {pin:?}"),
-                (Err(e), Err(w)) => assert!(e.contains(w), "{has} {pin:?}: {e}"),
-                (got, w) => panic!("{has} {pin:?}: {got:?} vs {w:?}"),
+                (Ok(got), Ok(w)) => assert_eq!(got, w, "{has:?} {pin:?}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{has:?} {pin:?}: {e}"),
+                (got, w) => panic!("{has:?} {pin:?}: {got:?} vs {w:?}"),
             }
         }
     }
@@ -377,17 +470,18 @@ mod tests {
             (f32::from_bits(0x3f80_8001), 0x3f81),
             (-2.5, 0xc020),
         ] {
-            assert_eq!(bf16(x), want, "{x}");
+            assert_eq!(to_bf16(x), want, "{x}");
         }
-        assert!(f32_of(bf16(f32::NAN)).is_nan());
+        assert!(f32_of(to_bf16(f32::NAN)).is_nan());
     }
 
     /// The bf16 product against f32 products of the same bf16-rounded inputs (so only the
     /// summation order differs), over ragged shapes, strides and both Dst modes.
     #[test]
     fn the_bf16_product_matches_f32_on_rounded_inputs() {
-        if isa() != Ok(Isa::Avx512Bf16) {
-            eprintln!("SKIPPED: this CPU has no AVX512-BF16 ({})", describe_cpu());
+        let paths = available();
+        if paths.is_empty() {
+            eprintln!("SKIPPED: this CPU has no bf16 instructions ({})", describe_cpu());
             return;
         }
         let mut seed = 7u64;
@@ -395,34 +489,41 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for [m, n, k] in [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3]] {
-            let a: Vec<f32> = (0..m * k).map(|_| f32_of(bf16(rand()))).collect();
-            let bt: Vec<f32> = (0..n * k).map(|_| f32_of(bf16(rand()))).collect(); // [n, k]
+        for [m, n, k] in [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3], [64, 64, 64]] {
+            let a: Vec<f32> = (0..m * k).map(|_| f32_of(to_bf16(rand()))).collect();
+            let bt: Vec<f32> = (0..n * k).map(|_| f32_of(to_bf16(rand()))).collect(); // [n, k]
             let mut want = vec![0f64; m * n];
             for i in 0..m {
                 for j in 0..n {
                     want[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * bt[j * k + p] as f64).sum();
                 }
             }
-            for (accumulate, beta) in [(false, 1.0f32), (true, 0.5)] {
-                let mut got = vec![1f32; m * n];
-                // rhs given as the transpose of the row-major [n, k] matrix.
-                unsafe {
-                    gemm(
-                        [m, n, k],
+            for &path in &paths {
+                for (accumulate, beta) in [(false, 1.0f32), (true, 0.5), (true, 1.0)] {
+                    let mut got = vec![1f32; m * n];
+                    // rhs given as the transpose of the row-major [n, k] matrix.
+                    let (d, l, r) = (
                         Dst::set(got.as_mut_ptr(), n).with(beta, accumulate),
                         Operand::rows(a.as_ptr(), k),
                         Operand::transposed(bt.as_ptr(), k),
-                        true,
-                    )
-                };
-                let base = if accumulate { 1.0 } else { 0.0 };
-                for (g, w) in got.iter().zip(&want) {
-                    let w = base + beta as f64 * w;
-                    assert!(
-                        (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(),
-                        "{m}x{n}x{k}: {g} vs {w}"
                     );
+                    // SAFETY: the buffers hold the shapes; `path` is available.
+                    unsafe {
+                        match path {
+                            Isa::Avx512Bf16 => gemm([m, n, k], d, l, r, true),
+                            Isa::Amx => super::super::amx::gemm([m, n, k], d, l, r, true),
+                            Isa::F32 => unreachable!("not a bf16 path"),
+                        }
+                    };
+                    let base = if accumulate { 1.0 } else { 0.0 };
+                    for (g, w) in got.iter().zip(&want) {
+                        let w = base + beta as f64 * w;
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(),
+                            "{} {m}x{n}x{k}: {g} vs {w}",
+                            path.name()
+                        );
+                    }
                 }
             }
         }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops read like the maths
 
+mod amx;
 mod attention;
 pub mod bf16;
 

@@ -1,0 +1,374 @@
+//! bf16 products on Intel AMX (`tdpbf16ps`), with f32 accumulation in the tiles: the same
+//! contract as [`super::bf16::gemm`] (operands rounded to bf16 while packed).
+//!
+//! Shapes: `dst[M, N] (+)= beta * lhs[M, K] rhs[K, N]`, K in steps of 32 (zero-padded).
+//! Tiles (palette 1, 16 rows of 64 bytes each):
+//! - tmm0..3: the 32 x 32 f32 output as four 16 x 16 quarters;
+//! - tmm4, tmm5: lhs rows 0..16 and 16..32 of one k step, 32 bf16 each (row-major);
+//! - tmm6, tmm7: rhs columns 0..16 and 16..32 of one k step: 16 rows of k pairs, each row the
+//!   16 columns' `(rhs[2p][j], rhs[2p+1][j])` (AMX's pair-interleaved layout).
+//!
+//! Packing: rhs once per `KC` block into 32-column panels `[panel][step][half][16][16] u32`;
+//! lhs per `MC`-row block (on its worker) into 32-row tiles `[tile][step][half][16][32] u16`.
+//! The OS must grant the tile data state first ([`permit`]).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::{Dst, Operand};
+
+/// Rows and columns of one output tile group.
+const T: usize = 32;
+/// k per AMX step.
+const KS: usize = 32;
+/// k per block (a multiple of KS).
+const KC: usize = 512;
+/// Rows of lhs per worker block.
+const MC: usize = 6 * T;
+
+thread_local! {
+    static PACK_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static PACK_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Asks Linux for the AMX tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`), once
+/// per process; false when refused (an old kernel, or no AMX).
+pub fn permit() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    })
+}
+
+fn bf16(x: f32) -> u16 {
+    super::bf16::to_bf16(x)
+}
+
+/// The output and lhs as the workers see them (disjoint rows written, lhs only read).
+#[derive(Clone, Copy)]
+struct Shared {
+    dst: Dst,
+    lhs: Operand,
+}
+
+impl Shared {
+    /// By value (a closure calling this captures the whole struct, not its pointer fields).
+    fn get(&self) -> Shared {
+        *self
+    }
+}
+
+// SAFETY: see `Shared`.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` on AMX tiles, on the rayon pool when `parallel`.
+///
+/// # Safety
+/// As [`super::gemm_strided`]; and the CPU has AMX-BF16 with [`permit`] granted.
+pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Operand, parallel: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(T);
+    PACK_B.with(|b| {
+        let mut b = b.borrow_mut();
+        for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
+            let kc = KC.min(k - k0.min(k));
+            let steps = kc.div_ceil(KS).max(1);
+            b.clear();
+            b.resize(panels * steps * T * KS / 2, 0);
+            // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
+            unsafe { pack_rhs(&mut b, Shared { dst, lhs: rhs }, (k0, kc), n, (steps, parallel)) };
+            let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
+            let packed: &[u32] = &b;
+            let shared = Shared { dst, lhs };
+            let blocks = m.div_ceil(MC);
+            let run = |bi: usize| {
+                let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
+                let Shared { dst, lhs } = shared.get();
+                // SAFETY: row block bi of dst is this worker's; inputs within the extents.
+                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, packed) };
+            };
+            if parallel && blocks > 1 {
+                (0..blocks).into_par_iter().for_each(run);
+            } else {
+                (0..blocks).for_each(run);
+            }
+        }
+    });
+}
+
+/// rhs[k0..k0 + kc, 0..n] as 32-column panels of `steps` k steps (zero-padded).
+/// `shared.lhs` is the rhs here (its `dst` unused): the wrapper lets the panels pack in parallel.
+unsafe fn pack_rhs(
+    out: &mut [u32],
+    shared: Shared,
+    (k0, kc): (usize, usize),
+    n: usize,
+    (steps, parallel): (usize, bool),
+) {
+    let at = |r: usize, c: usize| -> u16 {
+        let rhs = shared.get().lhs;
+        if r >= kc || c >= n {
+            return 0;
+        }
+        // SAFETY: (k0 + r, c) is inside the caller's rhs.
+        bf16(unsafe { *rhs.ptr.offset((k0 + r) as isize * rhs.rs + c as isize * rhs.cs) })
+    };
+    let per_panel = steps * T * KS / 2;
+    let pack = |(panel, chunk): (usize, &mut [u32])| {
+        let rhs = shared.get().lhs;
+        for s in 0..steps {
+            for half in 0..2 {
+                let base = (s * 2 + half) * 16 * 16;
+                let c0 = panel * T + half * 16;
+                if rhs.rs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
+                    // Column-contiguous rhs (a weight read transposed): each column's 32 k
+                    // convert at once into its 16 pairs, which go down the tile's column.
+                    for j in 0..16 {
+                        let mut pairs = [0u32; 16];
+                        // SAFETY: the column's 32 values are inside the caller's rhs; the CPU
+                        // has AVX512-BF16 (checked).
+                        unsafe {
+                            let src = rhs.ptr.offset((k0 + s * KS) as isize + (c0 + j) as isize * rhs.cs);
+                            convert32(src, pairs.as_mut_ptr() as *mut u16);
+                        }
+                        for (p, v) in pairs.iter().enumerate() {
+                            chunk[base + p * 16 + j] = *v;
+                        }
+                    }
+                    continue;
+                }
+                for p in 0..16 {
+                    for j in 0..16 {
+                        let (r, c) = (s * KS + 2 * p, panel * T + half * 16 + j);
+                        chunk[base + p * 16 + j] = at(r, c) as u32 | (at(r + 1, c) as u32) << 16;
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        out.par_chunks_exact_mut(per_panel).enumerate().for_each(pack);
+    } else {
+        out.chunks_exact_mut(per_panel).enumerate().for_each(pack);
+    }
+}
+
+/// Rows i0..i0 + mc of dst over one k block: packs its lhs tiles, then every column panel.
+unsafe fn row_block(
+    dst: Dst,
+    lhs: Operand,
+    (i0, mc): (usize, usize),
+    (k0, kc, steps): (usize, usize, usize),
+    n: usize,
+    rhs: &[u32],
+) {
+    let tiles = mc.div_ceil(T);
+    let per_tile = steps * T * KS;
+    PACK_A.with(|a| {
+        let mut a = a.borrow_mut();
+        a.clear();
+        a.resize(tiles * per_tile, 0);
+        for (t, chunk) in a.chunks_exact_mut(per_tile).enumerate() {
+            for s in 0..steps {
+                for r in 0..T {
+                    let row = t * T + r;
+                    // [step][half][16 rows][32 k]: row r is half r / 16, row r % 16.
+                    let base = ((s * 2 + r / 16) * 16 + r % 16) * KS;
+                    if row < mc && s * KS + KS <= kc && lhs.cs == 1 && vector_pack() {
+                        // 32 contiguous k of a row: converted 32 at a time.
+                        // SAFETY: the 32 values are inside the caller's lhs; the CPU has
+                        // AVX512-BF16 (checked).
+                        unsafe {
+                            let src = lhs.ptr.offset((i0 + row) as isize * lhs.rs + (k0 + s * KS) as isize);
+                            convert32(src, chunk[base..base + KS].as_mut_ptr());
+                        }
+                        continue;
+                    }
+                    for c in 0..KS {
+                        let col = s * KS + c;
+                        if row < mc && col < kc {
+                            // SAFETY: (i0 + row, k0 + col) is inside the caller's lhs.
+                            let v = unsafe {
+                                *lhs.ptr.offset((i0 + row) as isize * lhs.rs + (k0 + col) as isize * lhs.cs)
+                            };
+                            chunk[base + c] = bf16(v);
+                        }
+                    }
+                }
+            }
+        }
+        let mut tile = [[0f32; T]; T];
+        // SAFETY: the tile configuration below is valid for palette 1; released at the end.
+        unsafe { configure() };
+        for (panel, b) in rhs.chunks_exact(steps * T * KS / 2).enumerate() {
+            let j0 = panel * T;
+            let cols = T.min(n - j0);
+            for (t, a) in a.chunks_exact(per_tile).enumerate() {
+                let rows = T.min(mc - t * T);
+                // SAFETY: row i0 + t*T, column j0 of dst is this block's.
+                let corner = unsafe { dst.ptr.add((i0 + t * T) * dst.ld + j0) };
+                if rows == T && cols == T && dst.beta == 1.0 {
+                    // A whole tile at scale 1: the tiles load (to add to) and store dst itself.
+                    // SAFETY: the 32 x 32 block at `corner` is inside dst and this block's.
+                    unsafe { micro(a.as_ptr(), b.as_ptr(), steps, (corner, dst.ld * 4), dst.accumulate) };
+                    continue;
+                }
+                // SAFETY: the packed tiles hold `steps` steps each; tiles are configured.
+                unsafe {
+                    micro(a.as_ptr(), b.as_ptr(), steps, (tile.as_mut_ptr() as *mut f32, T * 4), false)
+                };
+                for (r, row) in tile.iter().enumerate().take(rows) {
+                    // SAFETY: row i0 + t*T + r, columns j0..j0 + cols of dst are this block's.
+                    let out = unsafe { dst.ptr.add((i0 + t * T + r) * dst.ld + j0) };
+                    for (c, v) in row.iter().enumerate().take(cols) {
+                        // SAFETY: as above.
+                        unsafe {
+                            let o = out.add(c);
+                            *o = if dst.accumulate { *o + dst.beta * v } else { dst.beta * v };
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: releases the tiles this thread configured.
+        unsafe { std::arch::asm!("tilerelease", options(nostack)) };
+    });
+}
+
+/// Whether packing may convert with AVX512-BF16 (every AMX CPU has it; checked once).
+fn vector_pack() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+}
+
+/// 32 f32 at `src` to 32 bf16 at `dst`, rounded to nearest even (as `bf16::to_bf16`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert32(src: *const f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller gives 32 readable f32 and 32 writable u16.
+    unsafe {
+        let lo = _mm512_loadu_ps(src);
+        let hi = _mm512_loadu_ps(src.add(16));
+        // cvtne2ps(a, b): b's 16 values in the low half, a's in the high half.
+        let v = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(dst as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+    }
+}
+
+/// Palette 1: tmm0..7 all 16 rows of 64 bytes.
+unsafe fn configure() {
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+    let mut cfg = Config([0; 64]);
+    cfg.0[0] = 1;
+    for t in 0..8 {
+        cfg.0[16 + 2 * t..16 + 2 * t + 2].copy_from_slice(&64u16.to_le_bytes());
+        cfg.0[48 + t] = 16;
+    }
+    // SAFETY: a valid palette-1 configuration in a 64-byte block.
+    unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+}
+
+/// The 32 x 32 block `lhs rhs` over `steps` k steps of packed `a` and `b`, stored at `c`
+/// (rows `c_stride` bytes apart); with `add`, added to what is there.
+unsafe fn micro(a: *const u16, b: *const u32, steps: usize, (c, c_stride): (*mut f32, usize), add: bool) {
+    let stride: usize = 64;
+    let out_stride = c_stride;
+    // SAFETY: the four 16 x 16 quarters of the block at `c` (rows `c_stride` bytes apart).
+    let (c1, c2, c3) = unsafe { (c.add(16), c.byte_add(16 * c_stride), c.byte_add(16 * c_stride).add(16)) };
+    if add {
+        // SAFETY: loads the four quarters of the block the caller owns.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c} + {os}*1]",
+                "tileloadd tmm1, [{c1} + {os}*1]",
+                "tileloadd tmm2, [{c2} + {os}*1]",
+                "tileloadd tmm3, [{c3} + {os}*1]",
+                c = in(reg) c,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                os = in(reg) out_stride,
+                options(nostack)
+            );
+        }
+    } else {
+        // SAFETY: zeroes the accumulator tiles.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            )
+        };
+    }
+    // SAFETY: each step reads 2 KB of `a` and 2 KB of `b` within the packed tiles; the four
+    // quarters are stored inside the caller's block.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {s}*1]",
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "add {a}, 1024",
+            "add {b}, 1024",
+            "tileloadd tmm5, [{a} + {s}*1]",
+            "tileloadd tmm7, [{b} + {s}*1]",
+            "add {a}, 1024",
+            "add {b}, 1024",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {os}*1], tmm0",
+            "tilestored [{c1} + {os}*1], tmm1",
+            "tilestored [{c2} + {os}*1], tmm2",
+            "tilestored [{c3} + {os}*1], tmm3",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            s = in(reg) stride,
+            os = in(reg) out_stride,
+            c = in(reg) c,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            options(nostack)
+        );
+    }
+}
+
+/// `tdpbf16ps` throughput on this thread: GFLOP/s of `iters` rounds of four independent tile
+/// products (16 x 16 x 32 each, 16384 FLOP), tiles never loaded. Needs [`permit`].
+pub fn peak_gflops(iters: usize) -> f64 {
+    let t = std::time::Instant::now();
+    // SAFETY: configures palette 1 and runs tile products on zeroed tiles; released after.
+    unsafe {
+        configure();
+        std::arch::asm!(
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            "tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7",
+            "2:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "dec {n}",
+            "jnz 2b",
+            "tilerelease",
+            n = inout(reg) iters.max(1) => _,
+            options(nostack)
+        );
+    }
+    4.0 * 16384.0 * iters.max(1) as f64 / t.elapsed().as_secs_f64() / 1e9
+}

@@ -48,6 +48,11 @@ pub fn run(device: Device, fixtures: &Path) -> Result<()> {
                 (Dtype::Float32, FixtureTolerance::FLOAT32),
                 (Dtype::Bfloat16, FixtureTolerance::BFLOAT16),
             ],
+            // The CPU's bf16 products (mixed precision) where this CPU has a bf16 path.
+            _ if crate::engine::backend::cpu_products(Dtype::Bfloat16).is_ok() => vec![
+                (Dtype::Float32, FixtureTolerance::FLOAT32),
+                (Dtype::Bfloat16, FixtureTolerance::BFLOAT16),
+            ],
             _ => vec![(Dtype::Float32, FixtureTolerance::FLOAT32)],
         };
         for (dtype, tol) in runs {

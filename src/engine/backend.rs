@@ -20,8 +20,8 @@ pub trait Task {
 pub fn run<T: Task>(device: Device, dtype: Dtype, profiled: bool, task: T) -> Result<T::Out> {
     match device {
         Device::Auto | Device::Cpu => {
-            anyhow::ensure!(dtype == Dtype::Float32, "the CPU engine computes in float32");
-            Ok(task.run(if profiled { Cpu::profiled() } else { Cpu::new() }))
+            let cpu = if profiled { Cpu::profiled() } else { Cpu::new() };
+            Ok(task.run(cpu.with_products(cpu_products(dtype)?)))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
@@ -34,5 +34,23 @@ pub fn run<T: Task>(device: Device, dtype: Dtype, profiled: bool, task: T) -> Re
             let _ = dtype;
             anyhow::bail!("this build has no CUDA engine (build with `--features cuda`)")
         }
+    }
+}
+
+/// The CPU's matrix-product path for `dtype`: f32 for float32; for bfloat16 the CPU's bf16
+/// path (mixed precision), an error where it has none (placement falls back to float32 first,
+/// with a warning, so training never gets here without one).
+pub fn cpu_products(dtype: Dtype) -> Result<super::cpu::bf16::Isa> {
+    use super::cpu::bf16::{Isa, isa};
+    match dtype {
+        Dtype::Float32 => Ok(Isa::F32),
+        Dtype::Bfloat16 => match isa() {
+            Ok(Isa::F32) => anyhow::bail!(
+                "the CPU engine has no bf16 path here (MINIMIND_CPU_ISA=f32 or no bf16 instructions)"
+            ),
+            Ok(path) => Ok(path),
+            Err(why) => anyhow::bail!("{why}"),
+        },
+        Dtype::Float16 => anyhow::bail!("the CPU engine computes in float32 or bfloat16"),
     }
 }

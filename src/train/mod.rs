@@ -70,16 +70,28 @@ pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placeme
     };
     let dtype = match device {
         Device::Cuda(_) => t.dtype,
-        _ => {
-            if t.dtype != Dtype::Float32 {
+        _ => match (t.dtype, crate::engine::backend::cpu_products(Dtype::Bfloat16)) {
+            (Dtype::Float32, _) => Dtype::Float32,
+            (Dtype::Bfloat16, Ok(path)) => {
                 notes.push(format!(
-                    "warning: train.dtype = \"{}\" (from {}): the CPU engine trains in float32, as MiniMind does on a CPU",
-                    t.dtype.name(),
+                    "train.dtype = \"bfloat16\": mixed precision on the CPU, matrix products in bf16 on {} with f32 sums (weights, norms, softmax, attention, loss and AdamW in f32)",
+                    path.name()
+                ));
+                Dtype::Bfloat16
+            }
+            (dtype, bf16) => {
+                let why = match (dtype, bf16) {
+                    (Dtype::Bfloat16, Err(why)) => format!("{why:#}"),
+                    _ => "the CPU engine has no float16 path".into(),
+                };
+                notes.push(format!(
+                    "warning: train.dtype = \"{}\" (from {}): {why}; training in float32, as MiniMind does on a CPU",
+                    dtype.name(),
                     origin("train.dtype")
                 ));
+                Dtype::Float32
             }
-            Dtype::Float32
-        }
+        },
     };
     Ok(Placement { device, dtype, device_note, notes })
 }
@@ -110,11 +122,23 @@ pub fn choose_device(requested: Device) -> Result<(Device, String), String> {
     }
 }
 
+/// The dtype a run trains in, as meta.json records it: on the CPU, bfloat16 names its
+/// instruction path (`bfloat16 (amx products)`).
+fn effective_dtype(p: &Placement) -> String {
+    match (p.device, p.dtype) {
+        (Device::Cuda(_), d) | (_, d @ (Dtype::Float32 | Dtype::Float16)) => d.name().into(),
+        (_, Dtype::Bfloat16) => match crate::engine::backend::cpu_products(Dtype::Bfloat16) {
+            Ok(path) => format!("bfloat16 ({} products)", path.name()),
+            Err(_) => "bfloat16".into(),
+        },
+    }
+}
+
 /// How meta.json records a placement: requested and effective, for device and dtype.
 pub fn choices(t: &TrainConfig, p: &Placement) -> (crate::run_dir::Choice, crate::run_dir::Choice) {
     use crate::run_dir::Choice;
     (
         Choice { requested: t.device.to_string(), effective: p.device.to_string() },
-        Choice { requested: t.dtype.name().into(), effective: p.dtype.name().into() },
+        Choice { requested: t.dtype.name().into(), effective: effective_dtype(p) },
     )
 }

@@ -130,11 +130,18 @@ fn two_ranks_equal_one_process_accumulating_two_bit_for_bit() {
     // Rank 1 wrote its own log and nothing else.
     let log = fs::read_to_string(two.join("rank-1.log")).unwrap();
     assert!(log.contains("data parallel: rank 1 of 2") && log.contains("step 20/20"), "{log}");
-    let mut names: Vec<String> =
-        fs::read_dir(two).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // (TensorBoard's event file is named by its start time and host: one per run, any name.)
+    let listed = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .map(|n| if n.starts_with("events.out.tfevents.") { "events.out.tfevents.*".into() } else { n })
+            .collect()
+    };
+    let mut names = listed(two);
     names.sort();
-    let alone: Vec<String> =
-        fs::read_dir(one).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let alone = listed(one);
     names.retain(|n| n != "rank-1.log" && !alone.contains(n));
     assert!(names.is_empty(), "files only the 2-rank run has: {names:?}");
     // Stopped in one process and resumed with two ranks: still the same bits.

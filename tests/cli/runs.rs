@@ -630,3 +630,39 @@ fn cpu_selftest_checks_the_bf16_products_on_the_path_the_cpu_or_the_pin_gives() 
     assert!(selftest(Some("f32")).contains("the default path f32"));
     assert!(selftest(Some("sse2")).contains("MINIMIND_CPU_ISA=sse2: expected f32, avx512bf16 or amx"));
 }
+
+#[test]
+fn bfloat16_on_the_cpu_is_mixed_precision_on_the_cpus_path_and_resumes_exactly() {
+    let s = Scratch::new();
+    s.micro("");
+    let bf16 = ["micro.toml", "--set", "train.dtype=\"bfloat16\""];
+    let has_path = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" avx512_bf16");
+    let o = expect(&mut run_quiet(s.path(), &bf16), 0);
+    let straight = s.runs()[0].clone();
+    let effective = meta(&straight)["dtype"]["effective"].as_str().unwrap().to_string();
+    if !has_path {
+        // No bf16 instruction: float32, with the warning.
+        assert_eq!(effective, "float32");
+        assert!(stdout(&o).contains("training in float32"), "{}", stdout(&o));
+        return;
+    }
+    assert!(effective.starts_with("bfloat16 (") && effective.ends_with(" products)"), "{effective}");
+    assert!(stdout(&o).contains("mixed precision on the CPU"), "{}", stdout(&o));
+    // Stopped and resumed: the same bits as the uninterrupted bf16 run.
+    let mut stopped = bf16.to_vec();
+    stopped.extend(["--stop-after", "6"]);
+    expect(&mut run_quiet(s.path(), &stopped), 130);
+    let split = s.runs()[1].clone();
+    expect(minimind(s.path()).arg("resume").arg(&split).arg("--quiet"), 0);
+    assert_eq!(metric_rows(&straight), metric_rows(&split));
+    // The products really are bf16: the losses differ from float32's, a little.
+    expect(&mut run_quiet(s.path(), &["micro.toml"]), 0);
+    let f32_run = s.runs()[2].clone();
+    let (a, b) = (metric(&straight, "loss"), metric(&f32_run, "loss"));
+    assert_ne!(a, b, "bf16 products change the numbers");
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 0.05 * y.abs()), "{a:?} vs {b:?}");
+    // Pinned off, bfloat16 trains in float32 with the warning, and meta.json says so.
+    let o = expect(run_quiet(s.path(), &bf16).env("MINIMIND_CPU_ISA", "f32"), 0);
+    assert!(stdout(&o).contains("warning: train.dtype = \"bfloat16\""), "{}", stdout(&o));
+    assert_eq!(meta(&s.runs()[3])["dtype"]["effective"], "float32");
+}

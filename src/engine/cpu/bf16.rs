@@ -27,9 +27,10 @@ use rayon::prelude::*;
 use super::{Dst, Operand};
 
 /// The bf16 instruction path this process uses for matrix products.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Isa {
     /// No bf16 instruction (or pinned off): products stay in f32.
+    #[default]
     F32,
     /// AVX512-BF16's `vdpbf16ps` (Intel Cooper Lake and later, AMD Zen 4 and later).
     Avx512Bf16,

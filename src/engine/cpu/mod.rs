@@ -33,6 +33,10 @@ pub struct Cpu {
     seen: Mutex<Vec<u64>>,
     /// Per-kernel wall time, when profiling.
     profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
+    /// How the linear layers' and the head's products run: f32 (the `gemm` crate), or a bf16
+    /// path (inputs rounded to bf16 while packed, f32 sums: mixed precision as PyTorch's
+    /// autocast; weights, activations and everything else stay f32).
+    products: bf16::Isa,
 }
 
 pub use super::kernels::KernelTime;
@@ -45,6 +49,11 @@ impl Cpu {
     /// A CPU backend that times every kernel call (for `minimind bench --profile`).
     pub fn profiled() -> Cpu {
         Cpu { profile: Some(Mutex::new(BTreeMap::new())), ..Cpu::default() }
+    }
+
+    /// The same backend with its matrix products on `path` (see [`bf16`]).
+    pub fn with_products(self, path: bf16::Isa) -> Cpu {
+        Cpu { products: path, ..self }
     }
 
     fn timed<R>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> R) -> R {
@@ -410,8 +419,16 @@ impl Kernels for Cpu {
     }
     fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
         let Gemm { rows: m, cols: n, depth: k, a_transposed: ta, b_transposed: tb, accumulate } = g;
+        let path = self.products;
         self.timed(
-            || format!("matmul {m}x{n}x{k}{}{}", if ta { " ta" } else { "" }, if tb { " tb" } else { "" }),
+            || {
+                let bf = if path == bf16::Isa::F32 { String::new() } else { format!(" {}", path.name()) };
+                format!(
+                    "matmul {m}x{n}x{k}{}{}{bf}",
+                    if ta { " ta" } else { "" },
+                    if tb { " tb" } else { "" }
+                )
+            },
             g.flops(),
             || {
                 assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul shapes");
@@ -420,8 +437,15 @@ impl Kernels for Cpu {
                 let lhs = Operand { ptr: a.as_ptr(), rs: a_rs, cs: a_cs };
                 let rhs = Operand { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
                 let dst = Dst::set(out.as_mut_ptr(), n).with(1.0, accumulate);
-                // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut.
-                unsafe { gemm_strided([m, n, k], dst, lhs, rhs, true) }
+                // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut;
+                // a bf16 path was chosen only where the CPU runs it (`bf16::isa`).
+                unsafe {
+                    match path {
+                        bf16::Isa::F32 => gemm_strided([m, n, k], dst, lhs, rhs, true),
+                        bf16::Isa::Avx512Bf16 => bf16::gemm([m, n, k], dst, lhs, rhs, true),
+                        bf16::Isa::Amx => amx::gemm([m, n, k], dst, lhs, rhs, true),
+                    }
+                }
             },
         )
     }

@@ -25,7 +25,7 @@ const KS: usize = 32;
 /// k per block (a multiple of KS).
 const KC: usize = 512;
 /// Rows of lhs per worker block.
-const MC: usize = 6 * T;
+const MC: usize = 2 * T;
 
 thread_local! {
     static PACK_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
@@ -127,6 +127,20 @@ unsafe fn pack_rhs(
             for half in 0..2 {
                 let base = (s * 2 + half) * 16 * 16;
                 let c0 = panel * T + half * 16;
+                if rhs.cs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
+                    // Row-contiguous rhs (activations): rows 2p and 2p + 1 convert together and
+                    // interleave into the tile's row p of pairs.
+                    for p in 0..16 {
+                        // SAFETY: rows k0 + s*KS + 2p (+1), columns c0..c0 + 16 are inside
+                        // rhs; the CPU has AVX512-BF16 and AVX512-BW (checked).
+                        unsafe {
+                            let even = rhs.ptr.offset((k0 + s * KS + 2 * p) as isize * rhs.rs + c0 as isize);
+                            let odd = even.offset(rhs.rs);
+                            interleave16(even, odd, chunk[base + p * 16..base + p * 16 + 16].as_mut_ptr());
+                        }
+                    }
+                    continue;
+                }
                 if rhs.rs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
                     // Column-contiguous rhs (a weight read transposed): each column's 32 k
                     // convert at once into its 16 pairs, which go down the tile's column.
@@ -177,6 +191,27 @@ unsafe fn row_block(
         a.resize(tiles * per_tile, 0);
         for (t, chunk) in a.chunks_exact_mut(per_tile).enumerate() {
             for s in 0..steps {
+                if lhs.rs == 1 && (t + 1) * T <= mc && s * KS + KS <= kc && vector_pack() {
+                    // Column-contiguous lhs (a gradient read transposed): each k's 32 rows
+                    // convert at once, then the 32 x 32 block is transposed into rows of k.
+                    let mut block = [[0u16; T]; KS];
+                    for (c, out) in block.iter_mut().enumerate() {
+                        // SAFETY: rows i0 + t*T .. +32 of column k0 + s*KS + c are inside lhs;
+                        // the CPU has AVX512-BF16 (checked).
+                        unsafe {
+                            let src =
+                                lhs.ptr.offset((i0 + t * T) as isize + (k0 + s * KS + c) as isize * lhs.cs);
+                            convert32(src, out.as_mut_ptr());
+                        }
+                    }
+                    for r in 0..T {
+                        let base = ((s * 2 + r / 16) * 16 + r % 16) * KS;
+                        for (c, col) in block.iter().enumerate() {
+                            chunk[base + c] = col[r];
+                        }
+                    }
+                    continue;
+                }
                 for r in 0..T {
                     let row = t * T + r;
                     // [step][half][16 rows][32 k]: row r is half r / 16, row r % 16.
@@ -245,7 +280,9 @@ unsafe fn row_block(
 /// Whether packing may convert with AVX512-BF16 (every AMX CPU has it; checked once).
 fn vector_pack() -> bool {
     static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *YES.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+    *YES.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw")
+    })
 }
 
 /// 32 f32 at `src` to 32 bf16 at `dst`, rounded to nearest even (as `bf16::to_bf16`).
@@ -259,6 +296,25 @@ unsafe fn convert32(src: *const f32, dst: *mut u16) {
         // cvtne2ps(a, b): b's 16 values in the low half, a's in the high half.
         let v = _mm512_cvtne2ps_pbh(hi, lo);
         _mm512_storeu_si512(dst as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+    }
+}
+
+/// 16 f32 at `even` and 16 at `odd` to 16 pairs `(bf16(even[j]), bf16(odd[j]))` at `dst`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave16(even: *const f32, odd: *const f32, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller gives 16 readable f32 at each source and 16 writable u32.
+    unsafe {
+        // Low half: even's 16 bf16, high half: odd's; then even j, odd j side by side.
+        let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(odd),
+            _mm512_loadu_ps(even),
+        ));
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+            18, 2, 17, 1, 16, 0,
+        );
+        _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutexvar_epi16(idx, v));
     }
 }
 

@@ -490,7 +490,9 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for [m, n, k] in [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3], [64, 64, 64]] {
+        for [m, n, k] in
+            [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3], [64, 64, 64], [96, 48, 96]]
+        {
             let a: Vec<f32> = (0..m * k).map(|_| f32_of(to_bf16(rand()))).collect();
             let bt: Vec<f32> = (0..n * k).map(|_| f32_of(to_bf16(rand()))).collect(); // [n, k]
             let mut want = vec![0f64; m * n];
@@ -500,14 +502,20 @@ mod tests {
                 }
             }
             for &path in &paths {
-                for (accumulate, beta) in [(false, 1.0f32), (true, 0.5), (true, 1.0)] {
+                // The operands as row-major copies and as transposed ones (lhs [k, m] read
+                // transposed; rhs [k, n] read by rows), so every packing layout is taken.
+                let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+                let b: Vec<f32> = (0..k * n).map(|x| bt[(x % n) * k + x / n]).collect();
+                let layouts = [
+                    (Operand::rows(a.as_ptr(), k), Operand::transposed(bt.as_ptr(), k)),
+                    (Operand::transposed(at.as_ptr(), m), Operand::rows(b.as_ptr(), n)),
+                ];
+                for ((accumulate, beta), (l, r)) in [(false, 1.0f32), (true, 0.5), (true, 1.0)]
+                    .into_iter()
+                    .flat_map(|ab| layouts.map(|lr| (ab, lr)))
+                {
                     let mut got = vec![1f32; m * n];
-                    // rhs given as the transpose of the row-major [n, k] matrix.
-                    let (d, l, r) = (
-                        Dst::set(got.as_mut_ptr(), n).with(beta, accumulate),
-                        Operand::rows(a.as_ptr(), k),
-                        Operand::transposed(bt.as_ptr(), k),
-                    );
+                    let d = Dst::set(got.as_mut_ptr(), n).with(beta, accumulate);
                     // SAFETY: the buffers hold the shapes; `path` is available.
                     unsafe {
                         match path {

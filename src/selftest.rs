@@ -85,7 +85,7 @@ pub fn run(device: Device, fixtures: &Path) -> Result<()> {
 
 /// The CPU's bf16 products (each path this CPU has) against its f32 products at MiniMind2-small
 /// shapes: relative error of the whole output, at bf16's tolerance (inputs rounded to 8 bits
-/// of mantissa). Not yet used by training (issue #21).
+/// of mantissa): what `train.dtype = "bfloat16"` multiplies with on the CPU.
 fn bf16_products(checks: &mut Vec<Check>) {
     use crate::engine::cpu::bf16;
     let default = match bf16::isa() {

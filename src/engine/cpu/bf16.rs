@@ -145,7 +145,7 @@ thread_local! {
 }
 
 /// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` with bf16 products and f32 sums, on the rayon
-/// pool when `parallel`. Requires [`isa`] to be [`Isa::Avx512Bf16`].
+/// pool when `parallel`. Requires a CPU with AVX512-BF16 (see [`available`]).
 ///
 /// # Safety
 /// As [`super::gemm_strided`]: the pointers cover the strided extents, `dst` aliases neither

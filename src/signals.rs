@@ -122,8 +122,15 @@ pub const DRIVER_FD_VAR: &str = "MINIMIND_SWEEP_DRIVER_FD";
 /// on to each other, which reads as a second signal: quit at once.)
 pub fn watch_driver() {
     let Some(fd) = std::env::var(DRIVER_FD_VAR).ok().and_then(|v| v.parse::<i32>().ok()) else { return };
-    // Not for this process's own children (a point starts none, but nothing should inherit it).
-    // SAFETY: fcntl on a descriptor number; a bad one fails harmlessly.
+    // Only the pipe a driver handed over (a variable inherited by mistake may name any
+    // descriptor of this process: leave those alone).
+    // SAFETY: fstat into a zeroed struct; a bad descriptor fails harmlessly.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return;
+    }
+    // Not for this process's own children.
+    // SAFETY: fcntl on a descriptor this process owns.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return;
     }

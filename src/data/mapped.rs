@@ -102,9 +102,12 @@ fn install() {
 
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     let page = PAGE.load(Ordering::Acquire);
-    for (i, (start, len)) in RANGES.iter().enumerate() {
+    // Only a fault past the end of a mapped file (BUS_ADRERR) can be ours; si_addr means
+    // nothing for a SIGBUS sent with kill.
+    let ranges = if code == libc::BUS_ADRERR { &RANGES[..] } else { &[] };
+    for (i, (start, len)) in ranges.iter().enumerate() {
         let (start, len) = (start.load(Ordering::Acquire), len.load(Ordering::Acquire));
         if start == 0 || addr < start || addr >= start + len {
             continue;
@@ -126,16 +129,21 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             return;
         }
     }
-    // Not ours: the previous action takes the re-raised fault. `try_lock`: a handler must not
-    // block; the lock is only ever held while installing.
+    // Not ours: the previous action takes it (a fault re-raises when the instruction runs
+    // again; a sent signal is raised again here, delivered once this handler returns).
+    // `try_lock`: a handler must not block; the lock is only ever held while installing.
     if let Ok(previous) = PREVIOUS.try_lock()
         && let Some(old) = previous.as_ref()
     {
         // SAFETY: restores the action that was installed before ours.
         unsafe { libc::sigaction(libc::SIGBUS, old, std::ptr::null_mut()) };
     } else {
-        // SAFETY: the default action, so the re-raised fault ends the process as it would have.
+        // SAFETY: the default action, so the signal ends the process as it would have.
         unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    }
+    if code <= 0 {
+        // SAFETY: raise is async-signal-safe.
+        unsafe { libc::raise(libc::SIGBUS) };
     }
 }
 

@@ -60,6 +60,8 @@ pub fn launch(np: usize, args: &[String], stop: &Stop) -> Result<i32> {
     let root = unsafe { libc::geteuid() } == 0;
     let mut cmd = Command::new(&mpirun);
     cmd.args(mpirun_args(np, &exe, args, root));
+    // The ranks are this process's, not a sweep driver's: they must not watch its pipe.
+    cmd.env_remove(crate::signals::DRIVER_FD_VAR);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", mpirun.display()))?;
     let mpirun_pid = child.id();

@@ -53,6 +53,10 @@ pub struct TrainerState {
     /// config.toml with it (absent in older checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// The step at which a resume last accepted other data (`--allow-data-change`): the cursor
+    /// then no longer follows from the step alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_changed_at: Option<usize>,
 }
 
 /// A checkpoint written for another model shape than the run's config asks: not damage (its
@@ -280,13 +284,22 @@ fn check_contents(ck: &Loaded) -> std::result::Result<(), String> {
 /// micro-batches consumed (`epoch x per_epoch + batch`) = `step x` micro-batches per step, and
 /// the batch within its epoch. `None` when it is. Pure.
 pub fn cursor_problem(state: &TrainerState, per_epoch: usize, per_step: usize) -> Option<String> {
-    let Cursor { epoch, batch } = state.cursor;
+    // After a data change the cursor carries the old data's epochs: only its bounds hold.
+    cursor_rule((state.step, state.cursor, state.data_changed_at.is_none()), per_epoch, per_step)
+}
+
+/// [`cursor_problem`] on `(step, cursor, whether the cursor follows from the step)`. Pure.
+fn cursor_rule(
+    (step, cursor, follows_step): (usize, Cursor, bool),
+    per_epoch: usize,
+    per_step: usize,
+) -> Option<String> {
+    let Cursor { epoch, batch } = cursor;
     let consumed = epoch.checked_mul(per_epoch).and_then(|n| n.checked_add(batch));
-    let expected = state.step.checked_mul(per_step);
-    if batch > per_epoch || consumed.is_none() || consumed != expected {
+    let expected = step.checked_mul(per_step);
+    if batch > per_epoch || consumed.is_none() || (follows_step && consumed != expected) {
         return Some(format!(
-            "state.json: data cursor (epoch {epoch}, batch {batch}) is not where step {} leaves the data ({per_step} micro-batches a step, {per_epoch} an epoch)",
-            state.step
+            "state.json: data cursor (epoch {epoch}, batch {batch}) is not where step {step} leaves the data ({per_step} micro-batches a step, {per_epoch} an epoch)"
         ));
     }
     None
@@ -326,15 +339,25 @@ pub fn newest_intact(
         let kept = match damaged {
             Damaged::Leave => String::new(),
             Damaged::SetAside => {
-                let aside = ck.with_extension("damaged");
-                match fs::rename(&ck, &aside) {
-                    Ok(()) => format!(" (kept as {})", aside.display()),
-                    Err(_) => {
-                        fs::remove_dir_all(&ck)
-                            .with_context(|| format!("removing the damaged checkpoint {}", ck.display()))?;
-                        " (removed)".to_string()
-                    }
-                }
+                // Never deleted: set aside under a name no earlier set-aside holds.
+                let aside = (1..)
+                    .map(|n| {
+                        if n == 1 {
+                            ck.with_extension("damaged")
+                        } else {
+                            ck.with_extension(format!("damaged-{n}"))
+                        }
+                    })
+                    .find(|p| !p.exists())
+                    .expect("an unused name");
+                fs::rename(&ck, &aside).with_context(|| {
+                    format!(
+                        "setting the damaged checkpoint {} aside as {} ({e:#})",
+                        ck.display(),
+                        aside.display()
+                    )
+                })?;
+                format!(" (kept as {})", aside.display())
             }
         };
         notes.push(format!("warning: skipping damaged checkpoint {}: {e:#}{kept}", ck.display()));
@@ -345,6 +368,27 @@ pub fn newest_intact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cursor_follows_the_step_until_the_data_changes() {
+        let state =
+            |step, epoch, batch, changed: Option<usize>| (step, Cursor { epoch, batch }, changed.is_none());
+        // (state, per_epoch, per_step, ok)
+        let table = [
+            (state(0, 0, 0, None), 25, 8, true),
+            (state(9, 2, 22, None), 25, 8, true),  // 72 = 2 x 25 + 22
+            (state(9, 2, 25, None), 25, 8, false), // 75 micro-batches, not 72
+            (state(9, 0, 72, None), 25, 8, false), // past the epoch's batches
+            (state(3, 0, 25, None), 25, 8, false), // 25 != 24
+            (state(3, 0, 24, None), 25, 8, true),
+            (state(9, 1, 2, Some(5)), 25, 8, true), // other data since step 5: bounds only
+            (state(9, 1, 26, Some(5)), 25, 8, false),
+            (state(1, usize::MAX, 1, None), 25, 8, false), // overflow is a problem, not a panic
+        ];
+        for (s, per_epoch, per_step, ok) in table {
+            assert_eq!(cursor_rule(s, per_epoch, per_step).is_none(), ok, "{s:?} {per_epoch} {per_step}");
+        }
+    }
 
     #[test]
     fn retention_table() {

@@ -236,6 +236,7 @@ fn fresh_state(config: &Config, data: &Data) -> TrainerState {
         global_accumulation: None,
         world_size: None,
         config: Some(config_text(config)),
+        data_changed_at: None,
     }
 }
 
@@ -284,7 +285,9 @@ fn from_checkpoint<K: Kernels>(
     // Checkpoints from before data parallel were written by one process.
     let global = ck.state.global_accumulation.or(Some(config.train.accumulation_steps));
     let config = Some(config_text(config));
-    start.state = TrainerState { data: Some(now), global_accumulation: global, config, ..ck.state };
+    let data_changed_at = if changes.is_empty() { ck.state.data_changed_at } else { Some(ck.state.step) };
+    start.state =
+        TrainerState { data: Some(now), global_accumulation: global, config, data_changed_at, ..ck.state };
     start.notes.push(format!("resuming from {} (step {})", ck.dir.display(), start.state.step));
     Ok(changes)
 }

@@ -372,3 +372,22 @@ impl Drop for LocalSlurm {
         }
     }
 }
+
+/// PYTHONPATH under which python3 imports `module` (from `.ci/deps/<package>`, where .ci/run
+/// installs it, else the system's), or None: SKIPPED with `install`, a failure under CI.
+pub fn python_with(package: &str, module: &str, install: &str) -> Option<String> {
+    let deps = repo().join(".ci/deps").join(package);
+    let path = if deps.join(package).is_dir() { deps.display().to_string() } else { String::new() };
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .env("PYTHONPATH", &path)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(path);
+    }
+    let why = format!("SKIPPED: {package} is not installed; {install}");
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("{why}");
+    None
+}

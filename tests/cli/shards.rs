@@ -74,23 +74,10 @@ fn write_parquet(path: &Path, lines: &[String], groups: usize) {
     w.close().unwrap();
 }
 
-/// PYTHONPATH with pyarrow, or None (SKIPPED; a failure under CI).
+/// PYTHONPATH with pyarrow (a real client's Parquet file), or None (SKIPPED; a failure under CI).
 fn pyarrow() -> Option<String> {
-    let deps = crate::repo().join(".ci/deps/pyarrow");
-    let path = if deps.join("pyarrow").is_dir() { deps.display().to_string() } else { String::new() };
-    let ok = Command::new("python3")
-        .args(["-c", "import pyarrow.parquet"])
-        .env("PYTHONPATH", &path)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(path);
-    }
-    let why = "SKIPPED: pyarrow is not installed (a real client's Parquet file); \
-               python3 -m pip install --target .ci/deps/pyarrow pyarrow==21.0.0";
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("{why}");
-    None
+    let install = "python3 -m pip install --target .ci/deps/pyarrow pyarrow==21.0.0";
+    crate::python_with("pyarrow", "pyarrow.parquet", install)
 }
 
 /// The token cache a run trained on: its info.json.

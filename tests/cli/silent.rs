@@ -7,6 +7,16 @@ use std::fs;
 
 use crate::{Scratch, expect, meta, minimind, run_quiet, stderr, stdout};
 
+/// The one token cache under the scratch folder's runs/.
+fn token_cache(s: &Scratch) -> std::path::PathBuf {
+    fs::read_dir(s.path().join("runs/.cache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().starts_with("tokens-"))
+        .expect("a token cache")
+}
+
 /// The scratch tokenizer with every id moved up by `shift` (a sparse vocabulary: 6400 tokens,
 /// ids from `shift` on), as a tokenizer trained elsewhere and pruned can have.
 fn shifted_tokenizer(s: &Scratch, shift: u64) {
@@ -44,12 +54,7 @@ fn tokenizer_ids_past_16_bits_widen_the_cache_and_past_the_vocabulary_are_refuse
     );
     let run = s.runs()[0].clone();
     assert_eq!(meta(&run)["status"], "completed", "{}", stderr(&o));
-    let cache = fs::read_dir(s.path().join("runs/.cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().starts_with("tokens-"))
-        .expect("a token cache");
+    let cache = token_cache(&s);
     let info: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(cache.join("info.json")).unwrap()).unwrap();
     assert_eq!(info["width"], 4, "{info}");
@@ -390,12 +395,7 @@ fn a_token_cache_cut_short_under_a_live_run_fails_it_with_the_file_named() {
         "checkpoint.save_interval=100000",
     ]));
     p.wait_for("step 3/", 60);
-    let cache = fs::read_dir(s.path().join("runs/.cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().starts_with("tokens-"))
-        .expect("a token cache");
+    let cache = token_cache(&s);
     fs::File::options().write(true).open(cache.join("tokens.bin")).unwrap().set_len(0).unwrap();
     let (code, out, err) = p.finish();
     assert_eq!(code, Some(1), "not SIGBUS: {out}\n{err}");

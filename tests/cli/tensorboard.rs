@@ -11,21 +11,8 @@ use crate::{Scratch, expect, meta, metric, run_quiet, stderr};
 
 /// PYTHONPATH for the `tensorboard` package, or None (SKIPPED; a failure under CI).
 fn reader_path() -> Option<String> {
-    let deps = crate::repo().join(".ci/deps/tensorboard");
-    let path = if deps.join("tensorboard").is_dir() { deps.display().to_string() } else { String::new() };
-    let ok = Command::new("python3")
-        .args(["-c", "import tensorboard"])
-        .env("PYTHONPATH", &path)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(path);
-    }
-    let why = "SKIPPED: the tensorboard Python package is not installed; \
-               python3 -m pip install --target .ci/deps/tensorboard tensorboard==2.21.0";
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("{why}");
-    None
+    let install = "python3 -m pip install --target .ci/deps/tensorboard tensorboard==2.21.0";
+    crate::python_with("tensorboard", "tensorboard", install)
 }
 
 /// Scalars as TensorBoard reads them: tag -> [(step, value)].

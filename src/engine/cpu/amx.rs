@@ -16,6 +16,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::bf16::{Shared, store_tile, to_bf16 as bf16};
 use super::{Dst, Operand};
 
 /// Rows and columns of one output tile group.
@@ -43,28 +44,6 @@ pub fn permit() -> bool {
         unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
     })
 }
-
-fn bf16(x: f32) -> u16 {
-    super::bf16::to_bf16(x)
-}
-
-/// The output and lhs as the workers see them (disjoint rows written, lhs only read).
-#[derive(Clone, Copy)]
-struct Shared {
-    dst: Dst,
-    lhs: Operand,
-}
-
-impl Shared {
-    /// By value (a closure calling this captures the whole struct, not its pointer fields).
-    fn get(&self) -> Shared {
-        *self
-    }
-}
-
-// SAFETY: see `Shared`.
-unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
 
 /// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` on AMX tiles, on the rayon pool when `parallel`.
 ///
@@ -259,17 +238,8 @@ unsafe fn row_block(
                 unsafe {
                     micro(a.as_ptr(), b.as_ptr(), steps, (tile.as_mut_ptr() as *mut f32, T * 4), false)
                 };
-                for (r, row) in tile.iter().enumerate().take(rows) {
-                    // SAFETY: row i0 + t*T + r, columns j0..j0 + cols of dst are this block's.
-                    let out = unsafe { dst.ptr.add((i0 + t * T + r) * dst.ld + j0) };
-                    for (c, v) in row.iter().enumerate().take(cols) {
-                        // SAFETY: as above.
-                        unsafe {
-                            let o = out.add(c);
-                            *o = if dst.accumulate { *o + dst.beta * v } else { dst.beta * v };
-                        }
-                    }
-                }
+                // SAFETY: rows i0 + t*T.., columns j0.. of dst are this block's.
+                unsafe { store_tile(dst, (i0 + t * T, j0), (rows, cols), &tile) };
             }
         }
         // SAFETY: releases the tiles this thread configured.

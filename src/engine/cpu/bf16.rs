@@ -185,17 +185,41 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
     });
 }
 
-/// The output and lhs as the workers see them: each writes its own rows of `dst` and reads
-/// `lhs`, which nobody writes during the product.
+/// The output and an input as the workers see them: each writes its own rows of `dst` and
+/// reads `lhs`, which nobody writes during the product (also the AMX kernel's).
 #[derive(Clone, Copy)]
-struct Shared {
-    dst: Dst,
-    lhs: Operand,
+pub(super) struct Shared {
+    pub dst: Dst,
+    pub lhs: Operand,
 }
 impl Shared {
     /// By value (a closure calling this captures the whole struct, not its pointer fields).
-    fn get(&self) -> Shared {
+    pub fn get(&self) -> Shared {
         *self
+    }
+}
+
+/// Writes rows `..rows`, columns `..cols` of a finished f32 `tile` into `dst` at (`i`, `j`),
+/// as `dst` asks (set or added, scaled by `beta`).
+///
+/// # Safety
+/// That block of `dst` lies inside it and no other thread writes it.
+pub(super) unsafe fn store_tile(
+    dst: Dst,
+    (i, j): (usize, usize),
+    (rows, cols): (usize, usize),
+    tile: &[[f32; 32]],
+) {
+    for (r, row) in tile.iter().enumerate().take(rows) {
+        // SAFETY: row i + r, columns j..j + cols are inside dst (the caller's promise).
+        let out = unsafe { dst.ptr.add((i + r) * dst.ld + j) };
+        for (c, v) in row.iter().enumerate().take(cols) {
+            // SAFETY: as above.
+            unsafe {
+                let o = out.add(c);
+                *o = if dst.accumulate { *o + dst.beta * v } else { dst.beta * v };
+            }
+        }
     }
 }
 
@@ -260,17 +284,8 @@ unsafe fn row_block(
                 let mut tile = [[0f32; NR]; MR];
                 // SAFETY: the packed panels hold `pairs` pairs each; the CPU has AVX512-BF16.
                 unsafe { micro(a, b, pairs, &mut tile) };
-                for (r, row) in tile.iter().enumerate().take(rows) {
-                    // SAFETY: row i0 + t*MR + r, columns j0.. j0 + cols of dst are this block's.
-                    let out = unsafe { dst.ptr.add((i0 + t * MR + r) * dst.ld + j0) };
-                    for (c, v) in row.iter().enumerate().take(cols) {
-                        // SAFETY: as above.
-                        unsafe {
-                            let o = out.add(c);
-                            *o = if dst.accumulate { *o + dst.beta * v } else { dst.beta * v };
-                        }
-                    }
-                }
+                // SAFETY: rows i0 + t*MR.., columns j0.. of dst are this block's.
+                unsafe { store_tile(dst, (i0 + t * MR, j0), (rows, cols), &tile) };
             }
         }
     });
@@ -398,11 +413,8 @@ pub fn minimind_shapes(rows: usize, c: usize, i: usize, v: usize) -> Vec<(String
 /// Random inputs for `[m, n, k]`: lhs `[m, k]` row-major, rhs as stored (`[n, k]` read
 /// transposed, or `[k, n]`).
 pub fn random_operands([m, n, k]: [usize; 3], seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let mut s = seed;
-    let mut rand = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    };
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let mut rand = move || rng.next_f32() - 0.5;
     ((0..m * k).map(|_| rand()).collect(), (0..n * k).map(|_| rand()).collect())
 }
 
@@ -485,11 +497,8 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no bf16 instructions ({})", describe_cpu());
             return;
         }
-        let mut seed = 7u64;
-        let mut rand = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let mut rand = || rng.next_f32() - 0.5;
         for [m, n, k] in
             [[1, 1, 1], [13, 33, 7], [200, 70, 1030], [12, 32, 512], [5, 100, 3], [64, 64, 64], [96, 48, 96]]
         {

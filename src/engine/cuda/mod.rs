@@ -1078,8 +1078,8 @@ impl Kernels for Cuda {
         let dq_args = [Arg::Ptr(dq.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         let dkv_args = [Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr), delta, dout_p, lse, q_p, k_p, v_p, b, t, h, g, d];
         let tensor = Store::of(self.dtype) != Store::F32;
-        if s.d > TILED_MAX_D && !tensor {
-            // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
+        // Wide heads: one warp per row; the dq kernel also sums delta from the probabilities.
+        let per_row = || {
             self.launch_kernel(
                 typed("attention_backward_dq", st),
                 row_grid(s.b * s.h * s.t),
@@ -1094,6 +1094,9 @@ impl Kernels for Cuda {
                 0,
                 &dkv_args,
             );
+        };
+        if s.d > TILED_MAX_D && !tensor {
+            per_row();
             return;
         }
         // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows
@@ -1106,20 +1109,7 @@ impl Kernels for Cuda {
             return;
         }
         if s.d > TILED_MAX_D {
-            self.launch_kernel(
-                typed("attention_backward_dq", st),
-                row_grid(s.b * s.h * s.t),
-                THREADS,
-                0,
-                &dq_args,
-            );
-            self.launch_kernel(
-                typed("attention_backward_dkv", st),
-                row_grid(s.b * s.g * s.t),
-                THREADS,
-                0,
-                &dkv_args,
-            );
+            per_row();
             return;
         }
         let [_, dq_shared, dkv_shared] = attention_shared(s.d);

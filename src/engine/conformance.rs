@@ -108,6 +108,7 @@ cases! {
     "attention, MiniMind's heads (T 40, D 64)" => case_attention_minimind,
     "attention, the widest tiled heads (D 128)" => case_attention_widest_tiled,
     "attention, wide heads (D 160)" => case_attention_wide,
+    "attention, 3 flash tiles, ragged (T 150, D 64)" => case_attention_flash_tiles,
     "rope_attention, RoPE with attention (T 40, D 64)" => case_rope_attention,
     "attention_decode" => case_attention_decode,
     "swiglu_forward" => case_swiglu_forward,
@@ -363,6 +364,13 @@ fn case_attention_widest_tiled<K: Kernels>(k: &K) -> Vec<f32> {
 /// Heads wider than the GPU's tiled kernels take (128).
 fn case_attention_wide<K: Kernels>(k: &K) -> Vec<f32> {
     let s = AttnShape::new(1, 9, 2, 1, 160).expect("a valid shape");
+    [attention(k, s, false), attention(k, s, true)].concat()
+}
+
+/// Three blocks of the GPU's flash kernels (64 query rows, 64 keys a tile at D 64), the last
+/// ragged, two query heads on each key/value head.
+fn case_attention_flash_tiles<K: Kernels>(k: &K) -> Vec<f32> {
+    let s = AttnShape::new(1, 150, 4, 2, 64).expect("a valid shape");
     [attention(k, s, false), attention(k, s, true)].concat()
 }
 

@@ -81,16 +81,28 @@ pub struct Call {
     pub unit: Unit,
     pub flops: f64,
     pub bytes: f64,
-    /// The tiled attention kernels: shared-memory bound on the CUDA cores.
+    /// Our own tiled attention kernels rather than a library product: the f32 ones on the
+    /// CUDA cores (shared-memory bound), the flash ones on the tensor cores (`mma.sync`).
     pub tiled: bool,
+}
+
+/// Which attention a 16-bit run takes on the GPU (float32 runs always take the tiled f32
+/// kernels), as `engine::cuda` chooses it; the earlier ones are what BENCHMARKS.md compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// The tiled f32 kernels in every dtype (the engine before #17).
+    Tiled,
+    /// cuBLAS batched products with the scores in memory between them (GPUs before sm_80,
+    /// and heads other than 64 or 128 wide).
+    Cublas,
+    /// The flash kernels on `mma.sync` at heads 64 or 128 wide, cuBLAS otherwise.
+    Flash,
 }
 
 /// The backend. Buffers are lengths; every call is recorded.
 pub struct Dry {
     dtype: Dtype,
-    /// Attention as before the tensor-core path (the tiled f32 kernels in every dtype): what
-    /// BENCHMARKS.md compares against.
-    tiled_attention: bool,
+    attention: Attention,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -120,12 +132,12 @@ pub struct Route {
 
 impl Dry {
     pub fn new(dtype: Dtype) -> Dry {
-        Dry { dtype, tiled_attention: false, calls: Mutex::new(Vec::new()) }
+        Dry { dtype, attention: Attention::Flash, calls: Mutex::new(Vec::new()) }
     }
 
-    /// The engine as it was before attention went to the tensor cores (2026-12-05).
-    pub fn with_tiled_attention(dtype: Dtype) -> Dry {
-        Dry { tiled_attention: true, ..Dry::new(dtype) }
+    /// The engine with another attention path (see [`Attention`]).
+    pub fn with_attention(dtype: Dtype, attention: Attention) -> Dry {
+        Dry { attention, ..Dry::new(dtype) }
     }
 
     /// The calls recorded so far, and forgets them.
@@ -139,7 +151,12 @@ impl Dry {
 
     /// Whether attention runs on the tensor cores (bf16/f16 runs).
     fn tensor(&self) -> bool {
-        self.dtype != Dtype::Float32 && !self.tiled_attention
+        self.dtype != Dtype::Float32 && self.attention != Attention::Tiled
+    }
+
+    /// Whether the flash kernels serve attention of shape `s` (`Cuda::flash_serves`).
+    fn flash(&self, s: AttnShape) -> bool {
+        self.tensor() && self.attention == Attention::Flash && matches!(s.d, 64 | 128)
     }
 
     fn record(&self, kernel: &'static str, class: Class, unit: Unit, flops: f64, bytes: f64) {
@@ -168,6 +185,11 @@ impl Dry {
         let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);
         let r = h / g;
         let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        if self.flash(s) {
+            // q, k, v in (the key tiles a block re-reads come from L2), out and lse out.
+            let bytes = a * (2.0 * nq + 2.0 * nkv) + f * (b * h * t) as f64;
+            return self.fused("flash_forward", s, 2.0, Unit::Tensor, bytes);
+        }
         let scores = (b * h * t * t) as f64;
         let copy = if rope { "attn_heads_rope" } else { "attn_heads" };
         for (kernel, n) in [(copy, nq), (copy, nkv), ("attn_heads", nkv)] {
@@ -205,6 +227,14 @@ impl Dry {
         let f = 4.0;
         let r = h / g;
         let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
+        if self.flash(s) {
+            // dq: S, dP and dS K (q, dout, k, v, lse, delta in; dq out); dkv: S, dP, dV, dK
+            // (k, v, q, dout, lse, delta in; dk, dv out).
+            let dq_bytes = a * (3.0 * nq + 2.0 * nkv) + 2.0 * f * rows;
+            self.fused("flash_backward_dq", s, 3.0, Unit::Tensor, dq_bytes);
+            let dkv_bytes = a * (2.0 * nq + 4.0 * nkv) + 2.0 * f * rows;
+            return self.fused("flash_backward_dkv", s, 4.0, Unit::Tensor, dkv_bytes);
+        }
         let scores = (b * h * t * t) as f64;
         let copy = if rope { "attn_heads_rope" } else { "attn_heads" };
         for (kernel, n) in [(copy, nq), (copy, nkv), ("attn_heads", nkv), ("attn_heads", nq)] {
@@ -261,14 +291,21 @@ impl Dry {
         self.record("gemm", class, unit, batch as f64 * 2.0 * m * n * k, bytes);
     }
 
-    /// The tiled attention kernel `kernel` doing `products` causal [T, T, D] products per
-    /// (sequence, head) of `s` (half squares: masked tiles are skipped).
+    /// The tiled f32 attention kernel `kernel` doing `products` causal [T, T, D] products
+    /// per (sequence, head) of `s`.
     fn tiled(&self, kernel: &'static str, s: AttnShape, products: f64) {
         let (b, t, h, d) = (s.b as f64, s.t as f64, s.h as f64, s.d as f64);
-        let flops = products * 2.0 * b * h * t * t / 2.0 * d;
         let a = self.act() as f64;
         let bytes = a * b * t * (2.0 * h + 2.0 * s.g as f64) * d;
-        let call = Call { kernel, class: Class::Attention, unit: Unit::Cuda, flops, bytes, tiled: true };
+        self.fused(kernel, s, products, Unit::Cuda, bytes);
+    }
+
+    /// One of our attention kernels doing `products` causal [T, T, D] products per
+    /// (sequence, head) of `s` (half squares: masked tiles are skipped) on `unit`.
+    fn fused(&self, kernel: &'static str, s: AttnShape, products: f64, unit: Unit, bytes: f64) {
+        let (b, t, h, d) = (s.b as f64, s.t as f64, s.h as f64, s.d as f64);
+        let flops = products * 2.0 * b * h * t * t / 2.0 * d;
+        let call = Call { kernel, class: Class::Attention, unit, flops, bytes, tiled: true };
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
     }
 }

@@ -24,7 +24,8 @@ pub struct Saved {
     /// Each query row's log-sum-exp `[B, H, T]`.
     pub lse: DBuf<f32>,
     /// Whether q and k were rotated in place (the model's buffers hold them rotated), or
-    /// (tensor cores with RoPE fused) only their head-major copies were.
+    /// (tensor cores with RoPE fused) only as they were read: into the head-major copies of
+    /// the cuBLAS path, or by the flash kernels.
     pub rotated_in_place: bool,
 }
 
@@ -323,5 +324,100 @@ impl Cuda {
             self.heads(st, dv.ptr + first_kv, x.dv, kvh, false, None);
         }
         true
+    }
+}
+
+/// Rows (forward, dq: queries; dkv: keys) per block of the flash kernels (`FLASH_ROWS` in
+/// `kernels.cu`), in 4 warps of 16.
+const FLASH_ROWS: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// Which form of a flash kernel serves heads `d` wide (listed `_d64`, `_d128` in `TYPED`);
+/// none for other widths. Pure.
+pub(super) fn flash_form(d: usize) -> Option<usize> {
+    match d {
+        64 => Some(0),
+        128 => Some(1),
+        _ => None,
+    }
+}
+
+impl Cuda {
+    /// Whether the flash kernels (`mma.sync`, sm_80 and later) serve attention of shape `s`:
+    /// 16-bit runs at heads 64 or 128 wide, unless switched off (see [`Cuda::set_flash`]).
+    pub(super) fn flash_serves(&self, s: AttnShape) -> bool {
+        self.flash && Store::of(self.dtype) != Store::F32 && flash_form(s.d).is_some()
+    }
+
+    fn flash_args(&self, rot: Option<Tables>, s: AttnShape) -> [Arg; 7] {
+        let (cos, sin) = rot.map_or((0, 0), |r| (r.cos, r.sin));
+        [
+            Arg::Ptr(cos),
+            Arg::Ptr(sin),
+            i32_of(s.b),
+            i32_of(s.t),
+            i32_of(s.h),
+            i32_of(s.g),
+            Arg::I32(rot.is_some() as i32),
+        ]
+    }
+
+    /// Flash attention forward: `out` and each row's log-sum-exp, q and k rotated as they
+    /// are read when `rot` is given. The caller checked [`Cuda::flash_serves`].
+    pub(super) fn attention_forward_flash(
+        &self,
+        out: &DViewMut<'_>,
+        lse: u64,
+        [q, k, v]: [&DView<'_>; 3],
+        rot: Option<Tables>,
+        s: AttnShape,
+    ) {
+        let form = flash_form(s.d).expect("flash_serves checked the head width");
+        let grid =
+            u32::try_from(s.b * s.h * s.t.div_ceil(FLASH_ROWS)).expect("a grid that fits CUDA's limit");
+        let ptrs = [Arg::Ptr(out.ptr), Arg::Ptr(lse), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr)];
+        let args = [ptrs.as_slice(), &self.flash_args(rot, s)].concat();
+        self.launch_kernel(super::form("flash_forward_d64", form, q.st), grid, FLASH_THREADS, 0, &args);
+    }
+
+    /// Flash attention backward, given `[dout, q, k, v]`, the forward's `lse` and `delta` =
+    /// rowsum(dO∘O) `[B*H*T]`: dq per block of query rows, dk and dv per block of key rows;
+    /// with `rot`, dq and dk leave through RoPE's inverse.
+    pub(super) fn attention_backward_flash(
+        &self,
+        [dq, dk, dv]: [&DViewMut<'_>; 3],
+        [dout, q, k, v]: [&DView<'_>; 4],
+        (lse, delta): (u64, u64),
+        rot: Option<Tables>,
+        s: AttnShape,
+    ) {
+        let form = flash_form(s.d).expect("flash_serves checked the head width");
+        let tiles = s.t.div_ceil(FLASH_ROWS);
+        let grid = |heads: usize| u32::try_from(s.b * heads * tiles).expect("a grid that fits CUDA's limit");
+        let inputs = [
+            Arg::Ptr(delta),
+            Arg::Ptr(dout.ptr),
+            Arg::Ptr(lse),
+            Arg::Ptr(q.ptr),
+            Arg::Ptr(k.ptr),
+            Arg::Ptr(v.ptr),
+        ];
+        let rest = self.flash_args(rot, s);
+        let dq_args = [[Arg::Ptr(dq.ptr)].as_slice(), &inputs, &rest].concat();
+        self.launch_kernel(
+            super::form("flash_backward_dq_d64", form, q.st),
+            grid(s.h),
+            FLASH_THREADS,
+            0,
+            &dq_args,
+        );
+        let dkv_args = [[Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr)].as_slice(), &inputs, &rest].concat();
+        self.launch_kernel(
+            super::form("flash_backward_dkv_d64", form, q.st),
+            grid(s.g),
+            FLASH_THREADS,
+            0,
+            &dkv_args,
+        );
     }
 }

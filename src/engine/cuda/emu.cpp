@@ -364,6 +364,50 @@ static inline auto max(A a, B b) {
     return a > b ? a : b;
 }
 
+// mma.sync.aligned.m16n8k16 (kernels.cu's `mma16816`): every lane of the warp leaves its A
+// and B fragments, then each computes its four elements of D from the warp's fragments in
+// the PTX ISA's layout (see kernels.cu), summing k in order in f32.
+namespace emu {
+struct Fragments {
+    unsigned a[4], b[2];
+};
+static Fragments fragments[MAX_THREADS];
+}  // namespace emu
+
+static inline void emu_mma16816(float* d, const unsigned* a, const unsigned* b, bool is_bf16) {
+    unsigned me = emu::block.current, base = me & ~31u, lane = me & 31u;
+    for (int i = 0; i < 4; i++) emu::fragments[me].a[i] = a[i];
+    for (int i = 0; i < 2; i++) emu::fragments[me].b[i] = b[i];
+    emu::wait(emu::AT_WARP);
+    for (unsigned l = base; l < base + 32; l++) {
+        if (l >= emu::block.threads || emu::block.lanes[l].state == emu::DONE) {
+            std::fprintf(stderr, "emulator: mma.sync in block %u without all 32 lanes of warp %u\n",
+                         emu::block.block_idx.x, base / 32);
+            std::abort();
+        }
+    }
+    auto value = [&](unsigned reg, int k) {
+        unsigned short bits = (k & 1) ? static_cast<unsigned short>(reg >> 16) : static_cast<unsigned short>(reg);
+        return is_bf16 ? emu::from_bits<float>(static_cast<uint64_t>(bits) << 16) : f16_bits_to_f32(bits);
+    };
+    // Element (row, k) of A is in lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) +
+    // 2 (k >= 8); element (k, n) of B in lane n * 4 + (k % 8) / 2, register (k >= 8).
+    auto at_a = [&](int row, int k) {
+        return value(emu::fragments[base + (row % 8) * 4 + (k % 8) / 2].a[(row >= 8) + 2 * (k >= 8)], k);
+    };
+    auto at_b = [&](int k, int n) { return value(emu::fragments[base + n * 4 + (k % 8) / 2].b[k >= 8], k); };
+    int g = static_cast<int>(lane / 4), c = static_cast<int>(lane % 4);
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        int row = g + 8 * (i >> 1), col = 2 * c + (i & 1);
+        float s = d[i];
+        for (int k = 0; k < 16; k++) s += at_a(row, k) * at_b(k, col);
+        out[i] = s;
+    }
+    emu::wait(emu::AT_WARP);  // every lane has read the fragments before any leaves new ones
+    for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
 #include "kernels.cu"
 
 // ---------------------------------------------------------------------------------------
@@ -404,6 +448,7 @@ const Kernel KERNEL_TABLE[] = {
     K(moe_aux_terms),
     K(moe_aux_sum),
     K(moe_router_backward),
+    K(mma_probe),
     KX(fill),
     KX(cast),
     KX(rmsnorm_forward),
@@ -435,6 +480,12 @@ const Kernel KERNEL_TABLE[] = {
     KX(combine_rows),
     KX(slot_dots),
     KX(spread_rows),
+    KX(flash_forward_d64),
+    KX(flash_forward_d128),
+    KX(flash_backward_dq_d64),
+    KX(flash_backward_dq_d128),
+    KX(flash_backward_dkv_d64),
+    KX(flash_backward_dkv_d128),
 };
 #undef K
 #undef KX

@@ -1016,6 +1016,480 @@ __device__ void attn_dsoftmax(X* p, const float* dp, const float* delta, i64 row
 }
 INSTANTIATE(attn_dsoftmax, (X* p, const float* dp, const float* delta, i64 rows, int t), (p, dp, delta, rows, t))
 
+// ---------------------------------------------------------------------------------------
+// Flash attention on the tensor cores (bf16/f16 runs, heads 64 or 128 wide, sm_80 and
+// later): FlashAttention-2's loop on `mma.sync`, so the [T, T] scores never reach memory.
+// Forward and dq: one block of 4 warps per (batch, head, 64 query rows), each warp 16 rows,
+// over tiles of FLASH_BC keys staged in shared memory; dkv: one block per (batch, group, 64
+// keys), each warp 16 keys, over the group's heads and the query tiles at or below the
+// diagonal. Products accumulate in f32; P and dS are rounded to X before their products, as
+// the cuBLAS path (attn_softmax, attn_dsoftmax) stores them. With `rope`, q and k are rotated
+// as they are read (`attn_heads_rope`'s arithmetic) and dq, dk leave through the inverse, so
+// the model's buffers stay un-rotated. Heaviest blocks first, as the tiled kernels.
+
+// Tensor cores, one warp at a time: D += A B, mma.sync.aligned.m16n8k16.row.col.f32 with
+// bf16 or f16 operands. Fragments as the PTX ISA lays them out ("Matrix Fragments for
+// mma.m16n8k16 with floating point type"): with g = lane / 4 and c = lane % 4,
+//   A [16 x 16] row-major, 4 registers of two: a[0] row g, cols 2c, 2c+1; a[1] row g+8,
+//     the same cols; a[2] row g, cols 2c+8, 2c+9; a[3] row g+8, cols 2c+8, 2c+9;
+//   B [16 x 8] (k x n), 2 registers: b[0] rows 2c, 2c+1 of col g; b[1] rows 2c+8, 2c+9;
+//   C, D [16 x 8] f32: d[0], d[1] row g, cols 2c, 2c+1; d[2], d[3] row g+8.
+// The lower-numbered element of a pair sits in the low 16 bits. Every lane of the warp must
+// call it together. The emulator (emu.cpp) computes the same sums in f32 from that layout.
+#ifdef MINIMIND_EMU
+__device__ void mma16816(float* d, const unsigned* a, const unsigned* b, bf16) { emu_mma16816(d, a, b, true); }
+__device__ void mma16816(float* d, const unsigned* a, const unsigned* b, f16) { emu_mma16816(d, a, b, false); }
+#else
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b, bf16) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the engine launches these kernels on sm_80 and later only
+#endif
+}
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b, f16) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+#endif
+
+template <typename X>
+__device__ __forceinline__ unsigned pack2(X lo, X hi) {
+    return (unsigned)lo.bits | ((unsigned)hi.bits << 16);
+}
+
+// Element `col` of row `x` (DD wide), rotated by RoPE at the row's position when `cs` (that
+// position's cos row; `sn` its sin row) is given: `attn_heads_rope`'s arithmetic.
+template <typename X, int DD>
+__device__ __forceinline__ X rotated(const X* x, const float* cs, const float* sn, int col) {
+    constexpr int HALF = DD / 2;
+    if (!cs) return x[col];
+    if (col < HALF) return X((float)x[col] * cs[col] - (float)x[col + HALF] * sn[col]);
+    return X((float)x[col] * cs[col] + (float)x[col - HALF] * sn[col]);
+}
+
+// The A fragments of a warp's 16 rows r0.. of `x` (row i at x + i * stride; rows at or past
+// t are zeros), DD wide: KS = DD/16 steps of depth 16, rotated when `cosb` is given.
+template <typename X, int DD>
+__device__ void load_rows_a(unsigned (*f)[4], const X* x, i64 stride, int r0, int t, const float* cosb, const float* sinb) {
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int s = 0; s < DD / 16; s++) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = r0 + g + 8 * (i & 1), col = s * 16 + 2 * c + 8 * (i >> 1);
+            X lo(0.0f), hi(0.0f);
+            if (row < t) {
+                const float* cs = cosb ? cosb + (i64)row * DD : nullptr;
+                const float* sn = cosb ? sinb + (i64)row * DD : nullptr;
+                lo = rotated<X, DD>(x + row * stride, cs, sn, col);
+                hi = rotated<X, DD>(x + row * stride, cs, sn, col + 1);
+            }
+            f[s][i] = pack2(lo, hi);
+        }
+    }
+}
+
+// Rows first..first+ROWS of `x` into a shared tile [ROWS][DD + 8] (8 elements of padding
+// keep the fragment reads of a warp on 32 distinct banks); rows at or past t are zeros.
+template <typename X, int DD, int ROWS>
+__device__ void load_rows_shared(X (*tile)[DD + 8], const X* x, i64 stride, int first, int t, const float* cosb, const float* sinb) {
+    for (int e = threadIdx.x; e < ROWS * DD; e += blockDim.x) {
+        int r = e / DD, col = e % DD, row = first + r;
+        X val(0.0f);
+        if (row < t) {
+            const float* cs = cosb ? cosb + (i64)row * DD : nullptr;
+            const float* sn = cosb ? sinb + (i64)row * DD : nullptr;
+            val = rotated<X, DD>(x + row * stride, cs, sn, col);
+        }
+        tile[r][col] = val;
+    }
+}
+
+// B fragments from a shared tile [n][k] (B's column n is tile row n): b[0], b[1] of the
+// 16 x 8 block at rows n0.., depth k0.. are two consecutive pairs of a row.
+template <typename X, int LD>
+__device__ __forceinline__ void frag_b_rows(unsigned* b, const X (*tile)[LD], int n0, int k0) {
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    b[0] = pack2(tile[n0 + g][k0 + 2 * c], tile[n0 + g][k0 + 2 * c + 1]);
+    b[1] = pack2(tile[n0 + g][k0 + 2 * c + 8], tile[n0 + g][k0 + 2 * c + 9]);
+}
+
+// B fragments from a shared tile [k][n] (B itself, row-major): column n0 + g, rows k0..
+template <typename X, int LD>
+__device__ __forceinline__ void frag_b_cols(unsigned* b, const X (*tile)[LD], int k0, int n0) {
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    b[0] = pack2(tile[k0 + 2 * c][n0 + g], tile[k0 + 2 * c + 1][n0 + g]);
+    b[1] = pack2(tile[k0 + 2 * c + 8][n0 + g], tile[k0 + 2 * c + 9][n0 + g]);
+}
+
+// A fragment of depth step kk from accumulators laid out as C (16 rows x 8-column tiles
+// 2kk and 2kk+1), rounded to X: FlashAttention-2's register reuse, no shuffle.
+template <typename X>
+__device__ __forceinline__ void frag_a_from_c(unsigned* a, const float (*acc)[4], int kk) {
+    a[0] = pack2(X(acc[2 * kk][0]), X(acc[2 * kk][1]));
+    a[1] = pack2(X(acc[2 * kk][2]), X(acc[2 * kk][3]));
+    a[2] = pack2(X(acc[2 * kk + 1][0]), X(acc[2 * kk + 1][1]));
+    a[3] = pack2(X(acc[2 * kk + 1][2]), X(acc[2 * kk + 1][3]));
+}
+
+// The inverse rotation of RoPE on accumulators laid out as C (DD/8 column tiles): column j
+// pairs with j + DD/2, which is tile n + DD/16 of the same lane. `attn_heads_rope`'s
+// arithmetic on the values rounded to X, as the cuBLAS path rounds them first.
+template <typename X, int DD>
+__device__ void unrotate_c(float (*acc)[4], int r0, int t, const float* cosb, const float* sinb) {
+    constexpr int HALF = DD / 2, NH = DD / 16;
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int n = 0; n < NH; n++) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = min(r0 + g + 8 * (i >> 1), t - 1), j = n * 8 + 2 * c + (i & 1);
+            const float* cs = cosb + (i64)row * DD;
+            const float* sn = sinb + (i64)row * DD;
+            float a = (float)X(acc[n][i]), b = (float)X(acc[n + NH][i]);
+            acc[n][i] = a * cs[j] + b * sn[HALF + j];
+            acc[n + NH][i] = b * cs[HALF + j] - a * sn[j];
+        }
+    }
+}
+
+// Stores accumulators laid out as C (16 rows r0.., DD wide) times `mul` into rows of `x`.
+template <typename X, int DD>
+__device__ void store_c(X* x, i64 stride, const float (*acc)[4], int r0, int t, const float* mul) {
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int row = r0 + g + 8 * half;
+        if (row >= t) continue;
+        #pragma unroll
+        for (int n = 0; n < DD / 8; n++) {
+            x[row * stride + n * 8 + 2 * c] = X(acc[n][2 * half] * mul[half]);
+            x[row * stride + n * 8 + 2 * c + 1] = X(acc[n][2 * half + 1] * mul[half]);
+        }
+    }
+}
+
+#define FLASH_ROWS 64
+#define FLASH_WARPS 4
+// Keys (forward, dq) or queries (dkv) per staged tile: fewer for wide heads, whose
+// accumulators take more registers.
+#define FLASH_BC(DD) ((DD) > 64 ? 32 : 64)
+
+__device__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+
+__device__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 1);
+    return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+// Forward: out [B*T, H*D], lse [B*H*T] (the scaled scores' log-sum-exp per row).
+template <typename X, int DD>
+__device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+    constexpr int BC = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
+    __shared__ X ks[BC][LD];
+    __shared__ X vs[BC][LD];
+    int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, rank = blockIdx.x / (b * h), bh = blockIdx.x % (b * h);
+    int qt = tiles - 1 - rank, hi = bh % h, bi = bh / h, gi = hi / (h / g);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
+    int r0 = qt * FLASH_ROWS + warp * 16;
+    const float* cs = rope ? cosb : nullptr;
+    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
+    const X* qb = q + (i64)bi * t * qstride + hi * DD;
+    const X* kb = k + (i64)bi * t * kstride + gi * DD;
+    const X* vb = v + (i64)bi * t * kstride + gi * DD;
+    float scale = 1.0f / sqrtf((float)DD);
+    unsigned qf[DD / 16][4];
+    load_rows_a<X, DD>(qf, qb, qstride, r0, t, cs, sinb);
+    float o[NT][4], m[2] = {-INF, -INF}, l[2] = {0.0f, 0.0f};
+    #pragma unroll
+    for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    int last = (min(t, (qt + 1) * FLASH_ROWS) - 1) / BC;
+    for (int kt = 0; kt <= last; kt++) {
+        __syncthreads();  // the previous tiles are no longer read
+        load_rows_shared<X, DD, BC>(ks, kb, kstride, kt * BC, t, cs, sinb);
+        load_rows_shared<X, DD, BC>(vs, vb, kstride, kt * BC, t, nullptr, nullptr);
+        __syncthreads();
+        if (kt * BC > r0 + 15) continue;  // every key of the tile is after the warp's rows
+        float s[BC / 8][4];
+        #pragma unroll
+        for (int j = 0; j < BC / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            #pragma unroll
+            for (int st = 0; st < DD / 16; st++) {
+                unsigned bf[2];
+                frag_b_rows<X, LD>(bf, ks, j * 8, st * 16);
+                mma16816(s[j], qf[st], bf, X());
+            }
+        }
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int j = 0; j < BC / 8; j++) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int row = r0 + gr + 8 * (i >> 1), key = kt * BC + j * 8 + 2 * c + (i & 1);
+                float x = key <= row && key < t ? s[j][i] * scale : -INF;
+                s[j][i] = x;
+                mx[i >> 1] = fmaxf(mx[i >> 1], x);
+            }
+        }
+        float corr[2];
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = quad_max(mx[r]);  // key 0 is in tile 0, so a row's maximum is finite
+            corr[r] = __expf(m[r] - mx[r]);
+            m[r] = mx[r];
+            l[r] *= corr[r];
+        }
+        #pragma unroll
+        for (int j = 0; j < BC / 8; j++) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float p = __expf(s[j][i] - m[i >> 1]);
+                l[i >> 1] += p;
+                s[j][i] = p;
+            }
+        }
+        #pragma unroll
+        for (int n = 0; n < NT; n++) {
+            o[n][0] *= corr[0];
+            o[n][1] *= corr[0];
+            o[n][2] *= corr[1];
+            o[n][3] *= corr[1];
+        }
+        #pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+            unsigned pa[4];
+            frag_a_from_c<X>(pa, s, kk);
+            #pragma unroll
+            for (int n = 0; n < NT; n++) {
+                unsigned bf[2];
+                frag_b_cols<X, LD>(bf, vs, kk * 16, n * 8);
+                mma16816(o[n], pa, bf, X());
+            }
+        }
+    }
+    float inv[2];
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = 1.0f / l[r];
+        int row = r0 + gr + 8 * r;
+        if (c == 0 && row < t) lse[((i64)bi * h + hi) * t + row] = m[r] + logf(l[r]);
+    }
+    store_c<X, DD>(out + (i64)bi * t * qstride + hi * DD, qstride, o, r0, t, inv);
+}
+
+// Backward, dq: per (batch, head, 64 query rows), P recomputed from lse, dP = dO Vᵀ,
+// dS = P (dP - delta), dq = scale dS K (then RoPE's inverse).
+template <typename X, int DD>
+__device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+    constexpr int BC = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
+    __shared__ X ks[BC][LD];
+    __shared__ X vs[BC][LD];
+    int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, rank = blockIdx.x / (b * h), bh = blockIdx.x % (b * h);
+    int qt = tiles - 1 - rank, hi = bh % h, bi = bh / h, gi = hi / (h / g);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
+    int r0 = qt * FLASH_ROWS + warp * 16;
+    const float* cs = rope ? cosb : nullptr;
+    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
+    i64 qoff = (i64)bi * t * qstride + hi * DD;
+    const X* kb = k + (i64)bi * t * kstride + gi * DD;
+    const X* vb = v + (i64)bi * t * kstride + gi * DD;
+    float scale = 1.0f / sqrtf((float)DD);
+    unsigned qf[DD / 16][4], dof[DD / 16][4];
+    load_rows_a<X, DD>(qf, q + qoff, qstride, r0, t, cs, sinb);
+    load_rows_a<X, DD>(dof, dout + qoff, qstride, r0, t, nullptr, nullptr);
+    float lr[2], dr[2];
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = min(r0 + gr + 8 * r, t - 1);
+        lr[r] = lse[((i64)bi * h + hi) * t + row];
+        dr[r] = delta[((i64)bi * h + hi) * t + row];
+    }
+    float acc[NT][4];
+    #pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    int last = (min(t, (qt + 1) * FLASH_ROWS) - 1) / BC;
+    for (int kt = 0; kt <= last; kt++) {
+        __syncthreads();
+        load_rows_shared<X, DD, BC>(ks, kb, kstride, kt * BC, t, cs, sinb);
+        load_rows_shared<X, DD, BC>(vs, vb, kstride, kt * BC, t, nullptr, nullptr);
+        __syncthreads();
+        if (kt * BC > r0 + 15) continue;
+        float s[BC / 8][4], dp[BC / 8][4];
+        #pragma unroll
+        for (int j = 0; j < BC / 8; j++) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) s[j][i] = dp[j][i] = 0.0f;
+            #pragma unroll
+            for (int st = 0; st < DD / 16; st++) {
+                unsigned bf[2];
+                frag_b_rows<X, LD>(bf, ks, j * 8, st * 16);
+                mma16816(s[j], qf[st], bf, X());
+                frag_b_rows<X, LD>(bf, vs, j * 8, st * 16);
+                mma16816(dp[j], dof[st], bf, X());
+            }
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int row = r0 + gr + 8 * (i >> 1), key = kt * BC + j * 8 + 2 * c + (i & 1);
+                float p = key <= row && row < t ? (float)X(__expf(s[j][i] * scale - lr[i >> 1])) : 0.0f;
+                s[j][i] = p * (dp[j][i] - dr[i >> 1]);  // dS, rounded as it is packed
+            }
+        }
+        #pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+            unsigned da[4];
+            frag_a_from_c<X>(da, s, kk);
+            #pragma unroll
+            for (int n = 0; n < NT; n++) {
+                unsigned bf[2];
+                frag_b_cols<X, LD>(bf, ks, kk * 16, n * 8);
+                mma16816(acc[n], da, bf, X());
+            }
+        }
+    }
+    float one[2] = {1.0f, 1.0f};
+    #pragma unroll
+    for (int n = 0; n < NT; n++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) acc[n][i] = (float)X(acc[n][i] * scale);
+    if (rope) unrotate_c<X, DD>(acc, r0, t, cosb, sinb);
+    store_c<X, DD>(dq + qoff, qstride, acc, r0, t, one);
+}
+
+// Backward, dk and dv: per (batch, group, 64 keys), over the group's heads and the query
+// tiles from the diagonal on: Pᵀ from lse, dv += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta),
+// dk += dSᵀ Q; dk = scale dk (then RoPE's inverse). The heads sum in f32, rounded once.
+template <typename X, int DD>
+__device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+    constexpr int BR = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
+    __shared__ X qs[BR][LD];
+    __shared__ X dos[BR][LD];
+    __shared__ float ls[BR], ds[BR];
+    int kt = blockIdx.x / (b * g), bg = blockIdx.x % (b * g);  // key tile 0 has the most queries
+    int gi = bg % g, bi = bg / g, r = h / g;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
+    int k0 = kt * FLASH_ROWS + warp * 16;
+    const float* cs = rope ? cosb : nullptr;
+    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
+    i64 koff = (i64)bi * t * kstride + gi * DD;
+    float scale = 1.0f / sqrtf((float)DD);
+    unsigned kf[DD / 16][4], vf[DD / 16][4];
+    load_rows_a<X, DD>(kf, k + koff, kstride, k0, t, cs, sinb);
+    load_rows_a<X, DD>(vf, v + koff, kstride, k0, t, nullptr, nullptr);
+    float dka[NT][4], dva[NT][4];
+    #pragma unroll
+    for (int n = 0; n < NT; n++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) dka[n][i] = dva[n][i] = 0.0f;
+    int first = kt * FLASH_ROWS / BR, qtiles = (t + BR - 1) / BR;
+    for (int hh = 0; hh < r; hh++) {
+        int hi = gi * r + hh;
+        i64 qoff = (i64)bi * t * qstride + hi * DD, rows = ((i64)bi * h + hi) * t;
+        for (int qt = first; qt < qtiles; qt++) {
+            int q0 = qt * BR;
+            __syncthreads();
+            load_rows_shared<X, DD, BR>(qs, q + qoff, qstride, q0, t, cs, sinb);
+            load_rows_shared<X, DD, BR>(dos, dout + qoff, qstride, q0, t, nullptr, nullptr);
+            for (int e = threadIdx.x; e < BR; e += blockDim.x) {
+                ls[e] = q0 + e < t ? lse[rows + q0 + e] : 0.0f;
+                ds[e] = q0 + e < t ? delta[rows + q0 + e] : 0.0f;
+            }
+            __syncthreads();
+            if (k0 > q0 + BR - 1) continue;  // every query of the tile is before the warp's keys
+            float p[BR / 8][4], dp[BR / 8][4];
+            #pragma unroll
+            for (int j = 0; j < BR / 8; j++) {
+                #pragma unroll
+                for (int i = 0; i < 4; i++) p[j][i] = dp[j][i] = 0.0f;
+                #pragma unroll
+                for (int st = 0; st < DD / 16; st++) {
+                    unsigned bf[2];
+                    frag_b_rows<X, LD>(bf, qs, j * 8, st * 16);
+                    mma16816(p[j], kf[st], bf, X());
+                    frag_b_rows<X, LD>(bf, dos, j * 8, st * 16);
+                    mma16816(dp[j], vf[st], bf, X());
+                }
+                #pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    int key = k0 + gr + 8 * (i >> 1), qi = j * 8 + 2 * c + (i & 1), query = q0 + qi;
+                    float pv = query >= key && query < t && key < t ? (float)X(__expf(p[j][i] * scale - ls[qi])) : 0.0f;
+                    p[j][i] = pv;
+                    dp[j][i] = pv * (dp[j][i] - ds[qi]);  // dSᵀ, rounded as it is packed
+                }
+            }
+            #pragma unroll
+            for (int kk = 0; kk < BR / 16; kk++) {
+                unsigned pa[4], da[4];
+                frag_a_from_c<X>(pa, p, kk);
+                frag_a_from_c<X>(da, dp, kk);
+                #pragma unroll
+                for (int n = 0; n < NT; n++) {
+                    unsigned bf[2];
+                    frag_b_cols<X, LD>(bf, dos, kk * 16, n * 8);
+                    mma16816(dva[n], pa, bf, X());
+                    frag_b_cols<X, LD>(bf, qs, kk * 16, n * 8);
+                    mma16816(dka[n], da, bf, X());
+                }
+            }
+        }
+    }
+    float one[2] = {1.0f, 1.0f};
+    #pragma unroll
+    for (int n = 0; n < NT; n++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) dka[n][i] = (float)X(dka[n][i] * scale);
+    if (rope) unrotate_c<X, DD>(dka, k0, t, cosb, sinb);
+    store_c<X, DD>(dk + koff, kstride, dka, k0, t, one);
+    store_c<X, DD>(dv + koff, kstride, dva, k0, t, one);
+}
+
+// The kernels, for bf16 and f16: float32 runs keep the tiled kernels' exact path, so each
+// `_f32` form exists only to give every typed kernel its three names, and is never launched.
+#define INSTANTIATE_16(kname, call, params, args) \
+    namespace as_f32 { extern "C" __global__ void kname##_f32 params {} } \
+    namespace as_bf16 { extern "C" __global__ void kname##_bf16 params { call args; } } \
+    namespace as_f16 { extern "C" __global__ void kname##_f16 params { call args; } }
+#define FLASH_FORWARD_PARAMS (X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
+#define FLASH_FORWARD_ARGS (out, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+INSTANTIATE_16(flash_forward_d64, (flash_forward<X, 64>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
+INSTANTIATE_16(flash_forward_d128, (flash_forward<X, 128>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
+#define FLASH_DQ_PARAMS (X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
+#define FLASH_DQ_ARGS (dq, delta, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+INSTANTIATE_16(flash_backward_dq_d64, (flash_backward_dq<X, 64>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
+INSTANTIATE_16(flash_backward_dq_d128, (flash_backward_dq<X, 128>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
+#define FLASH_DKV_PARAMS (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
+#define FLASH_DKV_ARGS (dk, dv, delta, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+INSTANTIATE_16(flash_backward_dkv_d64, (flash_backward_dkv<X, 64>), FLASH_DKV_PARAMS, FLASH_DKV_ARGS)
+INSTANTIATE_16(flash_backward_dkv_d128, (flash_backward_dkv<X, 128>), FLASH_DKV_PARAMS, FLASH_DKV_ARGS)
+
+// The tensor cores' fragment layout, checked: D [16 x 8] = A [16 x 16] B [16 x 8] for one
+// warp, A row-major and B given as Bᵀ [8 x 16] (row n is column n), read through the same
+// fragment helpers as the flash kernels. A test compares it with a plain product.
+extern "C" __global__ void mma_probe(float* d, const bf16* a, const bf16* bt) {
+    __shared__ bf16 bs[8][16];
+    for (int e = threadIdx.x; e < 128; e += blockDim.x) bs[e / 16][e % 16] = bt[e];
+    __syncthreads();
+    unsigned af[1][4], bf[2];
+    load_rows_a<bf16, 16>(af, a, 16, 0, 16, nullptr, nullptr);
+    frag_b_rows<bf16, 16>(bf, bs, 0, 0);
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    mma16816(acc[0], af[0], bf, bf16());
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    for (int i = 0; i < 4; i++) d[(g + 8 * (i >> 1)) * 8 + 2 * c + (i & 1)] = acc[0][i];
+}
+
 // One decoding step: one warp per query head against `len` cached positions.
 template <typename X>
 __device__ void attention_decode(X* out, const X* q, const X* k, const X* v, int len, int h, int g, int d) {

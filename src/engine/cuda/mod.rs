@@ -85,6 +85,7 @@ const PLAIN: &[&str] = &[
     "moe_aux_terms",
     "moe_aux_sum",
     "moe_router_backward",
+    "mma_probe",
 ];
 
 /// The kernels that read or write activations: templates over their storage, each defined as
@@ -121,6 +122,12 @@ const TYPED: &[&str] = &[
     "combine_rows",
     "slot_dots",
     "spread_rows",
+    "flash_forward_d64",
+    "flash_forward_d128",
+    "flash_backward_dq_d64",
+    "flash_backward_dq_d128",
+    "flash_backward_dkv_d64",
+    "flash_backward_dkv_d128",
 ];
 
 /// Every kernel `SOURCE` defines, in launch-index order: [`PLAIN`], then each of [`TYPED`]
@@ -402,6 +409,9 @@ pub struct Cuda {
     broken: std::sync::atomic::AtomicBool,
     name: String,
     build: Option<driver::Build>,
+    /// Whether 16-bit attention at heads 64 or 128 wide takes the flash kernels (`mma.sync`:
+    /// sm_80 and later, and the emulator) rather than the cuBLAS products.
+    flash: bool,
 }
 
 impl Cuda {
@@ -428,6 +438,7 @@ impl Cuda {
         let build = gpu.build.clone();
         let mut cuda = Cuda::on(Arc::new(gpu), dtype, name)?;
         cuda.build = Some(build);
+        cuda.flash = major >= 8;
         Ok(cuda)
     }
 
@@ -482,6 +493,12 @@ impl Cuda {
         r
     }
 
+    /// Sends 16-bit attention to the cuBLAS products instead of the flash kernels (`false`),
+    /// or back (tests compare the two; a GPU before sm_80 never takes the flash kernels).
+    pub fn set_flash(&mut self, on: bool) {
+        self.flash = on;
+    }
+
     /// How this GPU's kernels were obtained (none on the emulator).
     pub fn build(&self) -> Option<&driver::Build> {
         self.build.as_ref()
@@ -514,6 +531,7 @@ impl Cuda {
             broken: std::sync::atomic::AtomicBool::new(false),
             name,
             build: None,
+            flash: true,
         })
     }
 
@@ -959,6 +977,11 @@ impl Kernels for Cuda {
         let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
         if rot.pos == Positions::sequences(s.t) {
             let lse = self.ptr(&saved.lse);
+            if self.flash_serves(s) {
+                self.attention_forward_flash(&out, lse, [&q.read(), &k.read(), &v], Some(tables), s);
+                saved.rotated_in_place = false;
+                return;
+            }
             if self.attention_forward_tc(&out, lse, [&q.read(), &k.read(), &v], Some(tables), s) {
                 saved.rotated_in_place = false;
                 return;
@@ -992,13 +1015,12 @@ impl Kernels for Cuda {
             launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; Arg::Ptr(delta), &dout, &out, b, t, h, d);
             let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
             let inputs = [&dout, &q, &k, &v];
-            if !self.attention_backward_tc(
-                [&dq, &dk, &dv],
-                inputs,
-                (self.ptr(&saved.lse), delta),
-                Some(tables),
-                s,
-            ) {
+            let lse_delta = (self.ptr(&saved.lse), delta);
+            if self.flash_serves(s) {
+                self.attention_backward_flash([&dq, &dk, &dv], inputs, lse_delta, Some(tables), s);
+                return;
+            }
+            if !self.attention_backward_tc([&dq, &dk, &dv], inputs, lse_delta, Some(tables), s) {
                 self.fail(|| {
                     "the tensor-core attention lost its scratch between forward and backward".into()
                 });
@@ -1024,6 +1046,10 @@ impl Kernels for Cuda {
         let lse = self.ptr(&saved.lse);
         saved.rotated_in_place = true;
         let st = same_store("attention_forward", &[out.st, q.st, k.st, v.st]);
+        if self.flash_serves(s) {
+            self.attention_forward_flash(&out, lse, [&q, &k, &v], None, s);
+            return;
+        }
         if self.attention_forward_tc(&out, lse, [&q, &k, &v], None, s) {
             return;
         }
@@ -1103,6 +1129,10 @@ impl Kernels for Cuda {
         // (or, in 16 bits, the products on the tensor cores).
         launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; delta, dout_p, &out, b, t, h, d);
         let (lse_p, delta_p) = (self.ptr(&saved.lse), scratch.ptr);
+        if self.flash_serves(s) {
+            self.attention_backward_flash([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s);
+            return;
+        }
         if tensor
             && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s)
         {
@@ -1771,6 +1801,55 @@ mod tests {
     }
 
     #[test]
+    fn cuda_mma_fragments_follow_the_ptx_layout() {
+        // One warp's m16n8k16 product through the flash kernels' fragment helpers and the
+        // emulated mma.sync, against a plain product: small integers, so exact. (On a GPU the
+        // flash kernels' conformance cases check the hardware's layout against the CPU.)
+        let gpu = Cuda::emulated(Dtype::Bfloat16).unwrap();
+        let a: Vec<f32> = (0..256).map(|i| ((i * 7 + 3) % 17) as f32 - 8.0).collect();
+        let bt: Vec<f32> = (0..128).map(|i| ((i * 5 + 1) % 13) as f32 - 6.0).collect();
+        let (mut da, mut db, mut dd) = (gpu.alloc_act(256), gpu.alloc_act(128), gpu.alloc(128));
+        gpu.upload(gpu.view_mut(&mut da, 0..256), &a);
+        gpu.upload(gpu.view_mut(&mut db, 0..128), &bt);
+        launch!(gpu, plain("mma_probe"), 1, 32; Arg::Ptr(dd.mem.ptr), Arg::Ptr(da.mem.ptr), Arg::Ptr(db.mem.ptr));
+        gpu.check().unwrap();
+        let mut got = vec![0.0; 128];
+        gpu.download(gpu.view(&dd, 0..128), &mut got);
+        let want: Vec<f32> =
+            (0..128).map(|e| (0..16).map(|k| a[(e / 8) * 16 + k] * bt[(e % 8) * 16 + k]).sum()).collect();
+        assert_eq!(got, want, "D [16 x 8] row-major");
+        let _ = &mut dd;
+    }
+
+    #[test]
+    fn cuda_flash_attention_agrees_with_the_cublas_path() {
+        // In 16 bits at heads 64 and 128 wide the flash kernels serve (no scores in memory,
+        // nothing of cuBLAS); switched off, the cuBLAS products do. Both against each other
+        // within a rounding of the 16-bit P and dS: several query and key tiles, ragged, G < H.
+        for (dtype, tolerance) in [(Dtype::Bfloat16, 2e-2), (Dtype::Float16, 5e-3)] {
+            for s in [AttnShape::new(2, 150, 4, 2, 64).unwrap(), AttnShape::new(1, 70, 2, 1, 128).unwrap()] {
+                let flash = Cuda::emulated(dtype).unwrap();
+                let by_flash = attention_round(&flash, s, &|| {});
+                let mut cublas = Cuda::emulated(dtype).unwrap();
+                cublas.set_flash(false);
+                let by_cublas = attention_round(&cublas, s, &|| {});
+                let counts = |gpu: &Cuda| {
+                    ["flash_forward", "flash_backward_dq", "flash_backward_dkv", "attn_softmax", "gemm"]
+                        .map(|k| gpu.launch_counts().get(k).copied().unwrap_or(0))
+                };
+                assert_eq!(counts(&flash), [1, 1, 1, 0, 0], "{dtype:?} {s:?}: flash");
+                assert_eq!(counts(&cublas)[..4], [0, 0, 0, 2], "{dtype:?} {s:?}: cuBLAS");
+                for (what, (a, b)) in
+                    ["out", "lse", "dq", "dk", "dv"].iter().zip(by_flash.iter().zip(&by_cublas))
+                {
+                    let worst = crate::engine::conformance::rel(a, b);
+                    assert!(worst < tolerance, "{dtype:?} {s:?} {what}: {worst:.2e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn cuda_tensor_attention_in_chunks_equals_the_whole_batch() {
         // In bf16 the products go to (emulated) cuBLAS; with memory for two sequences' scores
         // at a time, five go through in chunks of 2, 2 and 1, bit for bit as all at once, and
@@ -1828,9 +1907,16 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
         let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
         for dtype in [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16] {
-            for use_moe in [false, true] {
+            // Heads 16 wide (cuBLAS attention in 16 bits), and 64 (the flash kernels), dense.
+            for (use_moe, head_dim) in [(false, 16), (true, 16), (false, 64)] {
                 let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
                 cfg.use_moe = use_moe;
+                if head_dim == 64 {
+                    cfg.hidden_size = 128;
+                    cfg.num_attention_heads = 2;
+                    cfg.num_key_value_heads = 1;
+                    cfg.head_dim = 64;
+                }
                 let mut gpu = Engine::new(Cuda::emulated(dtype).unwrap(), cfg.clone(), 2, 40).unwrap();
                 gpu.init_weights(1);
                 let before = gpu.kernels.launch_counts();

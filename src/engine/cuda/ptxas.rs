@@ -76,6 +76,13 @@ fn launch_shape(name: &str) -> Option<(u32, u32)> {
         "attention_forward_tiled_d64" => (TILE_THREADS, fwd),
         "attention_backward_dq_tiled_d64" => (TILE_THREADS, dq),
         "attention_backward_dkv_tiled_d64" => (TILE_THREADS, dkv),
+        // Static shared memory only (counted in ptxas's smem).
+        "flash_forward_d64"
+        | "flash_backward_dq_d64"
+        | "flash_backward_dkv_d64"
+        | "flash_forward_d128"
+        | "flash_backward_dq_d128"
+        | "flash_backward_dkv_d128" => (128, 0),
         "attention_delta"
         | "attn_heads"
         | "attn_heads_rope"

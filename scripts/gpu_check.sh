@@ -239,6 +239,8 @@ for m in dense moe; do
         bench "ours-$m-$dt" experiments/bench/$m.toml --set train.dtype=$dt >> "$rows"
     done
 done
+# Attention through cuBLAS with the scores in memory instead of the flash kernels.
+MINIMIND_CUDA_FLASH=0 bench "cublas-dense-bfloat16" experiments/bench/dense.toml --set train.dtype=bfloat16 >> "$rows"
 echo "== PyTorch on the same GPU"
 for m in dense moe; do
     moe=$([ $m = moe ] && echo 1 || echo 0)
@@ -277,6 +279,9 @@ for m in ["dense", "moe"]:
         mfu = f"{gf * 1e9 / (p * 1e12):.1%}" if gf and p else "-"
         ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
         print(f"{m:<7}{dt:<10}{fmt(tps):>12}{mfu:>7}{fmt(eager):>13}{ratio(tps, eager):>11}{fmt(comp):>15}{ratio(tps, comp):>13}")
+flash, cublas = num(rows.get("ours-dense-bfloat16", ["-"])[0]), num(rows.get("cublas-dense-bfloat16", ["-"])[0])
+print(f"dense bfloat16 attention: flash kernels {fmt(flash)} tok/s, cuBLAS with the scores in memory {fmt(cublas)}"
+      + (f" ({flash / cublas:.2f}x)" if flash and cublas else ""))
 EOF
 echo "== the step-time model against this GPU (dense bf16, 32 x 512)"
 shape=(--set train.batch_size=32 --set data.max_seq_len=512 --set train.accumulation_steps=1)

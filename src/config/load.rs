@@ -27,7 +27,9 @@ pub const OWN_VARS: &[&str] = &[
     "MINIMIND_CUDA_EMULATOR_SHUFFLE",
     "MINIMIND_CUDA_LIBS",
     "MINIMIND_CUDA_SYNC",
+    "MINIMIND_CUDA_FLASH",
     "MINIMIND_CACHE_DIR",
+    "MINIMIND_CPU_ISA",
     crate::signals::DRIVER_FD_VAR,
 ];
 

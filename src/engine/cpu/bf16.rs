@@ -97,10 +97,13 @@ pub fn available() -> Vec<Isa> {
     out
 }
 
+/// The variable that pins the products' path (see the top of this file).
+pub const ISA_ENV: &str = "MINIMIND_CPU_ISA";
+
 /// The process's path, decided on first use from the CPU and `MINIMIND_CPU_ISA`.
 pub fn isa() -> Result<Isa, String> {
     static ISA: OnceLock<Result<Isa, String>> = OnceLock::new();
-    ISA.get_or_init(|| choose(&available(), std::env::var("MINIMIND_CPU_ISA").ok().as_deref())).clone()
+    ISA.get_or_init(|| choose(&available(), std::env::var(ISA_ENV).ok().as_deref())).clone()
 }
 
 /// The CPU's bf16 instructions, in words (for selftest and benchmark headers).
@@ -445,6 +448,12 @@ pub fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_isa_switch_is_not_read_as_a_config_key() {
+        // Else every run would warn about it, and sweep points would not inherit it.
+        assert!(!crate::config::is_config_var(ISA_ENV));
+    }
 
     #[test]
     fn the_path_follows_the_cpu_and_the_pin() {

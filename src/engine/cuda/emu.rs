@@ -332,7 +332,8 @@ mod tests {
     #[test]
     fn the_switches_are_not_read_as_config_keys() {
         use super::super::{cache::CACHE_ENV, driver::SYNC_ENV, libs::LIBS_ENV};
-        for var in [ENV, SHUFFLE_ENV, LIBS_ENV, CACHE_ENV, SYNC_ENV] {
+        let (flash, isa) = (super::super::FLASH_ENV, crate::engine::cpu::bf16::ISA_ENV);
+        for var in [ENV, SHUFFLE_ENV, LIBS_ENV, CACHE_ENV, SYNC_ENV, flash, isa] {
             assert!(crate::config::OWN_VARS.contains(&var), "{var}: every run would warn about it");
         }
     }

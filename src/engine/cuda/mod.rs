@@ -149,6 +149,15 @@ pub fn compile_with_report(arch: &str) -> Result<nvrtc::Compiled> {
         .map_err(|e| anyhow!("the CUDA kernels do not compile for {arch}: {e}"))
 }
 
+/// `MINIMIND_CUDA_FLASH=0` sends 16-bit attention to the cuBLAS products instead of the flash
+/// kernels (the GPU check's speed stage measures both; an escape hatch should a GPU disagree).
+pub const FLASH_ENV: &str = "MINIMIND_CUDA_FLASH";
+
+/// Whether a value of `MINIMIND_CUDA_FLASH` leaves the flash kernels on: all but `0`. Pure.
+fn flash_wanted(value: Option<&str>) -> bool {
+    value.map(str::trim) != Some("0")
+}
+
 /// The profile's name for a matrix product.
 const GEMM: usize = usize::MAX;
 
@@ -438,7 +447,7 @@ impl Cuda {
         let build = gpu.build.clone();
         let mut cuda = Cuda::on(Arc::new(gpu), dtype, name)?;
         cuda.build = Some(build);
-        cuda.flash = major >= 8;
+        cuda.flash &= major >= 8;
         Ok(cuda)
     }
 
@@ -531,7 +540,7 @@ impl Cuda {
             broken: std::sync::atomic::AtomicBool::new(false),
             name,
             build: None,
-            flash: true,
+            flash: flash_wanted(std::env::var(FLASH_ENV).ok().as_deref()),
         })
     }
 
@@ -1798,6 +1807,13 @@ mod tests {
         let mut lse = vec![0.0f32; saved.lse.len()];
         gpu.copy_down(saved.lse.ptr, bytes_mut(&mut lse), "lse");
         vec![down(&out), lse, down(&dq), down(&dk), down(&dv)]
+    }
+
+    #[test]
+    fn cuda_flash_is_on_unless_the_variable_says_0() {
+        for (value, on) in [(None, true), (Some("1"), true), (Some(""), true), (Some("0"), false), (Some(" 0 "), false)] {
+            assert_eq!(flash_wanted(value), on, "{value:?}");
+        }
     }
 
     #[test]

@@ -10,16 +10,26 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::config::{Config, Dtype, ModelConfig, PlannedRun};
+use crate::engine::cpu::bf16::Isa;
 use crate::engine::{
     Footprint, Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes,
 };
 use crate::metrics::say;
 use crate::units::{duration, human};
 
-/// Model FLOP rate of a training step over the measured 1024³ sgemm rate: about one at
-/// MiniMind2 shapes (BENCHMARKS.md: 0.98 dense, 1.12 MoE at 32 x 512; the model's larger
-/// products run faster than 1024³, its attention core and memory passes slower).
-const MODEL_EFFICIENCY: f64 = 1.0;
+/// Model FLOP rate of a training step over the measured 1024³ product rate, per product
+/// path. f32: about one at MiniMind2 shapes (BENCHMARKS.md: 0.98 dense, 1.12 MoE at 32 x 512;
+/// the model's larger products run faster than 1024³, its attention core and memory passes
+/// slower). bf16 (mixed precision): the products run 2-4x faster but the memory passes and
+/// softmax do not, so a step reaches a smaller share of the product rate (BENCHMARKS.md, the
+/// mixed-precision section).
+fn model_efficiency(path: Isa) -> f64 {
+    match path {
+        Isa::F32 => 1.0,
+        Isa::Avx512Bf16 | Isa::Amx => BF16_MODEL_EFFICIENCY,
+    }
+}
+const BF16_MODEL_EFFICIENCY: f64 = 0.5;
 /// The process beyond the engine: binary, tokenizer, thread stacks, allocator slack.
 const BASELINE_BYTES: f64 = 150e6;
 
@@ -104,13 +114,14 @@ pub struct Cost {
     pub flops_per_step: f64,
     /// Optimiser steps of the whole run, when known before tokenising.
     pub steps: Option<usize>,
-    /// Measured matrix-multiply GFLOP/s of this machine at the run's thread count.
-    pub gflops: Option<f64>,
+    /// Measured matrix-multiply GFLOP/s of this machine at the run's thread count, on the
+    /// run's product path.
+    pub gflops: Option<(f64, Isa)>,
 }
 
 impl Cost {
     /// Pure: the cost of `c` over `steps`, timed at `gflops`.
-    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<f64>) -> Cost {
+    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<(f64, Isa)>) -> Cost {
         let (b, t) = (c.train.batch_size, c.data.max_seq_len);
         let tokens = (b * t * c.train.accumulation_steps) as f64;
         Cost {
@@ -123,7 +134,7 @@ impl Cost {
     }
 
     pub fn step_seconds(&self) -> Option<f64> {
-        self.gflops.map(|g| self.flops_per_step / (g * 1e9 * MODEL_EFFICIENCY))
+        self.gflops.map(|(g, path)| self.flops_per_step / (g * 1e9 * model_efficiency(path)))
     }
 
     /// `parameters 1.2M, memory 185.3MB peak (...), 1.5G FLOP/step, ~0.01 s/step, ~2s for 200 steps`.
@@ -140,12 +151,14 @@ impl Cost {
             human(m.checkpoint),
             human(self.flops_per_step),
         );
-        if let (Some(step), Some(g)) = (self.step_seconds(), self.gflops) {
+        if let (Some(step), Some((g, path))) = (self.step_seconds(), self.gflops) {
             s.push_str(&format!("; about {} per step", duration_fine(step)));
             if let Some(n) = self.steps {
                 s.push_str(&format!(", {} for {n} steps", duration(step * n as f64)));
             }
-            s.push_str(&format!(" (at {}FLOP/s measured on this machine)", human(g * 1e9)));
+            let on =
+                if path == Isa::F32 { String::new() } else { format!(", bf16 products on {}", path.name()) };
+            s.push_str(&format!(" (at {}FLOP/s measured on this machine{on})", human(g * 1e9)));
         }
         s
     }
@@ -196,12 +209,20 @@ pub fn available_from(meminfo: Option<&str>, max: Option<&str>, current: Option<
     }
 }
 
-/// This machine's matrix-multiply throughput with `threads` threads (0: all cores), in
-/// GFLOP/s: measured once (about a second) and cached per CPU model and thread count.
-pub fn machine_gflops(threads: usize) -> Result<f64> {
+/// The CPU engine's product path for a run in `dtype`: its bf16 path for bfloat16 where the
+/// CPU has one, f32 otherwise (float16, and bfloat16 falling back, train in float32).
+pub fn cpu_path(dtype: Dtype) -> Isa {
+    crate::engine::backend::cpu_products(dtype).unwrap_or(Isa::F32)
+}
+
+/// This machine's matrix-multiply throughput with `threads` threads (0: all cores) on the
+/// product path of `dtype`, in GFLOP/s: measured once (about a second) and cached per CPU
+/// model, thread count and path.
+pub fn machine_gflops(threads: usize, dtype: Dtype) -> Result<(f64, Isa)> {
     let threads =
         if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
-    let key = format!("{}|{threads} threads|{}", crate::run_dir::cpu_model(), env!("CARGO_PKG_VERSION"));
+    let isa = cpu_path(dtype);
+    let key = cache_key(&crate::run_dir::cpu_model(), threads, isa);
     let path = cache_file();
     let mut table: std::collections::BTreeMap<String, f64> = path
         .as_ref()
@@ -209,9 +230,9 @@ pub fn machine_gflops(threads: usize) -> Result<f64> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
     if let Some(&g) = table.get(&key) {
-        return Ok(g);
+        return Ok((g, isa));
     }
-    let g = measure_gflops(threads)?;
+    let g = measure_gflops(threads, isa)?;
     table.insert(key, g);
     if let Some(p) = path
         && let Some(dir) = p.parent()
@@ -220,7 +241,16 @@ pub fn machine_gflops(threads: usize) -> Result<f64> {
         // A cache: failing to keep it only costs a measurement next time.
         let _ = crate::files::write_atomic(&p, serde_json::to_string_pretty(&table)?.as_bytes());
     }
-    Ok(g)
+    Ok((g, isa))
+}
+
+/// The cache's key for a measurement: f32 keeps the key it always had. Pure.
+fn cache_key(cpu: &str, threads: usize, path: Isa) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match path {
+        Isa::F32 => format!("{cpu}|{threads} threads|{version}"),
+        _ => format!("{cpu}|{threads} threads|bf16 on {}|{version}", path.name()),
+    }
 }
 
 /// `$XDG_CACHE_HOME/minimind/throughput.json`, else `~/.cache/minimind/throughput.json`.
@@ -232,13 +262,13 @@ fn cache_file() -> Option<PathBuf> {
     Some(base.join("minimind").join("throughput.json"))
 }
 
-/// Times 1024^3 single-precision matrix products on the CPU engine for about half a second.
-fn measure_gflops(threads: usize) -> Result<f64> {
+/// Times 1024^3 matrix products on the CPU engine's `path` for about half a second.
+fn measure_gflops(threads: usize, path: Isa) -> Result<f64> {
     const N: usize = 1024;
     let pool =
         crate::threads::pool(threads).context("measuring this machine's matrix-multiply throughput")?;
     pool.install(|| {
-        let k = Cpu::new();
+        let k = Cpu::new().with_products(path);
         let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut c = vec![0.0f32; N * N];
@@ -286,7 +316,7 @@ pub fn planned_steps(c: &Config) -> Option<usize> {
 
 /// The run's cost with the measured throughput of this machine (measured once, cached).
 pub fn cost_of(c: &Config) -> Cost {
-    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads).ok())
+    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads, c.train.dtype).ok())
 }
 
 /// The runs' costs; `ranks` data-parallel ranks multiply each step's batch (the global batch,
@@ -339,6 +369,16 @@ fn seconds(s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throughput_is_cached_per_product_path_and_f32_keeps_its_key() {
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(cache_key("Xeon", 2, Isa::F32), format!("Xeon|2 threads|{version}"));
+        assert_eq!(cache_key("Xeon", 2, Isa::Amx), format!("Xeon|2 threads|bf16 on amx|{version}"));
+        assert_ne!(cache_key("Xeon", 2, Isa::Avx512Bf16), cache_key("Xeon", 2, Isa::Amx));
+        // A bf16 step reaches a smaller share of its (faster) product rate.
+        assert!(model_efficiency(Isa::Amx) < model_efficiency(Isa::F32));
+    }
 
     #[test]
     fn available_memory_table() {

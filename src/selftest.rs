@@ -117,6 +117,15 @@ fn bf16_products(checks: &mut Vec<Check>) {
             });
         }
     }
+    // Attention's products on the paths that take them (AMX): the suite's attention cases
+    // (ragged tiles, G < H, heads 16 to 160 wide) against f32, at the bf16 kernels' tolerance.
+    for &path in paths.iter().filter(|p| p.takes_attention()) {
+        let (subject, reference) = (Cpu::new().with_products(path), Cpu::new());
+        let found = conformance::kernels(&subject, &reference, &|f| f(), &|f| f(), &|_| 2e-2);
+        let attention =
+            found.into_iter().filter(|c| c.name.contains("attention") && !c.name.contains("decode"));
+        checks.extend(attention.map(|c| Check { name: format!("{} [{}]", c.name, path.name()), ..c }));
+    }
 }
 
 fn print(checks: &[Check]) {

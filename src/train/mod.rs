@@ -73,8 +73,19 @@ pub fn place(t: &TrainConfig, origin: &dyn Fn(&str) -> Origin) -> Result<Placeme
         _ => match (t.dtype, crate::engine::backend::cpu_products(Dtype::Bfloat16)) {
             (Dtype::Float32, _) => Dtype::Float32,
             (Dtype::Bfloat16, Ok(path)) => {
+                let (products, f32_parts) = if path.takes_attention() {
+                    (
+                        "the linear layers', the head's and attention's",
+                        "weights, norms, softmax, loss and AdamW",
+                    )
+                } else {
+                    (
+                        "the linear layers' and the head's",
+                        "weights, norms, softmax, attention, loss and AdamW",
+                    )
+                };
                 notes.push(format!(
-                    "train.dtype = \"bfloat16\": mixed precision on the CPU, matrix products in bf16 on {} with f32 sums (weights, norms, softmax, attention, loss and AdamW in f32)",
+                    "train.dtype = \"bfloat16\": mixed precision on the CPU, {products} matrix products in bf16 on {} with f32 sums ({f32_parts} in f32)",
                     path.name()
                 ));
                 Dtype::Bfloat16

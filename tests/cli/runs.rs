@@ -637,6 +637,9 @@ fn cpu_selftest_checks_the_bf16_products_on_the_path_the_cpu_or_the_pin_gives() 
     assert_eq!(avx, if cpuinfo.contains(" avx512_bf16") { 5 } else { 0 }, "{out}");
     let amx = out.matches("matmul amx ").count();
     assert!(amx == 0 && !out.contains("the default path amx") || amx == 5, "{out}");
+    // On AMX attention's products take it too: every attention case of the suite against f32.
+    let attention = out.lines().filter(|l| l.contains("attention") && l.contains(" [amx] ")).count();
+    assert_eq!(attention, if amx > 0 { 8 } else { 0 }, "{out}");
     if amx == 0 && avx == 0 {
         assert!(out.contains("no bf16 path on this CPU"), "{out}");
     }

@@ -70,8 +70,9 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
             let run = |bi: usize| {
                 let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
                 let Shared { dst, lhs } = shared.get();
+                let panels = (packed, steps * T * KS / 2, 0);
                 // SAFETY: row block bi of dst is this worker's; inputs within the extents.
-                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, packed) };
+                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, panels) };
             };
             if parallel && blocks > 1 {
                 (0..blocks).into_par_iter().for_each(run);
@@ -80,6 +81,47 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
             }
         }
     });
+}
+
+/// A right-hand operand packed once for several products over its first columns and any
+/// run of its k steps (attention's K, V, Q and dO per head, reused by every row block).
+#[derive(Clone, Copy)]
+pub(crate) struct Packed<'a> {
+    data: &'a [u32],
+    steps: usize,
+    panels: usize,
+}
+
+/// Packs `rhs[0..k, 0..n]` into `buf` (reused: no allocation once it is large enough).
+///
+/// # Safety
+/// `rhs` covers those extents; the CPU has AMX-BF16 with [`permit`] granted.
+pub(crate) unsafe fn pack<'a>(buf: &'a mut Vec<u32>, [k, n]: [usize; 2], rhs: Operand) -> Packed<'a> {
+    let (steps, panels) = (k.div_ceil(KS).max(1), n.div_ceil(T));
+    buf.clear();
+    buf.resize(panels * steps * T * KS / 2, 0);
+    let unused = Dst::set(std::ptr::null_mut(), 0);
+    // SAFETY: the caller's extents cover rhs[0..k, 0..n].
+    unsafe { pack_rhs(buf, Shared { dst: unused, lhs: rhs }, (0, k), n, (steps, false)) };
+    Packed { data: buf, steps, panels }
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k0..k0 + k, 0..n]` on this thread, `rhs` packed by
+/// [`pack`] (k0 a multiple of 32, within its rows; n within its columns).
+///
+/// # Safety
+/// As [`gemm`] for `dst` and `lhs`.
+pub(crate) unsafe fn gemm_packed([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: &Packed, k0: usize) {
+    let steps = k.div_ceil(KS).max(1);
+    assert!(
+        k0.is_multiple_of(KS) && k0 / KS + steps <= rhs.steps && n <= rhs.panels * T,
+        "a packed product inside its operand"
+    );
+    let panels = (rhs.data, rhs.steps * T * KS / 2, k0 / KS);
+    for i0 in (0..m).step_by(MC) {
+        // SAFETY: the caller's extents; this thread writes every row block.
+        unsafe { row_block(dst, lhs, (i0, MC.min(m - i0)), (0, k, steps), n, panels) };
+    }
 }
 
 /// rhs[k0..k0 + kc, 0..n] as 32-column panels of `steps` k steps (zero-padded).
@@ -153,14 +195,16 @@ unsafe fn pack_rhs(
     }
 }
 
-/// Rows i0..i0 + mc of dst over one k block: packs its lhs tiles, then every column panel.
+/// Rows i0..i0 + mc of dst over one k block (lhs columns k0..k0 + kc, `steps` k steps):
+/// packs its lhs tiles, then multiplies by every column panel of `rhs` (panels `stride` u32
+/// apart, starting at k step `step0` of each).
 unsafe fn row_block(
     dst: Dst,
     lhs: Operand,
     (i0, mc): (usize, usize),
     (k0, kc, steps): (usize, usize, usize),
     n: usize,
-    rhs: &[u32],
+    (rhs, stride, step0): (&[u32], usize, usize),
 ) {
     let tiles = mc.div_ceil(T);
     let per_tile = steps * T * KS;
@@ -221,7 +265,8 @@ unsafe fn row_block(
         let mut tile = [[0f32; T]; T];
         // SAFETY: the tile configuration below is valid for palette 1; released at the end.
         unsafe { configure() };
-        for (panel, b) in rhs.chunks_exact(steps * T * KS / 2).enumerate() {
+        for panel in 0..n.div_ceil(T) {
+            let b = &rhs[panel * stride + step0 * T * KS / 2..][..steps * T * KS / 2];
             let j0 = panel * T;
             let cols = T.min(n - j0);
             for (t, a) in a.chunks_exact(per_tile).enumerate() {

@@ -6,12 +6,73 @@
 //! (batch, kv head) and walks that group's query heads in order, so the shared dK/dV
 //! accumulate in a fixed order.
 //!
+//! The products run on one of two paths ([`Path`]): the gemm crate in f32, or (bf16 runs on
+//! CPUs with AMX) AMX tiles in bf16 with f32 sums, each head's right-hand operands (Kᵀ, V,
+//! Q, dO) packed once and reused by every row block. Softmax and its backward stay f32.
+//!
 //! Layouts: q/out `[B*T, H*D]`, k/v `[B*T, G*D]`, probs/scratch `[B, H, T, T]`.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{Dst, Operand, SendPtr, exp, gemm_strided, simd_fn};
+use super::bf16::Isa;
+use super::{Dst, Operand, SendPtr, amx, exp, gemm_strided, simd_fn};
 use crate::engine::kernels::AttnShape;
+
+/// Where attention's products run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// The gemm crate in f32: float32 runs, and bf16 runs without AMX.
+    F32,
+    /// AMX tiles, operands rounded to bf16 as they are packed, f32 sums.
+    Amx,
+}
+
+impl Path {
+    /// The path of a backend whose linear layers take `isa` (see [`Isa::takes_attention`]).
+    pub fn of(isa: Isa) -> Path {
+        if isa.takes_attention() { Path::Amx } else { Path::F32 }
+    }
+}
+
+thread_local! {
+    /// The packed operands of the head a worker is on (AMX path): reused, not reallocated.
+    static PACKED: RefCell<[Vec<u32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// A right-hand operand `[k, n]`: the f32 matrix and, on the AMX path, its packing.
+struct Rhs<'a> {
+    f32: Operand,
+    packed: Option<amx::Packed<'a>>,
+}
+
+/// `op` as a right-hand operand `[k, n]` on `path`, packed into `buf` on AMX.
+///
+/// # Safety
+/// `op` covers `[k, n]`; on AMX, the CPU has it with the tiles granted (the backend chose it).
+unsafe fn rhs(path: Path, buf: &mut Vec<u32>, [k, n]: [usize; 2], op: Operand) -> Rhs<'_> {
+    // SAFETY: as the caller promises.
+    let packed = (path == Path::Amx).then(|| unsafe { amx::pack(buf, [k, n], op) });
+    Rhs { f32: op, packed }
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k0..k0 + k, 0..n]` on the operand's path, on this
+/// thread.
+///
+/// # Safety
+/// As [`gemm_strided`], for `rhs` from row k0 on.
+unsafe fn product(mnk: [usize; 3], dst: Dst, lhs: Operand, rhs: &Rhs, k0: usize) {
+    unsafe {
+        match &rhs.packed {
+            None => {
+                let from_k0 = Operand { ptr: rhs.f32.ptr.offset(k0 as isize * rhs.f32.rs), ..rhs.f32 };
+                gemm_strided(mnk, dst, lhs, from_k0, false)
+            }
+            Some(packed) => amx::gemm_packed(mnk, dst, lhs, packed, k0),
+        }
+    }
+}
 
 const BLOCK: usize = 32;
 
@@ -19,12 +80,12 @@ simd_fn! {
     /// Softmax over the first `live` entries of a score row, zeros after (the causal mask).
     fn softmax_causal(row: &mut [f32], live: usize) {
         let (live, masked) = row.split_at_mut(live);
-        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let max = lanes_max(live);
+        // exp in its own loop (it vectorises), the sum in order: the bits of one fused loop.
         for x in live.iter_mut() {
             *x = exp(*x - max);
-            sum += *x;
         }
+        let sum = live.iter().fold(0.0f32, |s, x| s + x);
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|x| *x *= inv);
         masked.fill(0.0);
@@ -42,35 +103,48 @@ simd_fn! {
     }
 }
 
+/// The largest of `x` (NEG_INFINITY when empty), 16 lanes at a time: max is exact in any
+/// order, so this is the sequential fold's value, vectorised.
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
-/// Scores and softmax of rows `r0..r1` of one (batch, head): `P[r0..r1, 0..r1]`.
+/// Scores and softmax of rows `r0..r1` of one (batch, head): `P[r0..r1, 0..r1]`, given the
+/// head's `kt` = Kᵀ `[D, T]`.
 ///
 /// # Safety
-/// `pb` points at this head's `[T, T]` block; `qb`/`kb` at its first query / key row (strides
-/// `hd` / `gd`), all in bounds for T rows.
-#[allow(clippy::too_many_arguments)]
+/// `pb` points at this head's `[T, T]` block; `qb` at its first query row (stride `hd`), all
+/// in bounds for T rows.
 unsafe fn probs_block(
     pb: *mut f32,
     qb: *const f32,
-    kb: *const f32,
-    r0: usize,
-    r1: usize,
+    kt: &Rhs,
+    (r0, r1): (usize, usize),
     t: usize,
     s: AttnShape,
 ) {
-    let (hd, gd) = (s.h * s.d, s.g * s.d);
+    let hd = s.h * s.d;
     let scale = 1.0 / (s.d as f32).sqrt();
     unsafe {
         // S[r0..r1, 0..r1] = scale * q kᵀ
-        gemm_strided(
+        product(
             [r1 - r0, r1, s.d],
             Dst::set(pb.add(r0 * t), t).with(scale, false),
             Operand::rows(qb.add(r0 * hd), hd),
-            Operand::transposed(kb, gd),
-            false,
+            kt,
+            0,
         );
         for i in r0..r1 {
             softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1);
@@ -79,18 +153,17 @@ unsafe fn probs_block(
 }
 
 /// `dst[s0..s1] (+)= beta * M[s0.., s0..s1]ᵀ x[s0..]` for one `[T, T]` block `M` that is
-/// zero above its diagonal (so rows before s0 contribute nothing); rows of `dst` and `x` are
-/// `dst_rs` and `x_rs` apart.
+/// zero above its diagonal (so rows before s0 contribute nothing); `x` `[T, D]`; rows of
+/// `dst` are `dst_rs` apart.
 ///
 /// # Safety
-/// All pointers address T rows (`m`: the whole `[T, T]` block) of at least `d` columns.
+/// `dst` addresses T rows of at least `d` columns, `m` the whole `[T, T]` block.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tri_t_rows(
     dst: *mut f32,
     dst_rs: usize,
     m: *const f32,
-    x: *const f32,
-    x_rs: usize,
+    x: &Rhs,
     (s0, s1): (usize, usize),
     t: usize,
     d: usize,
@@ -98,12 +171,12 @@ unsafe fn tri_t_rows(
     beta: f32,
 ) {
     unsafe {
-        gemm_strided(
+        product(
             [s1 - s0, d, t - s0],
             Dst::set(dst.add(s0 * dst_rs), dst_rs).with(beta, accumulate),
             Operand::transposed(m.add(s0 * t + s0), t),
-            Operand::rows(x.add(s0 * x_rs), x_rs),
-            false,
+            x,
+            s0,
         );
     }
 }
@@ -116,7 +189,7 @@ fn check(q: &[f32], k: &[f32], probs: usize, s: AttnShape) {
     assert!(probs >= b * h * t * t, "attention probs shape");
 }
 
-pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub fn forward(out: &mut [f32], probs: &mut [f32], [q, k, v]: [&[f32]; 3], s: AttnShape, path: Path) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
     check(q, k, probs.len(), s);
@@ -133,24 +206,28 @@ pub fn forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f3
             let vb = v.as_ptr().add(bi * t * gd + gi * d);
             let pb = probp.get().add(bh * t * t);
             let ob = outp.get().add(bi * t * hd + hi * d);
-            for (r0, r1) in blocks(t) {
-                probs_block(pb, qb, kb, r0, r1, t, s);
-                // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
-                gemm_strided(
-                    [r1 - r0, d, r1],
-                    Dst::set(ob.add(r0 * hd), hd),
-                    Operand::rows(pb.add(r0 * t), t),
-                    Operand::rows(vb, gd),
-                    false,
-                );
-            }
+            PACKED.with_borrow_mut(|[kbuf, vbuf, ..]| {
+                let kt = rhs(path, kbuf, [d, t], Operand::transposed(kb, gd));
+                let vr = rhs(path, vbuf, [t, d], Operand::rows(vb, gd));
+                for (r0, r1) in blocks(t) {
+                    probs_block(pb, qb, &kt, (r0, r1), t, s);
+                    // out[r0..r1] = P[r0..r1, 0..r1] v[0..r1]
+                    product(
+                        [r1 - r0, d, r1],
+                        Dst::set(ob.add(r0 * hd), hd),
+                        Operand::rows(pb.add(r0 * t), t),
+                        &vr,
+                        0,
+                    );
+                }
+            });
         }
     });
 }
 
 /// Recomputes the probabilities `forward` wrote, bit for bit, for a backward pass whose
 /// forward did not keep them.
-pub fn probs(probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape) {
+pub fn probs(probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape, path: Path) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
     check(q, k, probs.len(), s);
@@ -162,9 +239,12 @@ pub fn probs(probs: &mut [f32], q: &[f32], k: &[f32], s: AttnShape) {
         unsafe {
             let qb = q.as_ptr().add(bi * t * hd + hi * d);
             let kb = k.as_ptr().add(bi * t * gd + gi * d);
-            for (r0, r1) in blocks(t) {
-                probs_block(probp.get().add(bh * t * t), qb, kb, r0, r1, t, s);
-            }
+            PACKED.with_borrow_mut(|[kbuf, ..]| {
+                let kt = rhs(path, kbuf, [d, t], Operand::transposed(kb, gd));
+                for (r0, r1) in blocks(t) {
+                    probs_block(probp.get().add(bh * t * t), qb, &kt, (r0, r1), t, s);
+                }
+            });
         }
     });
 }
@@ -181,6 +261,7 @@ pub fn backward(
     k: &[f32],
     v: &[f32],
     s: AttnShape,
+    path: Path,
 ) {
     let AttnShape { b, t, h, g, d } = s;
     let (hd, gd) = (h * d, g * d);
@@ -202,47 +283,53 @@ pub fn backward(
             let vb = v.as_ptr().add(bi * t * gd + gi * d);
             let dkb = ptrs.1.get().add(bi * t * gd + gi * d);
             let dvb = ptrs.2.get().add(bi * t * gd + gi * d);
-            for (n, hi) in (gi * per_group..(gi + 1) * per_group).enumerate() {
-                let first = n == 0;
-                let bh = bi * h + hi;
-                let qb = q.as_ptr().add(bi * t * hd + hi * d);
-                let dob = dout.as_ptr().add(bi * t * hd + hi * d);
-                let dqb = ptrs.0.get().add(bi * t * hd + hi * d);
-                let pb = probs.as_ptr().add(bh * t * t);
-                let db = sp.get().add(bh * t * t);
-                for (r0, r1) in blocks(t) {
-                    let rows = r1 - r0;
-                    // dP[r0..r1, 0..r1] = dO v^T
-                    gemm_strided(
-                        [rows, r1, d],
-                        Dst::set(db.add(r0 * t), t),
-                        Operand::rows(dob.add(r0 * hd), hd),
-                        Operand::transposed(vb, gd),
-                        false,
-                    );
-                    // dS = P * (dP - rowsum(P * dP)), zero above the diagonal.
-                    for i in r0..r1 {
-                        let p = std::slice::from_raw_parts(pb.add(i * t), r1);
-                        softmax_causal_backward(p, std::slice::from_raw_parts_mut(db.add(i * t), r1), i + 1);
+            PACKED.with_borrow_mut(|[vbuf, kbuf, qbuf, dobuf]| {
+                // The group's Vᵀ and K serve each of its query heads.
+                let vt = rhs(path, vbuf, [d, t], Operand::transposed(vb, gd));
+                let kr = rhs(path, kbuf, [t, d], Operand::rows(kb, gd));
+                for (n, hi) in (gi * per_group..(gi + 1) * per_group).enumerate() {
+                    let first = n == 0;
+                    let bh = bi * h + hi;
+                    let qb = q.as_ptr().add(bi * t * hd + hi * d);
+                    let dob = dout.as_ptr().add(bi * t * hd + hi * d);
+                    let dqb = ptrs.0.get().add(bi * t * hd + hi * d);
+                    let pb = probs.as_ptr().add(bh * t * t);
+                    let db = sp.get().add(bh * t * t);
+                    for (r0, r1) in blocks(t) {
+                        let rows = r1 - r0;
+                        // dP[r0..r1, 0..r1] = dO v^T
+                        product(
+                            [rows, r1, d],
+                            Dst::set(db.add(r0 * t), t),
+                            Operand::rows(dob.add(r0 * hd), hd),
+                            &vt,
+                            0,
+                        );
+                        // dS = P * (dP - rowsum(P * dP)), zero above the diagonal.
+                        for i in r0..r1 {
+                            let p = std::slice::from_raw_parts(pb.add(i * t), r1);
+                            softmax_causal_backward(
+                                p,
+                                std::slice::from_raw_parts_mut(db.add(i * t), r1),
+                                i + 1,
+                            );
+                        }
+                        // dq[r0..r1] = scale * dS k
+                        let dq_dst = Dst::set(dqb.add(r0 * hd), hd).with(scale, false);
+                        product([rows, d, r1], dq_dst, Operand::rows(db.add(r0 * t), t), &kr, 0);
                     }
-                    // dq[r0..r1] = scale * dS k
-                    gemm_strided(
-                        [rows, d, r1],
-                        Dst::set(dqb.add(r0 * hd), hd).with(scale, false),
-                        Operand::rows(db.add(r0 * t), t),
-                        Operand::rows(kb, gd),
-                        false,
-                    );
+                    // Column blocks: key rows s0..s1 gather from query rows s0..T (dS and P are
+                    // lower triangular).
+                    let qr = rhs(path, qbuf, [t, d], Operand::rows(qb, hd));
+                    let dor = rhs(path, dobuf, [t, d], Operand::rows(dob, hd));
+                    for (s0, s1) in blocks(t) {
+                        // dk[s0..s1] (+)= scale * dS[s0.., s0..s1]ᵀ q[s0..]
+                        tri_t_rows(dkb, gd, db, &qr, (s0, s1), t, d, !first, scale);
+                        // dv[s0..s1] (+)= P[s0.., s0..s1]ᵀ dO[s0..]
+                        tri_t_rows(dvb, gd, pb, &dor, (s0, s1), t, d, !first, 1.0);
+                    }
                 }
-                // Column blocks: key rows s0..s1 gather from query rows s0..T (dS and P are
-                // lower triangular).
-                for (s0, s1) in blocks(t) {
-                    // dk[s0..s1] (+)= scale * dS[s0.., s0..s1]ᵀ q[s0..]
-                    tri_t_rows(dkb, gd, db, qb, hd, (s0, s1), t, d, !first, scale);
-                    // dv[s0..s1] (+)= P[s0.., s0..s1]ᵀ dO[s0..]
-                    tri_t_rows(dvb, gd, pb, dob, hd, (s0, s1), t, d, !first, 1.0);
-                }
-            }
+            });
         }
     });
 }
@@ -275,4 +362,34 @@ pub fn decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, s: A
             o.iter_mut().zip(vr).for_each(|(o, v)| *o += w / sum * v);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vectorised_softmax_keeps_the_sequential_bits() {
+        // Before, one loop took exp and summed; now max and exp are vectorised and the sum
+        // keeps its order: the same bits, so float32 runs are unchanged.
+        let mut rng = crate::rng::SplitMix64::new(3);
+        for len in [1, 15, 16, 17, 33, 256] {
+            let row: Vec<f32> = (0..len + 5).map(|_| rng.next_f32() * 20.0 - 10.0).collect();
+            let mut want = row.clone();
+            let (live, masked) = want.split_at_mut(len);
+            let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for x in live.iter_mut() {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            live.iter_mut().for_each(|x| *x *= inv);
+            masked.fill(0.0);
+            let mut got = row.clone();
+            softmax_causal(&mut got, len);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "row of {len}");
+        }
+    }
 }

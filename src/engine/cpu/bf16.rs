@@ -39,6 +39,12 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Whether attention's products take this path too (AMX; the AVX512-BF16 kernel is
+    /// slower than f32 at attention's small blocks, so attention stays f32 there).
+    pub fn takes_attention(self) -> bool {
+        self == Isa::Amx
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::F32 => "f32",

@@ -646,7 +646,7 @@ impl Kernels for Cpu {
             0.0,
             || {
                 let probs = saved.as_deref_mut().unwrap_or(scratch);
-                attention::forward(out, probs, q, k, v, s);
+                attention::forward(out, probs, [q, k, v], s, attention::Path::of(self.products));
             },
         )
     }
@@ -670,7 +670,11 @@ impl Kernels for Cpu {
             Some(p) => (p, scratch),
             None => {
                 let (p, ds) = scratch.split_at_mut(bhtt);
-                self.timed(|| "attention_probs".to_string(), 0.0, || attention::probs(p, q, k, s));
+                self.timed(
+                    || "attention_probs".to_string(),
+                    0.0,
+                    || attention::probs(p, q, k, s, attention::Path::of(self.products)),
+                );
                 (p, ds)
             }
         };
@@ -678,7 +682,8 @@ impl Kernels for Cpu {
             || "attention_backward".to_string(),
             0.0,
             || {
-                attention::backward(dq, dk, dv, dscores, dout, probs, q, k, v, s);
+                let path = attention::Path::of(self.products);
+                attention::backward(dq, dk, dv, dscores, dout, probs, q, k, v, s, path);
             },
         )
     }

@@ -1811,7 +1811,9 @@ mod tests {
 
     #[test]
     fn cuda_flash_is_on_unless_the_variable_says_0() {
-        for (value, on) in [(None, true), (Some("1"), true), (Some(""), true), (Some("0"), false), (Some(" 0 "), false)] {
+        for (value, on) in
+            [(None, true), (Some("1"), true), (Some(""), true), (Some("0"), false), (Some(" 0 "), false)]
+        {
             assert_eq!(flash_wanted(value), on, "{value:?}");
         }
     }

@@ -156,7 +156,7 @@ impl Dry {
 
     /// Whether the flash kernels serve attention of shape `s` (`Cuda::flash_serves`).
     fn flash(&self, s: AttnShape) -> bool {
-        self.tensor() && self.attention == Attention::Flash && matches!(s.d, 64 | 128)
+        self.tensor() && self.attention == Attention::Flash && super::gpu::flash_width(s.d)
     }
 
     fn record(&self, kernel: &'static str, class: Class, unit: Unit, flops: f64, bytes: f64) {

@@ -34,6 +34,13 @@ pub fn kernel_scratch_bytes(n: usize, c: usize, v: usize, slots: usize, e: usize
     (partials + sort(n, v).max(sort(slots, e)) + CUBLAS_WORKSPACE_BYTES) as u64
 }
 
+/// Whether 16-bit attention with heads `d` wide takes the flash kernels (`mma.sync`) on a GPU
+/// of sm_80 or later (every GPU the step-time model knows): no scratch, no scores in memory.
+/// Other widths, and older GPUs, take the cuBLAS path below. Pure.
+pub fn flash_width(d: usize) -> bool {
+    matches!(d, 64 | 128)
+}
+
 /// The share of free device memory the tensor-core attention may take for its scratch (the
 /// scores and probabilities of a chunk of sequences); beyond it, chunks get smaller.
 pub const ATTENTION_MEMORY_SHARE: f64 = 0.5;

@@ -155,6 +155,40 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// RoPE over the heads of one row: each pair (j, j + half) rotated by the row's position
+    /// (`cs`, `sn`), or by its inverse.
+    fn rope_row(row: &mut [f32], cs: &[f32], sn: &[f32], half: usize, inverse: bool) {
+        for v in row.chunks_mut(2 * half) {
+            let (lo, hi) = v.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (lo[j], hi[j]);
+                if inverse {
+                    lo[j] = a * cs[j] + b * sn[half + j];
+                    hi[j] = b * cs[half + j] - a * sn[j];
+                } else {
+                    lo[j] = a * cs[j] - b * sn[j];
+                    hi[j] = b * cs[half + j] + a * sn[half + j];
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// The sum of squares of `x` in f64, eight partial sums (lane i takes every eighth value
+    /// from i) added at the end.
+    fn sum_squares_chunk(x: &[f32]) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        for c in x.chunks(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += (v as f64) * (v as f64);
+            }
+        }
+        lanes.iter().sum()
+    }
+}
+
+simd_fn! {
     /// One row of cross-entropy in place: returns the loss, leaves `scale * (p - onehot)`.
     fn cross_entropy_row(z: &mut [f32], t: usize, scale: f32) -> f32 {
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -578,19 +612,7 @@ impl Kernels for Cpu {
                 x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
                     let p = pos.of(n);
                     let (cs, sn) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                    for v in row.chunks_mut(d) {
-                        let (lo, hi) = v.split_at_mut(half);
-                        for j in 0..half {
-                            let (a, b) = (lo[j], hi[j]);
-                            if inverse {
-                                lo[j] = a * cs[j] + b * sn[half + j];
-                                hi[j] = b * cs[half + j] - a * sn[j];
-                            } else {
-                                lo[j] = a * cs[j] - b * sn[j];
-                                hi[j] = b * cs[half + j] + a * sn[half + j];
-                            }
-                        }
-                    }
+                    rope_row(row, cs, sn, half, inverse);
                 });
             },
         )
@@ -874,17 +896,7 @@ impl Kernels for Cpu {
         acc[slot] = self.timed(
             || "sum_squares".to_string(),
             0.0,
-            || {
-                self.chunked_sum(x.len(), |r| {
-                    let mut lanes = [0.0f64; 8];
-                    for c in x[r].chunks(8) {
-                        for (l, &v) in lanes.iter_mut().zip(c) {
-                            *l += (v as f64) * (v as f64);
-                        }
-                    }
-                    lanes.iter().sum()
-                })
-            },
+            || self.chunked_sum(x.len(), |r| sum_squares_chunk(&x[r])),
         );
     }
 

@@ -333,7 +333,7 @@ const FLASH_ROWS: usize = 64;
 const FLASH_THREADS: u32 = 128;
 
 /// Which form of a flash kernel serves heads `d` wide (listed `_d64`, `_d128` in `TYPED`);
-/// none for other widths. Pure.
+/// none for other widths (see [`crate::engine::gpu::flash_width`]). Pure.
 pub(super) fn flash_form(d: usize) -> Option<usize> {
     match d {
         64 => Some(0),

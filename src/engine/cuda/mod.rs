@@ -1509,9 +1509,14 @@ mod tests {
         let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 6400) as u32).collect();
         let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         for dtype in [Dtype::Float32, Dtype::Bfloat16] {
-            for use_moe in [false, true] {
+            // Heads 16 wide (the cuBLAS attention's scratch in 16 bits) and 64 (flash: none).
+            for (use_moe, head_dim) in [(false, 16), (true, 16), (false, 64)] {
                 let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
                 cfg.use_moe = use_moe;
+                if head_dim == 64 {
+                    (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (128, 2, 1);
+                    cfg.head_dim = 64;
+                }
                 let gpu = Cuda::emulated(dtype).unwrap();
                 let before = gpu.dev.live_bytes().unwrap();
                 let mut engine = Engine::new(gpu, cfg.clone(), b, t).unwrap();
@@ -1807,6 +1812,13 @@ mod tests {
         let mut lse = vec![0.0f32; saved.lse.len()];
         gpu.copy_down(saved.lse.ptr, bytes_mut(&mut lse), "lse");
         vec![down(&out), lse, down(&dq), down(&dk), down(&dv)]
+    }
+
+    #[test]
+    fn cuda_the_flash_forms_are_the_widths_the_model_prices_as_flash() {
+        for d in 1..=512 {
+            assert_eq!(attention::flash_form(d).is_some(), crate::engine::gpu::flash_width(d), "D {d}");
+        }
     }
 
     #[test]

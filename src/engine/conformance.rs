@@ -683,7 +683,7 @@ mod tests {
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (s, r) = (Cpu::new(), Cpu::new());
         let checks = kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0);
-        assert_eq!(checks.len(), 28);
+        assert_eq!(checks.len(), 29);
         for c in &checks {
             assert!(c.passed(), "{}: {:e}", c.name, c.worst);
         }
@@ -701,7 +701,7 @@ mod tests {
             x[0] += 1.0;
             out.push(Check { name: name.into(), worst: rel(&x, &y), tolerance: 1e-6 });
         });
-        assert_eq!(calls, 28);
+        assert_eq!(calls, 29);
         assert!(out.iter().all(|c| !c.passed()), "every perturbed output fails");
     }
 }

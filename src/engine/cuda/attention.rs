@@ -226,8 +226,6 @@ impl Cuda {
         launch!(self, typed("attn_softmax", st), super::row_grid(rows).min(65535), THREADS; Arg::Ptr(p), Arg::Ptr(lse), Arg::Ptr(s), rows as i64, t, Arg::I32(from_lse as i32));
     }
 
-    /// Forward on the tensor cores; false when the tiled kernels must serve (see
-    /// [`Cuda::tensor_chunk`]).
     /// Forward on the tensor cores, q and k rotated by RoPE in their head-major copies when
     /// `rot` is given; false when the tiled kernels must serve (see [`Cuda::tensor_chunk`]).
     pub(super) fn attention_forward_tc(

@@ -1177,6 +1177,19 @@ __device__ void store_c(X* x, i64 stride, const float (*acc)[4], int r0, int t, 
     }
 }
 
+// A gradient's accumulators laid out as C, times `scale` and rounded to X (as the cuBLAS
+// path's products store them), through RoPE's inverse when `cosb` is given, into rows of `x`.
+template <typename X, int DD>
+__device__ void store_gradient_c(X* x, i64 stride, float (*acc)[4], int r0, int t, float scale, const float* cosb, const float* sinb) {
+    #pragma unroll
+    for (int n = 0; n < DD / 8; n++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) acc[n][i] = (float)X(acc[n][i] * scale);
+    if (cosb) unrotate_c<X, DD>(acc, r0, t, cosb, sinb);
+    float one[2] = {1.0f, 1.0f};
+    store_c<X, DD>(x, stride, acc, r0, t, one);
+}
+
 #define FLASH_ROWS 64
 #define FLASH_WARPS 4
 // Keys (forward, dq) or queries (dkv) per staged tile: fewer for wide heads, whose
@@ -1359,13 +1372,7 @@ __device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, cons
             }
         }
     }
-    float one[2] = {1.0f, 1.0f};
-    #pragma unroll
-    for (int n = 0; n < NT; n++)
-        #pragma unroll
-        for (int i = 0; i < 4; i++) acc[n][i] = (float)X(acc[n][i] * scale);
-    if (rope) unrotate_c<X, DD>(acc, r0, t, cosb, sinb);
-    store_c<X, DD>(dq + qoff, qstride, acc, r0, t, one);
+    store_gradient_c<X, DD>(dq + qoff, qstride, acc, r0, t, scale, cs, sinb);
 }
 
 // Backward, dk and dv: per (batch, group, 64 keys), over the group's heads and the query
@@ -1445,14 +1452,8 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
             }
         }
     }
-    float one[2] = {1.0f, 1.0f};
-    #pragma unroll
-    for (int n = 0; n < NT; n++)
-        #pragma unroll
-        for (int i = 0; i < 4; i++) dka[n][i] = (float)X(dka[n][i] * scale);
-    if (rope) unrotate_c<X, DD>(dka, k0, t, cosb, sinb);
-    store_c<X, DD>(dk + koff, kstride, dka, k0, t, one);
-    store_c<X, DD>(dv + koff, kstride, dva, k0, t, one);
+    store_gradient_c<X, DD>(dk + koff, kstride, dka, k0, t, scale, cs, sinb);
+    store_gradient_c<X, DD>(dv + koff, kstride, dva, k0, t, 1.0f, nullptr, nullptr);
 }
 
 // The kernels, for bf16 and f16: float32 runs keep the tiled kernels' exact path, so each

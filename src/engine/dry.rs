@@ -415,12 +415,9 @@ impl Kernels for Dry {
     }
     fn rmsnorm_backward(&self, dx: View, _: View, dy: View, x: View, _: View, rstd: View, c: usize) {
         let parts = (super::gpu::DW_PARTS.min(rstd.len.max(1)) * c * 4) as f64;
-        self.pass(
-            "rmsnorm_backward_dx",
-            Class::Norm,
-            2.0 * dx.bytes() + dy.bytes() + x.bytes() + rstd.bytes(),
-        );
-        self.pass("rmsnorm_backward_dw_partial", Class::Norm, dy.bytes() + x.bytes() + rstd.bytes() + parts);
+        // dx read and written, dy and x read once, the partial sums written.
+        let bytes = 2.0 * dx.bytes() + dy.bytes() + x.bytes() + rstd.bytes() + parts;
+        self.pass("rmsnorm_backward", Class::Norm, bytes);
         self.pass("rmsnorm_backward_dw_sum", Class::Norm, parts + 8.0 * c as f64);
     }
     fn add_rmsnorm_forward(&self, y: View, rstd: View, sum: View, x: View, _: View, _: usize, _: f32) {

@@ -287,28 +287,27 @@ __device__ void add_rmsnorm_forward(X* y, float* rstd, float* sum, const float* 
 INSTANTIATE(add_rmsnorm_forward, (X* y, float* rstd, float* sum, const float* x, const float* w, int n, int c, float eps),
             (y, rstd, sum, x, w, n, c, eps))
 
-// dx += r w dy - r^3 (sum_j dy w x) / c * x, per row.
-extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
+// dx += r w dy - r^3 (sum_j dy w x) / c * x per row, and dw[j] += sum_n dy x r in two passes,
+// dy and x read once: block b takes rows b, b + gridDim, ... in order, adding each row's
+// dy x r into partial[b][j] (each thread its own columns); then one thread per column adds
+// the partials in order.
+extern "C" __global__ void rmsnorm_backward(float* dx, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
     __shared__ float shared[32];
-    int row = blockIdx.x;
-    if (row >= n) return;
-    const float* dyr = dy + (i64)row * c;
-    const float* xr = x + (i64)row * c;
-    float gx = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) gx += dyr[j] * w[j] * xr[j];
-    gx = block_sum(gx, shared);
-    float r = rstd[row];
-    float k = r * r * r * gx / c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dx[(i64)row * c + j] += r * w[j] * dyr[j] - k * xr[j];
-}
-
-// dw[j] += sum_n dy x r in two passes: block b sums rows b, b + gridDim, ... per column into
-// partial[b][j]; then one thread per column adds the partials in order.
-extern "C" __global__ void rmsnorm_backward_dw_partial(float* partial, const float* dy, const float* x, const float* rstd, int n, int c) {
-    for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int row = blockIdx.x; row < n; row += gridDim.x) acc += dy[(i64)row * c + j] * x[(i64)row * c + j] * rstd[row];
-        partial[(i64)blockIdx.x * c + j] = acc;
+    float* part = partial + (i64)blockIdx.x * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) part[j] = 0.0f;
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const float* dyr = dy + (i64)row * c;
+        const float* xr = x + (i64)row * c;
+        float gx = 0.0f;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) gx += dyr[j] * w[j] * xr[j];
+        gx = block_sum(gx, shared);
+        float r = rstd[row];
+        float k = r * r * r * gx / c;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+            float d = dyr[j], xj = xr[j];
+            dx[(i64)row * c + j] += r * w[j] * d - k * xj;
+            part[j] += d * xj * r;
+        }
     }
 }
 

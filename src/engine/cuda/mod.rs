@@ -71,8 +71,7 @@ const PLAIN: &[&str] = &[
     "sort_place",
     "embed_forward",
     "embed_backward",
-    "rmsnorm_backward_dx",
-    "rmsnorm_backward_dw_partial",
+    "rmsnorm_backward",
     "rmsnorm_backward_dw_sum",
     "sum_to_acc",
     "sum_squares_partial",
@@ -943,14 +942,13 @@ impl Kernels for Cuda {
     ) {
         let n = rstd.len;
         f32_only("rmsnorm_backward", &[dx.st, dw.st, dy.st, x.st, w.st, rstd.st]);
-        launch!(self, plain("rmsnorm_backward_dx"), n as u32, THREADS; &dx, &dy, &x, &w, &rstd, n, c);
         let parts = DW_PARTS.min(n.max(1));
         let mut partial = self.dw_partials.lock().unwrap_or_else(|e| e.into_inner());
         if partial.len() < parts * c {
             *partial = self.alloc_of(parts * c);
         }
         let pp = self.ptr(&partial);
-        launch!(self, plain("rmsnorm_backward_dw_partial"), parts as u32, THREADS; Arg::Ptr(pp), &dy, &x, &rstd, n, c);
+        launch!(self, plain("rmsnorm_backward"), parts as u32, THREADS; &dx, Arg::Ptr(pp), &dy, &x, &w, &rstd, n, c);
         launch!(self, plain("rmsnorm_backward_dw_sum"), Self::blocks(c), THREADS; &dw, Arg::Ptr(pp), parts, c);
     }
 

@@ -11,7 +11,8 @@
 #   correctness  the libraries found (file and version), selftest (every kernel in f32, bf16
 #                and f16 against the CPU, the PyTorch fixtures), two identical runs of
 #                tiny.toml (bit for bit), a stop and resume (bit for bit), bf16 near f32,
-#                eval and generate against the CPU, NCCL in a world of one. One line per
+#                the flash attention kernels in training (heads 64 wide: bf16 near f32, twice
+#                bit for bit), eval and generate against the CPU, NCCL in a world of one. One line per
 #                check ending in ok / FAILED / SKIPPED; the last line is the verdict.
 #   speed        minimind bench for MiniMind2-small dense and MoE at 32 x 512 in bf16 and f32,
 #                eager PyTorch (bf16, f32) and torch.compile (bf16) on the same GPU, one table
@@ -145,19 +146,35 @@ if [ "$stage" = "correctness" ]; then
         diff <(metrics "$a") <(metrics "$c") | head -n 6
     fi
 
-    echo "== bfloat16 against float32"
-    d=$(train bf16 --set train.dtype=bfloat16)
-    worst=$(python3 - "$a/metrics.csv" "$d/metrics.csv" <<'EOF' 2>/dev/null
+    gap() {  # two run folders: the worst relative loss difference over their steps
+        python3 - "$1/metrics.csv" "$2/metrics.csv" <<'EOF' 2>/dev/null
 import csv, sys
 rows = [list(csv.DictReader(open(p))) for p in sys.argv[1:]]
 assert rows[0] and len(rows[0]) == len(rows[1])
 print(max(abs(float(x["loss"]) - float(y["loss"])) / abs(float(x["loss"])) for x, y in zip(*rows)))
 EOF
-)
-    if [ -n "$worst" ] && python3 -c "import sys; sys.exit(0 if float('$worst') <= 2e-2 else 1)"; then
+    }
+    within() { [ -n "$1" ] && python3 -c "import sys; sys.exit(0 if float('$1') <= 2e-2 else 1)"; }
+
+    echo "== bfloat16 against float32"
+    d=$(train bf16 --set train.dtype=bfloat16)
+    worst=$(gap "$a" "$d")
+    if within "$worst"; then
         verdict bf16 ok "loss within $(printf '%.1e' "$worst") of float32 at every step (tolerance 2e-2)"
     else
         verdict bf16 FAILED "worst relative loss difference ${worst:-?} (tolerance 2e-2): $(tail_of bf16)"
+    fi
+
+    echo "== flash attention in training: heads 64 wide, bfloat16 against float32, twice"
+    heads=(--set model.num_attention_heads=2 --set model.num_key_value_heads=1)
+    f=$(train flash-f32 "${heads[@]}")
+    g=$(train flash-bf16 "${heads[@]}" --set train.dtype=bfloat16)
+    h=$(train flash-bf16-again "${heads[@]}" --set train.dtype=bfloat16)
+    worst=$(gap "$f" "$g")
+    if within "$worst" && same_run "$g" "$h"; then
+        verdict flash ok "loss within $(printf '%.1e' "$worst") of float32 (tolerance 2e-2); two bf16 runs bit-identical"
+    else
+        verdict flash FAILED "worst relative loss difference ${worst:-?}, or the two bf16 runs differ: $(tail_of flash-bf16)"
     fi
 
     echo "== eval and generate on the GPU against the CPU (the first run's model)"

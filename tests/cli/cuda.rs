@@ -328,7 +328,7 @@ fn cuda_gpu_check_correctness_stage_runs_on_the_emulator() {
     let o = expect(&mut emulated(script(&["correctness", "--emulate"])), 0);
     let text = stdout(&o);
     let checks: Vec<&str> = text.lines().filter(|l| l.contains(": ") && !l.starts_with(' ')).collect();
-    for name in ["selftest", "determinism", "resume", "bf16", "eval", "generate"] {
+    for name in ["selftest", "determinism", "resume", "bf16", "flash", "eval", "generate"] {
         let line = checks
             .iter()
             .find(|l| l.starts_with(&format!("{name}: ")))
@@ -336,9 +336,9 @@ fn cuda_gpu_check_correctness_stage_runs_on_the_emulator() {
         assert!(line.ends_with(" ok"), "{line}\n{text}");
     }
     assert!(checks.iter().any(|l| l.starts_with("nccl-world1: ") && l.ends_with(" SKIPPED")), "{text}");
-    assert_eq!(text.trim_end().lines().last(), Some("verdict: correctness ok (6 checks passed)"), "{text}");
+    assert_eq!(text.trim_end().lines().last(), Some("verdict: correctness ok (7 checks passed)"), "{text}");
     let log = fs::read_to_string(out.join("gpu_check-correctness.txt")).unwrap();
-    assert!(log.trim_end().ends_with("verdict: correctness ok (6 checks passed)"), "{log}");
+    assert!(log.trim_end().ends_with("verdict: correctness ok (7 checks passed)"), "{log}");
 }
 
 /// `bench --profile` on the CUDA engine lists, per kernel, launches per step with the FLOPs

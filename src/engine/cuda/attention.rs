@@ -342,7 +342,8 @@ pub(super) fn flash_form(d: usize) -> Option<usize> {
 
 impl Cuda {
     /// Whether the flash kernels (`mma.sync`, sm_80 and later) serve attention of shape `s`:
-    /// 16-bit runs at heads 64 or 128 wide, unless switched off (see [`Cuda::set_flash`]).
+    /// 16-bit runs at heads 64 or 128 wide, unless switched off (`MINIMIND_CUDA_FLASH=0`,
+    /// [`Cuda::without_flash`]).
     pub(super) fn flash_serves(&self, s: AttnShape) -> bool {
         self.flash && Store::of(self.dtype) != Store::F32 && flash_form(s.d).is_some()
     }

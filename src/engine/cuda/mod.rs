@@ -501,10 +501,10 @@ impl Cuda {
         r
     }
 
-    /// Sends 16-bit attention to the cuBLAS products instead of the flash kernels (`false`),
-    /// or back (tests compare the two; a GPU before sm_80 never takes the flash kernels).
-    pub fn set_flash(&mut self, on: bool) {
-        self.flash = on;
+    /// Sends 16-bit attention to the cuBLAS products instead of the flash kernels (tests
+    /// compare the two). Only off: a GPU before sm_80 must never take them.
+    pub fn without_flash(&mut self) {
+        self.flash = false;
     }
 
     /// How this GPU's kernels were obtained (none on the emulator).
@@ -1859,7 +1859,7 @@ mod tests {
                 let flash = Cuda::emulated(dtype).unwrap();
                 let by_flash = attention_round(&flash, s, &|| {});
                 let mut cublas = Cuda::emulated(dtype).unwrap();
-                cublas.set_flash(false);
+                cublas.without_flash();
                 let by_cublas = attention_round(&cublas, s, &|| {});
                 let counts = |gpu: &Cuda| {
                     ["flash_forward", "flash_backward_dq", "flash_backward_dkv", "attn_softmax", "gemm"]

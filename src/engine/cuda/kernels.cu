@@ -1176,6 +1176,40 @@ __device__ void store_c(X* x, i64 stride, const float (*acc)[4], int r0, int t, 
     }
 }
 
+// out = A Bᵀ, laid out as C over N/8 column tiles: A the warp's 16 rows (DD/16 fragments of
+// depth 16), B the rows of a shared tile [N][LD]. S = Q Kᵀ, dP = dO Vᵀ and their transposes.
+template <typename X, int DD, int N, int LD>
+__device__ __forceinline__ void mma_rows_bt(float (*out)[4], const unsigned (*a)[4], const X (*tile)[LD]) {
+    #pragma unroll
+    for (int j = 0; j < N / 8; j++) {
+        out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
+        #pragma unroll
+        for (int st = 0; st < DD / 16; st++) {
+            unsigned bf[2];
+            frag_b_rows<X, LD>(bf, tile, j * 8, st * 16);
+            mma16816(out[j], a[st], bf, X());
+        }
+    }
+}
+
+// acc += C B over DD/8 column tiles: C the warp's 16 x K accumulators laid out as C (rounded to
+// X as they become A fragments), B a shared tile [K][LD] row-major. O += P V, dq += dS K and
+// the dkv kernel's two.
+template <typename X, int DD, int K, int LD>
+__device__ __forceinline__ void mma_c_b(float (*acc)[4], const float (*c)[4], const X (*tile)[LD]) {
+    #pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        unsigned a[4];
+        frag_a_from_c<X>(a, c, kk);
+        #pragma unroll
+        for (int n = 0; n < DD / 8; n++) {
+            unsigned bf[2];
+            frag_b_cols<X, LD>(bf, tile, kk * 16, n * 8);
+            mma16816(acc[n], a, bf, X());
+        }
+    }
+}
+
 // A gradient's accumulators laid out as C, times `scale` and rounded to X (as the cuBLAS
 // path's products store them), through RoPE's inverse when `cosb` is given, into rows of `x`.
 template <typename X, int DD>
@@ -1234,16 +1268,7 @@ __device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const 
         __syncthreads();
         if (kt * BC > r0 + 15) continue;  // every key of the tile is after the warp's rows
         float s[BC / 8][4];
-        #pragma unroll
-        for (int j = 0; j < BC / 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            #pragma unroll
-            for (int st = 0; st < DD / 16; st++) {
-                unsigned bf[2];
-                frag_b_rows<X, LD>(bf, ks, j * 8, st * 16);
-                mma16816(s[j], qf[st], bf, X());
-            }
-        }
+        mma_rows_bt<X, DD, BC, LD>(s, qf, ks);
         float mx[2] = {m[0], m[1]};
         #pragma unroll
         for (int j = 0; j < BC / 8; j++) {
@@ -1279,17 +1304,7 @@ __device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const 
             o[n][2] *= corr[1];
             o[n][3] *= corr[1];
         }
-        #pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++) {
-            unsigned pa[4];
-            frag_a_from_c<X>(pa, s, kk);
-            #pragma unroll
-            for (int n = 0; n < NT; n++) {
-                unsigned bf[2];
-                frag_b_cols<X, LD>(bf, vs, kk * 16, n * 8);
-                mma16816(o[n], pa, bf, X());
-            }
-        }
+        mma_c_b<X, DD, BC, LD>(o, s, vs);
     }
     float inv[2];
     #pragma unroll
@@ -1340,18 +1355,10 @@ __device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, cons
         __syncthreads();
         if (kt * BC > r0 + 15) continue;
         float s[BC / 8][4], dp[BC / 8][4];
+        mma_rows_bt<X, DD, BC, LD>(s, qf, ks);
+        mma_rows_bt<X, DD, BC, LD>(dp, dof, vs);
         #pragma unroll
         for (int j = 0; j < BC / 8; j++) {
-            #pragma unroll
-            for (int i = 0; i < 4; i++) s[j][i] = dp[j][i] = 0.0f;
-            #pragma unroll
-            for (int st = 0; st < DD / 16; st++) {
-                unsigned bf[2];
-                frag_b_rows<X, LD>(bf, ks, j * 8, st * 16);
-                mma16816(s[j], qf[st], bf, X());
-                frag_b_rows<X, LD>(bf, vs, j * 8, st * 16);
-                mma16816(dp[j], dof[st], bf, X());
-            }
             #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int row = r0 + gr + 8 * (i >> 1), key = kt * BC + j * 8 + 2 * c + (i & 1);
@@ -1359,17 +1366,7 @@ __device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, cons
                 s[j][i] = p * (dp[j][i] - dr[i >> 1]);  // dS, rounded as it is packed
             }
         }
-        #pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++) {
-            unsigned da[4];
-            frag_a_from_c<X>(da, s, kk);
-            #pragma unroll
-            for (int n = 0; n < NT; n++) {
-                unsigned bf[2];
-                frag_b_cols<X, LD>(bf, ks, kk * 16, n * 8);
-                mma16816(acc[n], da, bf, X());
-            }
-        }
+        mma_c_b<X, DD, BC, LD>(acc, s, ks);
     }
     store_gradient_c<X, DD>(dq + qoff, qstride, acc, r0, t, scale, cs, sinb);
 }
@@ -1415,18 +1412,10 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
             __syncthreads();
             if (k0 > q0 + BR - 1) continue;  // every query of the tile is before the warp's keys
             float p[BR / 8][4], dp[BR / 8][4];
+            mma_rows_bt<X, DD, BR, LD>(p, kf, qs);
+            mma_rows_bt<X, DD, BR, LD>(dp, vf, dos);
             #pragma unroll
             for (int j = 0; j < BR / 8; j++) {
-                #pragma unroll
-                for (int i = 0; i < 4; i++) p[j][i] = dp[j][i] = 0.0f;
-                #pragma unroll
-                for (int st = 0; st < DD / 16; st++) {
-                    unsigned bf[2];
-                    frag_b_rows<X, LD>(bf, qs, j * 8, st * 16);
-                    mma16816(p[j], kf[st], bf, X());
-                    frag_b_rows<X, LD>(bf, dos, j * 8, st * 16);
-                    mma16816(dp[j], vf[st], bf, X());
-                }
                 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     int key = k0 + gr + 8 * (i >> 1), qi = j * 8 + 2 * c + (i & 1), query = q0 + qi;
@@ -1435,20 +1424,8 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
                     dp[j][i] = pv * (dp[j][i] - ds[qi]);  // dSᵀ, rounded as it is packed
                 }
             }
-            #pragma unroll
-            for (int kk = 0; kk < BR / 16; kk++) {
-                unsigned pa[4], da[4];
-                frag_a_from_c<X>(pa, p, kk);
-                frag_a_from_c<X>(da, dp, kk);
-                #pragma unroll
-                for (int n = 0; n < NT; n++) {
-                    unsigned bf[2];
-                    frag_b_cols<X, LD>(bf, dos, kk * 16, n * 8);
-                    mma16816(dva[n], pa, bf, X());
-                    frag_b_cols<X, LD>(bf, qs, kk * 16, n * 8);
-                    mma16816(dka[n], da, bf, X());
-                }
-            }
+            mma_c_b<X, DD, BR, LD>(dva, p, dos);
+            mma_c_b<X, DD, BR, LD>(dka, dp, qs);
         }
     }
     store_gradient_c<X, DD>(dk + koff, kstride, dka, k0, t, scale, cs, sinb);

@@ -9,7 +9,10 @@
 //!   16 columns' `(rhs[2p][j], rhs[2p+1][j])` (AMX's pair-interleaved layout).
 //!
 //! Packing: rhs once per `KC` block into 32-column panels `[panel][step][half][16][16] u32`;
-//! lhs per `MC`-row block (on its worker) into 32-row tiles `[tile][step][half][16][32] u16`.
+//! lhs per `MC`-row block (on its worker) into 32-row tiles `[tile][step][half][16][32] u16`,
+//! both on 64-byte lines ([`TileBuf`]). Each 32 x 32 output block is summed in the tiles from
+//! zero, stored to an aligned [`Block`] and added to dst with AVX-512 (dst's alignment is the
+//! caller's, and a tile store across lines is as slow as a load).
 //! The OS must grant the tile data state first ([`permit`]).
 
 use std::cell::RefCell;
@@ -29,9 +32,44 @@ const KC: usize = 512;
 const MC: usize = 2 * T;
 
 thread_local! {
-    static PACK_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    static PACK_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACK_A: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
+    static PACK_B: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
 }
+
+/// One cache line of tile data. Tile rows are 64 bytes: a row that starts off a line boundary
+/// spans two lines, and `tileloadd` then costs about 7x (57 cycles a tile against 8, measured
+/// on this project's Xeon), so every tile `tileloadd` reads starts on a line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// A reusable, 64-byte aligned buffer of packed tiles (no allocation once large enough).
+pub(crate) struct TileBuf(Vec<Line>);
+
+impl TileBuf {
+    pub const fn new() -> TileBuf {
+        TileBuf(Vec::new())
+    }
+
+    /// The first `len` u32 of the buffer, zeroed.
+    fn zeroed_u32(&mut self, len: usize) -> &mut [u32] {
+        self.0.clear();
+        self.0.resize(len.div_ceil(16), Line([0; 16]));
+        // SAFETY: the lines hold at least `len` u32, plain data with no padding.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u32, len) }
+    }
+
+    /// The first `len` u16 of the buffer, zeroed.
+    fn zeroed_u16(&mut self, len: usize) -> &mut [u16] {
+        let words = self.zeroed_u32(len.div_ceil(2));
+        // SAFETY: the same memory as u16, at least `len` of them.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, len) }
+    }
+}
+
+/// A 32 x 32 f32 block on line boundaries: where the tiles store a product's output block.
+#[repr(C, align(64))]
+struct Block([[f32; T]; T]);
 
 /// Asks Linux for the AMX tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`), once
 /// per process; false when refused (an old kernel, or no AMX).
@@ -59,12 +97,11 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
         for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
             let kc = KC.min(k - k0.min(k));
             let steps = kc.div_ceil(KS).max(1);
-            b.clear();
-            b.resize(panels * steps * T * KS / 2, 0);
+            let packed = b.zeroed_u32(panels * steps * T * KS / 2);
             // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
-            unsafe { pack_rhs(&mut b, Shared { dst, lhs: rhs }, (k0, kc), n, (steps, parallel)) };
+            unsafe { pack_rhs(packed, Shared { dst, lhs: rhs }, (k0, kc), n, (steps, parallel)) };
             let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
-            let packed: &[u32] = &b;
+            let packed: &[u32] = packed;
             let shared = Shared { dst, lhs };
             let blocks = m.div_ceil(MC);
             let run = |bi: usize| {
@@ -96,10 +133,9 @@ pub(crate) struct Packed<'a> {
 ///
 /// # Safety
 /// `rhs` covers those extents; the CPU has AMX-BF16 with [`permit`] granted.
-pub(crate) unsafe fn pack<'a>(buf: &'a mut Vec<u32>, [k, n]: [usize; 2], rhs: Operand) -> Packed<'a> {
+pub(crate) unsafe fn pack<'a>(buf: &'a mut TileBuf, [k, n]: [usize; 2], rhs: Operand) -> Packed<'a> {
     let (steps, panels) = (k.div_ceil(KS).max(1), n.div_ceil(T));
-    buf.clear();
-    buf.resize(panels * steps * T * KS / 2, 0);
+    let buf = buf.zeroed_u32(panels * steps * T * KS / 2);
     let unused = Dst::set(std::ptr::null_mut(), 0);
     // SAFETY: the caller's extents cover rhs[0..k, 0..n].
     unsafe { pack_rhs(buf, Shared { dst: unused, lhs: rhs }, (0, k), n, (steps, false)) };
@@ -210,8 +246,7 @@ unsafe fn row_block(
     let per_tile = steps * T * KS;
     PACK_A.with(|a| {
         let mut a = a.borrow_mut();
-        a.clear();
-        a.resize(tiles * per_tile, 0);
+        let a = a.zeroed_u16(tiles * per_tile);
         for (t, chunk) in a.chunks_exact_mut(per_tile).enumerate() {
             for s in 0..steps {
                 if lhs.rs == 1 && (t + 1) * T <= mc && s * KS + KS <= kc && vector_pack() {
@@ -262,7 +297,7 @@ unsafe fn row_block(
                 }
             }
         }
-        let mut tile = [[0f32; T]; T];
+        let mut tile = Block([[0f32; T]; T]);
         // SAFETY: the tile configuration below is valid for palette 1; released at the end.
         unsafe { configure() };
         for panel in 0..n.div_ceil(T) {
@@ -273,18 +308,16 @@ unsafe fn row_block(
                 let rows = T.min(mc - t * T);
                 // SAFETY: row i0 + t*T, column j0 of dst is this block's.
                 let corner = unsafe { dst.ptr.add((i0 + t * T) * dst.ld + j0) };
-                if rows == T && cols == T && dst.beta == 1.0 {
-                    // A whole tile at scale 1: the tiles load (to add to) and store dst itself.
-                    // SAFETY: the 32 x 32 block at `corner` is inside dst and this block's.
-                    unsafe { micro(a.as_ptr(), b.as_ptr(), steps, (corner, dst.ld * 4), dst.accumulate) };
+                // SAFETY: the packed tiles hold `steps` steps each; tiles are configured.
+                unsafe { micro(a.as_ptr(), b.as_ptr(), steps, &mut tile) };
+                if rows == T && cols == T && vector_pack() {
+                    // SAFETY: the 32 x 32 block at `corner` is inside dst and this block's; the
+                    // CPU has AVX-512 (checked).
+                    unsafe { store_block(dst, corner, &tile) };
                     continue;
                 }
-                // SAFETY: the packed tiles hold `steps` steps each; tiles are configured.
-                unsafe {
-                    micro(a.as_ptr(), b.as_ptr(), steps, (tile.as_mut_ptr() as *mut f32, T * 4), false)
-                };
                 // SAFETY: rows i0 + t*T.., columns j0.. of dst are this block's.
-                unsafe { store_tile(dst, (i0 + t * T, j0), (rows, cols), &tile) };
+                unsafe { store_tile(dst, (i0 + t * T, j0), (rows, cols), &tile.0) };
             }
         }
         // SAFETY: releases the tiles this thread configured.
@@ -333,6 +366,25 @@ unsafe fn interleave16(even: *const f32, odd: *const f32, dst: *mut u32) {
     }
 }
 
+/// `corner[r * ld + c] (+)= beta * block[r][c]` for the whole 32 x 32 block, as
+/// [`store_tile`] computes it (a product, then a sum: no fused multiply-add).
+#[target_feature(enable = "avx512f")]
+unsafe fn store_block(dst: Dst, corner: *mut f32, block: &Block) {
+    use std::arch::x86_64::*;
+    let beta = _mm512_set1_ps(dst.beta);
+    for (r, row) in block.0.iter().enumerate() {
+        for half in 0..2 {
+            // SAFETY: row r, columns 16 * half.. of the caller's block inside dst.
+            unsafe {
+                let out = corner.add(r * dst.ld + 16 * half);
+                let v = _mm512_mul_ps(beta, _mm512_load_ps(row.as_ptr().add(16 * half)));
+                let v = if dst.accumulate { _mm512_add_ps(_mm512_loadu_ps(out), v) } else { v };
+                _mm512_storeu_ps(out, v);
+            }
+        }
+    }
+}
+
 /// Palette 1: tmm0..7 all 16 rows of 64 bytes.
 unsafe fn configure() {
     #[repr(C, align(64))]
@@ -347,41 +399,18 @@ unsafe fn configure() {
     unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
 }
 
-/// The 32 x 32 block `lhs rhs` over `steps` k steps of packed `a` and `b`, stored at `c`
-/// (rows `c_stride` bytes apart); with `add`, added to what is there.
-unsafe fn micro(a: *const u16, b: *const u32, steps: usize, (c, c_stride): (*mut f32, usize), add: bool) {
+/// The 32 x 32 block `lhs rhs` over `steps` k steps of packed `a` and `b`, into `out`.
+unsafe fn micro(a: *const u16, b: *const u32, steps: usize, out: &mut Block) {
     let stride: usize = 64;
-    let out_stride = c_stride;
-    // SAFETY: the four 16 x 16 quarters of the block at `c` (rows `c_stride` bytes apart).
-    let (c1, c2, c3) = unsafe { (c.add(16), c.byte_add(16 * c_stride), c.byte_add(16 * c_stride).add(16)) };
-    if add {
-        // SAFETY: loads the four quarters of the block the caller owns.
-        unsafe {
-            std::arch::asm!(
-                "tileloadd tmm0, [{c} + {os}*1]",
-                "tileloadd tmm1, [{c1} + {os}*1]",
-                "tileloadd tmm2, [{c2} + {os}*1]",
-                "tileloadd tmm3, [{c3} + {os}*1]",
-                c = in(reg) c,
-                c1 = in(reg) c1,
-                c2 = in(reg) c2,
-                c3 = in(reg) c3,
-                os = in(reg) out_stride,
-                options(nostack)
-            );
-        }
-    } else {
-        // SAFETY: zeroes the accumulator tiles.
-        unsafe {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack)
-            )
-        };
-    }
+    let out_stride = T * 4;
+    let c = out.0.as_mut_ptr() as *mut f32;
+    // SAFETY: the four 16 x 16 quarters of `out`.
+    let (c1, c2, c3) =
+        unsafe { (c.add(16), c.byte_add(16 * out_stride), c.byte_add(16 * out_stride).add(16)) };
+    // SAFETY: zeroes the accumulator tiles.
+    unsafe {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack))
+    };
     // SAFETY: each step reads 2 KB of `a` and 2 KB of `b` within the packed tiles; the four
     // quarters are stored inside the caller's block.
     unsafe {
@@ -442,4 +471,27 @@ pub fn peak_gflops(iters: usize) -> f64 {
         );
     }
     4.0 * 16384.0 * iters.max(1) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tileloadd` reads whole 64-byte rows: the buffers must start on a line (see [`Line`]),
+    /// and a reused buffer must come back zeroed (packing leaves the padding unwritten).
+    #[test]
+    fn tile_buffers_start_on_a_line_and_come_back_zeroed() {
+        let mut buf = TileBuf::new();
+        for len in [1usize, 17, 4096, 3, 70_000, 5] {
+            let words = buf.zeroed_u32(len);
+            assert_eq!((words.len(), words.as_ptr() as usize % 64), (len, 0), "u32 x {len}");
+            assert!(words.iter().all(|&w| w == 0), "u32 x {len} zeroed");
+            words.fill(u32::MAX);
+            let halves = buf.zeroed_u16(len);
+            assert_eq!((halves.len(), halves.as_ptr() as usize % 64), (len, 0), "u16 x {len}");
+            assert!(halves.iter().all(|&h| h == 0), "u16 x {len} zeroed");
+            halves.fill(u16::MAX);
+        }
+        assert_eq!(std::mem::align_of::<Block>(), 64);
+    }
 }

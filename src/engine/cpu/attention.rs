@@ -38,7 +38,8 @@ impl Path {
 
 thread_local! {
     /// The packed operands of the head a worker is on (AMX path): reused, not reallocated.
-    static PACKED: RefCell<[Vec<u32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    static PACKED: RefCell<[amx::TileBuf; 4]> =
+        const { RefCell::new([amx::TileBuf::new(), amx::TileBuf::new(), amx::TileBuf::new(), amx::TileBuf::new()]) };
 }
 
 /// A right-hand operand `[k, n]`: the f32 matrix and, on the AMX path, its packing.
@@ -51,7 +52,7 @@ struct Rhs<'a> {
 ///
 /// # Safety
 /// `op` covers `[k, n]`; on AMX, the CPU has it with the tiles granted (the backend chose it).
-unsafe fn rhs(path: Path, buf: &mut Vec<u32>, [k, n]: [usize; 2], op: Operand) -> Rhs<'_> {
+unsafe fn rhs(path: Path, buf: &mut amx::TileBuf, [k, n]: [usize; 2], op: Operand) -> Rhs<'_> {
     // SAFETY: as the caller promises.
     let packed = (path == Path::Amx).then(|| unsafe { amx::pack(buf, [k, n], op) });
     Rhs { f32: op, packed }

@@ -212,17 +212,11 @@ unsafe fn pack_rhs(
                 if rhs.rs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
                     // Column-contiguous rhs (a weight read transposed): each column's 32 k
                     // convert at once into its 16 pairs, which go down the tile's column.
-                    for j in 0..16 {
-                        let mut pairs = [0u32; 16];
-                        // SAFETY: the column's 32 values are inside the caller's rhs; the CPU
-                        // has AVX512-BF16 (checked).
-                        unsafe {
-                            let src = rhs.ptr.offset((k0 + s * KS) as isize + (c0 + j) as isize * rhs.cs);
-                            convert32(src, pairs.as_mut_ptr() as *mut u16);
-                        }
-                        for (p, v) in pairs.iter().enumerate() {
-                            chunk[base + p * 16 + j] = *v;
-                        }
+                    // SAFETY: the 16 columns' 32 values are inside the caller's rhs; the
+                    // tile's 256 u32 are inside `chunk`; the CPU has AVX512-BF16 (checked).
+                    unsafe {
+                        let src = rhs.ptr.offset((k0 + s * KS) as isize + c0 as isize * rhs.cs);
+                        pack_columns16(src, rhs.cs, chunk[base..base + 256].as_mut_ptr());
                     }
                     continue;
                 }
@@ -355,6 +349,56 @@ unsafe fn convert32(src: *const f32, dst: *mut u16) {
         // cvtne2ps(a, b): b's 16 values in the low half, a's in the high half.
         let v = _mm512_cvtne2ps_pbh(hi, lo);
         _mm512_storeu_si512(dst as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
+    }
+}
+
+/// 16 columns of 32 k (each column's k contiguous, columns `cs` f32 apart from `src`) into one
+/// rhs tile at `dst`: row p holds the 16 columns' pairs `(k 2p, k 2p + 1)`. Each column
+/// converts into one register of 16 pairs; a 16 x 16 transpose of u32 turns them into rows.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_columns16(src: *const f32, cs: isize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (j, col) in r.iter_mut().enumerate() {
+        // SAFETY: column j's 32 f32 are the caller's.
+        unsafe {
+            let c = src.offset(j as isize * cs);
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(c.add(16)), _mm512_loadu_ps(c));
+            *col = std::mem::transmute::<__m512bh, __m512i>(v);
+        }
+    }
+    // Rows of pairs: r[j] lane p is column j's pair p; the tile wants lane j of row p.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        // Per 128-bit lane L: (r[2i][4L], r[2i+1][4L], ..[4L+1]) and the same for 4L+2, 4L+3.
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        // u[4g + q], lane L: columns 4g..4g + 4 at pair 4L + q.
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for q in 0..4 {
+        // Gather lane L of the four column groups into row 4L + q.
+        let (v0, v1) =
+            (_mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]), _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]));
+        let (w0, w1) = (
+            _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]),
+            _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]),
+        );
+        for (p, row) in [
+            (q, _mm512_shuffle_i32x4::<0x88>(v0, w0)),
+            (q + 4, _mm512_shuffle_i32x4::<0x88>(v1, w1)),
+            (q + 8, _mm512_shuffle_i32x4::<0xDD>(v0, w0)),
+            (q + 12, _mm512_shuffle_i32x4::<0xDD>(v1, w1)),
+        ] {
+            // SAFETY: row p of the caller's 256 u32.
+            unsafe { _mm512_storeu_si512(dst.add(16 * p) as *mut __m512i, row) };
+        }
     }
 }
 

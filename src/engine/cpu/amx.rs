@@ -255,22 +255,18 @@ unsafe fn row_block(
         for (t, chunk) in a.chunks_exact_mut(per_tile).enumerate() {
             for s in 0..steps {
                 if lhs.rs == 1 && (t + 1) * T <= mc && s * KS + KS <= kc && vector_pack() {
-                    // Column-contiguous lhs (a gradient read transposed): each k's 32 rows
-                    // convert at once, then the 32 x 32 block is transposed into rows of k.
-                    let mut block = [[0u16; T]; KS];
-                    for (c, out) in block.iter_mut().enumerate() {
-                        // SAFETY: rows i0 + t*T .. +32 of column k0 + s*KS + c are inside lhs;
-                        // the CPU has AVX512-BF16 (checked).
+                    // Column-contiguous lhs (a gradient read transposed): 16 rows at a time,
+                    // each k pair converted into one register, transposed into the rows.
+                    for half in 0..2 {
+                        let base = (s * 2 + half) * 16 * KS;
+                        // SAFETY: rows i0 + t*T + 16*half .. +16 of columns k0 + s*KS .. +32
+                        // are inside lhs; the tile's 16 rows are inside `chunk`; the CPU has
+                        // AVX512-BF16 and AVX512-BW (checked).
                         unsafe {
-                            let src =
-                                lhs.ptr.offset((i0 + t * T) as isize + (k0 + s * KS + c) as isize * lhs.cs);
-                            convert32(src, out.as_mut_ptr());
-                        }
-                    }
-                    for r in 0..T {
-                        let base = ((s * 2 + r / 16) * 16 + r % 16) * KS;
-                        for (c, col) in block.iter().enumerate() {
-                            chunk[base + c] = col[r];
+                            let src = lhs
+                                .ptr
+                                .offset((i0 + t * T + 16 * half) as isize + (k0 + s * KS) as isize * lhs.cs);
+                            pack_rows16(src, lhs.cs, chunk[base..base + 16 * KS].as_mut_ptr());
                         }
                     }
                     continue;
@@ -367,7 +363,34 @@ unsafe fn pack_columns16(src: *const f32, cs: isize, dst: *mut u32) {
             *col = std::mem::transmute::<__m512bh, __m512i>(v);
         }
     }
-    // Rows of pairs: r[j] lane p is column j's pair p; the tile wants lane j of row p.
+    // r[j] lane p is column j's pair p; the tile wants lane j of row p.
+    for (p, row) in transpose16(&r).into_iter().enumerate() {
+        // SAFETY: row p of the caller's 256 u32.
+        unsafe { _mm512_storeu_si512(dst.add(16 * p) as *mut __m512i, row) };
+    }
+}
+
+/// 16 rows of 32 k (rows contiguous, k pairs `cs` f32 apart from `src`) into 16 lhs tile rows
+/// of 32 bf16 at `dst`: each k pair of the 16 rows converts into one register of (row's k 2q,
+/// k 2q + 1) pairs, and a 16 x 16 transpose of u32 turns them into rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_rows16(src: *const f32, cs: isize, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (q, pair) in r.iter_mut().enumerate() {
+        // SAFETY: columns 2q and 2q + 1 of the caller's 16 rows.
+        *pair = unsafe { pairs16(src.offset(2 * q as isize * cs), src.offset((2 * q + 1) as isize * cs)) };
+    }
+    for (row, v) in transpose16(&r).into_iter().enumerate() {
+        // SAFETY: tile row `row` (32 bf16) of the caller's 16.
+        unsafe { _mm512_storeu_si512(dst.add(KS * row) as *mut __m512i, v) };
+    }
+}
+
+/// The 16 x 16 transpose of u32: lane j of row p out is lane p of row j in.
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &[std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         // Per 128-bit lane L: (r[2i][4L], r[2i+1][4L], ..[4L+1]) and the same for 4L+2, 4L+3.
@@ -376,30 +399,27 @@ unsafe fn pack_columns16(src: *const f32, cs: isize, dst: *mut u32) {
     }
     let mut u = [_mm512_setzero_si512(); 16];
     for g in 0..4 {
-        // u[4g + q], lane L: columns 4g..4g + 4 at pair 4L + q.
+        // u[4g + q], lane L: rows 4g..4g + 4 at lane 4L + q.
         u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
         u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
         u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
         u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
     }
+    let mut out = [_mm512_setzero_si512(); 16];
     for q in 0..4 {
-        // Gather lane L of the four column groups into row 4L + q.
+        // Lane L of the four row groups, side by side, is row 4L + q out.
         let (v0, v1) =
             (_mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]), _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]));
         let (w0, w1) = (
             _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]),
             _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]),
         );
-        for (p, row) in [
-            (q, _mm512_shuffle_i32x4::<0x88>(v0, w0)),
-            (q + 4, _mm512_shuffle_i32x4::<0x88>(v1, w1)),
-            (q + 8, _mm512_shuffle_i32x4::<0xDD>(v0, w0)),
-            (q + 12, _mm512_shuffle_i32x4::<0xDD>(v1, w1)),
-        ] {
-            // SAFETY: row p of the caller's 256 u32.
-            unsafe { _mm512_storeu_si512(dst.add(16 * p) as *mut __m512i, row) };
-        }
+        out[q] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[q + 4] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[q + 8] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
+        out[q + 12] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
     }
+    out
 }
 
 /// 16 f32 at `even` and 16 at `odd` to 16 pairs `(bf16(even[j]), bf16(odd[j]))` at `dst`.
@@ -407,6 +427,14 @@ unsafe fn pack_columns16(src: *const f32, cs: isize, dst: *mut u32) {
 unsafe fn interleave16(even: *const f32, odd: *const f32, dst: *mut u32) {
     use std::arch::x86_64::*;
     // SAFETY: the caller gives 16 readable f32 at each source and 16 writable u32.
+    unsafe { _mm512_storeu_si512(dst as *mut __m512i, pairs16(even, odd)) }
+}
+
+/// 16 f32 at `even` and 16 at `odd` as one register of 16 pairs `(bf16(even[j]), bf16(odd[j]))`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs16(even: *const f32, odd: *const f32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller gives 16 readable f32 at each source.
     unsafe {
         // Low half: even's 16 bf16, high half: odd's; then even j, odd j side by side.
         let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
@@ -417,7 +445,7 @@ unsafe fn interleave16(even: *const f32, odd: *const f32, dst: *mut u32) {
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
             18, 2, 17, 1, 16, 0,
         );
-        _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutexvar_epi16(idx, v));
+        _mm512_permutexvar_epi16(idx, v)
     }
 }
 

@@ -48,6 +48,12 @@ struct Rhs<'a> {
     packed: Option<amx::Packed<'a>>,
 }
 
+impl Rhs<'_> {
+    fn path(&self) -> Path {
+        if self.packed.is_some() { Path::Amx } else { Path::F32 }
+    }
+}
+
 /// `op` as a right-hand operand `[k, n]` on `path`, packed into `buf` on AMX.
 ///
 /// # Safety
@@ -77,16 +83,38 @@ unsafe fn product(mnk: [usize; 3], dst: Dst, lhs: Operand, rhs: &Rhs, k0: usize)
 
 const BLOCK: usize = 32;
 
+/// The order of a row's sums: float32 runs keep the sequential fold they always had (their
+/// bits do not change); the bf16 path, whose products already differ from f32, sums in 16
+/// lanes (a fixed order, so runs stay deterministic) that vectorise: a sequential sum waits
+/// on each add, about 10 ms of a 320 ms bf16 step here.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sums {
+    Sequential,
+    Lanes,
+}
+
+impl Path {
+    fn sums(self) -> Sums {
+        match self {
+            Path::F32 => Sums::Sequential,
+            Path::Amx => Sums::Lanes,
+        }
+    }
+}
+
 simd_fn! {
     /// Softmax over the first `live` entries of a score row, zeros after (the causal mask).
-    fn softmax_causal(row: &mut [f32], live: usize) {
+    fn softmax_causal(row: &mut [f32], live: usize, sums: Sums) {
         let (live, masked) = row.split_at_mut(live);
         let max = lanes_max(live);
         // exp in its own loop (it vectorises), the sum in order: the bits of one fused loop.
         for x in live.iter_mut() {
             *x = exp(*x - max);
         }
-        let sum = live.iter().fold(0.0f32, |s, x| s + x);
+        let sum = match sums {
+            Sums::Sequential => live.iter().fold(0.0f32, |s, x| s + x),
+            Sums::Lanes => lanes_dot(live, None),
+        };
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|x| *x *= inv);
         masked.fill(0.0);
@@ -95,13 +123,33 @@ simd_fn! {
 
 simd_fn! {
     /// `dS = P * (dP - rowsum(P * dP))` in place over `dp`'s first `live` entries, zeros after.
-    fn softmax_causal_backward(p: &[f32], dp: &mut [f32], live: usize) {
-        let dot: f32 = p[..live].iter().zip(&dp[..live]).map(|(p, d)| p * d).sum();
+    fn softmax_causal_backward(p: &[f32], dp: &mut [f32], live: usize, sums: Sums) {
+        let dot: f32 = match sums {
+            Sums::Sequential => p[..live].iter().zip(&dp[..live]).map(|(p, d)| p * d).sum(),
+            Sums::Lanes => lanes_dot(&p[..live], Some(&dp[..live])),
+        };
         for j in 0..live {
             dp[j] = p[j] * (dp[j] - dot);
         }
         dp[live..].fill(0.0);
     }
+}
+
+/// `sum(x * y)` (or `sum(x)`) in 16 lane sums over whole chunks, then the lanes and the rest
+/// in order: one fixed order for a given length.
+#[inline(always)]
+fn lanes_dot(x: &[f32], y: Option<&[f32]>) -> f32 {
+    let mut lanes = [0f32; 16];
+    let whole = x.len() / 16 * 16;
+    match y {
+        None => x[..whole].chunks_exact(16).for_each(|c| (0..16).for_each(|i| lanes[i] += c[i])),
+        Some(y) => x[..whole]
+            .chunks_exact(16)
+            .zip(y[..whole].chunks_exact(16))
+            .for_each(|(a, b)| (0..16).for_each(|i| lanes[i] += a[i] * b[i])),
+    }
+    let rest = (whole..x.len()).map(|i| x[i] * y.map_or(1.0, |y| y[i]));
+    lanes.iter().copied().chain(rest).fold(0.0, |s, v| s + v)
 }
 
 /// The largest of `x` (NEG_INFINITY when empty), 16 lanes at a time: max is exact in any
@@ -138,6 +186,7 @@ unsafe fn probs_block(
 ) {
     let hd = s.h * s.d;
     let scale = 1.0 / (s.d as f32).sqrt();
+    let sums = kt.path().sums();
     unsafe {
         // S[r0..r1, 0..r1] = scale * q kᵀ
         product(
@@ -148,7 +197,7 @@ unsafe fn probs_block(
             0,
         );
         for i in r0..r1 {
-            softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1);
+            softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1, sums);
         }
     }
 }
@@ -313,6 +362,7 @@ pub fn backward(
                                 p,
                                 std::slice::from_raw_parts_mut(db.add(i * t), r1),
                                 i + 1,
+                                path.sums(),
                             );
                         }
                         // dq[r0..r1] = scale * dS k
@@ -388,9 +438,32 @@ mod tests {
             live.iter_mut().for_each(|x| *x *= inv);
             masked.fill(0.0);
             let mut got = row.clone();
-            softmax_causal(&mut got, len);
+            softmax_causal(&mut got, len, Sums::Sequential);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "row of {len}");
         }
+    }
+
+    #[test]
+    fn the_bf16_paths_lane_sums_agree_with_the_sequential_ones() {
+        // Another order of the same f32 sums: within a few ulps, and zeros past the diagonal.
+        let mut rng = crate::rng::SplitMix64::new(5);
+        for len in [1, 15, 16, 17, 33, 256] {
+            let row: Vec<f32> = (0..len + 5).map(|_| rng.next_f32() * 20.0 - 10.0).collect();
+            let (mut seq, mut lanes) = (row.clone(), row.clone());
+            softmax_causal(&mut seq, len, Sums::Sequential);
+            softmax_causal(&mut lanes, len, Sums::Lanes);
+            let dp: Vec<f32> = (0..len + 5).map(|_| rng.next_f32() - 0.5).collect();
+            let (mut dseq, mut dlanes) = (dp.clone(), dp.clone());
+            softmax_causal_backward(&seq, &mut dseq, len, Sums::Sequential);
+            softmax_causal_backward(&seq, &mut dlanes, len, Sums::Lanes);
+            for (what, a, b) in [("softmax", &seq, &lanes), ("backward", &dseq, &dlanes)] {
+                for (x, y) in a.iter().zip(b.iter()) {
+                    assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{what} of {len}: {x} vs {y}");
+                }
+                assert!(b[len..].iter().all(|&v| v == 0.0), "{what} of {len}: masked");
+            }
+        }
+        assert_eq!(lanes_dot(&[1.0, 2.0, 3.0], Some(&[4.0, 5.0, 6.0])), 32.0);
     }
 }

@@ -78,9 +78,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.3, 88.0);
-    // Round to nearest by the 1.5 * 2^23 trick (no libm call, so the loop vectorises).
+    // Round to nearest by the 1.5 * 2^23 trick (no libm call, so the loop vectorises): the
+    // sum's low mantissa bits hold n as an integer.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let shifted = x * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // e^r on |r| <= ln2/2: Taylor to r^7 (truncation < 2e-9 relative).
     let p = 1.0
@@ -88,7 +90,10 @@ pub(crate) fn exp(x: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from those bits: `n as i32` would be the same value for every integral n here, but
+    // Rust's saturating cast compiles to scalar code with branches and kept this loop (and
+    // every softmax, SwiGLU and loss over it) from vectorising.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
@@ -947,5 +952,39 @@ impl Kernels for Cpu {
                 }
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp;
+
+    /// The exponent by bits gives what `n as i32` gave, bit for bit (float32 runs unchanged),
+    /// over a sweep of inputs and the edges: the clamp's ends, infinities, NaN.
+    #[test]
+    fn exp_keeps_the_bits_of_the_saturating_cast_form() {
+        fn before(x: f32) -> f32 {
+            let x = x.clamp(-87.3, 88.0);
+            const MAGIC: f32 = 12_582_912.0;
+            let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+            let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
+            let p = 1.0
+                + r * (1.0
+                    + r * (0.5
+                        + r * (1.0 / 6.0
+                            + r * (1.0 / 24.0
+                                + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+            p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let edges = [-87.3f32, 88.0, -90.0, 90.0, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -1e-30];
+        let sweep = (0..200_001).map(|i| -100.0 + i as f32 * 1e-3);
+        for x in edges.into_iter().chain(sweep) {
+            assert_eq!(exp(x).to_bits(), before(x).to_bits(), "exp({x})");
+            if (-87.0..88.0).contains(&x) {
+                let want = (x as f64).exp();
+                assert!(((exp(x) as f64 - want) / want).abs() < 3e-7, "exp({x}) accuracy");
+            }
+        }
+        assert!(exp(f32::NAN).is_nan() && before(f32::NAN).is_nan());
     }
 }

@@ -172,7 +172,8 @@ pub(crate) unsafe fn gemm_packed([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, 
 }
 
 /// rhs[k0..k0 + kc, 0..n] as 32-column panels of `steps` k steps (zero-padded), writing every
-/// u32 of `out` (its earlier contents do not matter). `shared.lhs` is the rhs here (its `dst` unused): the wrapper lets the panels pack in parallel.
+/// u32 of `out` (its earlier contents do not matter). `shared.lhs` is the rhs here (its `dst`
+/// unused): the wrapper lets the panels pack in parallel.
 unsafe fn pack_rhs(
     out: &mut [u32],
     shared: Shared,
@@ -326,11 +327,13 @@ unsafe fn row_block(
     });
 }
 
-/// Whether packing may convert with AVX512-BF16 (every AMX CPU has it; checked once).
+/// Whether packing may convert with AVX512-BF16, and the epilogue use AVX-512 (every AMX CPU
+/// has both; checked once).
 fn vector_pack() -> bool {
     static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *YES.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw")
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx512bf16") && has!("avx512bw")
     })
 }
 
@@ -370,7 +373,7 @@ unsafe fn pack_columns16(src: *const f32, cs: isize, dst: *mut u32) {
     }
 }
 
-/// 16 rows of 32 k (rows contiguous, k pairs `cs` f32 apart from `src`) into 16 lhs tile rows
+/// 16 rows of 32 k (rows contiguous, each k's column `cs` f32 apart from `src`) into 16 lhs tile rows
 /// of 32 bf16 at `dst`: each k pair of the 16 rows converts into one register of (row's k 2q,
 /// k 2q + 1) pairs, and a 16 x 16 transpose of u32 turns them into rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -578,6 +581,43 @@ mod tests {
         assert_eq!(std::mem::align_of::<Block>(), 64);
         let words = buf.overwritten_u32(9);
         assert_eq!((words.len(), words.as_ptr() as usize % 64), (9, 0));
+    }
+
+    /// The right-hand layout by its definition, element by element, against the packing (its
+    /// vector branches where the CPU has AVX512-BF16, the scalar one elsewhere and at the
+    /// ragged edges), for a matrix read by rows and read transposed.
+    #[test]
+    fn the_rhs_packing_follows_the_tile_layout() {
+        let (k, n): (usize, usize) = (70, 45);
+        let m: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let (steps, panels) = (k.div_ceil(KS), n.div_ceil(T));
+        for (name, transposed) in [("rows", false), ("transposed", true)] {
+            // rhs[r][c] is m[r][c] read by rows, m[c][r] of the [n, k] matrix read transposed.
+            let at = |r: usize, c: usize| -> u32 {
+                if r >= k || c >= n {
+                    return 0;
+                }
+                bf16(if transposed { m[c * k + r] } else { m[r * n + c] }) as u32
+            };
+            let op =
+                if transposed { Operand::transposed(m.as_ptr(), k) } else { Operand::rows(m.as_ptr(), n) };
+            let mut buf = TileBuf::new();
+            // SAFETY: `m` holds k x n either way.
+            let got = unsafe { pack(&mut buf, [k, n], op) }.data.to_vec();
+            let mut want = vec![0u32; panels * steps * T * KS / 2];
+            for (panel, s, half, p, j) in (0..panels).flat_map(|panel| {
+                (0..steps).flat_map(move |s| {
+                    (0..2).flat_map(move |half| {
+                        (0..16).flat_map(move |p| (0..16).map(move |j| (panel, s, half, p, j)))
+                    })
+                })
+            }) {
+                // [panel][step][half][16 pairs][16 columns] u32: (k 2p, k 2p + 1) of column j.
+                let (r, c) = (s * KS + 2 * p, panel * T + half * 16 + j);
+                want[(((panel * steps + s) * 2 + half) * 16 + p) * 16 + j] = at(r, c) | at(r + 1, c) << 16;
+            }
+            assert_eq!(got, want, "{name}");
+        }
     }
 
     /// The right-hand packing writes every u32 of its buffer (padding included), so a reused

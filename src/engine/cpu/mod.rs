@@ -71,7 +71,7 @@ impl Cpu {
 }
 
 /// `e^x` in f32 to about 1 ulp, written so loops over it vectorise (libm's `expf` does not):
-/// range reduction by ln 2 in two parts, a degree-6 polynomial, the exponent by bits.
+/// range reduction by ln 2 in two parts, a degree-7 polynomial, the exponent by bits.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;

@@ -59,7 +59,7 @@ impl TileBuf {
 
     /// The first `len` u32 of the buffer as an earlier use left them (zero where it grew), for
     /// a caller that writes every one: the right-hand packing, which would otherwise pay a
-    /// second pass over the packed bytes (a measured ~3% of a bf16 step).
+    /// second pass over the packed bytes (5% of a bf16 dense step, measured).
     fn overwritten_u32(&mut self, len: usize) -> &mut [u32] {
         self.as_u32(len)
     }

@@ -245,8 +245,8 @@ pub fn machine_gflops(threads: usize, dtype: Dtype) -> Result<(f64, Isa)> {
 }
 
 /// The revision of the bf16 product kernels, in the cache's key: raised when a change moves
-/// their speed (2: AMX tiles on cache lines, +20-40%; 3: vectorised packing), so a rate measured before is measured
-/// again instead of pricing runs at the old speed.
+/// their speed (2: AMX tiles on cache lines, +20-40%; 3: vectorised packing), so a rate
+/// measured before is measured again instead of pricing runs at the old speed.
 const BF16_KERNELS: u32 = 3;
 
 /// The cache's key for a measurement: f32 keeps the key it always had. Pure.

@@ -83,28 +83,14 @@ unsafe fn product(mnk: [usize; 3], dst: Dst, lhs: Operand, rhs: &Rhs, k0: usize)
 
 const BLOCK: usize = 32;
 
-/// The order of a row's sums: the f32 path keeps the sequential fold it always had (float32
-/// runs keep their bits); the AMX path, whose products already differ from f32, sums in 16
-/// lanes (a fixed order, so runs stay deterministic) that vectorise, where a sequential sum
-/// waits on each add (1-2 ms of a ~300 ms bf16 step here, measured).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Sums {
-    Sequential,
-    Lanes,
-}
-
-impl Path {
-    fn sums(self) -> Sums {
-        match self {
-            Path::F32 => Sums::Sequential,
-            Path::Amx => Sums::Lanes,
-        }
-    }
-}
+// The order of a row's sums, by path: f32 keeps the sequential fold it always had (float32
+// runs keep their bits); AMX, whose products already differ from f32, sums in 16 lanes (a
+// fixed order, so runs stay deterministic) that vectorise, where a sequential sum waits on
+// each add (1-2 ms of a ~300 ms bf16 step here, measured).
 
 simd_fn! {
     /// Softmax over the first `live` entries of a score row, zeros after (the causal mask).
-    fn softmax_causal(row: &mut [f32], live: usize, sums: Sums) {
+    fn softmax_causal(row: &mut [f32], live: usize, path: Path) {
         let (live, masked) = row.split_at_mut(live);
         let max = lanes_max(live);
         // exp in its own loop (it vectorises), then the sum (sequential: the bits of one fused
@@ -112,9 +98,9 @@ simd_fn! {
         for x in live.iter_mut() {
             *x = exp(*x - max);
         }
-        let sum = match sums {
-            Sums::Sequential => live.iter().fold(0.0f32, |s, x| s + x),
-            Sums::Lanes => lanes_dot(live, None),
+        let sum = match path {
+            Path::F32 => live.iter().fold(0.0f32, |s, x| s + x),
+            Path::Amx => lanes_dot(live, None),
         };
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|x| *x *= inv);
@@ -124,10 +110,10 @@ simd_fn! {
 
 simd_fn! {
     /// `dS = P * (dP - rowsum(P * dP))` in place over `dp`'s first `live` entries, zeros after.
-    fn softmax_causal_backward(p: &[f32], dp: &mut [f32], live: usize, sums: Sums) {
-        let dot: f32 = match sums {
-            Sums::Sequential => p[..live].iter().zip(&dp[..live]).map(|(p, d)| p * d).sum(),
-            Sums::Lanes => lanes_dot(&p[..live], Some(&dp[..live])),
+    fn softmax_causal_backward(p: &[f32], dp: &mut [f32], live: usize, path: Path) {
+        let dot: f32 = match path {
+            Path::F32 => p[..live].iter().zip(&dp[..live]).map(|(p, d)| p * d).sum(),
+            Path::Amx => lanes_dot(&p[..live], Some(&dp[..live])),
         };
         for j in 0..live {
             dp[j] = p[j] * (dp[j] - dot);
@@ -187,7 +173,7 @@ unsafe fn probs_block(
 ) {
     let hd = s.h * s.d;
     let scale = 1.0 / (s.d as f32).sqrt();
-    let sums = kt.path().sums();
+    let path = kt.path();
     unsafe {
         // S[r0..r1, 0..r1] = scale * q kᵀ
         product(
@@ -198,7 +184,7 @@ unsafe fn probs_block(
             0,
         );
         for i in r0..r1 {
-            softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1, sums);
+            softmax_causal(std::slice::from_raw_parts_mut(pb.add(i * t), r1), i + 1, path);
         }
     }
 }
@@ -363,7 +349,7 @@ pub fn backward(
                                 p,
                                 std::slice::from_raw_parts_mut(db.add(i * t), r1),
                                 i + 1,
-                                path.sums(),
+                                path,
                             );
                         }
                         // dq[r0..r1] = scale * dS k
@@ -439,7 +425,7 @@ mod tests {
             live.iter_mut().for_each(|x| *x *= inv);
             masked.fill(0.0);
             let mut got = row.clone();
-            softmax_causal(&mut got, len, Sums::Sequential);
+            softmax_causal(&mut got, len, Path::F32);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "row of {len}");
         }
@@ -452,12 +438,12 @@ mod tests {
         for len in [1, 15, 16, 17, 33, 256] {
             let row: Vec<f32> = (0..len + 5).map(|_| rng.next_f32() * 20.0 - 10.0).collect();
             let (mut seq, mut lanes) = (row.clone(), row.clone());
-            softmax_causal(&mut seq, len, Sums::Sequential);
-            softmax_causal(&mut lanes, len, Sums::Lanes);
+            softmax_causal(&mut seq, len, Path::F32);
+            softmax_causal(&mut lanes, len, Path::Amx);
             let dp: Vec<f32> = (0..len + 5).map(|_| rng.next_f32() - 0.5).collect();
             let (mut dseq, mut dlanes) = (dp.clone(), dp.clone());
-            softmax_causal_backward(&seq, &mut dseq, len, Sums::Sequential);
-            softmax_causal_backward(&seq, &mut dlanes, len, Sums::Lanes);
+            softmax_causal_backward(&seq, &mut dseq, len, Path::F32);
+            softmax_causal_backward(&seq, &mut dlanes, len, Path::Amx);
             for (what, a, b) in [("softmax", &seq, &lanes), ("backward", &dseq, &dlanes)] {
                 for (x, y) in a.iter().zip(b.iter()) {
                     assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{what} of {len}: {x} vs {y}");

@@ -249,8 +249,10 @@ fn case_rmsnorm_backward<K: Kernels>(k: &K) -> Vec<f32> {
     );
     let mut dx = up(k, &random(n * C, 55, 0.1));
     let mut dw = up(k, &random(C, 56, 0.1));
+    let mut act = k.alloc_act(n * C);
     k.rmsnorm_backward(
         k.view_mut(&mut dx, 0..n * C),
+        Some(k.view_mut(&mut act, 0..n * C)),
         k.view_mut(&mut dw, 0..C),
         k.view(&dy, 0..n * C),
         k.view(&x, 0..n * C),
@@ -258,7 +260,7 @@ fn case_rmsnorm_backward<K: Kernels>(k: &K) -> Vec<f32> {
         k.view(&r, 0..n),
         C,
     );
-    [host(k, &dx), host(k, &dw)].concat()
+    [host(k, &dx), host(k, &dw), host(k, &act)].concat()
 }
 
 /// RoPE tables for `t` positions of head dim `d`.

@@ -413,10 +413,23 @@ impl Kernels for Dry {
     fn rmsnorm_forward(&self, y: View, rstd: View, x: View, _: View, _: usize, _: f32) {
         self.pass("rmsnorm_forward", Class::Norm, y.bytes() + rstd.bytes() + x.bytes());
     }
-    fn rmsnorm_backward(&self, dx: View, _: View, dy: View, x: View, _: View, rstd: View, c: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: View,
+        act: Option<View>,
+        _: View,
+        dy: View,
+        x: View,
+        _: View,
+        rstd: View,
+        c: usize,
+    ) {
         let parts = (super::gpu::DW_PARTS.min(rstd.len.max(1)) * c * 4) as f64;
-        // dx read and written, dy and x read once, the partial sums written.
-        let bytes = 2.0 * dx.bytes() + dy.bytes() + x.bytes() + rstd.bytes() + parts;
+        // dx read and written (and its 16-bit copy written), dy and x read once, the partial
+        // sums written.
+        let copy = act.map_or(0.0, |a| a.bytes());
+        let bytes = 2.0 * dx.bytes() + copy + dy.bytes() + x.bytes() + rstd.bytes() + parts;
         self.pass("rmsnorm_backward", Class::Norm, bytes);
         self.pass("rmsnorm_backward_dw_sum", Class::Norm, parts + 8.0 * c as f64);
     }

@@ -279,11 +279,13 @@ pub trait Kernels: Sync {
         c: usize,
         eps: f32,
     );
-    /// `dx += ...`, `dw += sum_n dy * x * rstd`.
+    /// `dx += ...`, `dw += sum_n dy * x * rstd`; `act`, when given, gets the new `dx` rounded
+    /// to its storage (the copy the matrix products read), in the same pass.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dx: Self::M<'_>,
+        act: Option<Self::M<'_>>,
         dw: Self::M<'_>,
         dy: Self::V<'_>,
         x: Self::V<'_>,

@@ -473,11 +473,22 @@ impl<K: Kernels> Model<'_, K> {
     /// `dy` (an f32 gradient) as a matrix product reads it: itself when activations are f32,
     /// else rounded into `to`.
     fn act_of<'b>(&self, dy: &'b K::Buf, to: &'b mut K::Buf, r: Range<usize>) -> &'b K::Buf {
-        if self.ops.dtype() == Dtype::Float32 {
+        if self.f32_acts() {
             return dy;
         }
         self.ops.cast(self.ops.view_mut(to, r.clone()), self.ops.view(dy, r));
         to
+    }
+
+    fn f32_acts(&self) -> bool {
+        self.ops.dtype() == Dtype::Float32
+    }
+
+    /// Where RMSNorm's backward also writes the residual gradient rounded for the products
+    /// that read it next, `dresid_act` (none when activations are f32: the products read
+    /// `dresid` itself).
+    fn dresid_copy<'b>(&self, dresid_act: &'b mut K::Buf, r: Range<usize>) -> Option<K::M<'b>> {
+        (!self.f32_acts()).then(|| self.ops.view_mut(dresid_act, r))
     }
 
     /// Forward through the blocks and the final norm for the `n` rows of `ids`; leaves
@@ -498,25 +509,12 @@ impl<K: Kernels> Model<'_, K> {
         for l in 0..self.layout.layers.len() {
             self.block_forward(p, ws, l, Attention::Causal { shape }, acc);
         }
-        self.final_norm(p, ws, n);
-    }
-
-    /// `xnf = norm(last block's output)` over `n` rows.
-    fn final_norm(&self, p: Weights<'_, K>, ws: &mut Workspace<K>, n: usize) {
-        let ops = self.ops;
-        let c = self.dims.c;
-        ops.rmsnorm_forward(
-            ops.view_mut(&mut ws.xnf, 0..n * c),
-            ops.view_mut(&mut ws.rstdf, 0..n),
-            ops.view(&ws.resid[self.m.num_hidden_layers], 0..n * c),
-            self.wf(p, &self.layout.norm),
-            c,
-            self.dims.eps,
-        );
     }
 
     /// Block `l` over the rows of `attention`, from `x = ws.resid[l]` to
-    /// `out = ws.resid[l + 1]`: `out = mid + mlp(n2(mid))`, `mid = x + o(attn(...))`.
+    /// `out = ws.resid[l + 1]`: `out = mid + mlp(n2(mid))`, `mid = x + o(attn(...))`. Blocks
+    /// run in order from 0: block 0 norms its input, and each block norms its output for the
+    /// next (the last for the final norm, `ws.xnf`) in the pass that adds the residual.
     fn block_forward(
         &self,
         p: Weights<'_, K>,
@@ -532,15 +530,18 @@ impl<K: Kernels> Model<'_, K> {
         let n = rows.n();
         let nc = 0..n * c;
         let (before, after) = ws.resid.split_at_mut(l + 1);
-        let (x, out, a) = (&before[l], &mut after[0], &mut ws.layers[l]);
-        ops.rmsnorm_forward(
-            ops.view_mut(&mut a.xn1, nc.clone()),
-            ops.view_mut(&mut a.rstd1, 0..n),
-            ops.view(x, nc.clone()),
-            self.wf(p, &lp.ln1),
-            c,
-            eps,
-        );
+        let (this, later) = ws.layers.split_at_mut(l + 1);
+        let (x, out, a) = (&before[l], &mut after[0], &mut this[l]);
+        if l == 0 {
+            ops.rmsnorm_forward(
+                ops.view_mut(&mut a.xn1, nc.clone()),
+                ops.view_mut(&mut a.rstd1, 0..n),
+                ops.view(x, nc.clone()),
+                self.wf(p, &lp.ln1),
+                c,
+                eps,
+            );
+        }
         let xn1 = ops.view(&a.xn1, nc.clone());
         ops.matmul(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), Gemm::linear(n, hd, c));
         match attention {
@@ -603,7 +604,20 @@ impl<K: Kernels> Model<'_, K> {
             }
             _ => unreachable!("layout and workspace built from the same config"),
         }
-        ops.add(ops.view_mut(out, nc.clone()), ops.view(&a.mid, nc));
+        // out += mid, then the next norm of out: the next block's first, or the final norm.
+        let (y, rstd, w) = match later.first_mut() {
+            Some(next) => (&mut next.xn1, &mut next.rstd1, &self.layout.layers[l + 1].ln1),
+            None => (&mut ws.xnf, &mut ws.rstdf, &self.layout.norm),
+        };
+        ops.add_rmsnorm_forward(
+            ops.view_mut(y, nc.clone()),
+            ops.view_mut(rstd, 0..n),
+            ops.view_mut(out, nc.clone()),
+            ops.view(&a.mid, nc),
+            self.wf(p, w),
+            c,
+            eps,
+        );
     }
 
     /// Backward of [`Self::block_forward`] for block `l`: `ws.dresid` holds d(out) and leaves
@@ -622,8 +636,9 @@ impl<K: Kernels> Model<'_, K> {
         let (n, t) = (mb.rows.n(), mb.rows.t);
         let nc = 0..n * c;
         let a = &mut ws.layers[l];
-        // mlp: d(out) in dresid; d(xn2) into dtmp.
-        let dout = self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone());
+        // mlp: d(out) in dresid, and in dresid_act as the products read it (`dresid_copy`);
+        // d(xn2) into dtmp.
+        let dout = if self.f32_acts() { &ws.dresid } else { &ws.dresid_act };
         let grad = FfnGrad { x: &a.xn2, dy: dout, dx: &mut ws.dtmp, accumulate: false };
         match (&lp.mlp, &mut a.mlp) {
             (Mlp::Dense(f), MlpActs::Dense(fa)) => {
@@ -643,6 +658,7 @@ impl<K: Kernels> Model<'_, K> {
         }
         ops.rmsnorm_backward(
             ops.view_mut(&mut ws.dresid, nc.clone()),
+            self.dresid_copy(&mut ws.dresid_act, nc.clone()),
             ops.view_mut(grads, lp.ln2.clone()),
             ops.view(&ws.dtmp, nc.clone()),
             ops.view(&a.mid, nc.clone()),
@@ -651,7 +667,7 @@ impl<K: Kernels> Model<'_, K> {
             c,
         );
         // attention: mid = x + att Woᵀ.
-        let dmid = ops.view(self.act_of(&ws.dresid, &mut ws.dresid_act, nc.clone()), nc.clone());
+        let dmid = ops.view(if self.f32_acts() { &ws.dresid } else { &ws.dresid_act }, nc.clone());
         ops.matmul(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), Gemm::linear_dx(n, c, hd));
         let att = ops.view(&a.att, 0..n * hd);
         ops.matmul(ops.view_mut(grads, lp.o.clone()), dmid, att, Gemm::linear_dw(n, c, hd));
@@ -680,8 +696,11 @@ impl<K: Kernels> Model<'_, K> {
         ops.matmul(ops.view_mut(grads, lp.q.clone()), dq, xn1, Gemm::linear_dw(n, hd, c));
         ops.matmul(ops.view_mut(grads, lp.k.clone()), dk, xn1, Gemm::linear_dw(n, gd, c));
         ops.matmul(ops.view_mut(grads, lp.v.clone()), dv, xn1, Gemm::linear_dw(n, gd, c));
+        // Block 0's input gradient goes to the embedding only, in f32: no copy.
+        let copy = if l == 0 { None } else { self.dresid_copy(&mut ws.dresid_act, nc.clone()) };
         ops.rmsnorm_backward(
             ops.view_mut(&mut ws.dresid, nc.clone()),
+            copy,
             ops.view_mut(grads, lp.ln1.clone()),
             ops.view(&ws.dtmp, nc.clone()),
             ops.view(&ws.resid[l], nc.clone()),
@@ -944,7 +963,6 @@ impl<K: Kernels> Model<'_, K> {
             self.block_forward(p, &mut cache.ws, l, attention, acc);
         }
         let ws = &mut cache.ws;
-        self.final_norm(p, ws, 1);
         let (x, emb) = (ops.view(&ws.xnf, 0..c), self.w(p, &self.layout.embed));
         ops.matmul(ops.view_mut(&mut ws.logits, 0..v), x, emb, Gemm::linear(1, v, c));
         ops.download(ops.view(&ws.logits, 0..v), &mut out[..v]);
@@ -1022,6 +1040,7 @@ impl<K: Kernels> Model<'_, K> {
         ops.fill(ops.view_mut(&mut ws.dresid, nc.clone()), 0.0);
         ops.rmsnorm_backward(
             ops.view_mut(&mut ws.dresid, nc.clone()),
+            self.dresid_copy(&mut ws.dresid_act, nc.clone()),
             ops.view_mut(grads, lay.norm.clone()),
             ops.view(&ws.dxn, nc.clone()),
             ops.view(&ws.resid[self.m.num_hidden_layers], nc.clone()),

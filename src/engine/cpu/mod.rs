@@ -557,6 +557,7 @@ impl Kernels for Cpu {
     fn rmsnorm_backward(
         &self,
         dx: &mut [f32],
+        act: Option<&mut [f32]>,
         dw: &mut [f32],
         dy: &[f32],
         x: &[f32],
@@ -582,6 +583,10 @@ impl Kernels for Cpu {
                             }
                         }
                     });
+                // The activations are f32 here: the copy is the values (no run asks for one).
+                if let Some(act) = act {
+                    act.copy_from_slice(dx);
+                }
                 // dw by column blocks: each task owns its columns and walks the rows in order.
                 let rows = rstd.len();
                 dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {

@@ -290,8 +290,10 @@ INSTANTIATE(add_rmsnorm_forward, (X* y, float* rstd, float* sum, const float* x,
 // dx += r w dy - r^3 (sum_j dy w x) / c * x per row, and dw[j] += sum_n dy x r in two passes,
 // dy and x read once: block b takes rows b, b + gridDim, ... in order, adding each row's
 // dy x r into partial[b][j] (each thread its own columns); then one thread per column adds
-// the partials in order.
-extern "C" __global__ void rmsnorm_backward(float* dx, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
+// the partials in order. `act` (null for none) gets the new dx rounded to X: the copy the
+// matrix products read, without a pass of its own.
+template <typename X>
+__device__ void rmsnorm_backward(float* dx, X* act, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
     __shared__ float shared[32];
     float* part = partial + (i64)blockIdx.x * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) part[j] = 0.0f;
@@ -305,11 +307,15 @@ extern "C" __global__ void rmsnorm_backward(float* dx, float* partial, const flo
         float k = r * r * r * gx / c;
         for (int j = threadIdx.x; j < c; j += blockDim.x) {
             float d = dyr[j], xj = xr[j];
-            dx[(i64)row * c + j] += r * w[j] * d - k * xj;
+            float v = dx[(i64)row * c + j] + (r * w[j] * d - k * xj);
+            dx[(i64)row * c + j] = v;
+            if (act) act[(i64)row * c + j] = X(v);
             part[j] += d * xj * r;
         }
     }
 }
+INSTANTIATE(rmsnorm_backward, (float* dx, X* act, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c),
+            (dx, act, partial, dy, x, w, rstd, n, c))
 
 extern "C" __global__ void rmsnorm_backward_dw_sum(float* dw, const float* partial, int parts, int c) {
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {

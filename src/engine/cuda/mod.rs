@@ -71,7 +71,6 @@ const PLAIN: &[&str] = &[
     "sort_place",
     "embed_forward",
     "embed_backward",
-    "rmsnorm_backward",
     "rmsnorm_backward_dw_sum",
     "sum_to_acc",
     "sum_squares_partial",
@@ -94,6 +93,7 @@ const TYPED: &[&str] = &[
     "cast",
     "rmsnorm_forward",
     "add_rmsnorm_forward",
+    "rmsnorm_backward",
     "rope",
     "attention_forward",
     "attention_backward_dq",
@@ -933,6 +933,7 @@ impl Kernels for Cuda {
     fn rmsnorm_backward(
         &self,
         dx: DViewMut<'_>,
+        act: Option<DViewMut<'_>>,
         dw: DViewMut<'_>,
         dy: DView<'_>,
         x: DView<'_>,
@@ -948,7 +949,15 @@ impl Kernels for Cuda {
             *partial = self.alloc_of(parts * c);
         }
         let pp = self.ptr(&partial);
-        launch!(self, plain("rmsnorm_backward"), parts as u32, THREADS; &dx, Arg::Ptr(pp), &dy, &x, &w, &rstd, n, c);
+        // Without a copy to write: the f32 form with a null pointer.
+        let (act, st) = match &act {
+            Some(a) => {
+                assert_eq!(a.len, dx.len, "rmsnorm_backward copy size");
+                (Arg::from(a), a.st)
+            }
+            None => (Arg::Ptr(0), Store::F32),
+        };
+        launch!(self, typed("rmsnorm_backward", st), parts as u32, THREADS; &dx, act, Arg::Ptr(pp), &dy, &x, &w, &rstd, n, c);
         launch!(self, plain("rmsnorm_backward_dw_sum"), Self::blocks(c), THREADS; &dw, Arg::Ptr(pp), parts, c);
     }
 

@@ -237,7 +237,7 @@ fn case_rmsnorm_backward<K: Kernels>(k: &K) -> Vec<f32> {
     let n = 37;
     let x = up(k, &random(n * C, 52, 2.0));
     let w = up(k, &random(C, 53, 1.0));
-    let dy = up(k, &random(n * C, 54, 1.0));
+    let dy = up_act(k, &random(n * C, 54, 1.0));
     let (mut y, mut r) = (k.alloc(n * C), k.alloc(n));
     k.rmsnorm_forward(
         k.view_mut(&mut y, 0..n * C),
@@ -570,11 +570,15 @@ fn case_moe_rows<K: Kernels>(k: &K) -> Vec<f32> {
     k.combine_rows(k.view_mut(&mut combined, 0..n * C), k.view(&y, 0..slots * C), &route, true, C, true);
     let mut plain = k.alloc(n * C);
     k.combine_rows(k.view_mut(&mut plain, 0..n * C), k.view(&y, 0..slots * C), &route, false, C, false);
+    // Into the activations' storage (a gradient for the products), on what it holds.
+    let mut to_act = up_act(k, &random(n * C, 154, 1.0));
+    k.combine_rows(k.view_mut(&mut to_act, 0..n * C), k.view(&y, 0..slots * C), &route, true, C, true);
     let mut spread = k.alloc_act(slots * C);
     k.spread_rows(k.view_mut(&mut spread, 0..slots * C), k.view(&dy, 0..n * C), &route, C);
     let mut dots = k.alloc(slots);
     k.slot_dots(k.view_mut(&mut dots, 0..slots), k.view(&dy, 0..n * C), k.view(&y, 0..slots * C), &route, C);
-    [host(k, &gathered), host(k, &combined), host(k, &plain), host(k, &spread), host(k, &dots)].concat()
+    let outs = [&gathered, &combined, &plain, &to_act, &spread];
+    [outs.map(|b| host(k, b)).concat(), host(k, &dots)].concat()
 }
 
 fn case_router_backward<K: Kernels>(k: &K) -> Vec<f32> {

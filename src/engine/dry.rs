@@ -545,7 +545,8 @@ impl Kernels for Dry {
         self.pass("gather_rows", Class::Routing, 2.0 * out.bytes());
     }
     fn combine_rows(&self, out: View, y: View, _: &Route, _: bool, _: usize, accumulate: bool) {
-        self.pass("combine_rows", Class::Routing, y.bytes() + out.bytes() * (1.0 + accumulate as u8 as f64));
+        let name = if out.size == 4 { "combine_rows" } else { "combine_rows_act" };
+        self.pass(name, Class::Routing, y.bytes() + out.bytes() * (1.0 + accumulate as u8 as f64));
     }
     fn slot_dots(&self, out: View, dy: View, y: View, _: &Route, _: usize) {
         self.pass("slot_dots", Class::Routing, out.bytes() + y.bytes() + y.len as f64 * dy.size as f64);

@@ -279,8 +279,9 @@ pub trait Kernels: Sync {
         c: usize,
         eps: f32,
     );
-    /// `dx += ...`, `dw += sum_n dy * x * rstd`; `act`, when given, gets the new `dx` rounded
-    /// to its storage (the copy the matrix products read), in the same pass.
+    /// `dx += ...`, `dw += sum_n dy * x * rstd`; `dy` in the activations' storage, the rest
+    /// f32; `act`, when given, gets the new `dx` rounded to `dy`'s storage (the copy the
+    /// matrix products read), in the same pass.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
@@ -414,7 +415,8 @@ pub trait Kernels: Sync {
     /// `out[i] = x[token of sorted slot i]`, rows of width `c`.
     fn gather_rows(&self, out: Self::M<'_>, x: Self::V<'_>, route: &Self::Route, c: usize);
     /// `out[n] (+)= sum_j w * y[position of slot (n, j)]` in slot order, `w` the routing
-    /// weight (`weighted`) or 1; `accumulate` keeps what `out` holds.
+    /// weight (`weighted`) or 1, summed in f32; `accumulate` keeps what `out` holds. `out` is
+    /// f32 (the residual stream) or in `y`'s storage (a gradient for the products).
     fn combine_rows(
         &self,
         out: Self::M<'_>,

@@ -120,9 +120,9 @@ pub struct Workspace<K: Kernels> {
     /// RoPE tables `[T, D]`.
     cos: K::Buf,
     sin: K::Buf,
-    // backward scratch, shared by all layers. f32: the residual stream's gradient `dresid`,
-    // and `dtmp`/`dxn`, the gradients RMSNorm's backward reads; the rest in the activations'
-    // storage.
+    // backward scratch, shared by all layers. f32: the residual stream's gradient `dresid`;
+    // the rest in the activations' storage, as autocast keeps them: `dtmp`/`dxn`, the
+    // gradients of the norms' outputs that the products write and RMSNorm's backward reads.
     dresid: K::Buf,
     /// `dresid` rounded for the matrix products that read it (unused when activations are f32).
     dresid_act: K::Buf,
@@ -216,8 +216,8 @@ impl<K: Kernels> Workspace<K> {
             sin,
             dresid: ops.alloc(n * c),
             dresid_act: ops.alloc_act(if f32_acts { 0 } else { n * c }),
-            dtmp: ops.alloc(n * c),
-            dxn: ops.alloc(n * c),
+            dtmp: ops.alloc_act(n * c),
+            dxn: ops.alloc_act(n * c),
             dq: ops.alloc_act(n * hd),
             dk: ops.alloc_act(n * gd),
             dv: ops.alloc_act(n * gd),
@@ -286,16 +286,16 @@ pub fn workspace_bytes(m: &ModelConfig, b: usize, t: usize, on: Footprint) -> u6
     let f32s = l * layer_f32
         + (l + 1) * n * c
         + scratch
-        // rstdf, row_loss; the RoPE tables; dresid, dtmp, dxn; slot_dw
+        // rstdf, row_loss; the RoPE tables; dresid; slot_dw
         + 2 * n
         + 2 * t as u64 * d
-        + 3 * n * c
+        + n * c
         + slots
         // the engine's token ids and targets (i32)
         + 2 * n;
     let acts = l * layer_act
-        // xnf, the logits chunk, dresid's copy; dq, datt, dk, dv; dffn; dyout, dxg
-        + n * c
+        // xnf, the logits chunk, dresid's copy, dtmp, dxn; dq, datt, dk, dv; dffn; dyout, dxg
+        + 3 * n * c
         + (HEAD_CHUNK as u64).min(n) * m.vocab_size as u64
         + copy(n * c)
         + 2 * n * hd

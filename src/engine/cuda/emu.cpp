@@ -477,6 +477,7 @@ const Kernel KERNEL_TABLE[] = {
     KX(adamw),
     KX(gather_rows),
     KX(combine_rows),
+    KX(combine_rows_act),
     KX(slot_dots),
     KX(spread_rows),
     KX(flash_forward_d64),

@@ -290,15 +290,15 @@ INSTANTIATE(add_rmsnorm_forward, (X* y, float* rstd, float* sum, const float* x,
 // dx += r w dy - r^3 (sum_j dy w x) / c * x per row, and dw[j] += sum_n dy x r in two passes,
 // dy and x read once: block b takes rows b, b + gridDim, ... in order, adding each row's
 // dy x r into partial[b][j] (each thread its own columns); then one thread per column adds
-// the partials in order. `act` (null for none) gets the new dx rounded to X: the copy the
-// matrix products read, without a pass of its own.
+// the partials in order. dy is in the activations' storage X; `act` (null for none) gets the
+// new dx rounded to X: the copy the matrix products read, without a pass of its own.
 template <typename X>
-__device__ void rmsnorm_backward(float* dx, X* act, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c) {
+__device__ void rmsnorm_backward(float* dx, X* act, float* partial, const X* dy, const float* x, const float* w, const float* rstd, int n, int c) {
     __shared__ float shared[32];
     float* part = partial + (i64)blockIdx.x * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) part[j] = 0.0f;
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
-        const float* dyr = dy + (i64)row * c;
+        const X* dyr = dy + (i64)row * c;
         const float* xr = x + (i64)row * c;
         float gx = 0.0f;
         for (int j = threadIdx.x; j < c; j += blockDim.x) gx += dyr[j] * w[j] * xr[j];
@@ -306,7 +306,7 @@ __device__ void rmsnorm_backward(float* dx, X* act, float* partial, const float*
         float r = rstd[row];
         float k = r * r * r * gx / c;
         for (int j = threadIdx.x; j < c; j += blockDim.x) {
-            float d = dyr[j], xj = xr[j];
+            float d = float(dyr[j]), xj = xr[j];
             float v = dx[(i64)row * c + j] + (r * w[j] * d - k * xj);
             dx[(i64)row * c + j] = v;
             if (act) act[(i64)row * c + j] = X(v);
@@ -314,7 +314,7 @@ __device__ void rmsnorm_backward(float* dx, X* act, float* partial, const float*
         }
     }
 }
-INSTANTIATE(rmsnorm_backward, (float* dx, X* act, float* partial, const float* dy, const float* x, const float* w, const float* rstd, int n, int c),
+INSTANTIATE(rmsnorm_backward, (float* dx, X* act, float* partial, const X* dy, const float* x, const float* w, const float* rstd, int n, int c),
             (dx, act, partial, dy, x, w, rstd, n, c))
 
 extern "C" __global__ void rmsnorm_backward_dw_sum(float* dw, const float* partial, int parts, int c) {
@@ -1743,10 +1743,11 @@ __device__ void gather_rows(X* out, const X* x, const int* rows, int count, int 
 }
 INSTANTIATE(gather_rows, (X* out, const X* x, const int* rows, int count, int c), (out, x, rows, count, c))
 
-// out[n] (+)= sum_j w * y[pos[n*k + j]], in slot order (out f32: it is the residual stream or
-// a gradient on its way to one).
-template <typename X>
-__device__ void combine_rows(float* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate) {
+// out[n] (+)= sum_j w * y[pos[n*k + j]], in slot order, summed in f32 and rounded once to O:
+// f32 for the residual stream (`combine_rows`), X for a gradient the products read next
+// (`combine_rows_act`).
+template <typename X, typename O>
+__device__ void combine_rows(O* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate) {
     int row = blockIdx.x;
     if (row >= n) return;
     for (int col = threadIdx.x; col < c; col += blockDim.x) {
@@ -1756,11 +1757,13 @@ __device__ void combine_rows(float* out, const X* y, const int* pos, const float
             float w = weighted ? weight[(i64)row * k + j] : 1.0f;
             acc += w * y[(i64)p * c + col];
         }
-        out[(i64)row * c + col] = acc;
+        out[(i64)row * c + col] = O(acc);
     }
 }
-INSTANTIATE(combine_rows, (float* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate),
-            (out, y, pos, weight, n, k, c, weighted, accumulate))
+INSTANTIATE_AS(combine_rows, (combine_rows<X, float>), (float* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate),
+               (out, y, pos, weight, n, k, c, weighted, accumulate))
+INSTANTIATE_AS(combine_rows_act, (combine_rows<X, X>), (X* out, const X* y, const int* pos, const float* weight, int n, int k, int c, int weighted, int accumulate),
+               (out, y, pos, weight, n, k, c, weighted, accumulate))
 
 // out[s] = <dy[s / k], y[pos[s]]>, one block per slot.
 template <typename X>

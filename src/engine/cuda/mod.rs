@@ -119,6 +119,7 @@ const TYPED: &[&str] = &[
     "adamw",
     "gather_rows",
     "combine_rows",
+    "combine_rows_act",
     "slot_dots",
     "spread_rows",
     "flash_forward_d64",
@@ -942,22 +943,23 @@ impl Kernels for Cuda {
         c: usize,
     ) {
         let n = rstd.len;
-        f32_only("rmsnorm_backward", &[dx.st, dw.st, dy.st, x.st, w.st, rstd.st]);
+        f32_only("rmsnorm_backward", &[dx.st, dw.st, x.st, w.st, rstd.st]);
         let parts = DW_PARTS.min(n.max(1));
         let mut partial = self.dw_partials.lock().unwrap_or_else(|e| e.into_inner());
         if partial.len() < parts * c {
             *partial = self.alloc_of(parts * c);
         }
         let pp = self.ptr(&partial);
-        // Without a copy to write: the f32 form with a null pointer.
-        let (act, st) = match &act {
+        // The form of dy's storage; without a copy to write, a null pointer.
+        let act = match &act {
             Some(a) => {
                 assert_eq!(a.len, dx.len, "rmsnorm_backward copy size");
-                (Arg::from(a), a.st)
+                same_store("rmsnorm_backward dy and copy", &[dy.st, a.st]);
+                Arg::from(a)
             }
-            None => (Arg::Ptr(0), Store::F32),
+            None => Arg::Ptr(0),
         };
-        launch!(self, typed("rmsnorm_backward", st), parts as u32, THREADS; &dx, act, Arg::Ptr(pp), &dy, &x, &w, &rstd, n, c);
+        launch!(self, typed("rmsnorm_backward", dy.st), parts as u32, THREADS; &dx, act, Arg::Ptr(pp), &dy, &x, &w, &rstd, n, c);
         launch!(self, plain("rmsnorm_backward_dw_sum"), Self::blocks(c), THREADS; &dw, Arg::Ptr(pp), parts, c);
     }
 
@@ -1297,8 +1299,12 @@ impl Kernels for Cuda {
     ) {
         let n = out.len / c;
         let (pos, weight) = (self.ptr(&route.pos), self.ptr(&route.weight));
-        f32_only("combine_rows output", &[out.st]);
-        launch!(self, typed("combine_rows", y.st), n as u32, THREADS; &out, &y, Arg::Ptr(pos), Arg::Ptr(weight), n, route.k, c, Arg::I32(weighted as i32), Arg::I32(accumulate as i32));
+        // Into f32 (the residual stream), or into y's storage (a gradient for the products).
+        let name = if out.st == Store::F32 { "combine_rows" } else { "combine_rows_act" };
+        if out.st != Store::F32 {
+            same_store("combine_rows_act", &[out.st, y.st]);
+        }
+        launch!(self, typed(name, y.st), n as u32, THREADS; &out, &y, Arg::Ptr(pos), Arg::Ptr(weight), n, route.k, c, Arg::I32(weighted as i32), Arg::I32(accumulate as i32));
     }
 
     fn slot_dots(&self, out: DViewMut<'_>, dy: DView<'_>, y: DView<'_>, route: &CudaRoute, c: usize) {

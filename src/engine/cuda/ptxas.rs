@@ -104,6 +104,7 @@ fn launch_shape(name: &str) -> Option<(u32, u32)> {
         | "moe_aux_terms"
         | "gather_rows"
         | "combine_rows"
+        | "combine_rows_act"
         | "slot_dots"
         | "spread_rows"
         | "moe_router_backward" => (256, 0),

@@ -186,26 +186,55 @@ unsafe fn pack_rhs(
         bf16(unsafe { *rhs.ptr.offset((k0 + r) as isize * rhs.rs + c as isize * rhs.cs) })
     };
     let per_panel = steps * T * KS / 2;
+    if shared.lhs.cs == 1 && vector_pack() {
+        // Row-contiguous rhs (activations, or a weight as it is stored), in the order memory
+        // holds it: each task takes one k step of every panel and reads its rows in pairs,
+        // left to right (two sequential streams). Panel by panel, as below, read 32 rows 64
+        // bytes at a time, rows n * 4 bytes apart: ~4 ns a value for the [2816, 512] gate|up
+        // weight in its dx product, where the prefetcher could not run ahead.
+        let halves = n.div_ceil(T) * 2;
+        let out_at = SendU32(out.as_mut_ptr());
+        let step = |s: usize| {
+            let rhs = shared.get().lhs;
+            for p in 0..16 {
+                let r = s * KS + 2 * p;
+                // Group h's tile row p of step s: [panel][step][half][16 pairs][16 columns].
+                // SAFETY: h < halves, so inside `out` (panels * per_panel u32).
+                let row_of = |h: usize| unsafe {
+                    out_at.get().add((h / 2) * per_panel + (s * 2 + h % 2) * 256 + p * 16)
+                };
+                let whole = if r + 2 <= kc { n / 16 } else { 0 };
+                if whole > 0 {
+                    // SAFETY: rows k0 + r and k0 + r + 1, columns ..whole * 16 are inside rhs;
+                    // each group's 16 u32 are inside `out` and this step's alone; the CPU has
+                    // AVX512-BF16 and AVX512-BW (checked).
+                    unsafe {
+                        let even = rhs.ptr.offset((k0 + r) as isize * rhs.rs);
+                        interleave_row(even, even.offset(rhs.rs), whole, row_of(0), per_panel);
+                    }
+                }
+                for h in whole..halves {
+                    for j in 0..16 {
+                        let c = h * 16 + j;
+                        // SAFETY: as above; the zero-padded edge, one u32 at a time.
+                        unsafe { *row_of(h).add(j) = at(r, c) as u32 | (at(r + 1, c) as u32) << 16 };
+                    }
+                }
+            }
+        };
+        if parallel {
+            (0..steps).into_par_iter().for_each(step);
+        } else {
+            (0..steps).for_each(step);
+        }
+        return;
+    }
     let pack = |(panel, chunk): (usize, &mut [u32])| {
         let rhs = shared.get().lhs;
         for s in 0..steps {
             for half in 0..2 {
                 let base = (s * 2 + half) * 16 * 16;
                 let c0 = panel * T + half * 16;
-                if rhs.cs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
-                    // Row-contiguous rhs (activations): rows 2p and 2p + 1 convert together and
-                    // interleave into the tile's row p of pairs.
-                    for p in 0..16 {
-                        // SAFETY: rows k0 + s*KS + 2p (+1), columns c0..c0 + 16 are inside
-                        // rhs; the CPU has AVX512-BF16 and AVX512-BW (checked).
-                        unsafe {
-                            let even = rhs.ptr.offset((k0 + s * KS + 2 * p) as isize * rhs.rs + c0 as isize);
-                            let odd = even.offset(rhs.rs);
-                            interleave16(even, odd, chunk[base + p * 16..base + p * 16 + 16].as_mut_ptr());
-                        }
-                    }
-                    continue;
-                }
                 if rhs.rs == 1 && s * KS + KS <= kc && c0 + 16 <= n && vector_pack() {
                     // Column-contiguous rhs (a weight read transposed): each column's 32 k
                     // convert at once into its 16 pairs, which go down the tile's column.
@@ -421,12 +450,33 @@ fn transpose16(r: &[std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m5
     out
 }
 
-/// 16 f32 at `even` and 16 at `odd` to 16 pairs `(bf16(even[j]), bf16(odd[j]))` at `dst`.
+/// The first `groups` x 16 f32 of rows `even` and `odd` as pairs `(bf16(even[j]),
+/// bf16(odd[j]))`, 16 at a time: group h to the tile row at `dst` + its offset, tiles 256 u32
+/// apart within a panel and panels `per_panel` apart.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn interleave16(even: *const f32, odd: *const f32, dst: *mut u32) {
+unsafe fn interleave_row(even: *const f32, odd: *const f32, groups: usize, dst: *mut u32, per_panel: usize) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller gives 16 readable f32 at each source and 16 writable u32.
-    unsafe { _mm512_storeu_si512(dst as *mut __m512i, pairs16(even, odd)) }
+    for h in 0..groups {
+        // SAFETY: the caller gives `groups` x 16 readable f32 at each source and the 16
+        // writable u32 of each group's tile row.
+        unsafe {
+            let to = dst.add((h / 2) * per_panel + (h % 2) * 256);
+            _mm512_storeu_si512(to as *mut __m512i, pairs16(even.add(16 * h), odd.add(16 * h)));
+        }
+    }
+}
+
+/// `out`'s pointer, shared by the tasks that each write their own part of it.
+#[derive(Clone, Copy)]
+struct SendU32(*mut u32);
+// SAFETY: the tasks write disjoint parts (see `pack_rhs`).
+unsafe impl Send for SendU32 {}
+unsafe impl Sync for SendU32 {}
+impl SendU32 {
+    /// The pointer; a method, so closures capture the whole (Send) wrapper.
+    fn get(self) -> *mut u32 {
+        self.0
+    }
 }
 
 /// 16 f32 at `even` and 16 at `odd` as one register of 16 pairs `(bf16(even[j]), bf16(odd[j]))`.

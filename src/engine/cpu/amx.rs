@@ -44,6 +44,7 @@ thread_local! {
 struct Line([u32; 16]);
 
 /// A reusable, 64-byte aligned buffer of packed tiles (no allocation once large enough).
+#[derive(Default)]
 pub(crate) struct TileBuf(Vec<Line>);
 
 impl TileBuf {
@@ -99,8 +100,8 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
         return;
     }
     let panels = n.div_ceil(T);
-    PACK_B.with(|b| {
-        let mut b = b.borrow_mut();
+    // Taken, not borrowed, across the parallel loop (see `super::with_taken`).
+    super::with_taken(&PACK_B, |b| {
         for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
             let kc = KC.min(k - k0.min(k));
             let steps = kc.div_ceil(KS).max(1);

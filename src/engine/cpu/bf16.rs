@@ -164,18 +164,18 @@ pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Op
         return;
     }
     let panels = n.div_ceil(NR);
-    PACK_B.with(|b| {
-        let mut b = b.borrow_mut();
+    // Taken, not borrowed, across the parallel loop (see `with_taken`).
+    super::with_taken(&PACK_B, |b| {
         for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
             let kc = KC.min(k - k0.min(k));
             let pairs = kc.div_ceil(2);
             b.clear();
             b.resize(panels * pairs * NR, 0);
             // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
-            unsafe { pack_rhs(&mut b, rhs, k0, kc, n) };
+            unsafe { pack_rhs(b, rhs, k0, kc, n) };
             // The first block writes (or accumulates, as dst asks), the others add.
             let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
-            let packed: &[u32] = &b;
+            let packed: &[u32] = b;
             let blocks = m.div_ceil(MC);
             let shared = Shared { dst, lhs };
             let run = |bi: usize| {

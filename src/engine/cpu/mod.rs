@@ -275,6 +275,20 @@ impl SendPtr {
     }
 }
 
+/// Runs `f` with this thread's buffer in `cell` taken out for the call, not borrowed: a
+/// thread that waits inside `f`'s parallel loop may run another rayon task meanwhile, and a
+/// product in that task then packs into a fresh buffer of its own where a second borrow of
+/// the cell would panic. The buffer goes back afterwards (steady state allocates nothing).
+pub(crate) fn with_taken<T: Default, R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut buf = cell.with(|c| c.take());
+    let out = f(&mut buf);
+    cell.with(|c| c.replace(buf));
+    out
+}
+
 thread_local! {
     static IN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -991,7 +1005,30 @@ impl Kernels for Cpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, rmsnorm_gx};
+    use super::{exp, rmsnorm_gx, with_taken};
+
+    /// A product nested in another's parallel loop on the same thread (rayon's work
+    /// stealing can do that) packs into a buffer of its own: no second borrow, no panic; and
+    /// the outer buffer, capacity and all, is what the thread keeps.
+    #[test]
+    fn a_nested_product_takes_a_buffer_of_its_own() {
+        thread_local! {
+            static CELL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let outer = with_taken(&CELL, |b| {
+            b.extend([1, 2, 3]);
+            let inner = with_taken(&CELL, |b| {
+                assert!(b.is_empty(), "a fresh buffer, not the outer one");
+                b.push(9);
+                b.len()
+            });
+            (inner, b.len())
+        });
+        assert_eq!(outer, (1, 3));
+        CELL.with_borrow(|b| assert_eq!(*b, [1, 2, 3]));
+        // The cell is free again: a later product takes the same buffer back.
+        assert!(with_taken(&CELL, |b| b.capacity() >= 3));
+    }
 
     /// RMSNorm backward's row sum: float32 is the sequential fold, bit for bit; the lanes of
     /// a bf16 run are another order of the same sums (within a few ulps of the row's scale),

@@ -219,21 +219,21 @@ impl Dry {
             self.tiled("attention_backward_dq", s, 3.0);
             return self.tiled("attention_backward_dkv", s, 4.0);
         }
-        self.pass("attention_delta", Class::Attention, 2.0 * dout.bytes() + 4.0 * rows);
-        if !self.tensor() {
-            self.tiled("attention_backward_dq_tiled", s, 3.0);
-            return self.tiled("attention_backward_dkv_tiled", s, 4.0);
-        }
         let f = 4.0;
         let r = h / g;
         let (nq, nkv) = ((b * t * h * d) as f64, (b * t * g * d) as f64);
         if self.flash(s) {
-            // dq: S, dP and dS K (q, dout, k, v, lse, delta in; dq out); dkv: S, dP, dV, dK
-            // (k, v, q, dout, lse, delta in; dk, dv out).
-            let dq_bytes = a * (3.0 * nq + 2.0 * nkv) + 2.0 * f * rows;
+            // dq: delta = rowsum(dO O), S, dP and dS K (q, dout, out, k, v, lse in; dq and
+            // delta out); dkv: S, dP, dV, dK (k, v, q, dout, lse, delta in; dk, dv out).
+            let dq_bytes = a * (4.0 * nq + 2.0 * nkv) + 2.0 * f * rows;
             self.fused("flash_backward_dq", s, 3.0, Unit::Tensor, dq_bytes);
             let dkv_bytes = a * (2.0 * nq + 4.0 * nkv) + 2.0 * f * rows;
             return self.fused("flash_backward_dkv", s, 4.0, Unit::Tensor, dkv_bytes);
+        }
+        self.pass("attention_delta", Class::Attention, 2.0 * dout.bytes() + 4.0 * rows);
+        if !self.tensor() {
+            self.tiled("attention_backward_dq_tiled", s, 3.0);
+            return self.tiled("attention_backward_dkv_tiled", s, 4.0);
         }
         let scores = (b * h * t * t) as f64;
         let copy = if rope { "attn_heads_rope" } else { "attn_heads" };

@@ -379,13 +379,15 @@ impl Cuda {
         self.launch_kernel(super::form("flash_forward_d64", form, q.st), grid, FLASH_THREADS, 0, &args);
     }
 
-    /// Flash attention backward, given `[dout, q, k, v]`, the forward's `lse` and `delta` =
-    /// rowsum(dO∘O) `[B*H*T]`: dq per block of query rows, dk and dv per block of key rows;
-    /// with `rot`, dq and dk leave through RoPE's inverse.
+    /// Flash attention backward, given `[dout, q, k, v]`, the forward's `out` and `lse`, and
+    /// `delta` `[B*H*T]` (f32 scratch): dq per block of query rows, which also writes delta =
+    /// rowsum(dO∘O) of its rows, then dk and dv per block of key rows; with `rot`, dq and dk
+    /// leave through RoPE's inverse.
     pub(super) fn attention_backward_flash(
         &self,
         [dq, dk, dv]: [&DViewMut<'_>; 3],
         [dout, q, k, v]: [&DView<'_>; 4],
+        out: &DView<'_>,
         (lse, delta): (u64, u64),
         rot: Option<Tables>,
         s: AttnShape,
@@ -402,7 +404,8 @@ impl Cuda {
             Arg::Ptr(v.ptr),
         ];
         let rest = self.flash_args(rot, s);
-        let dq_args = [[Arg::Ptr(dq.ptr)].as_slice(), &inputs, &rest].concat();
+        let dq_args =
+            [[Arg::Ptr(dq.ptr), Arg::Ptr(delta), Arg::Ptr(out.ptr)].as_slice(), &inputs[1..], &rest].concat();
         self.launch_kernel(
             super::form("flash_backward_dq_d64", form, q.st),
             grid(s.h),

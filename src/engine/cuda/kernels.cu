@@ -1323,10 +1323,11 @@ __device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const 
     store_c<X, DD>(out + (i64)bi * t * qstride + hi * DD, qstride, o, r0, t, inv);
 }
 
-// Backward, dq: per (batch, head, 64 query rows), P recomputed from lse, dP = dO Vᵀ,
-// dS = P (dP - delta), dq = scale dS K (then RoPE's inverse).
+// Backward, dq: per (batch, head, 64 query rows), delta = rowsum(dO O) (written for the dkv
+// kernel), P recomputed from lse, dP = dO Vᵀ, dS = P (dP - delta), dq = scale dS K (then
+// RoPE's inverse).
 template <typename X, int DD>
-__device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+__device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
     constexpr int BC = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
     __shared__ X ks[BC][LD];
     __shared__ X vs[BC][LD];
@@ -1343,12 +1344,20 @@ __device__ void flash_backward_dq(X* dq, const float* delta, const X* dout, cons
     unsigned qf[DD / 16][4], dof[DD / 16][4];
     load_rows_a<X, DD>(qf, q + qoff, qstride, r0, t, cs, sinb);
     load_rows_a<X, DD>(dof, dout + qoff, qstride, r0, t, nullptr, nullptr);
+    // delta = rowsum(dO * O) of the warp's rows, here rather than in a pass of its own: the
+    // four lanes of a row (c) take every fourth value, then sum across the quad; written for
+    // the dkv kernel that follows.
     float lr[2], dr[2];
     #pragma unroll
     for (int r = 0; r < 2; r++) {
-        int row = min(r0 + gr + 8 * r, t - 1);
+        int at = r0 + gr + 8 * r, row = min(at, t - 1);
         lr[r] = lse[((i64)bi * h + hi) * t + row];
-        dr[r] = delta[((i64)bi * h + hi) * t + row];
+        const X* dor = dout + qoff + (i64)row * qstride;
+        const X* orow = out + qoff + (i64)row * qstride;
+        float sum = 0.0f;
+        for (int j = c; j < DD; j += 4) sum += float(dor[j]) * float(orow[j]);
+        dr[r] = quad_sum(sum);
+        if (c == 0 && at < t) delta[((i64)bi * h + hi) * t + at] = dr[r];
     }
     float acc[NT][4];
     #pragma unroll
@@ -1448,8 +1457,8 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
 #define FLASH_FORWARD_ARGS (out, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
 INSTANTIATE_16(flash_forward_d64, (flash_forward<X, 64>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
 INSTANTIATE_16(flash_forward_d128, (flash_forward<X, 128>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
-#define FLASH_DQ_PARAMS (X* dq, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
-#define FLASH_DQ_ARGS (dq, delta, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+#define FLASH_DQ_PARAMS (X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
+#define FLASH_DQ_ARGS (dq, delta, out, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
 INSTANTIATE_16(flash_backward_dq_d64, (flash_backward_dq<X, 64>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
 INSTANTIATE_16(flash_backward_dq_d128, (flash_backward_dq<X, 128>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
 #define FLASH_DKV_PARAMS (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)

@@ -1030,14 +1030,15 @@ impl Kernels for Cuda {
             let st = same_store("rope_attention_backward", &[dq.st, dk.st, dv.st, dout.st, out.st, q.st]);
             let [b, t, h, d] = [s.b, s.t, s.h, s.d].map(i32_of);
             let delta = scratch.ptr;
-            launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; Arg::Ptr(delta), &dout, &out, b, t, h, d);
             let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
             let inputs = [&dout, &q, &k, &v];
             let lse_delta = (self.ptr(&saved.lse), delta);
             if self.flash_serves(s) {
-                self.attention_backward_flash([&dq, &dk, &dv], inputs, lse_delta, Some(tables), s);
+                // The dq kernel sums delta itself.
+                self.attention_backward_flash([&dq, &dk, &dv], inputs, &out, lse_delta, Some(tables), s);
                 return;
             }
+            launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; Arg::Ptr(delta), &dout, &out, b, t, h, d);
             if !self.attention_backward_tc([&dq, &dk, &dv], inputs, lse_delta, Some(tables), s) {
                 self.fail(|| {
                     "the tensor-core attention lost its scratch between forward and backward".into()
@@ -1145,12 +1146,20 @@ impl Kernels for Cuda {
         }
         // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows
         // (or, in 16 bits, the products on the tensor cores).
-        launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; delta, dout_p, &out, b, t, h, d);
         let (lse_p, delta_p) = (self.ptr(&saved.lse), scratch.ptr);
         if self.flash_serves(s) {
-            self.attention_backward_flash([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s);
+            // The dq kernel sums delta itself.
+            self.attention_backward_flash(
+                [&dq, &dk, &dv],
+                [&dout, &q, &k, &v],
+                &out,
+                (lse_p, delta_p),
+                None,
+                s,
+            );
             return;
         }
+        launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; delta, dout_p, &out, b, t, h, d);
         if tensor
             && self.attention_backward_tc([&dq, &dk, &dv], [&dout, &q, &k, &v], (lse_p, delta_p), None, s)
         {

@@ -1144,8 +1144,8 @@ impl Kernels for Cuda {
             per_row();
             return;
         }
-        // delta = rowsum(dO * O), then dq per tile of query rows, dk/dv per tile of key rows
-        // (or, in 16 bits, the products on the tensor cores).
+        // delta = rowsum(dO * O) (the flash dq kernel sums its own), then dq per tile of query
+        // rows, dk/dv per tile of key rows (or, in 16 bits, the products on the tensor cores).
         let (lse_p, delta_p) = (self.ptr(&saved.lse), scratch.ptr);
         if self.flash_serves(s) {
             // The dq kernel sums delta itself.

@@ -673,4 +673,39 @@ mod tests {
             assert_eq!(over_old, want, "{name}, into a reused buffer");
         }
     }
+
+    /// As the products pack a k block (`gemm`): rows k0.. of the operand, in parallel, into a
+    /// buffer full of ones; the same layout, element by element, for a block that starts
+    /// past row 0 and one that ends ragged, read by rows and read transposed.
+    #[test]
+    fn a_k_block_packs_in_parallel_as_its_definition() {
+        let (k, n): (usize, usize) = (140, 83);
+        let m: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos() * 2.0).collect();
+        for transposed in [false, true] {
+            let op =
+                if transposed { Operand::transposed(m.as_ptr(), k) } else { Operand::rows(m.as_ptr(), n) };
+            for (k0, kc) in [(0usize, 64usize), (64, 76)] {
+                let (steps, panels) = (kc.div_ceil(KS), n.div_ceil(T));
+                let mut out = vec![u32::MAX; panels * steps * T * KS / 2];
+                let unused = Dst::set(std::ptr::null_mut(), 0);
+                // SAFETY: `m` holds k x n either way; rows k0..k0 + kc are inside it.
+                unsafe { pack_rhs(&mut out, Shared { dst: unused, lhs: op }, (k0, kc), n, (steps, true)) };
+                let at = |r: usize, c: usize| -> u32 {
+                    if r >= kc || c >= n {
+                        return 0;
+                    }
+                    let (r, c) = (k0 + r, c);
+                    bf16(if transposed { m[c * k + r] } else { m[r * n + c] }) as u32
+                };
+                for (i, &got) in out.iter().enumerate() {
+                    // [panel][step][half][16 pairs][16 columns]
+                    let (j, p, half) = (i % 16, i / 16 % 16, i / 256 % 2);
+                    let (s, panel) = (i / 512 % steps, i / (512 * steps));
+                    let (r, c) = (s * KS + 2 * p, panel * T + half * 16 + j);
+                    let want = at(r, c) | at(r + 1, c) << 16;
+                    assert_eq!(got, want, "transposed {transposed}, k0 {k0}, u32 {i}");
+                }
+            }
+        }
+    }
 }

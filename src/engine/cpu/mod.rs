@@ -212,10 +212,15 @@ simd_fn! {
     /// from i) added at the end.
     fn sum_squares_chunk(x: &[f32]) -> f64 {
         let mut lanes = [0.0f64; 8];
-        for c in x.chunks(8) {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += (v as f64) * (v as f64);
+        // Whole chunks by index (they vectorise), then the partial one: the same order.
+        let mut whole = x.chunks_exact(8);
+        for c in &mut whole {
+            for i in 0..8 {
+                lanes[i] += (c[i] as f64) * (c[i] as f64);
             }
+        }
+        for (l, &v) in lanes.iter_mut().zip(whole.remainder()) {
+            *l += (v as f64) * (v as f64);
         }
         lanes.iter().sum()
     }
@@ -1005,7 +1010,23 @@ impl Kernels for Cpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, rmsnorm_gx, with_taken};
+    use super::{exp, rmsnorm_gx, sum_squares_chunk, with_taken};
+
+    /// The gradient norm's sum of squares keeps its order (float32 runs clip by it): eight
+    /// f64 lanes over whole chunks, then the partial chunk, then the lanes in order.
+    #[test]
+    fn the_sum_of_squares_keeps_its_order() {
+        let mut rng = crate::rng::SplitMix64::new(3);
+        for len in [0, 1, 7, 8, 9, 1000, 4099] {
+            let x: Vec<f32> = (0..len).map(|_| rng.next_f32() * 8.0 - 4.0).collect();
+            let mut lanes = [0.0f64; 8];
+            for (i, &v) in x.iter().enumerate() {
+                lanes[i % 8] += (v as f64) * (v as f64);
+            }
+            let want: f64 = lanes.iter().sum();
+            assert_eq!(sum_squares_chunk(&x).to_bits(), want.to_bits(), "{len}");
+        }
+    }
 
     /// A product nested in another's parallel loop on the same thread (rayon's work
     /// stealing can do that) packs into a buffer of its own: no second borrow, no panic; and

@@ -209,8 +209,9 @@ impl Dry {
         self.pass("attn_heads", Class::Attention, 2.0 * a * out.len as f64);
     }
 
-    /// Attention backward as `engine::cuda` runs it (after `rowsum(dO∘O)`); `rope`: the
-    /// copies rotate q and k and un-rotate dq and dk.
+    /// Attention backward as `engine::cuda` runs it, the pass for `rowsum(dO∘O)` included
+    /// where it has one (the flash dq kernel sums its own); `rope`: the copies rotate q and k
+    /// and un-rotate dq and dk.
     fn backward(&self, dout: View, s: AttnShape, rope: bool) {
         let a = self.act() as f64;
         let (b, t, h, g, d) = (s.b, s.t, s.h, s.g, s.d);

@@ -124,9 +124,10 @@ pub struct Workspace<K: Kernels> {
     /// RoPE tables `[T, D]`.
     cos: K::Buf,
     sin: K::Buf,
-    // backward scratch, shared by all layers. f32: the residual stream's gradient `dresid`;
-    // the rest in the activations' storage, as autocast keeps them: `dtmp`/`dxn`, the
-    // gradients of the norms' outputs that the products write and RMSNorm's backward reads.
+    // backward scratch, shared by all layers. f32: the residual stream's gradient `dresid`
+    // (and MoE's `slot_dw`); the rest in the activations' storage, as autocast keeps them:
+    // `dtmp`/`dxn` too, the gradients of the norms' outputs that the products write and
+    // RMSNorm's backward reads.
     dresid: K::Buf,
     /// `dresid` rounded for the matrix products that read it (unused when activations are f32).
     dresid_act: K::Buf,
@@ -625,7 +626,10 @@ impl<K: Kernels> Model<'_, K> {
     }
 
     /// Backward of [`Self::block_forward`] for block `l`: `ws.dresid` holds d(out) and leaves
-    /// holding d(x); the block's weight gradients are added to `grads`.
+    /// holding d(x); the block's weight gradients are added to `grads`. With 16-bit
+    /// activations `ws.dresid_act` holds d(out) rounded on entry (the norm backward above
+    /// wrote it) and d(x) rounded on leaving, except from block 0 (only the embedding, in
+    /// f32, reads its gradient).
     fn block_backward(
         &self,
         p: Weights<'_, K>,

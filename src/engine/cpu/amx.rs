@@ -190,9 +190,10 @@ unsafe fn pack_rhs(
     if shared.lhs.cs == 1 && vector_pack() {
         // Row-contiguous rhs (activations, or a weight as it is stored), in the order memory
         // holds it: each task takes one k step of every panel and reads its rows in pairs,
-        // left to right (two sequential streams). Panel by panel, as below, read 32 rows 64
-        // bytes at a time, rows n * 4 bytes apart: ~4 ns a value for the [2816, 512] gate|up
-        // weight in its dx product, where the prefetcher could not run ahead.
+        // left to right (two sequential streams). Packed panel by panel (as the transposed
+        // case below still is), each tile read 32 rows 64 bytes at a time, rows n * 4 bytes
+        // apart: ~4 ns a value for the [2816, 512] gate|up weight in its dx product, where
+        // the prefetcher could not run ahead.
         let halves = n.div_ceil(T) * 2;
         let out_at = SendU32(out.as_mut_ptr());
         let step = |s: usize| {
@@ -676,7 +677,8 @@ mod tests {
 
     /// As the products pack a k block (`gemm`): rows k0.. of the operand, in parallel, into a
     /// buffer full of ones; the same layout, element by element, for a block that starts
-    /// past row 0 and one that ends ragged, read by rows and read transposed.
+    /// past row 0 and one that ends ragged, read by rows and read transposed (the vector
+    /// branches where the CPU has AVX512-BF16, the scalar one elsewhere).
     #[test]
     fn a_k_block_packs_in_parallel_as_its_definition() {
         let (k, n): (usize, usize) = (140, 83);

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::bf16::{Shared, store_tile, to_bf16 as bf16};
-use super::{Dst, Operand};
+use super::{Dst, Operand, SendPtr};
 
 /// Rows and columns of one output tile group.
 const T: usize = 32;
@@ -195,7 +195,7 @@ unsafe fn pack_rhs(
         // apart: ~4 ns a value for the [2816, 512] gate|up weight in its dx product, where
         // the prefetcher could not run ahead.
         let halves = n.div_ceil(T) * 2;
-        let out_at = SendU32(out.as_mut_ptr());
+        let out_at = SendPtr(out.as_mut_ptr());
         let step = |s: usize| {
             let rhs = shared.get().lhs;
             for p in 0..16 {
@@ -465,19 +465,6 @@ unsafe fn interleave_row(even: *const f32, odd: *const f32, groups: usize, dst: 
             let to = dst.add((h / 2) * per_panel + (h % 2) * 256);
             _mm512_storeu_si512(to as *mut __m512i, pairs16(even.add(16 * h), odd.add(16 * h)));
         }
-    }
-}
-
-/// `out`'s pointer, shared by the tasks that each write their own part of it.
-#[derive(Clone, Copy)]
-struct SendU32(*mut u32);
-// SAFETY: the tasks write disjoint parts (see `pack_rhs`).
-unsafe impl Send for SendU32 {}
-unsafe impl Sync for SendU32 {}
-impl SendU32 {
-    /// The pointer; a method, so closures capture the whole (Send) wrapper.
-    fn get(self) -> *mut u32 {
-        self.0
     }
 }
 

@@ -110,6 +110,7 @@ cases! {
     "attention, wide heads (D 160)" => case_attention_wide,
     "attention, 3 flash tiles, ragged (T 150, D 64)" => case_attention_flash_tiles,
     "rope_attention, RoPE with attention (T 40, D 64)" => case_rope_attention,
+    "rope_attention, q|k|v packed where taken (D 64, 128)" => case_rope_attention_packed,
     "attention_decode" => case_attention_decode,
     "swiglu_forward" => case_swiglu_forward,
     "swiglu_backward" => case_swiglu_backward,
@@ -379,7 +380,12 @@ fn case_attention_flash_tiles<K: Kernels>(k: &K) -> Vec<f32> {
 /// RoPE and attention as training runs them (`rope_attention_forward` and its backward),
 /// at MiniMind's head width: the gradients with respect to the un-rotated q and k.
 fn case_rope_attention<K: Kernels>(k: &K) -> Vec<f32> {
-    let s = AttnShape::new(2, 40, 8, 2, 64).expect("a valid shape");
+    rope_attention(k, AttnShape::new(2, 40, 8, 2, 64).expect("a valid shape"), 90)
+}
+
+/// `rope_attention_forward` then its backward on random q, k, v (seeds from `seed`):
+/// out, dq, dk, dv.
+fn rope_attention<K: Kernels>(k: &K, s: AttnShape, seed: u64) -> Vec<f32> {
     let (n, hd, gd) = (s.b * s.t, s.h * s.d, s.g * s.d);
     let (cos, sin) = tables(k, s.t, s.d);
     let rot = || Rotary {
@@ -387,9 +393,9 @@ fn case_rope_attention<K: Kernels>(k: &K) -> Vec<f32> {
         sin: k.view(&sin, 0..s.t * s.d),
         pos: Positions::sequences(s.t),
     };
-    let mut q = up_act(k, &random(n * hd, 90, 1.0));
-    let mut kk = up_act(k, &random(n * gd, 91, 1.0));
-    let v = up_act(k, &random(n * gd, 92, 1.0));
+    let mut q = up_act(k, &random(n * hd, seed, 1.0));
+    let mut kk = up_act(k, &random(n * gd, seed + 1, 1.0));
+    let v = up_act(k, &random(n * gd, seed + 2, 1.0));
     let mut out = k.alloc_act(n * hd);
     let mut saved = k.new_attn(s, false);
     let mut scratch = k.alloc(k.attn_scratch_len(s, false));
@@ -404,7 +410,7 @@ fn case_rope_attention<K: Kernels>(k: &K) -> Vec<f32> {
         s,
         rot(),
     );
-    let dout = up_act(k, &random(n * hd, 93, 1.0));
+    let dout = up_act(k, &random(n * hd, seed + 3, 1.0));
     let (mut dq, mut dk, mut dv) = (k.alloc_act(n * hd), k.alloc_act(n * gd), k.alloc_act(n * gd));
     k.rope_attention_backward(
         k.view_mut(&mut dq, 0..n * hd),
@@ -419,6 +425,64 @@ fn case_rope_attention<K: Kernels>(k: &K) -> Vec<f32> {
         rot(),
     );
     [host(k, &out), host(k, &dq), host(k, &dk), host(k, &dv)].concat()
+}
+
+/// RoPE and attention with q, k and v as the fused projection writes them, the column
+/// blocks of one `[N, (H + 2G) D]` buffer, where the backend takes them so
+/// ([`Kernels::packed_qkv`]: CUDA's 16-bit flash kernels, reading and writing at that row
+/// stride), else in buffers of their own: the outputs unpacked on the host either way, so
+/// the strides are checked against the CPU. Both flash widths, each over several blocks of
+/// 64 rows with a ragged last one (T 150 at D 64, T 70 at D 128); G < H.
+fn case_rope_attention_packed<K: Kernels>(k: &K) -> Vec<f32> {
+    let d64 = AttnShape::new(2, 150, 4, 2, 64).expect("a valid shape");
+    let d128 = AttnShape::new(1, 70, 4, 1, 128).expect("a valid shape");
+    [rope_attention_packed(k, d64), rope_attention_packed(k, d128)].concat()
+}
+
+fn rope_attention_packed<K: Kernels>(k: &K, s: AttnShape) -> Vec<f32> {
+    let (n, hd, gd) = (s.b * s.t, s.h * s.d, s.g * s.d);
+    if !k.packed_qkv(s) {
+        return rope_attention(k, s, 100);
+    }
+    let row = hd + 2 * gd;
+    let (cos, sin) = tables(k, s.t, s.d);
+    let rot = || Rotary {
+        cos: k.view(&cos, 0..s.t * s.d),
+        sin: k.view(&sin, 0..s.t * s.d),
+        pos: Positions::sequences(s.t),
+    };
+    let [q, kk, v] = [(100, hd), (101, gd), (102, gd)].map(|(seed, w)| random(n * w, seed, 1.0));
+    let packed: Vec<f32> =
+        (0..n).flat_map(|r| [&q[r * hd..][..hd], &kk[r * gd..][..gd], &v[r * gd..][..gd]].concat()).collect();
+    let qkv = up_act(k, &packed);
+    let mut out = k.alloc_act(n * hd);
+    let mut saved = k.new_attn(s, false);
+    let mut scratch = k.alloc(k.attn_scratch_len(s, false));
+    let sl = k.len(&scratch);
+    k.rope_attention_forward_packed(
+        k.view_mut(&mut out, 0..n * hd),
+        &mut saved,
+        k.view(&qkv, 0..n * row),
+        s,
+        rot(),
+    );
+    let dout = up_act(k, &random(n * hd, 103, 1.0));
+    let mut dqkv = k.alloc_act(n * row);
+    k.rope_attention_backward_packed(
+        k.view_mut(&mut dqkv, 0..n * row),
+        &saved,
+        k.view_mut(&mut scratch, 0..sl),
+        k.view(&dout, 0..n * hd),
+        k.view(&out, 0..n * hd),
+        k.view(&qkv, 0..n * row),
+        s,
+        rot(),
+    );
+    let d = host(k, &dqkv);
+    let block = |from: usize, w: usize| -> Vec<f32> {
+        (0..n).flat_map(|r| d[r * row + from..][..w].to_vec()).collect()
+    };
+    [host(k, &out), block(0, hd), block(hd, gd), block(hd + gd, gd)].concat()
 }
 
 fn case_attention_decode<K: Kernels>(k: &K) -> Vec<f32> {
@@ -689,7 +753,7 @@ mod tests {
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (s, r) = (Cpu::new(), Cpu::new());
         let checks = kernels(&s, &r, &|f| many.install(f), &|f| one.install(f), &|_| 0.0);
-        assert_eq!(checks.len(), 29);
+        assert_eq!(checks.len(), 30);
         for c in &checks {
             assert!(c.passed(), "{}: {:e}", c.name, c.worst);
         }
@@ -707,7 +771,7 @@ mod tests {
             x[0] += 1.0;
             out.push(Check { name: name.into(), worst: rel(&x, &y), tolerance: 1e-6 });
         });
-        assert_eq!(calls, 29);
+        assert_eq!(calls, 30);
         assert!(out.iter().all(|c| !c.passed()), "every perturbed output fails");
     }
 }

@@ -486,6 +486,26 @@ impl Kernels for Dry {
             self.rope(dk, rot.cos, rot.sin, rot.pos, s.g, s.d, true);
         }
     }
+    fn packed_qkv(&self, s: AttnShape) -> bool {
+        self.flash(s)
+    }
+    fn rope_attention_forward_packed(&self, out: View, _: &mut (), _: View, s: AttnShape, _: Rotary<View>) {
+        // The flash kernels read q, k, v at the packed rows' stride: the same bytes.
+        self.forward(out, s, true);
+    }
+    fn rope_attention_backward_packed(
+        &self,
+        _: View,
+        _: &(),
+        _: View,
+        dout: View,
+        _: View,
+        _: View,
+        s: AttnShape,
+        _: Rotary<View>,
+    ) {
+        self.backward(dout, s, true);
+    }
     fn attention_forward(&self, out: View, _: &mut (), _: View, _: View, _: View, _: View, s: AttnShape) {
         self.forward(out, s, false);
     }

@@ -372,6 +372,44 @@ pub trait Kernels: Sync {
         s: AttnShape,
         rot: Rotary<Self::V<'_>>,
     );
+    /// Whether attention of shape `s` takes q, k and v as the column blocks `[q | k | v]` of
+    /// one `[N, (H + 2G) D]` buffer, the output of one product with the three projections
+    /// stacked, and gives their gradients back the same way (the `_packed` methods below):
+    /// one product each way instead of three. It may depend on the dtype and the head width,
+    /// never on B or T (the workspace is laid out once). CUDA's 16-bit flash path says yes;
+    /// float32 keeps three products, since one dx product of depth (H + 2G) D would round
+    /// differently from three that accumulate.
+    fn packed_qkv(&self, _s: AttnShape) -> bool {
+        false
+    }
+    /// [`Kernels::rope_attention_forward`] on packed `qkv` (see [`Kernels::packed_qkv`]), which
+    /// it leaves unchanged; called only where `packed_qkv(s)` holds, with sequence positions.
+    fn rope_attention_forward_packed(
+        &self,
+        _out: Self::M<'_>,
+        _saved: &mut Self::Attn,
+        _qkv: Self::V<'_>,
+        _s: AttnShape,
+        _rot: Rotary<Self::V<'_>>,
+    ) {
+        unreachable!("called only where packed_qkv holds, which this backend never says")
+    }
+    /// [`Kernels::rope_attention_backward`] with q, k, v and their gradients packed (see
+    /// [`Kernels::packed_qkv`]): `dqkv` is overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention_backward_packed(
+        &self,
+        _dqkv: Self::M<'_>,
+        _saved: &Self::Attn,
+        _scratch: Self::M<'_>,
+        _dout: Self::V<'_>,
+        _out: Self::V<'_>,
+        _qkv: Self::V<'_>,
+        _s: AttnShape,
+        _rot: Rotary<Self::V<'_>>,
+    ) {
+        unreachable!("called only where packed_qkv holds, which this backend never says")
+    }
     /// One decoding step: `q` `[H*D]` (one token) attends to the first `len` positions of the
     /// caches `k`/`v` `[positions, G*D]`; `out` `[H*D]`.
     #[allow(clippy::too_many_arguments)]

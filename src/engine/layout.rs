@@ -46,6 +46,14 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
+impl Layer {
+    /// q, k and v together, `[(H + 2G) D, C]`: the layout stores them back to back.
+    pub fn qkv(&self) -> Range<usize> {
+        debug_assert!(self.q.end == self.k.start && self.k.end == self.v.start);
+        self.q.start..self.v.end
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub tensors: Vec<Tensor>,

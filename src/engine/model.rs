@@ -90,7 +90,9 @@ pub enum MlpActs<K: Kernels> {
 pub struct LayerActs<K: Kernels> {
     xn1: K::Buf,
     rstd1: K::Buf,
+    /// `[N, H*D]`, or `[N, (H + 2G) D]` holding k and v too when `Workspace::packed`.
     q: K::Buf,
+    /// `[N, G*D]` each; empty when packed.
     k: K::Buf,
     v: K::Buf,
     att: K::Buf,
@@ -111,6 +113,9 @@ pub type Ready<'a, K> = &'a mut dyn FnMut(&mut <K as Kernels>::Buf, Range<usize>
 pub struct Workspace<K: Kernels> {
     pub b: usize,
     pub t: usize,
+    /// Attention takes q, k, v packed (`Kernels::packed_qkv`): one product each way makes
+    /// them, in `q`, and their gradients, in `dq`.
+    packed: bool,
     /// `resid[l]` is the input of layer l; `resid[L]` feeds the final norm. `[N, C]` each.
     resid: Vec<K::Buf>,
     layers: Vec<LayerActs<K>>,
@@ -178,13 +183,16 @@ impl<K: Kernels> Workspace<K> {
         let shape = shape_of(m, b, t);
         // The f32 gradients' copies for the matrix products exist only in 16-bit storage.
         let f32_acts = ops.dtype() == Dtype::Float32;
+        let packed = ops.packed_qkv(shape);
+        // q's buffer holds k and v too when packed.
+        let (qd, kvd) = if packed { (hd + 2 * gd, 0) } else { (hd, gd) };
         let layers = (0..m.num_hidden_layers)
             .map(|_| LayerActs {
                 xn1: ops.alloc_act(n * c),
                 rstd1: ops.alloc(n),
-                q: ops.alloc_act(n * hd),
-                k: ops.alloc_act(n * gd),
-                v: ops.alloc_act(n * gd),
+                q: ops.alloc_act(n * qd),
+                k: ops.alloc_act(n * kvd),
+                v: ops.alloc_act(n * kvd),
                 att: ops.alloc_act(n * hd),
                 attn: ops.new_attn(shape, keep_probs),
                 mid: ops.alloc(n * c),
@@ -210,6 +218,7 @@ impl<K: Kernels> Workspace<K> {
         Workspace {
             b,
             t,
+            packed,
             resid: (0..=m.num_hidden_layers).map(|_| ops.alloc(n * c)).collect(),
             layers,
             attn_scratch: ops.alloc(ops.attn_scratch_len(shape, keep_probs)),
@@ -223,9 +232,9 @@ impl<K: Kernels> Workspace<K> {
             dresid_act: ops.alloc_act(if f32_acts { 0 } else { n * c }),
             dtmp: ops.alloc_act(n * c),
             dxn: ops.alloc_act(n * c),
-            dq: ops.alloc_act(n * hd),
-            dk: ops.alloc_act(n * gd),
-            dv: ops.alloc_act(n * gd),
+            dq: ops.alloc_act(n * qd),
+            dk: ops.alloc_act(n * kvd),
+            dv: ops.alloc_act(n * kvd),
             datt: ops.alloc_act(n * hd),
             dffn: FfnActs::new(ops, n.max(slots), i),
             dyout: ops.alloc_act(slots * c),
@@ -485,6 +494,16 @@ impl<K: Kernels> Model<'_, K> {
         to
     }
 
+    /// RoPE for B sequences of `t` tokens from the tables `[T, D]` (`t <= T`).
+    fn rotary<'b>(&self, cos: &'b K::Buf, sin: &'b K::Buf, t: usize) -> Rotary<K::V<'b>> {
+        let td = t * self.dims.d;
+        Rotary {
+            cos: self.ops.view(cos, 0..td),
+            sin: self.ops.view(sin, 0..td),
+            pos: Positions::sequences(t),
+        }
+    }
+
     fn f32_acts(&self) -> bool {
         self.ops.dtype() == Dtype::Float32
     }
@@ -548,15 +567,29 @@ impl<K: Kernels> Model<'_, K> {
             );
         }
         let xn1 = ops.view(&a.xn1, nc.clone());
-        ops.matmul(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), Gemm::linear(n, hd, c));
+        let table = ops.len(&ws.cos);
+        let (cos, sin) = (ops.view(&ws.cos, 0..table), ops.view(&ws.sin, 0..table));
         match attention {
+            Attention::Causal { shape } if ws.packed => {
+                // q | k | v = xn1 [Wq; Wk; Wv]ᵀ, one product into one [N, (H + 2G) D] buffer.
+                let qkv = 0..n * (hd + 2 * gd);
+                let g3 = Gemm::linear(n, hd + 2 * gd, c);
+                ops.matmul(ops.view_mut(&mut a.q, qkv.clone()), xn1, self.w(p, &lp.qkv()), g3);
+                let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
+                ops.rope_attention_forward_packed(
+                    ops.view_mut(&mut a.att, 0..n * hd),
+                    &mut a.attn,
+                    ops.view(&a.q, qkv),
+                    shape,
+                    rot,
+                );
+            }
             Attention::Causal { shape } => {
+                ops.matmul(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), Gemm::linear(n, hd, c));
                 ops.matmul(ops.view_mut(&mut a.k, 0..n * gd), xn1, self.w(p, &lp.k), Gemm::linear(n, gd, c));
                 ops.matmul(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), Gemm::linear(n, gd, c));
                 // RoPE on q and k, then attention (the backend may rotate copies instead:
                 // what a.q and a.k hold afterwards is for rope_attention_backward only).
-                let table = ops.len(&ws.cos);
-                let (cos, sin) = (ops.view(&ws.cos, 0..table), ops.view(&ws.sin, 0..table));
                 let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
                 let scratch_len = ops.len(&ws.attn_scratch);
                 ops.rope_attention_forward(
@@ -571,6 +604,7 @@ impl<K: Kernels> Model<'_, K> {
                 );
             }
             Attention::Cached { k: kc, v: vc, pos, cos, sin } => {
+                ops.matmul(ops.view_mut(&mut a.q, 0..n * hd), xn1, self.w(p, &lp.q), Gemm::linear(n, hd, c));
                 let row = pos * gd..(pos + 1) * gd;
                 ops.matmul(ops.view_mut(kc, row.clone()), xn1, self.w(p, &lp.k), Gemm::linear(1, gd, c));
                 ops.matmul(ops.view_mut(vc, row.clone()), xn1, self.w(p, &lp.v), Gemm::linear(1, gd, c));
@@ -640,7 +674,7 @@ impl<K: Kernels> Model<'_, K> {
     ) {
         let ops = self.ops;
         let lp = &self.layout.layers[l];
-        let Dims { c, d, hd, gd, .. } = self.dims;
+        let Dims { c, hd, gd, .. } = self.dims;
         let (n, t) = (mb.rows.n(), mb.rows.t);
         let nc = 0..n * c;
         let a = &mut ws.layers[l];
@@ -679,31 +713,37 @@ impl<K: Kernels> Model<'_, K> {
         ops.matmul(ops.view_mut(&mut ws.datt, 0..n * hd), dmid, self.w(p, &lp.o), Gemm::linear_dx(n, c, hd));
         let att = ops.view(&a.att, 0..n * hd);
         ops.matmul(ops.view_mut(grads, lp.o.clone()), dmid, att, Gemm::linear_dw(n, c, hd));
-        let scratch_len = ops.len(&ws.attn_scratch);
-        let (cos, sin) = (ops.view(&ws.cos, 0..t * d), ops.view(&ws.sin, 0..t * d));
-        ops.rope_attention_backward(
-            ops.view_mut(&mut ws.dq, 0..n * hd),
-            ops.view_mut(&mut ws.dk, 0..n * gd),
-            ops.view_mut(&mut ws.dv, 0..n * gd),
-            &a.attn,
-            ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
-            ops.view(&ws.datt, 0..n * hd),
-            ops.view(&a.att, 0..n * hd),
-            [ops.view(&a.q, 0..n * hd), ops.view(&a.k, 0..n * gd), ops.view(&a.v, 0..n * gd)],
-            shape_of(self.m, mb.rows.b, t),
-            Rotary { cos, sin, pos: Positions::sequences(t) },
-        );
-        // q, k, v = xn1 [Wq; Wk; Wv]ᵀ: d(xn1) sums the three.
-        let xn1 = ops.view(&a.xn1, nc.clone());
-        let (dq, dk, dv) =
-            (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));
-        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), Gemm::linear_dx(n, hd, c));
-        let dx_kv = Gemm::linear_dx(n, gd, c).accumulate(true);
-        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), dx_kv);
-        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), dx_kv);
-        ops.matmul(ops.view_mut(grads, lp.q.clone()), dq, xn1, Gemm::linear_dw(n, hd, c));
-        ops.matmul(ops.view_mut(grads, lp.k.clone()), dk, xn1, Gemm::linear_dw(n, gd, c));
-        ops.matmul(ops.view_mut(grads, lp.v.clone()), dv, xn1, Gemm::linear_dw(n, gd, c));
+        if ws.packed {
+            // dq | dk | dv into one buffer, then one product each for d(xn1) and the three
+            // weights' gradients (stored back to back).
+            let scratch_len = ops.len(&ws.attn_scratch);
+            let rot = self.rotary(&ws.cos, &ws.sin, t);
+            let shape = shape_of(self.m, mb.rows.b, t);
+            let xn1 = ops.view(&a.xn1, nc.clone());
+            let qkv = 0..n * (hd + 2 * gd);
+            ops.rope_attention_backward_packed(
+                ops.view_mut(&mut ws.dq, qkv.clone()),
+                &a.attn,
+                ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
+                ops.view(&ws.datt, 0..n * hd),
+                ops.view(&a.att, 0..n * hd),
+                ops.view(&a.q, qkv.clone()),
+                shape,
+                rot,
+            );
+            let dqkv = ops.view(&ws.dq, qkv);
+            let w = lp.qkv();
+            ops.matmul(
+                ops.view_mut(&mut ws.dtmp, nc.clone()),
+                dqkv,
+                self.w(p, &w),
+                Gemm::linear_dx(n, hd + 2 * gd, c),
+            );
+            ops.matmul(ops.view_mut(grads, w), dqkv, xn1, Gemm::linear_dw(n, hd + 2 * gd, c));
+        } else {
+            self.qkv_backward(p, grads, ws, l, mb);
+        }
+        let a = &ws.layers[l];
         // Block 0's input gradient goes to the embedding only, in f32: no copy.
         let copy = if l == 0 { None } else { self.dresid_copy(&mut ws.dresid_act, nc.clone()) };
         ops.rmsnorm_backward(
@@ -716,6 +756,50 @@ impl<K: Kernels> Model<'_, K> {
             ops.view(&a.rstd1, 0..n),
             c,
         );
+    }
+
+    /// [`Self::block_backward`]'s attention and q, k, v projections with q, k, v in buffers
+    /// of their own: d(att) in `ws.datt` to d(xn1) in `ws.dtmp`, the weights' gradients
+    /// added to `grads`.
+    fn qkv_backward(
+        &self,
+        p: Weights<'_, K>,
+        grads: &mut K::Buf,
+        ws: &mut Workspace<K>,
+        l: usize,
+        mb: Micro,
+    ) {
+        let ops = self.ops;
+        let lp = &self.layout.layers[l];
+        let Dims { c, hd, gd, .. } = self.dims;
+        let n = mb.rows.n();
+        let nc = 0..n * c;
+        let a = &ws.layers[l];
+        let scratch_len = ops.len(&ws.attn_scratch);
+        let rot = self.rotary(&ws.cos, &ws.sin, mb.rows.t);
+        ops.rope_attention_backward(
+            ops.view_mut(&mut ws.dq, 0..n * hd),
+            ops.view_mut(&mut ws.dk, 0..n * gd),
+            ops.view_mut(&mut ws.dv, 0..n * gd),
+            &a.attn,
+            ops.view_mut(&mut ws.attn_scratch, 0..scratch_len),
+            ops.view(&ws.datt, 0..n * hd),
+            ops.view(&a.att, 0..n * hd),
+            [ops.view(&a.q, 0..n * hd), ops.view(&a.k, 0..n * gd), ops.view(&a.v, 0..n * gd)],
+            shape_of(self.m, mb.rows.b, mb.rows.t),
+            rot,
+        );
+        // q, k, v = xn1 [Wq; Wk; Wv]ᵀ: d(xn1) sums the three.
+        let xn1 = ops.view(&a.xn1, nc.clone());
+        let (dq, dk, dv) =
+            (ops.view(&ws.dq, 0..n * hd), ops.view(&ws.dk, 0..n * gd), ops.view(&ws.dv, 0..n * gd));
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dq, self.w(p, &lp.q), Gemm::linear_dx(n, hd, c));
+        let dx_kv = Gemm::linear_dx(n, gd, c).accumulate(true);
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dk, self.w(p, &lp.k), dx_kv);
+        ops.matmul(ops.view_mut(&mut ws.dtmp, nc.clone()), dv, self.w(p, &lp.v), dx_kv);
+        ops.matmul(ops.view_mut(grads, lp.q.clone()), dq, xn1, Gemm::linear_dw(n, hd, c));
+        ops.matmul(ops.view_mut(grads, lp.k.clone()), dk, xn1, Gemm::linear_dw(n, gd, c));
+        ops.matmul(ops.view_mut(grads, lp.v.clone()), dv, xn1, Gemm::linear_dw(n, gd, c));
     }
 
     /// `out[rows] (+)= ffn(x[rows])`, keeping activations in `fa[rows]`.

@@ -340,6 +340,28 @@ pub(super) fn flash_form(d: usize) -> Option<usize> {
     }
 }
 
+/// The row strides, in elements, at which the flash kernels read q (and write dq) and read k
+/// and v (and write dk and dv); `out` and `dout` are always `[N, H*D]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Ld {
+    q: usize,
+    kv: usize,
+}
+
+impl Ld {
+    /// q `[N, H*D]`, k and v `[N, G*D]`, each a buffer of its own.
+    pub(super) fn split(s: AttnShape) -> Ld {
+        Ld { q: s.h * s.d, kv: s.g * s.d }
+    }
+
+    /// q, k and v as the column blocks of one `[N, (H + 2G) D]` buffer (the fused
+    /// projection's output, `Kernels::packed_qkv`).
+    pub(super) fn packed(s: AttnShape) -> Ld {
+        let row = (s.h + 2 * s.g) * s.d;
+        Ld { q: row, kv: row }
+    }
+}
+
 impl Cuda {
     /// Whether the flash kernels (`mma.sync`, sm_80 and later) serve attention of shape `s`:
     /// 16-bit runs at heads 64 or 128 wide, unless switched off (`MINIMIND_CUDA_FLASH=0`,
@@ -348,7 +370,7 @@ impl Cuda {
         self.flash && Store::of(self.dtype) != Store::F32 && flash_form(s.d).is_some()
     }
 
-    fn flash_args(&self, rot: Option<Tables>, s: AttnShape) -> [Arg; 7] {
+    fn flash_args(&self, rot: Option<Tables>, s: AttnShape, ld: Ld) -> [Arg; 9] {
         let (cos, sin) = rot.map_or((0, 0), |r| (r.cos, r.sin));
         [
             Arg::Ptr(cos),
@@ -357,32 +379,35 @@ impl Cuda {
             i32_of(s.t),
             i32_of(s.h),
             i32_of(s.g),
+            i32_of(ld.q),
+            i32_of(ld.kv),
             Arg::I32(rot.is_some() as i32),
         ]
     }
 
     /// Flash attention forward: `out` and each row's log-sum-exp, q and k rotated as they
-    /// are read when `rot` is given. The caller checked [`Cuda::flash_serves`].
+    /// are read when `rot` is given, q, k and v read at the strides `ld`. The caller checked
+    /// [`Cuda::flash_serves`].
     pub(super) fn attention_forward_flash(
         &self,
         out: &DViewMut<'_>,
         lse: u64,
         [q, k, v]: [&DView<'_>; 3],
         rot: Option<Tables>,
-        s: AttnShape,
+        (s, ld): (AttnShape, Ld),
     ) {
         let form = flash_form(s.d).expect("flash_serves checked the head width");
         let grid =
             u32::try_from(s.b * s.h * s.t.div_ceil(FLASH_ROWS)).expect("a grid that fits CUDA's limit");
         let ptrs = [Arg::Ptr(out.ptr), Arg::Ptr(lse), Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr)];
-        let args = [ptrs.as_slice(), &self.flash_args(rot, s)].concat();
+        let args = [ptrs.as_slice(), &self.flash_args(rot, s, ld)].concat();
         self.launch_kernel(super::form("flash_forward_d64", form, q.st), grid, FLASH_THREADS, 0, &args);
     }
 
     /// Flash attention backward, given `[dout, q, k, v]`, the forward's `out` and `lse`, and
     /// `delta` `[B*H*T]` (f32 scratch): dq per block of query rows, which also writes delta =
     /// rowsum(dO∘O) of its rows, then dk and dv per block of key rows; with `rot`, dq and dk
-    /// leave through RoPE's inverse.
+    /// leave through RoPE's inverse; q, k, v read and dq, dk, dv written at the strides `ld`.
     pub(super) fn attention_backward_flash(
         &self,
         [dq, dk, dv]: [&DViewMut<'_>; 3],
@@ -390,7 +415,7 @@ impl Cuda {
         out: &DView<'_>,
         (lse, delta): (u64, u64),
         rot: Option<Tables>,
-        s: AttnShape,
+        (s, ld): (AttnShape, Ld),
     ) {
         let form = flash_form(s.d).expect("flash_serves checked the head width");
         let tiles = s.t.div_ceil(FLASH_ROWS);
@@ -403,7 +428,7 @@ impl Cuda {
             Arg::Ptr(k.ptr),
             Arg::Ptr(v.ptr),
         ];
-        let rest = self.flash_args(rot, s);
+        let rest = self.flash_args(rot, s, ld);
         let dq_args =
             [[Arg::Ptr(dq.ptr), Arg::Ptr(delta), Arg::Ptr(out.ptr)].as_slice(), &inputs[1..], &rest].concat();
         self.launch_kernel(

@@ -1104,8 +1104,11 @@ __device__ void load_rows_a(unsigned (*f)[4], const X* x, i64 stride, int r0, in
 
 // Rows first..first+ROWS of `x` into a shared tile [ROWS][DD + 8] (8 elements of padding
 // keep the fragment reads of a warp on 32 distinct banks); rows at or past t are zeros.
+// Unrolled by 2: the dkv kernel at D 128 is at 255 registers, and with q and dout at
+// strides of their own (packed q|k|v) the compiler's deeper unrolling spilled there.
 template <typename X, int DD, int ROWS>
 __device__ void load_rows_shared(X (*tile)[DD + 8], const X* x, i64 stride, int first, int t, const float* cosb, const float* sinb) {
+    #pragma unroll 2
     for (int e = threadIdx.x; e < ROWS * DD; e += blockDim.x) {
         int r = e / DD, col = e % DD, row = first + r;
         X val(0.0f);
@@ -1245,9 +1248,11 @@ __device__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-// Forward: out [B*T, H*D], lse [B*H*T] (the scaled scores' log-sum-exp per row).
+// Forward: out [B*T, H*D], lse [B*H*T] (the scaled scores' log-sum-exp per row). q's rows
+// are `qld` apart and k's and v's `kld` (H*D and G*D, or both (H+2G)*D when q, k and v are
+// the column blocks of one fused projection's output); dq, dk, dv in backward likewise.
 template <typename X, int DD>
-__device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+__device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope) {
     constexpr int BC = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
     __shared__ X ks[BC][LD];
     __shared__ X vs[BC][LD];
@@ -1256,7 +1261,7 @@ __device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const 
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
     int r0 = qt * FLASH_ROWS + warp * 16;
     const float* cs = rope ? cosb : nullptr;
-    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
+    i64 qstride = qld, kstride = kld, ostride = (i64)h * DD;
     const X* qb = q + (i64)bi * t * qstride + hi * DD;
     const X* kb = k + (i64)bi * t * kstride + gi * DD;
     const X* vb = v + (i64)bi * t * kstride + gi * DD;
@@ -1320,14 +1325,14 @@ __device__ void flash_forward(X* out, float* lse, const X* q, const X* k, const 
         int row = r0 + gr + 8 * r;
         if (c == 0 && row < t) lse[((i64)bi * h + hi) * t + row] = m[r] + logf(l[r]);
     }
-    store_c<X, DD>(out + (i64)bi * t * qstride + hi * DD, qstride, o, r0, t, inv);
+    store_c<X, DD>(out + (i64)bi * t * ostride + hi * DD, ostride, o, r0, t, inv);
 }
 
 // Backward, dq: per (batch, head, 64 query rows), delta = rowsum(dO O) (written for the dkv
 // kernel), P recomputed from lse, dP = dO Vᵀ, dS = P (dP - delta), dq = scale dS K (then
 // RoPE's inverse).
 template <typename X, int DD>
-__device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+__device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope) {
     constexpr int BC = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
     __shared__ X ks[BC][LD];
     __shared__ X vs[BC][LD];
@@ -1336,14 +1341,14 @@ __device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* do
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
     int r0 = qt * FLASH_ROWS + warp * 16;
     const float* cs = rope ? cosb : nullptr;
-    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
-    i64 qoff = (i64)bi * t * qstride + hi * DD;
+    i64 qstride = qld, kstride = kld, ostride = (i64)h * DD;
+    i64 qoff = (i64)bi * t * qstride + hi * DD, ooff = (i64)bi * t * ostride + hi * DD;
     const X* kb = k + (i64)bi * t * kstride + gi * DD;
     const X* vb = v + (i64)bi * t * kstride + gi * DD;
     float scale = 1.0f / sqrtf((float)DD);
     unsigned qf[DD / 16][4], dof[DD / 16][4];
     load_rows_a<X, DD>(qf, q + qoff, qstride, r0, t, cs, sinb);
-    load_rows_a<X, DD>(dof, dout + qoff, qstride, r0, t, nullptr, nullptr);
+    load_rows_a<X, DD>(dof, dout + ooff, ostride, r0, t, nullptr, nullptr);
     // delta = rowsum(dO * O) of the warp's rows, here rather than in a pass of its own: the
     // four lanes of a row (c) take every fourth value, then sum across the quad; written for
     // the dkv kernel that follows.
@@ -1352,8 +1357,8 @@ __device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* do
     for (int r = 0; r < 2; r++) {
         int at = r0 + gr + 8 * r, row = min(at, t - 1);
         lr[r] = lse[((i64)bi * h + hi) * t + row];
-        const X* dor = dout + qoff + (i64)row * qstride;
-        const X* orow = out + qoff + (i64)row * qstride;
+        const X* dor = dout + ooff + (i64)row * ostride;
+        const X* orow = out + ooff + (i64)row * ostride;
         float sum = 0.0f;
         for (int j = c; j < DD; j += 4) sum += float(dor[j]) * float(orow[j]);
         dr[r] = quad_sum(sum);
@@ -1390,7 +1395,7 @@ __device__ void flash_backward_dq(X* dq, float* delta, const X* out, const X* do
 // tiles from the diagonal on: Pᵀ from lse, dv += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta),
 // dk += dSᵀ Q; dk = scale dk (then RoPE's inverse). The heads sum in f32, rounded once.
 template <typename X, int DD>
-__device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope) {
+__device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope) {
     constexpr int BR = FLASH_BC(DD), NT = DD / 8, LD = DD + 8;
     __shared__ X qs[BR][LD];
     __shared__ X dos[BR][LD];
@@ -1400,12 +1405,11 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
     int k0 = kt * FLASH_ROWS + warp * 16;
     const float* cs = rope ? cosb : nullptr;
-    i64 qstride = (i64)h * DD, kstride = (i64)g * DD;
-    i64 koff = (i64)bi * t * kstride + gi * DD;
+    i64 koff = (i64)bi * t * kld + gi * DD;
     float scale = 1.0f / sqrtf((float)DD);
     unsigned kf[DD / 16][4], vf[DD / 16][4];
-    load_rows_a<X, DD>(kf, k + koff, kstride, k0, t, cs, sinb);
-    load_rows_a<X, DD>(vf, v + koff, kstride, k0, t, nullptr, nullptr);
+    load_rows_a<X, DD>(kf, k + koff, kld, k0, t, cs, sinb);
+    load_rows_a<X, DD>(vf, v + koff, kld, k0, t, nullptr, nullptr);
     float dka[NT][4], dva[NT][4];
     #pragma unroll
     for (int n = 0; n < NT; n++)
@@ -1414,12 +1418,13 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
     int first = kt * FLASH_ROWS / BR, qtiles = (t + BR - 1) / BR;
     for (int hh = 0; hh < r; hh++) {
         int hi = gi * r + hh;
-        i64 qoff = (i64)bi * t * qstride + hi * DD, rows = ((i64)bi * h + hi) * t;
+        i64 qoff = (i64)bi * t * qld + hi * DD, ooff = ((i64)bi * t * h + hi) * DD;
+        i64 rows = ((i64)bi * h + hi) * t;
         for (int qt = first; qt < qtiles; qt++) {
             int q0 = qt * BR;
             __syncthreads();
-            load_rows_shared<X, DD, BR>(qs, q + qoff, qstride, q0, t, cs, sinb);
-            load_rows_shared<X, DD, BR>(dos, dout + qoff, qstride, q0, t, nullptr, nullptr);
+            load_rows_shared<X, DD, BR>(qs, q + qoff, qld, q0, t, cs, sinb);
+            load_rows_shared<X, DD, BR>(dos, dout + ooff, h * DD, q0, t, nullptr, nullptr);
             for (int e = threadIdx.x; e < BR; e += blockDim.x) {
                 ls[e] = q0 + e < t ? lse[rows + q0 + e] : 0.0f;
                 ds[e] = q0 + e < t ? delta[rows + q0 + e] : 0.0f;
@@ -1443,8 +1448,8 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
             mma_c_b<X, DD, BR, LD>(dka, dp, qs);
         }
     }
-    store_gradient_c<X, DD>(dk + koff, kstride, dka, k0, t, scale, cs, sinb);
-    store_gradient_c<X, DD>(dv + koff, kstride, dva, k0, t, 1.0f, nullptr, nullptr);
+    store_gradient_c<X, DD>(dk + koff, kld, dka, k0, t, scale, cs, sinb);
+    store_gradient_c<X, DD>(dv + koff, kld, dva, k0, t, 1.0f, nullptr, nullptr);
 }
 
 // The kernels, for bf16 and f16: float32 runs keep the tiled kernels' exact path, so each
@@ -1453,16 +1458,16 @@ __device__ void flash_backward_dkv(X* dk, X* dv, const float* delta, const X* do
     namespace as_f32 { extern "C" __global__ void kname##_f32 params {} } \
     namespace as_bf16 { extern "C" __global__ void kname##_bf16 params { call args; } } \
     namespace as_f16 { extern "C" __global__ void kname##_f16 params { call args; } }
-#define FLASH_FORWARD_PARAMS (X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
-#define FLASH_FORWARD_ARGS (out, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+#define FLASH_FORWARD_PARAMS (X* out, float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope)
+#define FLASH_FORWARD_ARGS (out, lse, q, k, v, cosb, sinb, b, t, h, g, qld, kld, rope)
 INSTANTIATE_16(flash_forward_d64, (flash_forward<X, 64>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
 INSTANTIATE_16(flash_forward_d128, (flash_forward<X, 128>), FLASH_FORWARD_PARAMS, FLASH_FORWARD_ARGS)
-#define FLASH_DQ_PARAMS (X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
-#define FLASH_DQ_ARGS (dq, delta, out, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+#define FLASH_DQ_PARAMS (X* dq, float* delta, const X* out, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope)
+#define FLASH_DQ_ARGS (dq, delta, out, dout, lse, q, k, v, cosb, sinb, b, t, h, g, qld, kld, rope)
 INSTANTIATE_16(flash_backward_dq_d64, (flash_backward_dq<X, 64>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
 INSTANTIATE_16(flash_backward_dq_d128, (flash_backward_dq<X, 128>), FLASH_DQ_PARAMS, FLASH_DQ_ARGS)
-#define FLASH_DKV_PARAMS (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int rope)
-#define FLASH_DKV_ARGS (dk, dv, delta, dout, lse, q, k, v, cosb, sinb, b, t, h, g, rope)
+#define FLASH_DKV_PARAMS (X* dk, X* dv, const float* delta, const X* dout, const float* lse, const X* q, const X* k, const X* v, const float* cosb, const float* sinb, int b, int t, int h, int g, int qld, int kld, int rope)
+#define FLASH_DKV_ARGS (dk, dv, delta, dout, lse, q, k, v, cosb, sinb, b, t, h, g, qld, kld, rope)
 INSTANTIATE_16(flash_backward_dkv_d64, (flash_backward_dkv<X, 64>), FLASH_DKV_PARAMS, FLASH_DKV_ARGS)
 INSTANTIATE_16(flash_backward_dkv_d128, (flash_backward_dkv<X, 128>), FLASH_DKV_PARAMS, FLASH_DKV_ARGS)
 

@@ -351,6 +351,29 @@ impl<'a> DViewMut<'a> {
     }
 }
 
+/// Where q, k and v (or their gradients) start in a packed `[N, (H + 2G) D]` buffer at `ptr`
+/// of `len` elements (`Kernels::packed_qkv`): each as (pointer, elements to the buffer's end,
+/// store), their rows the buffer's rows apart (`attention::Ld::packed`).
+fn qkv_blocks(ptr: u64, len: usize, st: Store, s: AttnShape) -> [(u64, usize, Store); 3] {
+    let (hd, gd) = (s.h * s.d, s.g * s.d);
+    assert_eq!(len, s.b * s.t * (hd + 2 * gd), "packed q|k|v size");
+    [0, hd, hd + gd].map(|col| (ptr + (col * st.size()) as u64, len - col, st))
+}
+
+impl DView<'_> {
+    /// A view at a raw place inside a buffer a caller has borrowed ([`qkv_blocks`]).
+    fn at((ptr, len, st): (u64, usize, Store)) -> Self {
+        DView { ptr, len, st, _borrow: PhantomData }
+    }
+}
+
+impl DViewMut<'_> {
+    /// A view at a raw place inside a buffer a caller has borrowed ([`qkv_blocks`]).
+    fn at((ptr, len, st): (u64, usize, Store)) -> Self {
+        DViewMut { ptr, len, st, _borrow: PhantomData }
+    }
+}
+
 /// The store of a kernel's activation arguments: every one of `views` must share it (the
 /// kernels have one X), and the model never mixes them.
 fn same_store(what: &str, views: &[Store]) -> Store {
@@ -996,7 +1019,8 @@ impl Kernels for Cuda {
         if rot.pos == Positions::sequences(s.t) {
             let lse = self.ptr(&saved.lse);
             if self.flash_serves(s) {
-                self.attention_forward_flash(&out, lse, [&q.read(), &k.read(), &v], Some(tables), s);
+                let at = (s, attention::Ld::split(s));
+                self.attention_forward_flash(&out, lse, [&q.read(), &k.read(), &v], Some(tables), at);
                 saved.rotated_in_place = false;
                 return;
             }
@@ -1035,7 +1059,8 @@ impl Kernels for Cuda {
             let lse_delta = (self.ptr(&saved.lse), delta);
             if self.flash_serves(s) {
                 // The dq kernel sums delta itself.
-                self.attention_backward_flash([&dq, &dk, &dv], inputs, &out, lse_delta, Some(tables), s);
+                let at = (s, attention::Ld::split(s));
+                self.attention_backward_flash([&dq, &dk, &dv], inputs, &out, lse_delta, Some(tables), at);
                 return;
             }
             launch!(self, typed("attention_delta", st), row_grid(s.b * s.h * s.t), THREADS; Arg::Ptr(delta), &dout, &out, b, t, h, d);
@@ -1052,6 +1077,57 @@ impl Kernels for Cuda {
         self.rope(dka, rot.cos, rot.sin, rot.pos, s.g, s.d, true);
     }
 
+    fn packed_qkv(&self, s: AttnShape) -> bool {
+        self.flash_serves(s)
+    }
+
+    fn rope_attention_forward_packed(
+        &self,
+        out: DViewMut<'_>,
+        saved: &mut attention::Saved,
+        qkv: DView<'_>,
+        s: AttnShape,
+        rot: Rotary<DView<'_>>,
+    ) {
+        assert!(
+            self.flash_serves(s) && rot.pos == Positions::sequences(s.t),
+            "packed q|k|v off the flash path"
+        );
+        let [q, k, v] = qkv_blocks(qkv.ptr, qkv.len, qkv.st, s).map(DView::at);
+        let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
+        let at = (s, attention::Ld::packed(s));
+        self.attention_forward_flash(&out, self.ptr(&saved.lse), [&q, &k, &v], Some(tables), at);
+        saved.rotated_in_place = false;
+    }
+
+    fn rope_attention_backward_packed(
+        &self,
+        dqkv: DViewMut<'_>,
+        saved: &attention::Saved,
+        scratch: DViewMut<'_>,
+        dout: DView<'_>,
+        out: DView<'_>,
+        qkv: DView<'_>,
+        s: AttnShape,
+        rot: Rotary<DView<'_>>,
+    ) {
+        assert!(self.flash_serves(s) && !saved.rotated_in_place, "packed q|k|v off the flash path");
+        same_store("rope_attention_backward_packed", &[dqkv.st, dout.st, out.st, qkv.st]);
+        let [q, k, v] = qkv_blocks(qkv.ptr, qkv.len, qkv.st, s).map(DView::at);
+        let [dq, dk, dv] = qkv_blocks(dqkv.ptr, dqkv.len, dqkv.st, s).map(DViewMut::at);
+        let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
+        let lse_delta = (self.ptr(&saved.lse), scratch.ptr);
+        let at = (s, attention::Ld::packed(s));
+        self.attention_backward_flash(
+            [&dq, &dk, &dv],
+            [&dout, &q, &k, &v],
+            &out,
+            lse_delta,
+            Some(tables),
+            at,
+        );
+    }
+
     fn attention_forward(
         &self,
         out: DViewMut<'_>,
@@ -1066,7 +1142,7 @@ impl Kernels for Cuda {
         saved.rotated_in_place = true;
         let st = same_store("attention_forward", &[out.st, q.st, k.st, v.st]);
         if self.flash_serves(s) {
-            self.attention_forward_flash(&out, lse, [&q, &k, &v], None, s);
+            self.attention_forward_flash(&out, lse, [&q, &k, &v], None, (s, attention::Ld::split(s)));
             return;
         }
         if self.attention_forward_tc(&out, lse, [&q, &k, &v], None, s) {
@@ -1155,7 +1231,7 @@ impl Kernels for Cuda {
                 &out,
                 (lse_p, delta_p),
                 None,
-                s,
+                (s, attention::Ld::split(s)),
             );
             return;
         }

@@ -40,16 +40,22 @@ pub struct Memory {
     pub gradients: f64,
     /// AdamW's two moments.
     pub moments: f64,
+    /// The CPU's bf16 products' packed weights (see `engine::cpu`): 2 bytes a value in each
+    /// of the two layouts the products read a weight in (the forward's and the input
+    /// gradient's); none in float32.
+    pub panels: f64,
     pub activations: f64,
     /// Host copies and encodings alive while a checkpoint is written.
     pub checkpoint: f64,
     pub peak: f64,
 }
 
-/// Memory of training `m` on `b x t` micro-batches, `accumulation` of them per step (beyond
-/// one, each micro-batch's gradients are computed apart and then added). Pure.
-pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memory {
+/// Memory of training `m` on the CPU on `b x t` micro-batches, `accumulation` of them per
+/// step (beyond one, each micro-batch's gradients are computed apart and then added), with
+/// bf16 products (`bf16`: their packed weights too). Pure.
+pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize, bf16: bool) -> Memory {
     let p = 4.0 * m.parameter_count() as f64;
+    let panels = if bf16 { p } else { 0.0 };
     let gradients = if accumulation > 1 { 2.0 * p } else { p };
     let keep_probs = keep_attention_probs(m, b, t);
     let activations = workspace_bytes(m, b, t, Footprint::Cpu { keep_probs }) as f64;
@@ -60,9 +66,10 @@ pub fn memory(m: &ModelConfig, b: usize, t: usize, accumulation: usize) -> Memor
         weights: p,
         gradients,
         moments: 2.0 * p,
+        panels,
         activations,
         checkpoint,
-        peak: BASELINE_BYTES + 3.0 * p + gradients + activations + checkpoint,
+        peak: BASELINE_BYTES + 3.0 * p + gradients + panels + activations + checkpoint,
     }
 }
 
@@ -106,6 +113,12 @@ fn device_memory_with(
     params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace + scratch + attention
 }
 
+/// Whether `c` runs on the CPU in bfloat16, whose products keep packed bf16 weights (an upper
+/// bound: a CPU without bf16 instructions keeps float32 products and none). Pure.
+fn cpu_bf16(c: &Config) -> bool {
+    c.train.dtype == Dtype::Bfloat16 && !matches!(c.train.device, crate::config::Device::Cuda(_))
+}
+
 /// A run's cost, as `plan`, `run --dry-run` and the run header show it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cost {
@@ -126,7 +139,7 @@ impl Cost {
         let tokens = (b * t * c.train.accumulation_steps) as f64;
         Cost {
             parameters: c.model.parameter_count(),
-            memory: memory(&c.model, b, t, c.train.accumulation_steps),
+            memory: memory(&c.model, b, t, c.train.accumulation_steps, cpu_bf16(c)),
             flops_per_step: 3.0 * flops_per_token(&c.model, t) * tokens,
             steps,
             gflops,
@@ -140,8 +153,10 @@ impl Cost {
     /// `parameters 1.2M, memory 185.3MB peak (...), 1.5G FLOP/step, ~0.01 s/step, ~2s for 200 steps`.
     pub fn describe(&self) -> String {
         let m = &self.memory;
+        let panels =
+            if m.panels > 0.0 { format!(", bf16 weight panels {}B", human(m.panels)) } else { String::new() };
         let mut s = format!(
-            "{} parameters; memory {}B peak (weights {}B, gradients {}B, AdamW moments {}B, activations {}B, checkpoint writing {}B); {} FLOP per step",
+            "{} parameters; memory {}B peak (weights {}B{panels}, gradients {}B, AdamW moments {}B, activations {}B, checkpoint writing {}B); {} FLOP per step",
             human(self.parameters as f64),
             human(m.peak),
             human(m.weights),
@@ -405,9 +420,12 @@ mod tests {
         let json = r#"{"vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 2}"#;
         let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
-        let small = memory(&m, 4, 256, 1);
-        let big = memory(&m, 32, 512, 1);
+        let small = memory(&m, 4, 256, 1, false);
+        let big = memory(&m, 32, 512, 1, false);
         assert_eq!(small.weights, 4.0 * m.parameter_count() as f64);
+        // bf16 products keep the weights packed in two bf16 layouts: 4 bytes a parameter.
+        let bf16 = memory(&m, 32, 512, 1, true);
+        assert_eq!((bf16.panels, bf16.peak - big.peak), (big.weights, big.weights));
         assert!(big.activations > 10.0 * small.activations);
         assert!(big.peak > small.peak);
         let cost =
@@ -423,7 +441,7 @@ mod tests {
         let json = r#"{"vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 2}"#;
         let m = serde_json::from_str::<crate::engine::hf::HfConfig>(json).unwrap().to_model().unwrap();
-        let cpu = memory(&m, 32, 512, 1);
+        let cpu = memory(&m, 32, 512, 1, false);
         let f32 = device_memory(&m, 32, 512, 1, Dtype::Float32);
         let bf16 = device_memory_least(&m, 32, 512, 1, Dtype::Bfloat16);
         assert!(cpu.weights + cpu.gradients + cpu.moments + cpu.activations > f32, "{cpu:?} {f32}");

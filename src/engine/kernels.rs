@@ -372,6 +372,12 @@ pub trait Kernels: Sync {
         s: AttnShape,
         rot: Rotary<Self::V<'_>>,
     );
+    /// The weights (`params`, every parameter) were written: set, loaded, broadcast, or
+    /// stepped by AdamW. A backend that keeps something derived from them (the CPU's packed
+    /// bf16 panels) learns here where they are and that what it kept is stale. Every write
+    /// of the weights must be followed by this call before the next product reads them.
+    fn weights_written(&self, _params: &Self::Buf) {}
+
     /// Whether attention of shape `s` takes q, k and v as the column blocks `[q | k | v]` of
     /// one `[N, (H + 2G) D]` buffer, the output of one product with the three projections
     /// stacked, and gives their gradients back the same way (the `_packed` methods below):

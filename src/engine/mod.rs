@@ -179,9 +179,10 @@ impl<K: Kernels> Engine<K> {
     }
 
     /// Rounds the weights into the matrix products' copy (after they changed other than by
-    /// AdamW, which writes both).
+    /// AdamW, which writes both), and tells the kernels they changed.
     fn refresh_params_act(&mut self) {
         let (k, n) = (&self.kernels, self.layout.total);
+        k.weights_written(&self.params);
         if let Some(px) = &mut self.params_act {
             k.cast(k.view_mut(px, 0..n), k.view(&self.params, 0..n));
         }
@@ -445,6 +446,7 @@ impl<K: Kernels> Engine<K> {
             &self.acc,
             acc::COEF,
         );
+        k.weights_written(&self.params);
         self.grads_zero = true;
     }
 

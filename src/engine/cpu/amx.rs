@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::bf16::{Shared, store_tile, to_bf16 as bf16};
-use super::{Dst, Operand, SendPtr};
+use super::{Dst, Operand, RhsCache, SendPtr};
 
 /// Rows and columns of one output tile group.
 const T: usize = 32;
@@ -60,11 +60,18 @@ impl TileBuf {
 
     /// The first `len` u32 of the buffer as an earlier use left them (zero where it grew), for
     /// a caller that writes every one: the right-hand packing, which would otherwise pay a
-    /// second pass over the packed bytes (5% of a bf16 dense step, measured).
-    fn overwritten_u32(&mut self, len: usize) -> &mut [u32] {
+    /// second pass over the packed bytes (5% of a bf16 dense step, measured); or that reads
+    /// what it packed there before (a weight's kept panels, [`super::RhsCache`]).
+    pub(crate) fn overwritten_u32(&mut self, len: usize) -> &mut [u32] {
         self.0.resize(len.div_ceil(16).max(self.0.len()), Line([0; 16]));
         // SAFETY: the lines hold at least `len` u32, plain data with no padding.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u32, len) }
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.0.as_slice())
     }
 
     /// The first `len` u16 of the buffer, zeroed.
@@ -91,41 +98,72 @@ pub fn permit() -> bool {
     })
 }
 
-/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` on AMX tiles, on the rayon pool when `parallel`.
+/// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` on AMX tiles, on the rayon pool when `parallel`;
+/// rhs packed into `cache` (or read from it, packed there before) when one is given.
 ///
 /// # Safety
-/// As [`super::gemm_strided`]; and the CPU has AMX-BF16 with [`permit`] granted.
-pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Operand, parallel: bool) {
+/// As [`super::gemm_strided`]; and the CPU has AMX-BF16 with [`permit`] granted; a fresh
+/// `cache` holds this rhs as this function packed it.
+pub(crate) unsafe fn gemm(
+    [m, n, k]: [usize; 3],
+    dst: Dst,
+    lhs: Operand,
+    rhs: Operand,
+    parallel: bool,
+    cache: Option<RhsCache>,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    let panels = n.div_ceil(T);
-    // Taken, not borrowed, across the parallel loop (see `super::with_taken`).
-    super::with_taken(&PACK_B, |b| {
-        for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
+    // u32 of one k step of every 32-column panel.
+    let per_step = n.div_ceil(T) * T * KS / 2;
+    // Each k block: (index, k0, kc, steps).
+    let blocks = || {
+        (0..k.max(1)).step_by(KC).enumerate().map(move |(block, k0)| {
             let kc = KC.min(k - k0.min(k));
-            let steps = kc.div_ceil(KS).max(1);
-            let packed = b.overwritten_u32(panels * steps * T * KS / 2);
+            (block, k0, kc, kc.div_ceil(KS).max(1))
+        })
+    };
+    let product = |packed: &mut [u32], pack: bool, (block, k0, kc, steps): (usize, usize, usize, usize)| {
+        if pack {
             // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
             unsafe { pack_rhs(packed, Shared { dst, lhs: rhs }, (k0, kc), n, (steps, parallel)) };
-            let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
-            let packed: &[u32] = packed;
-            let shared = Shared { dst, lhs };
-            let blocks = m.div_ceil(MC);
-            let run = |bi: usize| {
-                let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
-                let Shared { dst, lhs } = shared.get();
-                let panels = (packed, steps * T * KS / 2, 0);
-                // SAFETY: row block bi of dst is this worker's; inputs within the extents.
-                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, panels) };
-            };
-            if parallel && blocks > 1 {
-                (0..blocks).into_par_iter().for_each(run);
-            } else {
-                (0..blocks).for_each(run);
+        }
+        let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
+        let packed: &[u32] = packed;
+        let shared = Shared { dst, lhs };
+        let row_blocks = m.div_ceil(MC);
+        let run = |bi: usize| {
+            let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
+            let Shared { dst, lhs } = shared.get();
+            let panels = (packed, steps * T * KS / 2, 0);
+            // SAFETY: row block bi of dst is this worker's; inputs within the extents.
+            unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, panels) };
+        };
+        if parallel && row_blocks > 1 {
+            (0..row_blocks).into_par_iter().for_each(run);
+        } else {
+            (0..row_blocks).for_each(run);
+        }
+    };
+    match cache {
+        Some(RhsCache { buf, fresh }) => {
+            // Every k block's panels, back to back.
+            let total = blocks().map(|b| b.3).sum::<usize>() * per_step;
+            let mut rest = buf.overwritten_u32(total);
+            for b in blocks() {
+                let (packed, tail) = std::mem::take(&mut rest).split_at_mut(b.3 * per_step);
+                rest = tail;
+                product(packed, !fresh, b);
             }
         }
-    });
+        // Taken, not borrowed, across the parallel loop (see `super::with_taken`).
+        None => super::with_taken(&PACK_B, |buf| {
+            for b in blocks() {
+                product(buf.overwritten_u32(b.3 * per_step), true, b);
+            }
+        }),
+    }
 }
 
 /// A right-hand operand packed once for several products over its first columns and any

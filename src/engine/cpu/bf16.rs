@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{Dst, Operand};
+use super::{Dst, Operand, RhsCache};
 
 /// The bf16 instruction path this process uses for matrix products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -154,44 +154,76 @@ thread_local! {
 }
 
 /// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` with bf16 products and f32 sums, on the rayon
-/// pool when `parallel`. Requires a CPU with AVX512-BF16 (see [`available`]).
+/// pool when `parallel`; rhs packed into `cache` (or read from it, packed there before) when
+/// one is given. Requires a CPU with AVX512-BF16 (see [`available`]).
 ///
 /// # Safety
 /// As [`super::gemm_strided`]: the pointers cover the strided extents, `dst` aliases neither
-/// input; and the CPU has AVX512-BF16.
-pub(crate) unsafe fn gemm([m, n, k]: [usize; 3], dst: Dst, lhs: Operand, rhs: Operand, parallel: bool) {
+/// input; and the CPU has AVX512-BF16; a fresh `cache` holds this rhs as this function packed
+/// it.
+pub(crate) unsafe fn gemm(
+    [m, n, k]: [usize; 3],
+    dst: Dst,
+    lhs: Operand,
+    rhs: Operand,
+    parallel: bool,
+    cache: Option<RhsCache>,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    let panels = n.div_ceil(NR);
-    // Taken, not borrowed, across the parallel loop (see `with_taken`).
-    super::with_taken(&PACK_B, |b| {
-        for (block, k0) in (0..k.max(1)).step_by(KC).enumerate() {
+    // u32 of one k pair of every NR-column panel.
+    let per_pair = n.div_ceil(NR) * NR;
+    // Each k block: (index, k0, kc, pairs).
+    let blocks = || {
+        (0..k.max(1)).step_by(KC).enumerate().map(move |(block, k0)| {
             let kc = KC.min(k - k0.min(k));
-            let pairs = kc.div_ceil(2);
-            b.clear();
-            b.resize(panels * pairs * NR, 0);
+            (block, k0, kc, kc.div_ceil(2))
+        })
+    };
+    let product = |packed: &mut [u32], pack: bool, (block, k0, kc, _): (usize, usize, usize, usize)| {
+        if pack {
             // SAFETY: the caller's extents cover rhs[k0..k0 + kc, 0..n].
-            unsafe { pack_rhs(b, rhs, k0, kc, n) };
-            // The first block writes (or accumulates, as dst asks), the others add.
-            let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
-            let packed: &[u32] = b;
-            let blocks = m.div_ceil(MC);
-            let shared = Shared { dst, lhs };
-            let run = |bi: usize| {
-                let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
-                // SAFETY: row block bi of dst is written by this worker only; the inputs are
-                // read within the caller's extents.
-                let Shared { dst, lhs } = shared.get();
-                unsafe { row_block(dst, lhs, (i0, mc), (k0, kc), n, packed) };
-            };
-            if parallel && blocks > 1 {
-                (0..blocks).into_par_iter().for_each(run);
-            } else {
-                (0..blocks).for_each(run);
+            unsafe { pack_rhs(packed, rhs, k0, kc, n) };
+        }
+        // The first block writes (or accumulates, as dst asks), the others add.
+        let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
+        let packed: &[u32] = packed;
+        let row_blocks = m.div_ceil(MC);
+        let shared = Shared { dst, lhs };
+        let run = |bi: usize| {
+            let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
+            // SAFETY: row block bi of dst is written by this worker only; the inputs are
+            // read within the caller's extents.
+            let Shared { dst, lhs } = shared.get();
+            unsafe { row_block(dst, lhs, (i0, mc), (k0, kc), n, packed) };
+        };
+        if parallel && row_blocks > 1 {
+            (0..row_blocks).into_par_iter().for_each(run);
+        } else {
+            (0..row_blocks).for_each(run);
+        }
+    };
+    match cache {
+        Some(RhsCache { buf, fresh }) => {
+            // Every k block's panels, back to back.
+            let total = blocks().map(|b| b.3).sum::<usize>() * per_pair;
+            let mut rest = buf.overwritten_u32(total);
+            for b in blocks() {
+                let (packed, tail) = std::mem::take(&mut rest).split_at_mut(b.3 * per_pair);
+                rest = tail;
+                product(packed, !fresh, b);
             }
         }
-    });
+        // Taken, not borrowed, across the parallel loop (see `with_taken`).
+        None => super::with_taken(&PACK_B, |buf| {
+            for b in blocks() {
+                buf.clear();
+                buf.resize(b.3 * per_pair, 0);
+                product(buf, true, b);
+            }
+        }),
+    }
 }
 
 /// The output and an input as the workers see them: each writes its own rows of `dst` and
@@ -445,8 +477,8 @@ pub fn product(
     unsafe {
         match path {
             Isa::F32 => super::gemm_strided(shape, d, a, b, true),
-            Isa::Avx512Bf16 => gemm(shape, d, a, b, true),
-            Isa::Amx => super::amx::gemm(shape, d, a, b, true),
+            Isa::Avx512Bf16 => gemm(shape, d, a, b, true, None),
+            Isa::Amx => super::amx::gemm(shape, d, a, b, true, None),
         }
     }
 }
@@ -509,6 +541,7 @@ mod tests {
     fn the_bf16_product_matches_f32_on_rounded_inputs() {
         let paths = available();
         if paths.is_empty() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs on CPUs with bf16 instructions");
             eprintln!("SKIPPED: this CPU has no bf16 instructions ({})", describe_cpu());
             return;
         }
@@ -538,16 +571,37 @@ mod tests {
                     .into_iter()
                     .flat_map(|ab| layouts.map(|lr| (ab, lr)))
                 {
-                    let mut got = vec![1f32; m * n];
-                    let d = Dst::set(got.as_mut_ptr(), n).with(beta, accumulate);
-                    // SAFETY: the buffers hold the shapes; `path` is available.
-                    unsafe {
-                        match path {
-                            Isa::Avx512Bf16 => gemm([m, n, k], d, l, r, true),
-                            Isa::Amx => super::super::amx::gemm([m, n, k], d, l, r, true),
-                            Isa::F32 => unreachable!("not a bf16 path"),
-                        }
-                    };
+                    // Packed by the product (no cache), packed into a kept buffer over other
+                    // contents, then read from it as packed, the rhs given now all zeros (so
+                    // a product that packed it again would give zeros): the same bits each
+                    // time.
+                    let mut kept = crate::engine::cpu::amx::TileBuf::new();
+                    kept.overwritten_u32(1 << 16).fill(0xdead_beef);
+                    let zeros = vec![0f32; n * k];
+                    let [got, packing, packed] = [None, Some(false), Some(true)].map(|fresh| {
+                        let mut got = vec![1f32; m * n];
+                        let d = Dst::set(got.as_mut_ptr(), n).with(beta, accumulate);
+                        let r = if fresh == Some(true) { Operand { ptr: zeros.as_ptr(), ..r } } else { r };
+                        let cache = fresh.map(|fresh| RhsCache { buf: &mut kept, fresh });
+                        // SAFETY: the buffers hold the shapes; `path` is available; the kept
+                        // buffer is fresh only after the real rhs was packed into it.
+                        unsafe {
+                            match path {
+                                Isa::Avx512Bf16 => gemm([m, n, k], d, l, r, true, cache),
+                                Isa::Amx => super::super::amx::gemm([m, n, k], d, l, r, true, cache),
+                                Isa::F32 => unreachable!("not a bf16 path"),
+                            }
+                        };
+                        got
+                    });
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&packing),
+                        bits(&got),
+                        "{} {m}x{n}x{k}: packing into a cache",
+                        path.name()
+                    );
+                    assert_eq!(bits(&packed), bits(&got), "{} {m}x{n}x{k}: from the cache", path.name());
                     let base = if accumulate { 1.0 } else { 0.0 };
                     for (g, w) in got.iter().zip(&want) {
                         let w = base + beta as f64 * w;

@@ -6,13 +6,13 @@
 
 #![allow(clippy::needless_range_loop)] // index loops read like the maths
 
-mod amx;
+pub(crate) mod amx;
 mod attention;
 pub mod bf16;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -25,7 +25,6 @@ const ROWS_PER_TASK: usize = 16;
 /// Elements per partial sum in reductions over flat buffers.
 const SUM_CHUNK: usize = 1 << 15;
 
-#[derive(Default)]
 pub struct Cpu {
     /// Reused storage for partial sums (no allocation per step).
     partials: Mutex<Vec<f64>>,
@@ -37,6 +36,71 @@ pub struct Cpu {
     /// path (inputs rounded to bf16 while packed, f32 sums: mixed precision as PyTorch's
     /// autocast; weights, activations and everything else stay f32).
     products: bf16::Isa,
+    /// The bf16 products' weights, packed once per write of the weights.
+    panels: Mutex<WeightPanels>,
+    /// Whether to keep them (else every product packs its weight; tests compare the two).
+    keep_panels: bool,
+}
+
+impl Default for Cpu {
+    fn default() -> Cpu {
+        Cpu {
+            partials: Mutex::default(),
+            seen: Mutex::default(),
+            profile: None,
+            products: bf16::Isa::default(),
+            panels: Mutex::default(),
+            keep_panels: true,
+        }
+    }
+}
+
+/// The bf16 products' packed weights, the bf16 copy of the weights the products read (#21):
+/// a weight's second product after a write of the weights packs it (rounded to bf16 and laid
+/// out in the kernel's panels) into panels that every later product until the next write
+/// reads as they are: the forward's and the input gradient's over the micro-batches of an
+/// accumulated step, the head's chunks of rows, decoding's tokens. The engine tells of every
+/// write ([`Kernels::weights_written`]: set, loaded, broadcast, stepped by AdamW), which makes
+/// every kept packing stale.
+#[derive(Default)]
+struct WeightPanels {
+    /// The weights' bytes, as addresses (empty until the engine tells).
+    span: Range<usize>,
+    /// Writes so far: panels packed under an older count are stale.
+    writes: u64,
+    kept: HashMap<PanelKey, Arc<Mutex<Panels>>>,
+}
+
+/// A weight as one product reads it: where, at which strides, how much.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PanelKey {
+    ptr: usize,
+    rs: isize,
+    cs: isize,
+    k: usize,
+    n: usize,
+}
+
+/// A weight's panels, every k block back to back, and the write count they were packed under
+/// (none yet: never packed). A weight is kept from its second product under a write count
+/// (read from the third on): one read once per write (every weight at one micro-batch a
+/// step) packs into the product's own small buffer, as before, rather than write ~100 MB of
+/// panels (MiniMind2-small) that nothing reads again.
+#[derive(Default)]
+struct Panels {
+    buf: amx::TileBuf,
+    packed_under: Option<u64>,
+    read_under: Option<u64>,
+    /// Products that read the panels as kept (tests count them).
+    reuses: u64,
+}
+
+/// A product's right-hand operand kept packed across products: `fresh` when `buf` holds it
+/// packed as the product packs it, else the product packs it there (and its caller then
+/// marks it fresh).
+pub(crate) struct RhsCache<'a> {
+    pub buf: &'a mut amx::TileBuf,
+    pub fresh: bool,
 }
 
 pub use super::kernels::KernelTime;
@@ -53,7 +117,30 @@ impl Cpu {
 
     /// The same backend with its matrix products on `path` (see [`bf16`]).
     pub fn with_products(self, path: bf16::Isa) -> Cpu {
-        Cpu { products: path, ..self }
+        // Panels kept on another path are in its layout.
+        Cpu { products: path, panels: Mutex::default(), ..self }
+    }
+
+    /// The same backend packing every product's weight anew (no kept panels): what the
+    /// kept panels must equal bit for bit.
+    pub fn without_kept_panels(self) -> Cpu {
+        Cpu { keep_panels: false, ..self }
+    }
+
+    /// The panels kept for a bf16 product's right-hand operand `b` read as `rhs` over
+    /// `[k, n]` when it lies inside the weights, with the write count they are fresh under.
+    fn kept_panels(&self, b: &[f32], rhs: Operand, [k, n]: [usize; 2]) -> Option<(Arc<Mutex<Panels>>, u64)> {
+        if !self.keep_panels || self.products == bf16::Isa::F32 {
+            return None;
+        }
+        let mut w = self.panels.lock().unwrap_or_else(|e| e.into_inner());
+        let start = b.as_ptr() as usize;
+        if w.span.is_empty() || start < w.span.start || start + std::mem::size_of_val(b) > w.span.end {
+            return None;
+        }
+        let writes = w.writes;
+        let key = PanelKey { ptr: start, rs: rhs.rs, cs: rhs.cs, k, n };
+        Some((w.kept.entry(key).or_default().clone(), writes))
     }
 
     /// Whether RMSNorm's backward sums its rows in lanes (see `rmsnorm_gx`): in bf16 runs.
@@ -438,6 +525,12 @@ impl Kernels for Cpu {
     fn host_floats<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
         Some(buf.as_mut_slice())
     }
+    fn weights_written(&self, params: &Vec<f32>) {
+        let mut w = self.panels.lock().unwrap_or_else(|e| e.into_inner());
+        let start = params.as_ptr() as usize;
+        w.span = start..start + std::mem::size_of_val(params.as_slice());
+        w.writes += 1;
+    }
     fn view<'a>(&self, buf: &'a Vec<f32>, r: Range<usize>) -> &'a [f32] {
         &buf[r]
     }
@@ -529,14 +622,32 @@ impl Kernels for Cpu {
                 let lhs = Operand { ptr: a.as_ptr(), rs: a_rs, cs: a_cs };
                 let rhs = Operand { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
                 let dst = Dst::set(out.as_mut_ptr(), n).with(1.0, accumulate);
+                // A weight's kept panels; busy (a product on another thread packs them), this
+                // one packs its own rather than wait.
+                let kept = if m > 0 && n > 0 { self.kept_panels(b, rhs, [k, n]) } else { None };
+                let mut held = kept.as_ref().and_then(|(p, under)| Some((p.try_lock().ok()?, *under)));
+                if let Some((p, under)) = &mut held
+                    && p.read_under.replace(*under) != Some(*under)
+                {
+                    held = None; // the first read under this write
+                }
+                let cache = held.as_mut().map(|(p, under)| {
+                    let fresh = p.packed_under == Some(*under);
+                    p.reuses += fresh as u64;
+                    RhsCache { fresh, buf: &mut p.buf }
+                });
                 // SAFETY: the asserts above bound every strided access; `out` is a distinct &mut;
-                // a bf16 path was chosen only where the CPU runs it (`bf16::isa`).
+                // a bf16 path was chosen only where the CPU runs it (`bf16::isa`); kept panels
+                // are fresh only when packed from these weights since their last write.
                 unsafe {
                     match path {
                         bf16::Isa::F32 => gemm_strided([m, n, k], dst, lhs, rhs, true),
-                        bf16::Isa::Avx512Bf16 => bf16::gemm([m, n, k], dst, lhs, rhs, true),
-                        bf16::Isa::Amx => amx::gemm([m, n, k], dst, lhs, rhs, true),
+                        bf16::Isa::Avx512Bf16 => bf16::gemm([m, n, k], dst, lhs, rhs, true, cache),
+                        bf16::Isa::Amx => amx::gemm([m, n, k], dst, lhs, rhs, true, cache),
                     }
+                }
+                if let Some((p, under)) = held.as_mut() {
+                    p.packed_under = Some(*under);
                 }
             },
         )
@@ -1016,7 +1127,84 @@ impl Kernels for Cpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, rmsnorm_gx, sum_squares_chunk, with_taken};
+    use super::{Cpu, bf16, exp, rmsnorm_gx, sum_squares_chunk, with_taken};
+
+    /// The bf16 products' kept weight panels give the bits of packing every weight anew, on
+    /// every bf16 path this CPU has, dense and MoE: across accumulated micro-batches (the
+    /// third reads what the second packed), AdamW steps, and weights set between two
+    /// micro-batches (each must make the kept panels stale); and products read them.
+    #[test]
+    fn kept_weight_panels_give_the_bits_of_packing_each_product_anew() {
+        use crate::engine::{Engine, OptimConfig};
+        let paths = bf16::available();
+        if paths.is_empty() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs on CPUs with bf16 instructions");
+            eprintln!("SKIPPED: this CPU has no bf16 instructions ({})", bf16::describe_cpu());
+            return;
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+        let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
+        let (b, t) = (2, 40);
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let ids: Vec<u32> = (0..3 * b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
+        let targets: Vec<i32> = ids.iter().map(|&i| ((i + 1) % 6400) as i32).collect();
+        for use_moe in [false, true] {
+            let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
+            cfg.use_moe = use_moe;
+            for &path in &paths {
+                let train = |cpu: Cpu| {
+                    let mut e = Engine::new(cpu.with_products(path), cfg.clone(), b, t).unwrap();
+                    e.init_weights(3);
+                    for step in 0..3 {
+                        for mb in 0..3 {
+                            if step == 1 && mb == 2 {
+                                let p: Vec<f32> = e.params_host().iter().map(|x| 0.9 * x).collect();
+                                e.set_params(&p);
+                            }
+                            let r = mb * b * t..(mb + 1) * b * t;
+                            e.forward_backward(&ids[r.clone()], &targets[r], 1.0 / 3.0);
+                        }
+                        e.optimizer_step(1e-2, &optim);
+                    }
+                    let panels = e.kernels.panels.lock().unwrap();
+                    let kept: Vec<(usize, u64)> = panels
+                        .kept
+                        .values()
+                        .map(|p| p.lock().unwrap())
+                        .filter(|p| p.packed_under.is_some())
+                        .map(|p| (p.buf.bytes(), p.reuses))
+                        .collect();
+                    (e.params_host().iter().map(|x| x.to_bits()).collect::<Vec<_>>(), kept)
+                };
+                let (kept_bits, kept) = train(Cpu::new());
+                let (anew_bits, none) = train(Cpu::new().without_kept_panels());
+                let reuses: u64 = kept.iter().map(|k| k.1).sum();
+                let kept: Vec<usize> = kept.iter().map(|k| k.0).collect();
+                // Each kept weight is read as kept by the third micro-batch of every step but
+                // the one whose weights were set before it.
+                assert!(
+                    reuses >= 2 * kept.len() as u64,
+                    "{}: {reuses} reuses of {} kept",
+                    path.name(),
+                    kept.len()
+                );
+                assert!(
+                    kept.len() >= 2 * cfg.num_hidden_layers && none.is_empty(),
+                    "{}: {kept:?}",
+                    path.name()
+                );
+                // What `cost::memory` counts for them: 4 bytes a parameter (two bf16 layouts).
+                let bytes = kept.iter().sum::<usize>() as f64 / (4 * cfg.parameter_count()) as f64;
+                println!("{} moe {use_moe}: kept panels {bytes:.3} of the estimate", path.name());
+                assert!(bytes <= 1.05, "{}: kept panels {bytes:.3} of the estimate", path.name());
+                assert!(
+                    kept_bits == anew_bits,
+                    "{} moe {use_moe}: kept panels changed the weights",
+                    path.name()
+                );
+            }
+        }
+    }
 
     /// The gradient norm's sum of squares keeps its order (float32 runs clip by it): eight
     /// f64 lanes over whole chunks, then the partial chunk, then the lanes in order.

@@ -1104,8 +1104,9 @@ __device__ void load_rows_a(unsigned (*f)[4], const X* x, i64 stride, int r0, in
 
 // Rows first..first+ROWS of `x` into a shared tile [ROWS][DD + 8] (8 elements of padding
 // keep the fragment reads of a warp on 32 distinct banks); rows at or past t are zeros.
-// Unrolled by 2: the dkv kernel at D 128 is at 255 registers, and with q and dout at
-// strides of their own (packed q|k|v) the compiler's deeper unrolling spilled there.
+// Unrolled by 2 (in all three flash kernels): the dkv kernel at D 128 is at 255 registers,
+// and with q and dout at strides of their own (packed q|k|v) the compiler's deeper
+// unrolling spilled there.
 template <typename X, int DD, int ROWS>
 __device__ void load_rows_shared(X (*tile)[DD + 8], const X* x, i64 stride, int first, int t, const float* cosb, const float* sinb) {
     #pragma unroll 2

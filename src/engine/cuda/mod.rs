@@ -526,7 +526,8 @@ impl Cuda {
     }
 
     /// Sends 16-bit attention to the cuBLAS products instead of the flash kernels (tests
-    /// compare the two). Only off: a GPU before sm_80 must never take them.
+    /// compare the two). Only off: a GPU before sm_80 must never take them. Before an engine
+    /// is built on it: the workspace lays q, k, v out for the path (`Kernels::packed_qkv`).
     pub fn without_flash(&mut self) {
         self.flash = false;
     }
@@ -1093,6 +1094,7 @@ impl Kernels for Cuda {
             self.flash_serves(s) && rot.pos == Positions::sequences(s.t),
             "packed q|k|v off the flash path"
         );
+        same_store("rope_attention_forward_packed", &[out.st, qkv.st]);
         let [q, k, v] = qkv_blocks(qkv.ptr, qkv.len, qkv.st, s).map(DView::at);
         let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
         let at = (s, attention::Ld::packed(s));
@@ -1982,6 +1984,46 @@ mod tests {
                     assert!(worst < tolerance, "{dtype:?} {s:?} {what}: {worst:.2e}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn cuda_packed_qkv_training_agrees_with_three_products_and_cublas_attention() {
+        // The model's wiring of the packed q|k|v path (one product each way into and out of
+        // the flash kernels' strided rows), heads 64 wide in bf16: one micro-batch's loss and
+        // every tensor's gradient against the engine that takes three products and the cuBLAS
+        // attention (the conformance suite checks the kernels alone). Dense: MoE takes the
+        // same attention, and bf16's differences flip some of its top-k choices, which moves
+        // its experts' gradients by tens of percent.
+        use crate::engine::Engine;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
+        let (b, t) = (2, 40);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 37 % 6400) as u32).collect();
+        let targets: Vec<i32> = (0..b * t).map(|i| (i * 53 % 6400) as i32).collect();
+        let mut cfg = crate::engine::hf::read_config(&dir.join("config.json")).unwrap();
+        (cfg.use_moe, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) =
+            (false, 128, 2, 1, 64);
+        let run = |flash: bool| {
+            let mut cuda = Cuda::emulated(Dtype::Bfloat16).unwrap();
+            if !flash {
+                cuda.without_flash();
+            }
+            let mut e = Engine::new(cuda, cfg.clone(), b, t).unwrap();
+            e.init_weights(2);
+            let loss = e.forward_backward(&ids, &targets, 1.0);
+            e.kernels.check().unwrap();
+            let launches = e.kernels.launch_counts();
+            (loss.lm, e.grads_host(), launches.get("flash_forward").copied())
+        };
+        let (packed, split) = (run(true), run(false));
+        // (The dry backend's launch test holds the packed path to its product count.)
+        let layers = cfg.num_hidden_layers as u64;
+        assert_eq!((packed.2, split.2), (Some(layers), None), "the flash path runs");
+        assert!((packed.0 - split.0).abs() < 1e-2, "loss {} vs {}", packed.0, split.0);
+        for tensor in &crate::engine::Layout::new(&cfg).tensors {
+            let r = tensor.range.clone();
+            let worst = crate::engine::conformance::rel(&packed.1[r.clone()], &split.1[r]);
+            assert!(worst < 3e-2, "{}: {worst:.2e}", tensor.name);
         }
     }
 

@@ -113,10 +113,12 @@ fn device_memory_with(
     params * (4.0 * (1.0 + grads + 2.0) + copy) + workspace + scratch + attention
 }
 
-/// Whether `c` runs on the CPU in bfloat16, whose products keep packed bf16 weights (an upper
-/// bound: a CPU without bf16 instructions keeps float32 products and none). Pure.
-fn cpu_bf16(c: &Config) -> bool {
-    c.train.dtype == Dtype::Bfloat16 && !matches!(c.train.device, crate::config::Device::Cuda(_))
+/// Whether a run on `device` in `dtype` keeps the CPU's packed bf16 weights: bfloat16 on the
+/// CPU (`auto` counted as the CPU: an upper bound) with bf16 products on this CPU.
+pub fn keeps_panels(device: crate::config::Device, dtype: Dtype) -> bool {
+    dtype == Dtype::Bfloat16
+        && !matches!(device, crate::config::Device::Cuda(_))
+        && cpu_path(Dtype::Bfloat16) != Isa::F32
 }
 
 /// A run's cost, as `plan`, `run --dry-run` and the run header show it.
@@ -133,13 +135,14 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// Pure: the cost of `c` over `steps`, timed at `gflops`.
-    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<(f64, Isa)>) -> Cost {
+    /// Pure: the cost of `c` over `steps`, timed at `gflops`; `panels`: the run keeps the
+    /// CPU's packed bf16 weights ([`keeps_panels`] where it trains).
+    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<(f64, Isa)>, panels: bool) -> Cost {
         let (b, t) = (c.train.batch_size, c.data.max_seq_len);
         let tokens = (b * t * c.train.accumulation_steps) as f64;
         Cost {
             parameters: c.model.parameter_count(),
-            memory: memory(&c.model, b, t, c.train.accumulation_steps, cpu_bf16(c)),
+            memory: memory(&c.model, b, t, c.train.accumulation_steps, panels),
             flops_per_step: 3.0 * flops_per_token(&c.model, t) * tokens,
             steps,
             gflops,
@@ -336,7 +339,8 @@ pub fn planned_steps(c: &Config) -> Option<usize> {
 
 /// The run's cost with the measured throughput of this machine (measured once, cached).
 pub fn cost_of(c: &Config) -> Cost {
-    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads, c.train.dtype).ok())
+    let panels = keeps_panels(c.train.device, c.train.dtype);
+    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads, c.train.dtype).ok(), panels)
 }
 
 /// The runs' costs; `ranks` data-parallel ranks multiply each step's batch (the global batch,
@@ -432,6 +436,21 @@ mod tests {
             Cost { parameters: 1, memory: big.clone(), flops_per_step: 1.0, steps: None, gflops: None };
         assert_eq!(too_big(&cost, big.peak + 1.0), None);
         assert!(too_big(&cost, 1e9).unwrap().contains("more than the 1.0GB available"));
+    }
+
+    #[test]
+    fn only_a_cpu_run_with_bf16_products_keeps_packed_weights() {
+        use crate::config::Device;
+        let bf16_here = cpu_path(Dtype::Bfloat16) != Isa::F32;
+        for (device, dtype, keeps) in [
+            (Device::Cpu, Dtype::Bfloat16, bf16_here),
+            (Device::Auto, Dtype::Bfloat16, bf16_here),
+            (Device::Cpu, Dtype::Float32, false),
+            (Device::Cpu, Dtype::Float16, false),
+            (Device::Cuda(0), Dtype::Bfloat16, false),
+        ] {
+            assert_eq!(keeps_panels(device, dtype), keeps, "{device:?} {dtype:?}");
+        }
     }
 
     #[test]

@@ -160,7 +160,10 @@ pub fn preflight(c: &Config, layered: &Layered) -> Result<Placement, ConfigError
     let origin = |key: &str| layered.origin_of(key);
     let placement = train::place(&c.train, &origin)?;
     if let Some(available) = cost::available_memory()
-        && let Some(why) = cost::too_big(&Cost::of(c, None, None), available)
+        && let Some(why) = cost::too_big(
+            &Cost::of(c, None, None, cost::keeps_panels(placement.device, placement.dtype)),
+            available,
+        )
     {
         let shrink = ["train.batch_size", "data.max_seq_len", "model.hidden_size", "model.num_hidden_layers"]
             .iter()

@@ -450,7 +450,8 @@ impl<'a, K: Kernels> Trainer<'a, K> {
         for note in placement.all_notes().chain(notes) {
             self.console.line(note);
         }
-        let lines = header_lines(self.ctx, &self.data, &self.split, (device, placement.dtype));
+        let panels = crate::cost::keeps_panels(placement.device, placement.dtype);
+        let lines = header_lines(self.ctx, &self.data, &self.split, (device, placement.dtype), panels);
         for line in lines {
             self.console.line(&line);
         }
@@ -577,8 +578,8 @@ fn open_trace(s: &Session) -> Result<Option<std::fs::File>> {
 
 /// The header's lines: the run's shape and data, its cost; `on` is the device (as the backend
 /// names it) and the dtype: on a GPU the model knows, the step time is its prediction, else
-/// this machine's matrix speed.
-fn header_lines(ctx: Ctx<'_>, data: &Data, split: &Split, on: (&str, Dtype)) -> Vec<String> {
+/// this machine's matrix speed; `panels`: the run keeps the CPU's packed bf16 weights.
+fn header_lines(ctx: Ctx<'_>, data: &Data, split: &Split, on: (&str, Dtype), panels: bool) -> Vec<String> {
     let (run, config) = (ctx.run, ctx.config);
     let (b, t, accum) = (config.train.batch_size, config.data.max_seq_len, split.global);
     let ranks = match split.global / split.local {
@@ -604,7 +605,7 @@ fn header_lines(ctx: Ctx<'_>, data: &Data, split: &Split, on: (&str, Dtype)) -> 
     let gpu = crate::roofline::find(on.0).ok().filter(|_| config.train.device != Device::Cpu);
     let gflops =
         if gpu.is_some() { None } else { crate::cost::machine_gflops(config.train.threads, on.1).ok() };
-    lines.push(format!("cost: {}", Cost::of(config, Some(split.total), gflops).describe()));
+    lines.push(format!("cost: {}", Cost::of(config, Some(split.total), gflops, panels).describe()));
     // The run's own dtype on its GPU (a resolved placement may differ from the config's).
     let mut placed = config.clone();
     placed.train.dtype = on.1;

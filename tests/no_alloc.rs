@@ -1,13 +1,14 @@
 //! The hot loop allocates nothing: after warm-up, training steps (forward, backward, clip,
-//! AdamW) make no heap allocation of their own, dense and MoE. One thread, so that every
-//! allocation (gemm's included) happens on the thread that marks where gemm runs. And the
-//! memory estimate `plan` prints is what the engine really holds.
+//! AdamW) make no heap allocation of their own, dense and MoE, in float32 and with the CPU's
+//! bf16 products (their kept weight panels included). One thread, so that every allocation
+//! (gemm's included) happens on the thread that marks where gemm runs. And the memory
+//! estimate `plan` prints is what the engine really holds.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
-use minimind::engine::cpu::Cpu;
+use minimind::engine::cpu::{Cpu, bf16};
 use minimind::engine::{Engine, Footprint, OptimConfig, hf, keep_attention_probs, workspace_bytes};
 use minimind::rng::SplitMix64;
 
@@ -49,14 +50,16 @@ fn count() {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn allocations_per_step(use_moe: bool) -> usize {
+/// Allocations outside gemm over three steps after three of warm-up, each step of `micro`
+/// micro-batches, the products on `path`.
+fn allocations_per_step(use_moe: bool, path: bf16::Isa, micro: usize) -> usize {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/moe_tiny");
     let mut cfg = hf::read_config(&dir.join("config.json")).unwrap();
     cfg.use_moe = use_moe;
     let (b, t) = (2, 48);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     pool.install(|| {
-        let mut engine = Engine::new(Cpu::new(), cfg, b, t).unwrap();
+        let mut engine = Engine::new(Cpu::new().with_products(path), cfg, b, t).unwrap();
         engine.init_weights(1);
         let mut rng = SplitMix64::new(5);
         let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 6400) as u32).collect();
@@ -65,7 +68,9 @@ fn allocations_per_step(use_moe: bool) -> usize {
         let optim = OptimConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: 1.0 };
         let step = |engine: &mut Engine<Cpu>| {
             engine.zero_grads();
-            engine.forward_backward(&ids, &targets, 1.0);
+            for _ in 0..micro {
+                engine.forward_backward(&ids, &targets, 1.0 / micro as f32);
+            }
             engine.optimizer_step(1e-3, &optim);
         };
         for _ in 0..3 {
@@ -75,7 +80,9 @@ fn allocations_per_step(use_moe: bool) -> usize {
         for _ in 0..3 {
             step(&mut engine);
         }
-        assert!(ALL.load(Ordering::SeqCst) > all_before, "the counter saw gemm's allocations");
+        if path == bf16::Isa::F32 {
+            assert!(ALL.load(Ordering::SeqCst) > all_before, "the counter saw gemm's allocations");
+        }
         ALLOCS.load(Ordering::SeqCst) - before
     })
 }
@@ -119,6 +126,23 @@ fn the_memory_estimate_is_what_the_engine_holds() {
 #[test]
 fn training_steps_do_not_allocate() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    assert_eq!(allocations_per_step(false), 0, "dense");
-    assert_eq!(allocations_per_step(true), 0, "moe");
+    assert_eq!(allocations_per_step(false, bf16::Isa::F32, 1), 0, "dense");
+    assert_eq!(allocations_per_step(true, bf16::Isa::F32, 1), 0, "moe");
+}
+
+#[test]
+fn bf16_training_steps_do_not_allocate_with_kept_weight_panels() {
+    // Three micro-batches a step: the second packs each weight into its kept panels, the
+    // third reads them; steady state allocates nothing, on every bf16 path the CPU has.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let paths = bf16::available();
+    if paths.is_empty() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs on CPUs with bf16 instructions");
+        eprintln!("SKIPPED: this CPU has no bf16 instructions ({})", bf16::describe_cpu());
+        return;
+    }
+    for path in paths {
+        assert_eq!(allocations_per_step(false, path, 3), 0, "dense, {}", path.name());
+        assert_eq!(allocations_per_step(true, path, 3), 0, "moe, {}", path.name());
+    }
 }

@@ -132,38 +132,14 @@ pub(crate) unsafe fn gemm(
         let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
         let packed: &[u32] = packed;
         let shared = Shared { dst, lhs };
-        let row_blocks = m.div_ceil(MC);
-        let run = |bi: usize| {
-            let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
+        super::each_row_block(m, MC, parallel, |i0, mc| {
             let Shared { dst, lhs } = shared.get();
             let panels = (packed, steps * T * KS / 2, 0);
-            // SAFETY: row block bi of dst is this worker's; inputs within the extents.
+            // SAFETY: row block i0.. of dst is this worker's; inputs within the extents.
             unsafe { row_block(dst, lhs, (i0, mc), (k0, kc, steps), n, panels) };
-        };
-        if parallel && row_blocks > 1 {
-            (0..row_blocks).into_par_iter().for_each(run);
-        } else {
-            (0..row_blocks).for_each(run);
-        }
+        });
     };
-    match cache {
-        Some(RhsCache { buf, fresh }) => {
-            // Every k block's panels, back to back.
-            let total = blocks().map(|b| b.3).sum::<usize>() * per_step;
-            let mut rest = buf.overwritten_u32(total);
-            for b in blocks() {
-                let (packed, tail) = std::mem::take(&mut rest).split_at_mut(b.3 * per_step);
-                rest = tail;
-                product(packed, !fresh, b);
-            }
-        }
-        // Taken, not borrowed, across the parallel loop (see `super::with_taken`).
-        None => super::with_taken(&PACK_B, |buf| {
-            for b in blocks() {
-                product(buf.overwritten_u32(b.3 * per_step), true, b);
-            }
-        }),
-    }
+    super::each_k_block(cache, &PACK_B, blocks(), |b| b.3 * per_step, product);
 }
 
 /// A right-hand operand packed once for several products over its first columns and any

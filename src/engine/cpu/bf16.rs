@@ -22,8 +22,6 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
 use super::{Dst, Operand, RhsCache};
 
 /// The bf16 instruction path this process uses for matrix products.
@@ -150,7 +148,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 thread_local! {
     /// Packing buffers, reused call after call (no allocation once warm).
     static PACK_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    static PACK_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACK_B: RefCell<super::amx::TileBuf> = const { RefCell::new(super::amx::TileBuf::new()) };
 }
 
 /// `dst[m, n] (+)= beta * lhs[m, k] rhs[k, n]` with bf16 products and f32 sums, on the rayon
@@ -189,41 +187,15 @@ pub(crate) unsafe fn gemm(
         // The first block writes (or accumulates, as dst asks), the others add.
         let dst = if block == 0 { dst } else { dst.with(dst.beta, true) };
         let packed: &[u32] = packed;
-        let row_blocks = m.div_ceil(MC);
         let shared = Shared { dst, lhs };
-        let run = |bi: usize| {
-            let (i0, mc) = (bi * MC, MC.min(m - bi * MC));
-            // SAFETY: row block bi of dst is written by this worker only; the inputs are
+        super::each_row_block(m, MC, parallel, |i0, mc| {
+            // SAFETY: row block i0.. of dst is written by this worker only; the inputs are
             // read within the caller's extents.
             let Shared { dst, lhs } = shared.get();
             unsafe { row_block(dst, lhs, (i0, mc), (k0, kc), n, packed) };
-        };
-        if parallel && row_blocks > 1 {
-            (0..row_blocks).into_par_iter().for_each(run);
-        } else {
-            (0..row_blocks).for_each(run);
-        }
+        });
     };
-    match cache {
-        Some(RhsCache { buf, fresh }) => {
-            // Every k block's panels, back to back.
-            let total = blocks().map(|b| b.3).sum::<usize>() * per_pair;
-            let mut rest = buf.overwritten_u32(total);
-            for b in blocks() {
-                let (packed, tail) = std::mem::take(&mut rest).split_at_mut(b.3 * per_pair);
-                rest = tail;
-                product(packed, !fresh, b);
-            }
-        }
-        // Taken, not borrowed, across the parallel loop (see `with_taken`).
-        None => super::with_taken(&PACK_B, |buf| {
-            for b in blocks() {
-                buf.clear();
-                buf.resize(b.3 * per_pair, 0);
-                product(buf, true, b);
-            }
-        }),
-    }
+    super::each_k_block(cache, &PACK_B, blocks(), |b| b.3 * per_pair, product);
 }
 
 /// The output and an input as the workers see them: each writes its own rows of `dst` and

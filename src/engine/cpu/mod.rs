@@ -103,6 +103,46 @@ pub(crate) struct RhsCache<'a> {
     pub fresh: bool,
 }
 
+/// Runs a bf16 product's k blocks in order, `product(panels, pack, block)` each: `panels`,
+/// `len(block)` u32, is the block's share of the kept `cache` (every block back to back;
+/// to pack unless fresh), or else this thread's buffer in `own` (always to pack), taken,
+/// not borrowed, across the product's parallel loop (see [`with_taken`]).
+pub(crate) fn each_k_block<B: Copy>(
+    cache: Option<RhsCache>,
+    own: &'static std::thread::LocalKey<std::cell::RefCell<amx::TileBuf>>,
+    blocks: impl Iterator<Item = B> + Clone,
+    len: impl Fn(B) -> usize,
+    mut product: impl FnMut(&mut [u32], bool, B),
+) {
+    match cache {
+        Some(RhsCache { buf, fresh }) => {
+            let mut rest = buf.overwritten_u32(blocks.clone().map(&len).sum());
+            for b in blocks {
+                let (panels, tail) = std::mem::take(&mut rest).split_at_mut(len(b));
+                rest = tail;
+                product(panels, !fresh, b);
+            }
+        }
+        None => with_taken(own, |buf| {
+            for b in blocks {
+                product(buf.overwritten_u32(len(b)), true, b);
+            }
+        }),
+    }
+}
+
+/// Runs `run(i0, rows)` over `m` rows in blocks of `mc` (the last shorter), on the rayon pool
+/// when `parallel` and there are several.
+pub(crate) fn each_row_block(m: usize, mc: usize, parallel: bool, run: impl Fn(usize, usize) + Sync + Send) {
+    let blocks = m.div_ceil(mc);
+    let one = |bi: usize| run(bi * mc, mc.min(m - bi * mc));
+    if parallel && blocks > 1 {
+        (0..blocks).into_par_iter().for_each(one);
+    } else {
+        (0..blocks).for_each(one);
+    }
+}
+
 pub use super::kernels::KernelTime;
 
 impl Cpu {

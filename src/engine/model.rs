@@ -567,15 +567,13 @@ impl<K: Kernels> Model<'_, K> {
             );
         }
         let xn1 = ops.view(&a.xn1, nc.clone());
-        let table = ops.len(&ws.cos);
-        let (cos, sin) = (ops.view(&ws.cos, 0..table), ops.view(&ws.sin, 0..table));
         match attention {
             Attention::Causal { shape } if ws.packed => {
                 // q | k | v = xn1 [Wq; Wk; Wv]ᵀ, one product into one [N, (H + 2G) D] buffer.
                 let qkv = 0..n * (hd + 2 * gd);
                 let g3 = Gemm::linear(n, hd + 2 * gd, c);
                 ops.matmul(ops.view_mut(&mut a.q, qkv.clone()), xn1, self.w(p, &lp.qkv()), g3);
-                let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
+                let rot = self.rotary(&ws.cos, &ws.sin, shape.t);
                 ops.rope_attention_forward_packed(
                     ops.view_mut(&mut a.att, 0..n * hd),
                     &mut a.attn,
@@ -590,7 +588,7 @@ impl<K: Kernels> Model<'_, K> {
                 ops.matmul(ops.view_mut(&mut a.v, 0..n * gd), xn1, self.w(p, &lp.v), Gemm::linear(n, gd, c));
                 // RoPE on q and k, then attention (the backend may rotate copies instead:
                 // what a.q and a.k hold afterwards is for rope_attention_backward only).
-                let rot = Rotary { cos, sin, pos: Positions::sequences(shape.t) };
+                let rot = self.rotary(&ws.cos, &ws.sin, shape.t);
                 let scratch_len = ops.len(&ws.attn_scratch);
                 ops.rope_attention_forward(
                     ops.view_mut(&mut a.att, 0..n * hd),

@@ -25,6 +25,7 @@ const ROWS_PER_TASK: usize = 16;
 /// Elements per partial sum in reductions over flat buffers.
 const SUM_CHUNK: usize = 1 << 15;
 
+#[derive(Default)]
 pub struct Cpu {
     /// Reused storage for partial sums (no allocation per step).
     partials: Mutex<Vec<f64>>,
@@ -38,21 +39,8 @@ pub struct Cpu {
     products: bf16::Isa,
     /// The bf16 products' weights, packed once per write of the weights.
     panels: Mutex<WeightPanels>,
-    /// Whether to keep them (else every product packs its weight; tests compare the two).
-    keep_panels: bool,
-}
-
-impl Default for Cpu {
-    fn default() -> Cpu {
-        Cpu {
-            partials: Mutex::default(),
-            seen: Mutex::default(),
-            profile: None,
-            products: bf16::Isa::default(),
-            panels: Mutex::default(),
-            keep_panels: true,
-        }
-    }
+    /// Every product packs its weight anew, none kept (tests compare the two).
+    pack_anew: bool,
 }
 
 /// The bf16 products' packed weights, the bf16 copy of the weights the products read (#21):
@@ -164,13 +152,13 @@ impl Cpu {
     /// The same backend packing every product's weight anew (no kept panels): what the
     /// kept panels must equal bit for bit.
     pub fn without_kept_panels(self) -> Cpu {
-        Cpu { keep_panels: false, ..self }
+        Cpu { pack_anew: true, ..self }
     }
 
     /// The panels kept for a bf16 product's right-hand operand `b` read as `rhs` over
     /// `[k, n]` when it lies inside the weights, with the write count they are fresh under.
     fn kept_panels(&self, b: &[f32], rhs: Operand, [k, n]: [usize; 2]) -> Option<(Arc<Mutex<Panels>>, u64)> {
-        if !self.keep_panels || self.products == bf16::Isa::F32 {
+        if self.pack_anew || self.products == bf16::Isa::F32 {
             return None;
         }
         let mut w = self.panels.lock().unwrap_or_else(|e| e.into_inner());

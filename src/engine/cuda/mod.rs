@@ -351,26 +351,31 @@ impl<'a> DViewMut<'a> {
     }
 }
 
-/// Where q, k and v (or their gradients) start in a packed `[N, (H + 2G) D]` buffer at `ptr`
-/// of `len` elements (`Kernels::packed_qkv`): each as (pointer, elements to the buffer's end,
-/// store), their rows the buffer's rows apart (`attention::Ld::packed`).
-fn qkv_blocks(ptr: u64, len: usize, st: Store, s: AttnShape) -> [(u64, usize, Store); 3] {
+/// Where q, k and v (or their gradients) start in a packed `[N, (H + 2G) D]` buffer of `len`
+/// elements stored in `st` (`Kernels::packed_qkv`): each as (bytes from the buffer's start,
+/// elements to its end), their rows the buffer's rows apart (`attention::Ld::packed`).
+fn qkv_blocks(len: usize, st: Store, s: AttnShape) -> [(u64, usize); 3] {
     let (hd, gd) = (s.h * s.d, s.g * s.d);
     assert_eq!(len, s.b * s.t * (hd + 2 * gd), "packed q|k|v size");
-    [0, hd, hd + gd].map(|col| (ptr + (col * st.size()) as u64, len - col, st))
+    [0, hd, hd + gd].map(|col| ((col * st.size()) as u64, len - col))
 }
 
-impl DView<'_> {
-    /// A view at a raw place inside a buffer a caller has borrowed ([`qkv_blocks`]).
-    fn at((ptr, len, st): (u64, usize, Store)) -> Self {
-        DView { ptr, len, st, _borrow: PhantomData }
+impl<'a> DView<'a> {
+    /// q, k and v of this packed buffer ([`qkv_blocks`]), borrowing what it borrows.
+    fn qkv(&self, s: AttnShape) -> [DView<'a>; 3] {
+        qkv_blocks(self.len, self.st, s).map(|(at, len)| DView { ptr: self.ptr + at, len, ..*self })
     }
 }
 
-impl DViewMut<'_> {
-    /// A view at a raw place inside a buffer a caller has borrowed ([`qkv_blocks`]).
-    fn at((ptr, len, st): (u64, usize, Store)) -> Self {
-        DViewMut { ptr, len, st, _borrow: PhantomData }
+impl<'a> DViewMut<'a> {
+    /// dq, dk and dv of this packed buffer ([`qkv_blocks`]), writable as [`DViewMut::again`].
+    fn qkv(&self, s: AttnShape) -> [DViewMut<'a>; 3] {
+        qkv_blocks(self.len, self.st, s).map(|(at, len)| DViewMut {
+            ptr: self.ptr + at,
+            len,
+            st: self.st,
+            _borrow: PhantomData,
+        })
     }
 }
 
@@ -1095,7 +1100,7 @@ impl Kernels for Cuda {
             "packed q|k|v off the flash path"
         );
         same_store("rope_attention_forward_packed", &[out.st, qkv.st]);
-        let [q, k, v] = qkv_blocks(qkv.ptr, qkv.len, qkv.st, s).map(DView::at);
+        let [q, k, v] = qkv.qkv(s);
         let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
         let at = (s, attention::Ld::packed(s));
         self.attention_forward_flash(&out, self.ptr(&saved.lse), [&q, &k, &v], Some(tables), at);
@@ -1115,8 +1120,7 @@ impl Kernels for Cuda {
     ) {
         assert!(self.flash_serves(s) && !saved.rotated_in_place, "packed q|k|v off the flash path");
         same_store("rope_attention_backward_packed", &[dqkv.st, dout.st, out.st, qkv.st]);
-        let [q, k, v] = qkv_blocks(qkv.ptr, qkv.len, qkv.st, s).map(DView::at);
-        let [dq, dk, dv] = qkv_blocks(dqkv.ptr, dqkv.len, dqkv.st, s).map(DViewMut::at);
+        let ([q, k, v], [dq, dk, dv]) = (qkv.qkv(s), dqkv.qkv(s));
         let tables = attention::Tables { cos: rot.cos.ptr, sin: rot.sin.ptr };
         let lse_delta = (self.ptr(&saved.lse), scratch.ptr);
         let at = (s, attention::Ld::packed(s));

@@ -1,6 +1,7 @@
 //! minimind: a config-driven experiment runner and training engine for MiniMind-style LLM
 //! pretraining.
 
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -25,3 +26,7 @@ pub mod sweep;
 pub mod threads;
 pub mod train;
 pub mod units;
+
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: alloc::Aligned = alloc::Aligned;

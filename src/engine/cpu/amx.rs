@@ -12,8 +12,9 @@
 //! lhs per `MC`-row block (on its worker) into 32-row tiles `[tile][step][half][16][32] u16`,
 //! both on 64-byte lines ([`TileBuf`]). Each 32 x 32 output block is summed in the tiles: onto
 //! dst's values when accumulating (and over every k block after the first), else from zero.
-//! The tiles load and store the block in place where its rows start on lines (the engine's
-//! buffers do: [`crate::alloc`]), else through an aligned [`Block`]: the same sums either way,
+//! The tiles load and store a whole block in place where its rows start on lines (the
+//! engine's buffers do: [`crate::alloc`]), else (ragged edges, rows off lines) through an
+//! aligned [`Block`]: the same sums either way,
 //! so the bits do not depend on where dst lies. Scaled products (`beta` not 1: attention's)
 //! sum each k block from zero and add `beta` times it with AVX-512.
 //! The OS must grant the tile data state first ([`permit`]).
@@ -306,8 +307,9 @@ unsafe fn row_block(
     let per_tile = steps * T * KS;
     PACK_A.with(|a| {
         let mut a = a.borrow_mut();
-        // Every u16 of whole tiles is packed below; ragged ones keep zeros past the edges.
-        let a = if mc.is_multiple_of(T) && kc.is_multiple_of(KS) {
+        // Every u16 of whole tiles is packed below (k = 0 packs none); ragged ones keep zeros
+        // past the edges.
+        let a = if mc.is_multiple_of(T) && kc.is_multiple_of(KS) && kc > 0 {
             a.overwritten_u16(tiles * per_tile)
         } else {
             a.zeroed_u16(tiles * per_tile)
@@ -380,13 +382,16 @@ unsafe fn row_block(
             for (t, a) in a.chunks_exact(per_tile).enumerate() {
                 let (i, rows) = (i0 + t * T, T.min(mc - t * T));
                 let ((corner, in_place), (a, b)) = (block(panel, t), (a.as_ptr(), b.as_ptr()));
-                let own = (tile.0.as_mut_ptr().cast::<f32>(), T * 4);
+                // The aligned block's pointer, taken after the last borrow of `tile` before use.
+                let own = |tile: &mut Block| (tile.0.as_mut_ptr().cast::<f32>(), T * 4);
                 if in_place {
                     let next = panel * tiles + t + AHEAD;
                     if next < panels * tiles && block(next / tiles, next % tiles).1 {
                         // SAFETY: a hint at a block inside dst.
                         unsafe { prefetch_block(block(next / tiles, next % tiles).0, dst.ld) };
                     }
+                    #[cfg(test)]
+                    IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     // SAFETY: the whole block at `corner` is this block's, its rows on lines;
                     // the packed tiles hold `steps` steps each; tiles are configured.
                     unsafe { micro(a, b, steps, (corner, dst.ld * 4), dst.accumulate) };
@@ -398,7 +403,7 @@ unsafe fn row_block(
                         if dst.accumulate {
                             load_tile(dst, (i, j0), (rows, cols), &mut tile);
                         }
-                        micro(a, b, steps, own, dst.accumulate);
+                        micro(a, b, steps, own(&mut tile), dst.accumulate);
                         if rows == T && cols == T && vector_pack() {
                             store_block(out, corner, &tile);
                         } else {
@@ -409,13 +414,13 @@ unsafe fn row_block(
                     // Scaled (attention's products): the sum from zero, scaled as it is added.
                     // SAFETY: as above; the CPU has AVX-512 (checked).
                     unsafe {
-                        micro(a, b, steps, own, false);
+                        micro(a, b, steps, own(&mut tile), false);
                         store_block(dst, corner, &tile);
                     }
                 } else {
                     // SAFETY: as above.
                     unsafe {
-                        micro(a, b, steps, own, false);
+                        micro(a, b, steps, own(&mut tile), false);
                         store_tile(dst, (i, j0), (rows, cols), &tile.0);
                     }
                 }
@@ -425,6 +430,10 @@ unsafe fn row_block(
         unsafe { std::arch::asm!("tilerelease", options(nostack)) };
     });
 }
+
+/// Blocks summed in place, over the process (tests see that the path is taken).
+#[cfg(test)]
+static IN_PLACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Whether packing may convert with AVX512-BF16, and the epilogue use AVX-512 (every AMX CPU
 /// has both; checked once).
@@ -762,11 +771,17 @@ mod tests {
                 let words = buf.zeroed_u32(m * n + 16);
                 assert_eq!(words.as_ptr() as usize % 64, 0);
                 let [on, off] = [0usize, 4].map(|at| {
+                    let before = IN_PLACE.load(std::sync::atomic::Ordering::Relaxed);
                     let out: &mut [f32] = bytemuck_f32(&mut words[at..at + m * n]);
                     out.copy_from_slice(&start);
                     let d = Dst::set(out.as_mut_ptr(), n).with(1.0, accumulate);
                     // SAFETY: the operands and `out` hold the shapes; the CPU has AMX.
                     unsafe { gemm([m, n, k], d, l, r, true, None) };
+                    if at == 0 {
+                        // Other tests' products may add to the count too, never take from it.
+                        let done = IN_PLACE.load(std::sync::atomic::Ordering::Relaxed) - before;
+                        assert!(done >= (m / T) * (n / T), "{m}x{n}x{k}: whole blocks on lines in place");
+                    }
                     out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
                 });
                 assert_eq!(on, off, "{m}x{n}x{k}, accumulate {accumulate}");

@@ -395,33 +395,24 @@ unsafe fn row_block(
                     // SAFETY: the whole block at `corner` is this block's, its rows on lines;
                     // the packed tiles hold `steps` steps each; tiles are configured.
                     unsafe { micro(a, b, steps, (corner, dst.ld * 4), dst.accumulate) };
-                } else if dst.beta == 1.0 {
-                    // The same sums through the aligned `tile`: dst's values in, the sum out.
-                    let out = Dst { accumulate: false, ..dst };
-                    // SAFETY: rows i.., columns j0.. of dst are this block's; as above.
+                } else {
+                    // Through the aligned `tile`. Beta 1: the sums the tiles make in place (onto
+                    // dst's values, loaded first, when accumulating), stored as they are. Scaled
+                    // (attention's products): the sum from zero, scaled as it is added to dst.
+                    let load = dst.beta == 1.0 && dst.accumulate;
+                    let out = if dst.beta == 1.0 { Dst { accumulate: false, ..dst } } else { dst };
+                    // SAFETY: rows i.., columns j0.. of dst are this block's; as above; the CPU
+                    // has AVX-512 where `vector_pack` says so.
                     unsafe {
-                        if dst.accumulate {
+                        if load {
                             load_tile(dst, (i, j0), (rows, cols), &mut tile);
                         }
-                        micro(a, b, steps, own(&mut tile), dst.accumulate);
+                        micro(a, b, steps, own(&mut tile), load);
                         if rows == T && cols == T && vector_pack() {
                             store_block(out, corner, &tile);
                         } else {
                             store_tile(out, (i, j0), (rows, cols), &tile.0);
                         }
-                    }
-                } else if rows == T && cols == T && vector_pack() {
-                    // Scaled (attention's products): the sum from zero, scaled as it is added.
-                    // SAFETY: as above; the CPU has AVX-512 (checked).
-                    unsafe {
-                        micro(a, b, steps, own(&mut tile), false);
-                        store_block(dst, corner, &tile);
-                    }
-                } else {
-                    // SAFETY: as above.
-                    unsafe {
-                        micro(a, b, steps, own(&mut tile), false);
-                        store_tile(dst, (i, j0), (rows, cols), &tile.0);
                     }
                 }
             }

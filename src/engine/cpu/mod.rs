@@ -276,6 +276,43 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `sum += x`, then RMSNorm of the sums over whole rows of width `w.len()`.
+    fn add_rmsnorm_rows(y: &mut [f32], r: &mut [f32], sum: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        sum.iter_mut().zip(x).for_each(|(s, x)| *s += x);
+        rmsnorm_rows(y, r, sum, w, w.len(), eps);
+    }
+}
+
+simd_fn! {
+    /// RMSNorm's backward into `dx` (added) over whole rows of width `w.len()`, `r` their
+    /// reciprocal RMS: `dx += r w dy - r³ (sum dy w x) / C x`.
+    fn rmsnorm_dx_rows(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], r: &[f32], lanes: bool) {
+        let c = w.len();
+        for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r) {
+            let gx = rmsnorm_gx(dy, w, x, lanes);
+            let k = r * r * r * gx / c as f32;
+            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                *dx += r * w * dy - k * x;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// RMSNorm's weight gradient for columns `c0..c0 + dw.len()` (added): every row's
+    /// `dy x r`, the rows in order.
+    fn rmsnorm_dw_columns(dw: &mut [f32], c0: usize, dy: &[f32], x: &[f32], rstd: &[f32], c: usize) {
+        for (n, &r) in rstd.iter().enumerate() {
+            let base = n * c + c0;
+            let (dy, x) = (&dy[base..base + dw.len()], &x[base..base + dw.len()]);
+            for ((d, dy), x) in dw.iter_mut().zip(dy).zip(x) {
+                *d += dy * x * r;
+            }
+        }
+    }
+}
+
+simd_fn! {
     /// `a = silu(g) * u` for rows of `gu = [g | u]`.
     fn swiglu_rows(a: &mut [f32], gu: &[f32], i: usize) {
         for (a, gu) in a.chunks_mut(i).zip(gu.chunks(2 * i)) {
@@ -779,10 +816,7 @@ impl Kernels for Cpu {
                 y.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
                     .zip(sum.par_chunks_mut(c * ROWS_PER_TASK).zip(x.par_chunks(c * ROWS_PER_TASK)))
-                    .for_each(|((y, r), (sum, x))| {
-                        sum.iter_mut().zip(x).for_each(|(s, x)| *s += x);
-                        rmsnorm_rows(y, r, sum, w, c, eps);
-                    });
+                    .for_each(|((y, r), (sum, x))| add_rmsnorm_rows(y, r, sum, x, w, eps));
             },
         )
     }
@@ -807,32 +841,16 @@ impl Kernels for Cpu {
                     .zip(dy.par_chunks(c * ROWS_PER_TASK))
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
                     .zip(rstd.par_chunks(ROWS_PER_TASK))
-                    .for_each(|(((dx, dy), x), r)| {
-                        for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
-                        {
-                            let gx = rmsnorm_gx(dy, w, x, lanes);
-                            let k = r * r * r * gx / c as f32;
-                            for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-                                *dx += r * w * dy - k * x;
-                            }
-                        }
-                    });
+                    .for_each(|(((dx, dy), x), r)| rmsnorm_dx_rows(dx, dy, x, w, r, lanes));
                 // The activations are f32 here: the copy is the values (no run asks for one).
                 if let Some(act) = act {
                     act.copy_from_slice(dx);
                 }
                 // dw by column blocks: each task owns its columns and walks the rows in order.
                 let rows = rstd.len();
-                dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {
-                    let c0 = blk * 64;
-                    for n in 0..rows {
-                        let r = rstd[n];
-                        let base = n * c + c0;
-                        for (j, d) in dw.iter_mut().enumerate() {
-                            *d += dy[base + j] * x[base + j] * r;
-                        }
-                    }
-                });
+                dw.par_chunks_mut(64)
+                    .enumerate()
+                    .for_each(|(blk, dw)| rmsnorm_dw_columns(dw, blk * 64, dy, x, &rstd[..rows], c));
             },
         )
     }

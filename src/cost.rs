@@ -1,8 +1,8 @@
 //! What a run will cost before it starts: parameters, memory (weights, gradients, AdamW
 //! moments, activations, the transient buffers of a checkpoint; the peak), FLOPs per optimiser
-//! step and an estimated time, from a matrix-multiply throughput measured once per machine and
-//! thread count and cached. The arithmetic is pure; measuring and reading the machine are the
-//! edges.
+//! step and an estimated time, from training steps of a reference model measured once per
+//! machine, thread count and product path, and cached ([`Speed`]). The arithmetic is pure;
+//! measuring and reading the machine are the edges.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,24 +12,11 @@ use anyhow::{Context, Result};
 use crate::config::{Config, Dtype, ModelConfig, PlannedRun};
 use crate::engine::cpu::bf16::Isa;
 use crate::engine::{
-    Footprint, Gemm, Kernels, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes,
+    Engine, Footprint, OptimConfig, cpu::Cpu, flops_per_token, keep_attention_probs, workspace_bytes,
 };
 use crate::metrics::say;
 use crate::units::{duration, human};
 
-/// Model FLOP rate of a training step over the measured 1024³ product rate, per product
-/// path. f32: about one at MiniMind2 shapes (BENCHMARKS.md: 0.98 dense, 1.12 MoE at 32 x 512;
-/// the model's larger products run faster than 1024³, its attention core and memory passes
-/// slower). bf16 (mixed precision): the products run 2-4x faster but the memory passes and
-/// softmax do not, so a step reaches a smaller share of the product rate (BENCHMARKS.md, the
-/// mixed-precision section: a dense bf16 step at 0.31 s against 1563 GFLOP/s on AMX at 1024³).
-fn model_efficiency(path: Isa) -> f64 {
-    match path {
-        Isa::F32 => 1.0,
-        Isa::Avx512Bf16 | Isa::Amx => BF16_MODEL_EFFICIENCY,
-    }
-}
-const BF16_MODEL_EFFICIENCY: f64 = 0.35;
 /// The process beyond the engine: binary, tokenizer, thread stacks, allocator slack.
 const BASELINE_BYTES: f64 = 150e6;
 
@@ -129,15 +116,14 @@ pub struct Cost {
     pub flops_per_step: f64,
     /// Optimiser steps of the whole run, when known before tokenising.
     pub steps: Option<usize>,
-    /// Measured matrix-multiply GFLOP/s of this machine at the run's thread count, on the
-    /// run's product path.
-    pub gflops: Option<(f64, Isa)>,
+    /// This machine's measured speed at the run's thread count, on the run's product path.
+    pub speed: Option<(Speed, Isa)>,
 }
 
 impl Cost {
-    /// Pure: the cost of `c` over `steps`, timed at `gflops`; `panels`: the run keeps the
+    /// Pure: the cost of `c` over `steps`, timed at `speed`; `panels`: the run keeps the
     /// CPU's packed bf16 weights ([`keeps_panels`] where it trains).
-    pub fn of(c: &Config, steps: Option<usize>, gflops: Option<(f64, Isa)>, panels: bool) -> Cost {
+    pub fn of(c: &Config, steps: Option<usize>, speed: Option<(Speed, Isa)>, panels: bool) -> Cost {
         let (b, t) = (c.train.batch_size, c.data.max_seq_len);
         let tokens = (b * t * c.train.accumulation_steps) as f64;
         Cost {
@@ -145,12 +131,14 @@ impl Cost {
             memory: memory(&c.model, b, t, c.train.accumulation_steps, panels),
             flops_per_step: 3.0 * flops_per_token(&c.model, t) * tokens,
             steps,
-            gflops,
+            speed,
         }
     }
 
+    /// The step's micro-batches at the measured model FLOP rate, then its update at the
+    /// measured time per parameter.
     pub fn step_seconds(&self) -> Option<f64> {
-        self.gflops.map(|(g, path)| self.flops_per_step / (g * 1e9 * model_efficiency(path)))
+        self.speed.map(|(s, _)| s.seconds(self.flops_per_step, self.parameters))
     }
 
     /// `parameters 1.2M, memory 185.3MB peak (...), 1.5G FLOP/step, ~0.01 s/step, ~2s for 200 steps`.
@@ -169,14 +157,18 @@ impl Cost {
             human(m.checkpoint),
             human(self.flops_per_step),
         );
-        if let (Some(step), Some((g, path))) = (self.step_seconds(), self.gflops) {
+        if let (Some(step), Some((speed, path))) = (self.step_seconds(), self.speed) {
             s.push_str(&format!("; about {} per step", duration_fine(step)));
             if let Some(n) = self.steps {
                 s.push_str(&format!(", {} for {n} steps", duration(step * n as f64)));
             }
             let on =
                 if path == Isa::F32 { String::new() } else { format!(", bf16 products on {}", path.name()) };
-            s.push_str(&format!(" (at {}FLOP/s measured on this machine{on})", human(g * 1e9)));
+            s.push_str(&format!(
+                " (from MiniMind2-small steps on this machine{on}: {}FLOP/s forward and backward, {:.2} ns a parameter to update)",
+                human(speed.gflops * 1e9),
+                speed.update_ns
+            ));
         }
         s
     }
@@ -233,47 +225,74 @@ pub fn cpu_path(dtype: Dtype) -> Isa {
     crate::engine::backend::cpu_products(dtype).unwrap_or(Isa::F32)
 }
 
-/// This machine's matrix-multiply throughput with `threads` threads (0: all cores) on the
-/// product path of `dtype`, in GFLOP/s: measured once (about a second) and cached per CPU
-/// model, thread count and path.
-pub fn machine_gflops(threads: usize, dtype: Dtype) -> Result<(f64, Isa)> {
+/// How fast this machine trains, measured on a reference model ([`reference_model`]:
+/// MiniMind2-small, dense, micro-batches of 4 x 256 tokens) on one product path: its forward and
+/// backward as model FLOP/s, and its update (the gradient norm and AdamW, passes over memory
+/// that the product rate says nothing about) as time per parameter. A step of another model is
+/// priced by its FLOPs and its parameters ([`Speed::seconds`]): the reference's shares of
+/// products, attention and memory passes stand for every model's, which holds best near its
+/// size (BENCHMARKS.md, "Cost estimates against measurements").
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Speed {
+    /// Model FLOPs (3x the forward's) per second of micro-batches, in GFLOP/s.
+    pub gflops: f64,
+    /// Nanoseconds an update takes per parameter.
+    pub update_ns: f64,
+}
+
+impl Speed {
+    /// Seconds of an optimiser step of `flops` model FLOPs over `parameters`. Pure.
+    pub fn seconds(&self, flops: f64, parameters: u64) -> f64 {
+        flops / (self.gflops * 1e9) + parameters as f64 * self.update_ns * 1e-9
+    }
+}
+
+/// This machine's [`Speed`] with `threads` threads (0: all cores) on the product path of
+/// `dtype`: measured once (one to three seconds) and cached per CPU model, thread count and
+/// path. Processes that start together (a sweep's `-j 2`) measure one at a time: the others
+/// wait for the lock and read what the first cached, rather than time steps side by side.
+pub fn machine_speed(threads: usize, dtype: Dtype) -> Result<(Speed, Isa)> {
     let threads =
         if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
     let isa = cpu_path(dtype);
     let key = cache_key(&crate::run_dir::cpu_model(), threads, isa);
     let path = cache_file();
-    let mut table: std::collections::BTreeMap<String, f64> = path
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    if let Some(&g) = table.get(&key) {
-        return Ok((g, isa));
+    let read = || -> std::collections::BTreeMap<String, serde_json::Value> {
+        path.as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    };
+    let cached = |table: &std::collections::BTreeMap<String, serde_json::Value>| {
+        table.get(&key).and_then(|v| serde_json::from_value::<Speed>(v.clone()).ok())
+    };
+    if let Some(s) = cached(&read()) {
+        return Ok((s, isa));
     }
-    let g = measure_gflops(threads, isa)?;
-    table.insert(key, g);
-    if let Some(p) = path
-        && let Some(dir) = p.parent()
-        && std::fs::create_dir_all(dir).is_ok()
-    {
-        // A cache: failing to keep it only costs a measurement next time.
-        let _ = crate::files::write_atomic(&p, serde_json::to_string_pretty(&table)?.as_bytes());
+    // A cache: where its folder cannot be made or locked, the measurement is only not kept.
+    let dir = path.as_ref().and_then(|p| p.parent()).filter(|d| std::fs::create_dir_all(d).is_ok());
+    let _lock = dir.and_then(|d| crate::files::lock_file(&d.join("throughput.lock"), true).ok().flatten());
+    let mut table = read();
+    if let Some(s) = cached(&table) {
+        return Ok((s, isa));
     }
-    Ok((g, isa))
+    let s = measure(threads, isa)?;
+    table.insert(key, serde_json::to_value(s)?);
+    if let (Some(p), Some(_)) = (&path, dir) {
+        let _ = crate::files::write_atomic(p, serde_json::to_string_pretty(&table)?.as_bytes());
+    }
+    Ok((s, isa))
 }
 
-/// The revision of the bf16 product kernels, in the cache's key: raised when a change moves
-/// their speed (2: AMX tiles on cache lines, +20-40%; 3: vectorised packing), so a rate
-/// measured before is measured again instead of pricing runs at the old speed.
-const BF16_KERNELS: u32 = 3;
+/// The revision of what [`measure`] times, in the cache's key: raised when a change moves the
+/// engine's speed on a path (or what is measured), so a speed cached before is measured again
+/// instead of pricing runs at the old one.
+const ENGINE_REVISION: u32 = 1;
 
-/// The cache's key for a measurement: f32 keeps the key it always had. Pure.
+/// The cache's key for a measurement. Pure.
 fn cache_key(cpu: &str, threads: usize, path: Isa) -> String {
     let version = env!("CARGO_PKG_VERSION");
-    match path {
-        Isa::F32 => format!("{cpu}|{threads} threads|{version}"),
-        _ => format!("{cpu}|{threads} threads|bf16 on {} r{BF16_KERNELS}|{version}", path.name()),
-    }
+    format!("{cpu}|{threads} threads|step on {} r{ENGINE_REVISION}|{version}", path.name())
 }
 
 /// `$XDG_CACHE_HOME/minimind/throughput.json`, else `~/.cache/minimind/throughput.json`.
@@ -285,42 +304,62 @@ fn cache_file() -> Option<PathBuf> {
     Some(base.join("minimind").join("throughput.json"))
 }
 
-/// Times 1024^3 matrix products on the CPU engine's `path` for about half a second.
-fn measure_gflops(threads: usize, path: Isa) -> Result<f64> {
-    const N: usize = 1024;
-    let pool =
-        crate::threads::pool(threads).context("measuring this machine's matrix-multiply throughput")?;
+/// The model [`Speed`] is measured on: MiniMind2-small, dense (the issues' benchmark model).
+fn reference_model() -> ModelConfig {
+    let h = 512;
+    ModelConfig {
+        hidden_size: h,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        vocab_size: 6400,
+        intermediate_size: ModelConfig::default_intermediate(h),
+        head_dim: h / 8,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 32768,
+        use_moe: false,
+        n_routed_experts: 4,
+        num_experts_per_tok: 2,
+        n_shared_experts: 1,
+        aux_loss_alpha: 0.01,
+        seq_aux: true,
+        norm_topk_prob: true,
+    }
+}
+
+/// Times training steps of [`reference_model`] on synthetic tokens on the CPU engine's `path`:
+/// one untimed (first touches of the buffers), then at least one and about 0.4 s more, the
+/// micro-batch and the update apart.
+fn measure(threads: usize, path: Isa) -> Result<Speed> {
+    let (b, t) = (4, 256);
+    let m = reference_model();
+    let pool = crate::threads::pool(threads).context("measuring this machine's training speed")?;
     pool.install(|| {
-        let k = Cpu::new().with_products(path);
-        let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
-        let mut c = vec![0.0f32; N * N];
-        k.matmul(
-            &mut c,
-            &a,
-            &b,
-            Gemm { rows: N, cols: N, depth: N, a_transposed: false, b_transposed: false, accumulate: false },
-        );
-        let start = Instant::now();
-        let mut calls = 0;
-        while calls < 3 || start.elapsed().as_secs_f64() < 0.5 {
-            k.matmul(
-                &mut c,
-                &a,
-                &b,
-                Gemm {
-                    rows: N,
-                    cols: N,
-                    depth: N,
-                    a_transposed: false,
-                    b_transposed: false,
-                    accumulate: false,
-                },
-            );
-            calls += 1;
+        let mut engine = Engine::new(Cpu::new().with_products(path), m.clone(), b, t)?;
+        engine.init_weights(1);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % m.vocab_size) as u32).collect();
+        let targets: Vec<i32> =
+            (0..b * t).map(|i| if i % t == t - 1 { -1 } else { ids[i + 1] as i32 }).collect();
+        let optim = OptimConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
+        let (mut micro, mut update, mut step) = (0.0, 0.0, 0);
+        loop {
+            let start = Instant::now();
+            engine.begin_step();
+            engine.accumulate(&ids, &targets, 1.0, 1, None);
+            let forward_backward = start.elapsed().as_secs_f64();
+            engine.update(1e-4, &optim);
+            if step > 0 {
+                micro += forward_backward;
+                update += start.elapsed().as_secs_f64() - forward_backward;
+                if micro + update >= 0.4 {
+                    let flops = 3.0 * flops_per_token(&m, t) * (b * t) as f64 * step as f64;
+                    let per_param = update / step as f64 / m.parameter_count() as f64;
+                    return Ok(Speed { gflops: flops / micro / 1e9, update_ns: per_param * 1e9 });
+                }
+            }
+            step += 1;
         }
-        let secs = start.elapsed().as_secs_f64();
-        Ok(2.0 * (N * N * N) as f64 * calls as f64 / secs / 1e9)
     })
 }
 
@@ -340,7 +379,7 @@ pub fn planned_steps(c: &Config) -> Option<usize> {
 /// The run's cost with the measured throughput of this machine (measured once, cached).
 pub fn cost_of(c: &Config) -> Cost {
     let panels = keeps_panels(c.train.device, c.train.dtype);
-    Cost::of(c, planned_steps(c), machine_gflops(c.train.threads, c.train.dtype).ok(), panels)
+    Cost::of(c, planned_steps(c), machine_speed(c.train.threads, c.train.dtype).ok(), panels)
 }
 
 /// The runs' costs; `ranks` data-parallel ranks multiply each step's batch (the global batch,
@@ -378,7 +417,10 @@ pub fn print_plan(runs: &[PlannedRun], ranks: usize) {
             if point.is_empty() { "-".to_string() } else { point.join(" ") }
         ));
     }
-    say(&format!("{} run(s); time estimated from this machine's measured matrix-multiply speed", runs.len()));
+    say(&format!(
+        "{} run(s); time estimated from training steps measured on this machine (MiniMind2-small, 4 x 256 tokens)",
+        runs.len()
+    ));
     if ranks > 1 {
         say(&format!(
             "global batch: batch_size x accumulation_steps x {ranks} ranks rows per step; step time is one rank's"
@@ -395,13 +437,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn throughput_is_cached_per_product_path_and_f32_keeps_its_key() {
+    fn the_speed_is_cached_per_product_path_and_engine_revision() {
         let version = env!("CARGO_PKG_VERSION");
-        assert_eq!(cache_key("Xeon", 2, Isa::F32), format!("Xeon|2 threads|{version}"));
-        assert_eq!(cache_key("Xeon", 2, Isa::Amx), format!("Xeon|2 threads|bf16 on amx r3|{version}"));
+        let r = ENGINE_REVISION;
+        assert_eq!(cache_key("Xeon", 2, Isa::F32), format!("Xeon|2 threads|step on f32 r{r}|{version}"));
+        assert_eq!(cache_key("Xeon", 2, Isa::Amx), format!("Xeon|2 threads|step on amx r{r}|{version}"));
         assert_ne!(cache_key("Xeon", 2, Isa::Avx512Bf16), cache_key("Xeon", 2, Isa::Amx));
-        // A bf16 step reaches a smaller share of its (faster) product rate.
-        assert!(model_efficiency(Isa::Amx) < model_efficiency(Isa::F32));
+        assert_ne!(cache_key("Xeon", 1, Isa::F32), cache_key("Xeon", 2, Isa::F32));
+        // The keys of the 1024³ product rate cached before (a rate, not a Speed) are others.
+        assert_ne!(cache_key("Xeon", 2, Isa::F32), format!("Xeon|2 threads|{version}"));
+    }
+
+    /// A step is its micro-batches' FLOPs at the forward and backward's rate plus its update
+    /// at the time a parameter takes: accumulation multiplies only the first, experts'
+    /// parameters only the second.
+    #[test]
+    fn a_step_is_its_flops_at_the_measured_rate_plus_its_update() {
+        let speed = Speed { gflops: 500.0, update_ns: 0.8 };
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/bench/dense.toml");
+        let mut c = crate::config::load(&file, &[], &[]).unwrap().remove(0).config;
+        let base = Cost::of(&c, None, Some((speed, Isa::F32)), false);
+        let micro = base.flops_per_step / 500e9;
+        let update = base.parameters as f64 * 0.8e-9;
+        for (accumulation, want) in [(1, micro + update), (8, 8.0 * micro + update)] {
+            c.train.accumulation_steps = accumulation;
+            let got = Cost::of(&c, None, Some((speed, Isa::F32)), false).step_seconds().unwrap();
+            assert!((got - want).abs() <= 1e-12 * want, "accumulation {accumulation}: {got} vs {want}");
+        }
+        assert_eq!(Cost::of(&c, None, None, false).step_seconds(), None);
+        assert_eq!(speed.seconds(1e12, 1_000_000), 2.0 + 0.0008);
     }
 
     #[test]
@@ -432,8 +496,7 @@ mod tests {
         assert_eq!((bf16.panels, bf16.peak - big.peak), (big.weights, big.weights));
         assert!(big.activations > 10.0 * small.activations);
         assert!(big.peak > small.peak);
-        let cost =
-            Cost { parameters: 1, memory: big.clone(), flops_per_step: 1.0, steps: None, gflops: None };
+        let cost = Cost { parameters: 1, memory: big.clone(), flops_per_step: 1.0, steps: None, speed: None };
         assert_eq!(too_big(&cost, big.peak + 1.0), None);
         assert!(too_big(&cost, 1e9).unwrap().contains("more than the 1.0GB available"));
     }

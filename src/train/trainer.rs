@@ -603,9 +603,9 @@ fn header_lines(ctx: Ctx<'_>, data: &Data, split: &Split, on: (&str, Dtype), pan
         format!("data: {}: {} tokens{skipped}", config.data.path.display(), human(data.ds.tokens() as f64)),
     ];
     let gpu = crate::roofline::find(on.0).ok().filter(|_| config.train.device != Device::Cpu);
-    let gflops =
-        if gpu.is_some() { None } else { crate::cost::machine_gflops(config.train.threads, on.1).ok() };
-    lines.push(format!("cost: {}", Cost::of(config, Some(split.total), gflops, panels).describe()));
+    let speed =
+        if gpu.is_some() { None } else { crate::cost::machine_speed(config.train.threads, on.1).ok() };
+    lines.push(format!("cost: {}", Cost::of(config, Some(split.total), speed, panels).describe()));
     // The run's own dtype on its GPU (a resolved placement may differ from the config's).
     let mut placed = config.clone();
     placed.train.dtype = on.1;

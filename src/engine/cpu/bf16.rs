@@ -167,7 +167,8 @@ pub(crate) unsafe fn gemm(
     parallel: bool,
     cache: Option<RhsCache>,
 ) {
-    if m == 0 || n == 0 {
+    // No rows and a cache to pack: packs it alone (the update's rewrite of a kept weight).
+    if n == 0 || (m == 0 && cache.as_ref().is_none_or(|c| c.fresh)) {
         return;
     }
     // u32 of one k pair of every NR-column panel.

@@ -249,13 +249,27 @@ impl Speed {
 
 /// This machine's [`Speed`] with `threads` threads (0: all cores) on the product path of
 /// `dtype`: measured once (one to three seconds) and cached per CPU model, thread count and
-/// path. Processes that start together (a sweep's `-j 2`) measure one at a time: the others
-/// wait for the lock and read what the first cached, rather than time steps side by side.
+/// path, on disk and for the process. Processes that start together (a sweep's `-j 2`)
+/// measure one at a time: the others wait for the lock and read what the first cached, rather
+/// than time steps side by side.
 pub fn machine_speed(threads: usize, dtype: Dtype) -> Result<(Speed, Isa)> {
+    static KNOWN: std::sync::Mutex<std::collections::BTreeMap<String, Speed>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
     let threads =
         if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
     let isa = cpu_path(dtype);
     let key = cache_key(&crate::run_dir::cpu_model(), threads, isa);
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&s) = known.get(&key) {
+        return Ok((s, isa));
+    }
+    let s = speed_of(threads, isa, &key)?;
+    known.insert(key, s);
+    Ok((s, isa))
+}
+
+/// [`machine_speed`] from the cache file, else measured and kept there.
+fn speed_of(threads: usize, isa: Isa, key: &str) -> Result<Speed> {
     let path = cache_file();
     let read = || -> std::collections::BTreeMap<String, serde_json::Value> {
         path.as_ref()
@@ -264,24 +278,24 @@ pub fn machine_speed(threads: usize, dtype: Dtype) -> Result<(Speed, Isa)> {
             .unwrap_or_default()
     };
     let cached = |table: &std::collections::BTreeMap<String, serde_json::Value>| {
-        table.get(&key).and_then(|v| serde_json::from_value::<Speed>(v.clone()).ok())
+        table.get(key).and_then(|v| serde_json::from_value::<Speed>(v.clone()).ok())
     };
     if let Some(s) = cached(&read()) {
-        return Ok((s, isa));
+        return Ok(s);
     }
     // A cache: where its folder cannot be made or locked, the measurement is only not kept.
     let dir = path.as_ref().and_then(|p| p.parent()).filter(|d| std::fs::create_dir_all(d).is_ok());
-    let _lock = dir.and_then(|d| crate::files::lock_file(&d.join("throughput.lock"), true).ok().flatten());
+    let _lock = dir.and_then(|d| crate::files::lock_file(&d.join("speed.lock"), true).ok().flatten());
     let mut table = read();
     if let Some(s) = cached(&table) {
-        return Ok((s, isa));
+        return Ok(s);
     }
     let s = measure(threads, isa)?;
-    table.insert(key, serde_json::to_value(s)?);
+    table.insert(key.to_string(), serde_json::to_value(s)?);
     if let (Some(p), Some(_)) = (&path, dir) {
         let _ = crate::files::write_atomic(p, serde_json::to_string_pretty(&table)?.as_bytes());
     }
-    Ok((s, isa))
+    Ok(s)
 }
 
 /// The revision of what [`measure`] times, in the cache's key: raised when a change moves the
@@ -295,13 +309,14 @@ fn cache_key(cpu: &str, threads: usize, path: Isa) -> String {
     format!("{cpu}|{threads} threads|step on {} r{ENGINE_REVISION}|{version}", path.name())
 }
 
-/// `$XDG_CACHE_HOME/minimind/throughput.json`, else `~/.cache/minimind/throughput.json`.
+/// `$XDG_CACHE_HOME/minimind/speed.json`, else `~/.cache/minimind/speed.json`: a file of its
+/// own, as binaries before [`Speed`] rewrite `throughput.json` (their 1024³ rates) whole.
 fn cache_file() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("minimind").join("throughput.json"))
+    Some(base.join("minimind").join("speed.json"))
 }
 
 /// The model [`Speed`] is measured on: MiniMind2-small, dense (the issues' benchmark model).
@@ -449,8 +464,7 @@ mod tests {
     }
 
     /// A step is its micro-batches' FLOPs at the forward and backward's rate plus its update
-    /// at the time a parameter takes: accumulation multiplies only the first, experts'
-    /// parameters only the second.
+    /// at the time a parameter takes: accumulation multiplies only the first.
     #[test]
     fn a_step_is_its_flops_at_the_measured_rate_plus_its_update() {
         let speed = Speed { gflops: 500.0, update_ns: 0.8 };

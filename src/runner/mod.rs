@@ -155,10 +155,15 @@ fn print_dry_run(runs: &[PlannedRun]) -> Result<()> {
 }
 
 /// Everything a run must pass before anything is created: a device/dtype it can train on and
-/// memory for its peak.
+/// memory for its peak. On the CPU it also measures this machine's speed where none is cached
+/// yet (`cost::machine_speed`): its engine of MiniMind2-small is freed before the run's exists.
 pub fn preflight(c: &Config, layered: &Layered) -> Result<Placement, ConfigError> {
     let origin = |key: &str| layered.origin_of(key);
     let placement = train::place(&c.train, &origin)?;
+    if !matches!(placement.device, config::Device::Cuda(_)) {
+        // An estimate: without it the header says less, nothing fails.
+        let _ = cost::machine_speed(c.train.threads, placement.dtype);
+    }
     if let Some(available) = cost::available_memory()
         && let Some(why) = cost::too_big(
             &Cost::of(c, None, None, cost::keeps_panels(placement.device, placement.dtype)),

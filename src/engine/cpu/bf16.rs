@@ -167,7 +167,8 @@ pub(crate) unsafe fn gemm(
     parallel: bool,
     cache: Option<RhsCache>,
 ) {
-    // No rows and a cache to pack: packs it alone (the update's rewrite of a kept weight).
+    // Nothing to do: no columns, or no rows and nothing to pack. No rows with a stale cache
+    // packs the cache alone (the update's rewrite of a kept weight).
     if n == 0 || (m == 0 && cache.as_ref().is_none_or(|c| c.fresh)) {
         return;
     }

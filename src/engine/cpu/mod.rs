@@ -862,6 +862,7 @@ impl Kernels for Cpu {
             || "add_rmsnorm_forward".to_string(),
             0.0,
             || {
+                debug_assert_eq!(w.len(), c, "the norm's weight is a row");
                 y.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
                     .zip(sum.par_chunks_mut(c * ROWS_PER_TASK).zip(x.par_chunks(c * ROWS_PER_TASK)))
@@ -886,6 +887,7 @@ impl Kernels for Cpu {
             || "rmsnorm_backward".to_string(),
             0.0,
             || {
+                debug_assert_eq!(w.len(), c, "the norm's weight is a row");
                 dx.par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(dy.par_chunks(c * ROWS_PER_TASK))
                     .zip(x.par_chunks(c * ROWS_PER_TASK))
@@ -1360,13 +1362,14 @@ mod tests {
     }
 
     /// Four pieces side by side give the bits of one piece at a time, over whole groups of
-    /// four, a shorter last piece, and groups cut short.
+    /// four, groups of four whose last piece is shorter, and groups cut short.
     #[test]
     fn the_sum_of_squares_in_four_streams_keeps_the_bits_of_one() {
         use super::SUM_CHUNK;
         let mut rng = crate::rng::SplitMix64::new(7);
         let k = Cpu::new();
-        for len in [0, 5, SUM_CHUNK, 4 * SUM_CHUNK, 4 * SUM_CHUNK + 3, 9 * SUM_CHUNK - 1, 11 * SUM_CHUNK] {
+        let lens = [0, 5, SUM_CHUNK, 4 * SUM_CHUNK - 1, 4 * SUM_CHUNK, 4 * SUM_CHUNK + 3, 8 * SUM_CHUNK - 5];
+        for len in lens.into_iter().chain([9 * SUM_CHUNK - 1, 11 * SUM_CHUNK]) {
             let x: Vec<f32> = (0..len).map(|_| rng.next_f32() * 8.0 - 4.0).collect();
             let want: f64 = x.chunks(SUM_CHUNK).map(sum_squares_chunk).sum();
             assert_eq!(k.sum_squares(&x).to_bits(), want.to_bits(), "{len}");

@@ -225,13 +225,13 @@ pub fn cpu_path(dtype: Dtype) -> Isa {
     crate::engine::backend::cpu_products(dtype).unwrap_or(Isa::F32)
 }
 
-/// How fast this machine trains, measured on a reference model ([`reference_model`]:
-/// MiniMind2-small, dense, micro-batches of 4 x 256 tokens) on one product path: its forward and
-/// backward as model FLOP/s, and its update (the gradient norm and AdamW, passes over memory
-/// that the product rate says nothing about) as time per parameter. A step of another model is
-/// priced by its FLOPs and its parameters ([`Speed::seconds`]): the reference's shares of
-/// products, attention and memory passes stand for every model's, which holds best near its
-/// size (BENCHMARKS.md, "Cost estimates against measurements").
+/// How fast this machine trains, measured on a reference model
+/// ([`ModelConfig::minimind2_small`]: dense, micro-batches of 4 x 256 tokens) on one product
+/// path: its forward and backward as model FLOP/s, and its update (the gradient norm and
+/// AdamW, passes over memory that the product rate says nothing about) as time per parameter.
+/// A step of another model is priced by its FLOPs and its parameters ([`Speed::seconds`]): the
+/// reference's shares of products, attention and memory passes stand for every model's, which
+/// holds best near its size (BENCHMARKS.md, "Cost estimates against measurements").
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Speed {
     /// Model FLOPs (3x the forward's) per second of micro-batches, in GFLOP/s.
@@ -319,36 +319,12 @@ fn cache_file() -> Option<PathBuf> {
     Some(base.join("minimind").join("speed.json"))
 }
 
-/// The model [`Speed`] is measured on: MiniMind2-small, dense (the issues' benchmark model).
-fn reference_model() -> ModelConfig {
-    let h = 512;
-    ModelConfig {
-        hidden_size: h,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 2,
-        vocab_size: 6400,
-        intermediate_size: ModelConfig::default_intermediate(h),
-        head_dim: h / 8,
-        rope_theta: 1e6,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 32768,
-        use_moe: false,
-        n_routed_experts: 4,
-        num_experts_per_tok: 2,
-        n_shared_experts: 1,
-        aux_loss_alpha: 0.01,
-        seq_aux: true,
-        norm_topk_prob: true,
-    }
-}
-
-/// Times training steps of [`reference_model`] on synthetic tokens on the CPU engine's `path`:
-/// one untimed (first touches of the buffers), then at least one and about 0.4 s more, the
-/// micro-batch and the update apart.
+/// Times training steps of MiniMind2-small ([`ModelConfig::minimind2_small`]) on synthetic
+/// tokens on the CPU engine's `path`: one untimed (first touches of the buffers), then at least
+/// one and about 0.4 s more, the micro-batch and the update apart.
 fn measure(threads: usize, path: Isa) -> Result<Speed> {
     let (b, t) = (4, 256);
-    let m = reference_model();
+    let m = ModelConfig::minimind2_small();
     let pool = crate::threads::pool(threads).context("measuring this machine's training speed")?;
     pool.install(|| {
         let mut engine = Engine::new(Cpu::new().with_products(path), m.clone(), b, t)?;

@@ -52,6 +52,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// MiniMind2-small, dense: the model section's defaults, resolved.
+    pub fn minimind2_small() -> ModelConfig {
+        model_of(&ModelSection::default())
+    }
+
     /// Feed-forward width MiniMind derives from the hidden size: 64*ceil(8h/3/64).
     pub fn default_intermediate(hidden: usize) -> usize {
         let raw = hidden * 8 / 3;
